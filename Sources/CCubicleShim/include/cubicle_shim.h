@@ -1,0 +1,105 @@
+#ifndef CUBICLE_SHIM_H
+#define CUBICLE_SHIM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* Steps a child can fail at before exec; reported back with errno over a CLOEXEC pipe. */
+enum cubicle_step {
+    CUBICLE_STEP_NONE = 0,
+    CUBICLE_STEP_PIPE = 1,
+    CUBICLE_STEP_CLONE = 2,
+    CUBICLE_STEP_SYNC_WAIT = 3,
+    CUBICLE_STEP_UNSHARE_CGROUP = 4,
+    CUBICLE_STEP_SETGROUPS = 5,
+    CUBICLE_STEP_SETRESGID = 6,
+    CUBICLE_STEP_SETRESUID = 7,
+    CUBICLE_STEP_DUP_FDS = 8,
+    CUBICLE_STEP_SETSID = 9,
+    CUBICLE_STEP_CHDIR = 10,
+    CUBICLE_STEP_RLIMIT = 11,
+    CUBICLE_STEP_CAPBSET = 12,
+    CUBICLE_STEP_CAPS = 13,
+    CUBICLE_STEP_NO_NEW_PRIVS = 14,
+    CUBICLE_STEP_SECCOMP = 15,
+    CUBICLE_STEP_EXEC = 16,
+    CUBICLE_STEP_PDEATHSIG = 17,
+    CUBICLE_STEP_OPEN_SOURCE = 18,
+};
+
+typedef struct {
+    int32_t step;
+    int32_t err;
+    int32_t index;  /* which source, for CUBICLE_STEP_OPEN_SOURCE */
+} cubicle_spawn_error;
+
+/* ---- Host side: start cubicle-init in new namespaces. ---- */
+
+typedef struct {
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    int namespaces;          /* CLONE_NEW* flags other than CLONE_NEWCGROUP */
+    int unshare_cgroup;      /* unshare(CLONE_NEWCGROUP) after the parent placed us in our cgroup */
+    const int *fds;          /* become fds 3, 4, ... in the child; all others are closed */
+    int nfds;
+    /* Opened O_PATH by the child inside its new mount namespace (a mount from another namespace cannot be
+     * bound) and before it takes its mapped uid (it is still host root, so root-only parents are fine).
+     * They follow fds: 3 + nfds, 3 + nfds + 1, ... */
+    const char *const *sources;
+    int nsources;
+} cubicle_sandbox_spawn;
+
+/* Clones the child, which blocks until cubicle_sandbox_release(). In between the parent writes the id
+ * maps and joins the child to its cgroup. Returns the pid, or -1 with *error set. */
+pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd, int *error_fd,
+                            cubicle_spawn_error *error);
+
+/* Lets the child go on to exec and waits for the exec. Returns 0 when exec succeeded, -1 with *error
+ * set when the child failed (the caller still reaps it). Closes both fds. */
+int cubicle_sandbox_release(int release_fd, int error_fd, cubicle_spawn_error *error);
+
+/* ---- Inside the sandbox: start the agent or a command with its final identity. ---- */
+
+typedef struct {
+    int resource;
+    uint64_t soft;
+    uint64_t hard;
+} cubicle_rlimit;
+
+typedef struct {
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;
+    int stdin_fd, stdout_fd, stderr_fd;
+    uint32_t uid, gid;
+    const cubicle_rlimit *rlimits;
+    int nrlimits;
+    const void *seccomp_filter;  /* struct sock_filter[], or NULL */
+    uint16_t seccomp_len;        /* number of instructions */
+    int new_session;             /* setsid(): one process group to kill on timeout */
+} cubicle_process_spawn;
+
+/* Returns -1 when no child was made. Otherwise the pid; error->step is nonzero when the child failed
+ * before exec (it has exited and must still be reaped). */
+pid_t cubicle_process_spawn_run(const cubicle_process_spawn *spawn, cubicle_spawn_error *error);
+
+/* ---- Syscalls Swift cannot reach or should not make itself. ---- */
+int cubicle_pivot_root(const char *new_root, const char *put_old);
+int cubicle_loopback_up(void);
+int cubicle_set_no_new_privs(void);
+int cubicle_pipe_cloexec(int fds[2]);
+void cubicle_close_from(int first_fd);
+int cubicle_pidfd_open(pid_t pid);
+/* Blocks the given signals and returns a CLOEXEC signalfd for them; read_signal returns the next signo, 0 when none. */
+int cubicle_signalfd(const int *signals, int count);
+int cubicle_read_signal(int fd);  /* pipe2(O_CLOEXEC), which Swift's Glibc does not export */
+
+/* SCM_RIGHTS. send: data and up to 16 fds in one sendmsg. recv: returns bytes read (0 at EOF, -1 on
+ * error); *nfds is in: capacity of fds, out: received. Truncated control data sets *ctrunc. */
+ssize_t cubicle_send_with_fds(int sock, const void *data, size_t len, const int *fds, int nfds, int flags);
+ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds, int *ctrunc, int flags);
+
+#endif

@@ -1,0 +1,330 @@
+#define _GNU_SOURCE
+#include "cubicle_shim.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/capability.h>
+#include <linux/close_range.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <net/if.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Everything a child runs between clone/fork and exec below is async-signal-safe: raw syscalls only,
+ * no malloc, no locks, no stdio. A failure is written as {step, errno} to a CLOEXEC pipe, so the
+ * parent reads either EOF (exec happened) or exactly one error record. */
+
+static void child_fail_at(int fd, int step, int index) {
+    cubicle_spawn_error e = {step, errno, index};
+    ssize_t n;
+    do { n = write(fd, &e, sizeof e); } while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static void child_fail(int fd, int step) {
+    cubicle_spawn_error e = {step, errno, -1};
+    ssize_t n;
+    do { n = write(fd, &e, sizeof e); } while (n < 0 && errno == EINTR);
+    _exit(127);
+}
+
+static void reset_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_DFL;
+    for (int sig = 1; sig < _NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP) continue;
+        (void)sigaction(sig, &sa, NULL); /* glibc-internal signals fail with EINVAL; harmless */
+    }
+}
+
+static void unblock_signals(void) {
+    sigset_t none;
+    sigemptyset(&none);
+    (void)syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, _NSIG / 8);
+}
+
+/* Moves fds[i] to target+i. Each source is first duplicated above every target, so a source that
+ * already sits on some target slot is never clobbered, and dup2 clears CLOEXEC on the result. */
+static int place_fds(const int *fds, int nfds, int target) {
+    int tmp[64];
+    if (nfds > 64) { errno = EINVAL; return -1; }
+    for (int i = 0; i < nfds; i++) {
+        tmp[i] = fcntl(fds[i], F_DUPFD_CLOEXEC, target + nfds);
+        if (tmp[i] < 0) return -1;
+    }
+    for (int i = 0; i < nfds; i++) {
+        if (dup2(tmp[i], target + i) < 0) return -1;
+    }
+    return 0;
+}
+
+pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd, int *error_fd,
+                            cubicle_spawn_error *error) {
+    int sync_pipe[2], err_pipe[2];
+    if (pipe2(sync_pipe, O_CLOEXEC) < 0) {
+        error->step = CUBICLE_STEP_PIPE; error->err = errno; error->index = -1; return -1;
+    }
+    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
+        error->step = CUBICLE_STEP_PIPE; error->err = errno;
+        close(sync_pipe[0]); close(sync_pipe[1]); return -1;
+    }
+
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+
+    /* Raw clone without CLONE_VM returns twice like fork, but can take namespace flags. */
+    pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)(spawn->namespaces | SIGCHLD), NULL, NULL, NULL, NULL);
+    if (pid == 0) {
+        reset_signals();
+        close(sync_pipe[1]);
+        int errfd = err_pipe[1];
+        char go;
+        ssize_t n;
+        do { n = read(sync_pipe[0], &go, 1); } while (n < 0 && errno == EINTR);
+        if (n != 1) _exit(126); /* the parent gave up on us before the maps were written */
+        if (spawn->unshare_cgroup && unshare(CLONE_NEWCGROUP) < 0) child_fail(errfd, CUBICLE_STEP_UNSHARE_CGROUP);
+        int all[64];
+        int nall = spawn->nfds + spawn->nsources;
+        if (nall > 64) { errno = EMFILE; child_fail(errfd, CUBICLE_STEP_DUP_FDS); }
+        for (int i = 0; i < spawn->nfds; i++) all[i] = spawn->fds[i];
+        for (int i = 0; i < spawn->nsources; i++) {
+            all[spawn->nfds + i] = open(spawn->sources[i], O_PATH | O_CLOEXEC);
+            if (all[spawn->nfds + i] < 0) child_fail_at(errfd, CUBICLE_STEP_OPEN_SOURCE, i);
+        }
+        if (setgroups(0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
+        if (setresgid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
+        if (setresuid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
+        errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3 + nall);
+        if (errfd < 0) _exit(127);
+        if (place_fds(all, nall, 3) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        /* Every descriptor we were not asked to pass closes at exec, whoever opened it. */
+        if (syscall(SYS_close_range, 3 + nall, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+            child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        unblock_signals();
+        execve(spawn->path, spawn->argv, spawn->envp);
+        child_fail(errfd, CUBICLE_STEP_EXEC);
+    }
+
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(sync_pipe[0]);
+    close(err_pipe[1]);
+    if (pid < 0) {
+        error->step = CUBICLE_STEP_CLONE; error->err = saved;
+        close(sync_pipe[1]); close(err_pipe[0]);
+        return -1;
+    }
+    *release_fd = sync_pipe[1];
+    *error_fd = err_pipe[0];
+    return pid;
+}
+
+static int read_exec_result(int error_fd, cubicle_spawn_error *error) {
+    cubicle_spawn_error e;
+    ssize_t n;
+    do { n = read(error_fd, &e, sizeof e); } while (n < 0 && errno == EINTR);
+    close(error_fd);
+    if (n == 0) return 0;
+    if (n == (ssize_t)sizeof e) { *error = e; return -1; }
+    error->step = CUBICLE_STEP_SYNC_WAIT; error->err = n < 0 ? errno : EPROTO;
+    return -1;
+}
+
+int cubicle_sandbox_release(int release_fd, int error_fd, cubicle_spawn_error *error) {
+    char go = 1;
+    ssize_t n;
+    do { n = write(release_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    int saved = errno;
+    close(release_fd);
+    if (n != 1) {
+        close(error_fd);
+        error->step = CUBICLE_STEP_SYNC_WAIT; error->err = saved;
+        return -1;
+    }
+    return read_exec_result(error_fd, error);
+}
+
+pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_error *error) {
+    int err_pipe[2];
+    error->step = CUBICLE_STEP_NONE; error->err = 0;
+    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
+        error->step = CUBICLE_STEP_PIPE; error->err = errno; return -1;
+    }
+    sigset_t all, old;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, &old);
+    pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)SIGCHLD, NULL, NULL, NULL, NULL);
+    if (pid == 0) {
+        int errfd = err_pipe[1];
+        reset_signals();
+        if (s->new_session && setsid() < 0) child_fail(errfd, CUBICLE_STEP_SETSID);
+        errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3);
+        if (errfd < 0) _exit(127);
+        int stdio[3] = {s->stdin_fd, s->stdout_fd, s->stderr_fd};
+        if (place_fds(stdio, 3, 0) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        if (s->cwd && chdir(s->cwd) < 0) child_fail(errfd, CUBICLE_STEP_CHDIR);
+        for (int i = 0; i < s->nrlimits; i++) {
+            struct rlimit rl = {(rlim_t)s->rlimits[i].soft, (rlim_t)s->rlimits[i].hard};
+            if (setrlimit(s->rlimits[i].resource, &rl) < 0) child_fail(errfd, CUBICLE_STEP_RLIMIT);
+        }
+        /* Empty the bounding set while we still hold CAP_SETPCAP; EINVAL marks the kernel's last cap. */
+        for (int cap = 0; cap < 64; cap++) {
+            if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) {
+                if (errno == EINVAL) break;
+                child_fail(errfd, CUBICLE_STEP_CAPBSET);
+            }
+        }
+        if (setgroups(0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
+        if (setresgid(s->gid, s->gid, s->gid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
+        if (setresuid(s->uid, s->uid, s->uid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_CAPS);
+        struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+        struct __user_cap_data_struct data[2];
+        memset(data, 0, sizeof data);
+        if (syscall(SYS_capset, &hdr, data) < 0) child_fail(errfd, CUBICLE_STEP_CAPS);
+        /* Credentials changed above, which clears the death signal, so it is set after them. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_PDEATHSIG);
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_NO_NEW_PRIVS);
+        if (s->seccomp_filter && s->seccomp_len > 0) {
+            struct sock_fprog prog = {s->seccomp_len, (struct sock_filter *)s->seccomp_filter};
+            if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SECCOMP);
+        }
+        unblock_signals();
+        execve(s->path, s->argv, s->envp);
+        child_fail(errfd, CUBICLE_STEP_EXEC);
+    }
+    int saved = errno;
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    close(err_pipe[1]);
+    if (pid < 0) {
+        close(err_pipe[0]);
+        error->step = CUBICLE_STEP_CLONE; error->err = saved;
+        return -1;
+    }
+    /* On failure error->step is set and the caller still reaps pid. */
+    (void)read_exec_result(err_pipe[0], error);
+    return pid;
+}
+
+int cubicle_pivot_root(const char *new_root, const char *put_old) {
+    return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+
+int cubicle_loopback_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof ifr);
+    strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int saved = errno;
+    close(s);
+    errno = saved;
+    return rc;
+}
+
+int cubicle_pidfd_open(pid_t pid) {
+    return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+void cubicle_close_from(int first_fd) {
+    (void)syscall(SYS_close_range, (unsigned)first_fd, ~0U, 0);
+}
+
+int cubicle_pipe_cloexec(int fds[2]) {
+    return pipe2(fds, O_CLOEXEC);
+}
+
+int cubicle_signalfd(const int *signals, int count) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
+    if (sigprocmask(SIG_BLOCK, &set, NULL) < 0) return -1;
+    return signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+}
+
+int cubicle_read_signal(int fd) {
+    struct signalfd_siginfo info;
+    ssize_t n;
+    do { n = read(fd, &info, sizeof info); } while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof info ? (int)info.ssi_signo : 0;
+}
+
+int cubicle_set_no_new_privs(void) {
+    return prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+}
+
+ssize_t cubicle_send_with_fds(int sock, const void *data, size_t len, const int *fds, int nfds, int flags) {
+    struct iovec iov = {(void *)data, len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 16)];
+        struct cmsghdr align;
+    } control;
+    if (nfds > 16) { errno = EINVAL; return -1; }
+    if (nfds > 0) {
+        memset(&control, 0, sizeof control);
+        msg.msg_control = control.buf;
+        msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    ssize_t n;
+    do { n = sendmsg(sock, &msg, flags | MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+    return n;
+}
+
+ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds, int *ctrunc, int flags) {
+    struct iovec iov = {buf, len};
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 16)];
+        struct cmsghdr align;
+    } control;
+    msg.msg_control = control.buf;
+    msg.msg_controllen = sizeof control.buf;
+    int capacity = *nfds;
+    *nfds = 0;
+    *ctrunc = 0;
+    ssize_t n;
+    do { n = recvmsg(sock, &msg, flags | MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return n;
+    if (msg.msg_flags & MSG_CTRUNC) *ctrunc = 1;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+        int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *incoming = (int *)CMSG_DATA(c);
+        for (int i = 0; i < count; i++) {
+            if (*nfds < capacity) fds[(*nfds)++] = incoming[i];
+            else { close(incoming[i]); *ctrunc = 1; } /* never leak what we cannot hand up */
+        }
+    }
+    return n;
+}

@@ -1,0 +1,242 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import CubicleRPC
+
+/// PID 1 of a sandbox: builds the filesystem, then serves the control channel, reaps every child,
+/// forwards termination to the agent, and reports exits. One thread, one poll loop.
+public struct InitServer {
+    var channel: BlockingChannel
+    var supervisor: Supervisor?
+    var signalFD: Int32 = -1
+    var terminating = false
+    static let handledSignals: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT]
+
+    public static func main() -> Never {
+        var server = InitServer()
+        server.run()
+    }
+
+    init() {
+        channel = BlockingChannel(fd: InitConfig.controlFD)
+    }
+
+    mutating func run() -> Never {
+        let config: InitConfig
+        do {
+            guard case (.notification(RPCMethod.configure, let params, _), _)? = try channel.receive() else {
+                fail(SystemError("first message is not \(RPCMethod.configure)", errno: EPROTO))
+            }
+            config = try InitConfig(json: params)
+        } catch let e as RPCError {
+            fail(SystemError("configure: \(e.message)", errno: EINVAL))
+        } catch {
+            fail(SystemError("configure: \(error)", errno: EPROTO))
+        }
+        do {
+            try RootFilesystem(config: config).build()
+        } catch {
+            fail(error)
+        }
+        // Bind sources were only needed to build the tree; nothing inside may keep a handle on the host.
+        cubicle_close_from(InitConfig.firstSourceFD)
+        // Made after the sources are closed, or close_from would take it with them.
+        var sigs = Self.handledSignals
+        signalFD = cubicle_signalfd(&sigs, Int32(sigs.count))
+        guard signalFD >= 0 else { fail(SystemError.lastError("signalfd")) }
+        supervisor = Supervisor(config: config)
+        send(.notification(method: RPCMethod.ready, params: ["pid": .int(Int64(getpid()))], fds: 0))
+        loop()
+    }
+
+    func send(_ message: RPCMessage, fds: [Int32] = []) {
+        do { try channel.send(message, fds: fds) } catch { exitAll(status: 3) }
+    }
+
+    func fail(_ error: SystemError) -> Never {
+        try? channel.send(.notification(method: RPCMethod.failed, params: ["step": .string(error.step), "errno": .int(Int64(error.errno))], fds: 0))
+        exit(2)
+    }
+
+    /// Kills everything else in the PID namespace and exits; the kernel would anyway when PID 1 exits.
+    func exitAll(status: Int32) -> Never {
+        kill(-1, SIGKILL)
+        while waitpid(-1, nil, 0) > 0 {}
+        exit(status)
+    }
+
+    mutating func loop() -> Never {
+        while true {
+            var fds = [pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
+            let n = poll(&fds, 2, nextTimeout())
+            if n < 0 && errno != EINTR { exitAll(status: 4) }
+            // An invalid descriptor would make poll return at once forever; stop instead of spinning.
+            if (fds[0].revents | fds[1].revents) & Int16(POLLNVAL) != 0 { exitAll(status: 5) }
+            if fds[1].revents != 0 { handleSignals() }
+            if fds[0].revents != 0 { readControl() }
+            expireCommands()
+            if terminating && supervisor!.children.isEmpty { exit(0) }
+        }
+    }
+
+    func now() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
+    }
+
+    func nextTimeout() -> Int32 {
+        let deadlines = supervisor!.children.values.compactMap { c -> Int64? in
+            if case .command(let d) = c.role, !c.timedOut { return d }
+            return nil
+        }
+        guard let first = deadlines.min() else { return -1 }
+        return Int32(clamping: max(0, first - now()))
+    }
+
+    mutating func expireCommands() {
+        let t = now()
+        for (pid, child) in supervisor!.children {
+            if case .command(let deadline?) = child.role, !child.timedOut, deadline <= t {
+                supervisor!.children[pid]!.timedOut = true
+                kill(-pid, SIGKILL)  // its own session and process group
+                kill(pid, SIGKILL)
+            }
+        }
+    }
+
+    mutating func handleSignals() {
+        while case let signo = cubicle_read_signal(signalFD), signo != 0 {
+            if signo == SIGCHLD {
+                reap()
+            } else {
+                terminating = true
+                for pid in supervisor!.children.keys { kill(pid, signo) }
+            }
+        }
+    }
+
+    mutating func reap() {
+        while true {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid <= 0 { return }
+            guard let child = supervisor!.children.removeValue(forKey: pid) else { continue }  // an orphan we adopted
+            let exited = status & 0x7f == 0
+            var params: [String: JSON] = ["pid": .int(Int64(pid))]
+            params["exitCode"] = exited ? .int(Int64((status >> 8) & 0xff)) : .null
+            params["signal"] = exited ? .null : .int(Int64(status & 0x7f))
+            switch child.role {
+            case .agent:
+                supervisor!.agentPID = nil
+                send(.notification(method: RPCMethod.agentExited, params: .object(params), fds: 0))
+            case .command:
+                params["timedOut"] = .bool(child.timedOut)
+                send(.notification(method: RPCMethod.commandExited, params: .object(params), fds: 0))
+            }
+        }
+    }
+
+    mutating func readControl() {
+        do {
+            guard var next = try channel.receive(flags: Int32(MSG_DONTWAIT)) else { return }
+            while true {
+                handle(next.0, fds: next.1)
+                guard let more = try channel.nextBuffered() else { break }
+                next = more
+            }
+        } catch .system(let e) where e.errno == EAGAIN {
+            return
+        } catch {
+            // The daemon is gone or spoke nonsense; a sandbox without its daemon ends.
+            exitAll(status: 0)
+        }
+    }
+
+    mutating func handle(_ message: RPCMessage, fds: [Int32]) {
+        for f in fds { close(f) }  // the host never sends descriptors to init after configuration
+        guard case .request(let id, let method, let params, _) = message else { return }
+        do {
+            let (result, out) = try dispatch(method, params)
+            send(.result(id: id, value: result, fds: out.count), fds: out)
+            for f in out { close(f) }
+        } catch {
+            send(.error(id: id, error))
+        }
+    }
+
+    mutating func dispatch(_ method: String, _ params: JSON) throws(RPCError) -> (JSON, [Int32]) {
+        switch method {
+        case RPCMethod.startAgent:
+            guard supervisor!.agentPID == nil else { throw RPCError(code: RPCError.failed, message: "agent already running") }
+            return try start(ProcessParams(json: params), role: .agent)
+        case RPCMethod.runCommand:
+            let timeout = params["timeoutSeconds"]?.intValue ?? 300
+            guard timeout > 0, timeout <= 86400 else { throw RPCError(code: RPCError.invalidParams, message: "timeoutSeconds out of range") }
+            return try start(ProcessParams(json: params), role: .command(deadline: now() + timeout * 1000))
+        case RPCMethod.connect:
+            guard let port = params["port"]?.intValue, port > 0, port < 65536 else {
+                throw RPCError(code: RPCError.invalidParams, message: "port must be 1..65535")
+            }
+            return ([:], [try connect(port: UInt16(port))])
+        case RPCMethod.signal:
+            guard let signo = params["signal"]?.intValue, signo > 0, signo < 65 else {
+                throw RPCError(code: RPCError.invalidParams, message: "signal must be 1..64")
+            }
+            let target: pid_t?
+            if params["target"] == "agent" { target = supervisor!.agentPID } else { target = params["target"]?.intValue.map { pid_t(truncatingIfNeeded: $0) } }
+            guard let target, supervisor!.children[target] != nil else {
+                throw RPCError(code: RPCError.invalidParams, message: "no such process")
+            }
+            kill(target, Int32(signo))
+            return ([:], [])
+        case RPCMethod.shutdown:
+            let grace = params["graceMilliseconds"]?.intValue ?? 2000
+            shutdown(graceMilliseconds: max(0, min(grace, 60_000)))
+        default:
+            throw RPCError(code: RPCError.methodNotFound, message: "unknown method \(method)")
+        }
+    }
+
+    mutating func start(_ params: ProcessParams, role: Supervisor.Role) throws(RPCError) -> (JSON, [Int32]) {
+        do {
+            let (pid, out, err) = try supervisor!.spawn(params, role: role)
+            return (["pid": .int(Int64(pid))], [out, err])
+        } catch {
+            throw RPCError(code: RPCError.failed, message: "could not start \(params.argv[0])", step: error.step, errno: error.errno)
+        }
+    }
+
+    func connect(port: UInt16) throws(RPCError) -> Int32 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw RPCError(code: RPCError.failed, message: "socket", step: "socket", errno: errno) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_port = port.bigEndian
+        addr.sin_addr.s_addr = UInt32(0x7f00_0001).bigEndian
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+        }
+        if rc != 0 {
+            let e = errno
+            close(fd)
+            throw RPCError(code: RPCError.failed, message: "connect to port \(port)", step: "connect", errno: e)
+        }
+        return fd
+    }
+
+    /// SIGTERM to everything, a grace period while reaping, then SIGKILL; init exits last.
+    mutating func shutdown(graceMilliseconds: Int64) -> Never {
+        kill(-1, SIGTERM)
+        let deadline = now() + graceMilliseconds
+        while now() < deadline {
+            var status: Int32 = 0
+            let pid = waitpid(-1, &status, WNOHANG)
+            if pid < 0 && errno == ECHILD { break }
+            if pid == 0 { usleep(2000) }
+        }
+        exitAll(status: 0)
+    }
+}

@@ -1,0 +1,149 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import CubicleRPC
+
+/// Builds the sandbox's filesystem inside the new mount namespace, then pivots into it.
+/// Runs before any thread exists and before the agent starts; every failure names its step.
+struct RootFilesystem {
+    let config: InitConfig
+    /// Where the new root is assembled. Its host contents are shadowed only inside this namespace, and
+    /// no bind source is looked up by path, so any existing world-traversable directory will do.
+    let staging = "/tmp"
+
+    /// runc's masked and read-only /proc paths.
+    static let maskedPaths = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+                              "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/proc/interrupts"]
+    static let readOnlyPaths = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+    static let devices = ["null", "zero", "full", "random", "urandom", "tty"]
+
+    func build() throws(SystemError) {
+        try sys("make / private") { mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) }
+        try mountTmpfs(staging, bytes: config.rootBytes, mode: "0755")
+        try mountFromHost()
+        try mountProc()
+        try mountDev()
+        try mountTmpfs(staging + "/tmp", bytes: config.tmpBytes, mode: "1777")
+        try mkdirs(staging + InitConfig.agentHome)
+        try mountTmpfs(staging + InitConfig.agentHome, bytes: config.homeBytes, mode: "0700",
+                       extra: ",uid=\(config.agentUID),gid=\(config.agentGID)")
+        try writeIdentityFiles()
+        try pivot()
+        try sys("sethostname") { config.hostname.withCString { sethostname($0, strlen($0)) } }
+        try sys("loopback up") { cubicle_loopback_up() }
+    }
+
+    private func mkdirs(_ path: String) throws(SystemError) {
+        try Files.makeDirectories(path)
+    }
+
+    private func mountTmpfs(_ target: String, bytes: Int64, mode: String, extra: String = "", flags: Int = 0) throws(SystemError) {
+        try mkdirs(target)
+        let options = "size=\(bytes),mode=\(mode)\(extra)"
+        try sys("mount tmpfs \(target)") {
+            mount("tmpfs", target, "tmpfs", UInt(Int(MS_NOSUID | MS_NODEV) | flags), options)
+        }
+    }
+
+    /// A bind becomes read-only with a second, remount step, which must repeat the flags the kernel has
+    /// locked on the source mount (nosuid, nodev, noexec, atime) or it fails with EPERM in a user namespace.
+    private func remountReadOnly(_ target: String, extra: UInt = 0) throws(SystemError) {
+        var st = statvfs()
+        try sys("statvfs \(target)") { statvfs(target, &st) }
+        var flags = UInt(MS_REMOUNT | MS_BIND | MS_RDONLY) | extra
+        // ST_* values from <sys/statvfs.h>; Glibc's Swift module leaves the GNU ones out.
+        let keep: [(UInt, UInt)] = [(2, UInt(MS_NOSUID)), (4, UInt(MS_NODEV)), (8, UInt(MS_NOEXEC)),
+                                    (1024, UInt(MS_NOATIME)), (2048, UInt(MS_NODIRATIME)), (4096, UInt(MS_RELATIME))]
+        for (st_flag, ms_flag) in keep where st.f_flag & st_flag != 0 { flags |= ms_flag }
+        try sys("remount read-only \(target)") { mount(nil, target, nil, flags, nil) }
+    }
+
+    private func bind(_ source: String, _ target: String, directory: Bool, step: String) throws(SystemError) {
+        if directory {
+            try mkdirs(target)
+        } else {
+            let parent = String(target[..<target.lastIndex(of: "/")!])
+            try mkdirs(parent)
+            let fd = try sys("create \(target)") { open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644) }
+            close(fd)
+        }
+        try sys(step) { mount(source, target, nil, UInt(MS_BIND | MS_REC), nil) }
+    }
+
+    private func mountFromHost() throws(SystemError) {
+        for m in config.mounts {
+            let target = staging + m.target
+            switch m.kind {
+            case .bindReadOnly(let index, let directory):
+                let source = "/proc/self/fd/\(InitConfig.firstSourceFD + Int32(index))"
+                try bind(source, target, directory: directory, step: "bind \(m.target)")
+                try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV))
+            case .symlink(let destination):
+                let parent = String(target[..<target.lastIndex(of: "/")!])
+                try mkdirs(parent)
+                try sys("symlink \(m.target)") { symlink(destination, target) }
+            }
+        }
+    }
+
+    private func mountProc() throws(SystemError) {
+        let proc = staging + "/proc"
+        try mkdirs(proc)
+        try sys("mount proc") { mount("proc", proc, "proc", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil) }
+        for path in Self.maskedPaths {
+            let target = staging + path
+            var st = stat()
+            guard lstat(target, &st) == 0 else { continue }
+            if (st.st_mode & S_IFMT) == S_IFDIR {
+                try sys("mask \(path)") { mount("tmpfs", target, "tmpfs", UInt(MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC), "size=0") }
+            } else {
+                try sys("mask \(path)") { mount("/dev/null", target, nil, UInt(MS_BIND), nil) }
+            }
+        }
+        for path in Self.readOnlyPaths {
+            let target = staging + path
+            guard access(target, F_OK) == 0 else { continue }
+            try sys("bind \(path)") { mount(target, target, nil, UInt(MS_BIND | MS_REC), nil) }
+            try remountReadOnly(target)
+        }
+    }
+
+    private func mountDev() throws(SystemError) {
+        let dev = staging + "/dev"
+        try mountTmpfs(dev, bytes: 65536, mode: "0755", flags: Int(MS_NOEXEC))
+        // A user namespace cannot mknod, so the few safe devices are bound from the host.
+        for name in Self.devices {
+            try bind("/dev/" + name, dev + "/" + name, directory: false, step: "bind /dev/\(name)")
+        }
+        try mkdirs(dev + "/pts")
+        try sys("mount devpts") {
+            mount("devpts", dev + "/pts", "devpts", UInt(MS_NOSUID | MS_NOEXEC), "newinstance,ptmxmode=0666,mode=0620")
+        }
+        try sys("symlink /dev/ptmx") { symlink("pts/ptmx", dev + "/ptmx") }
+        try mountTmpfs(dev + "/shm", bytes: config.tmpBytes, mode: "1777", flags: Int(MS_NOEXEC))
+        for (name, destination) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
+            try sys("symlink /dev/\(name)") { symlink(destination, dev + "/" + name) }
+        }
+    }
+
+    private func writeIdentityFiles() throws(SystemError) {
+        let etc = staging + "/etc"
+        try mkdirs(etc)
+        let u = config.agentUID, g = config.agentGID
+        let user = InitConfig.agentUser, home = InitConfig.agentHome
+        try Files.write(etc + "/passwd", "root:x:0:0:root:/root:/bin/sh\n\(user):x:\(u):\(g):\(user):\(home):/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
+        try Files.write(etc + "/group", "root:x:0:\n\(user):x:\(g):\nnogroup:x:65534:\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
+        try Files.write(etc + "/hostname", config.hostname + "\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
+    }
+
+    /// pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no host path reachable.
+    private func pivot() throws(SystemError) {
+        try sys("chdir new root") { chdir(staging) }
+        try sys("pivot_root") { cubicle_pivot_root(".", ".") }
+        try sys("detach old root") { umount2(".", Int32(MNT_DETACH)) }
+        try sys("chdir /") { chdir("/") }
+        try sys("remount / read-only") { mount(nil, "/", nil, UInt(MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV), nil) }
+    }
+}

@@ -1,0 +1,114 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import CubicleRPC
+
+/// Starts the agent and commands with their final identity, and keeps the table that reaping fans out to.
+struct Supervisor {
+    enum Role: Equatable {
+        case agent
+        case command(deadline: Int64?)
+    }
+
+    struct Child {
+        var role: Role
+        var timedOut = false
+    }
+
+    let config: InitConfig
+    var children: [pid_t: Child] = [:]
+    var agentPID: pid_t?
+
+    init(config: InitConfig) {
+        self.config = config
+    }
+
+    struct SpawnError: Error {
+        var step: String
+        var errno: Int32
+    }
+
+    static let stepNames: [Int32: String] = [
+        1: "pipe", 2: "clone", 3: "sync", 4: "unshare cgroup", 5: "setgroups", 6: "setresgid", 7: "setresuid",
+        8: "dup fds", 9: "setsid", 10: "chdir", 11: "setrlimit", 12: "drop bounding set", 13: "clear capabilities",
+        14: "no_new_privs", 15: "seccomp", 16: "exec", 17: "death signal",
+    ]
+
+    /// Finds argv[0] on the sandbox's PATH, as execvp would, but before fork so the child stays simple.
+    static func resolve(_ program: String, env: [String]) -> String {
+        if program.contains("/") { return program }
+        let path = env.first { $0.hasPrefix("PATH=") }.map { String($0.dropFirst(5)) } ?? "/usr/local/bin:/usr/bin:/bin"
+        for dir in path.split(separator: ":") {
+            let candidate = "\(dir)/\(program)"
+            if access(candidate, X_OK) == 0 { return candidate }
+        }
+        return program
+    }
+
+    /// Returns the pid and the read ends of stdout and stderr.
+    mutating func spawn(_ params: ProcessParams, role: Role) throws(SpawnError) -> (pid_t, Int32, Int32) {
+        let out: (read: Int32, write: Int32), err: (read: Int32, write: Int32)
+        do {
+            out = try Descriptors.pipe()
+            err = try Descriptors.pipe()
+        } catch {
+            throw SpawnError(step: error.step, errno: error.errno)
+        }
+        let devnull = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        defer {
+            close(out.write); close(err.write)
+            if devnull >= 0 { close(devnull) }
+        }
+        let path = Self.resolve(params.argv[0], env: params.env)
+        var failure = cubicle_spawn_error()
+        let limits = [
+            cubicle_rlimit(resource: Int32(RLIMIT_NOFILE.rawValue), soft: config.maxOpenFiles, hard: config.maxOpenFiles),
+            cubicle_rlimit(resource: 6 /* RLIMIT_NPROC */, soft: config.maxProcesses, hard: config.maxProcesses),
+            cubicle_rlimit(resource: Int32(RLIMIT_CORE.rawValue), soft: 0, hard: 0),
+        ]
+        let pid: pid_t = withCStrings(params.argv) { argv in
+            withCStrings(params.env) { envp in
+                config.seccompProgram.withUnsafeBytes { filter in
+                    limits.withUnsafeBufferPointer { rl in
+                        path.withCString { cpath in
+                            params.cwd.withCString { cwd in
+                                var spawn = cubicle_process_spawn(
+                                    path: cpath, argv: argv, envp: envp, cwd: cwd,
+                                    stdin_fd: devnull, stdout_fd: out.write, stderr_fd: err.write,
+                                    uid: config.agentUID, gid: config.agentGID,
+                                    rlimits: rl.baseAddress, nrlimits: Int32(rl.count),
+                                    seccomp_filter: filter.isEmpty ? nil : filter.baseAddress,
+                                    seccomp_len: UInt16(filter.count / 8),
+                                    new_session: 1)
+                                return cubicle_process_spawn_run(&spawn, &failure)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if pid < 0 {
+            close(out.read); close(err.read)
+            throw SpawnError(step: Self.stepNames[failure.step] ?? "spawn", errno: failure.err)
+        }
+        if failure.step != 0 {
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+            close(out.read); close(err.read)
+            throw SpawnError(step: Self.stepNames[failure.step] ?? "spawn", errno: failure.err)
+        }
+        children[pid] = Child(role: role)
+        if role == .agent { agentPID = pid }
+        return (pid, out.read, err.read)
+    }
+}
+
+/// NUL-terminated C string arrays for exec, freed after `body`.
+func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { for p in pointers { free(p) } }
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}

@@ -1,0 +1,156 @@
+/// What cubicle-init needs to build a sandbox. Nothing here names a session: a sandbox can be built
+/// before any session exists (warm pools) and learns its session id from each request.
+public struct InitConfig: Equatable, Sendable {
+    /// One entry of the sandbox's filesystem taken from the host. The host opens every source itself
+    /// (O_PATH) and passes it as descriptor `InitConfig.firstSourceFD + sourceIndex`, so init never resolves
+    /// a host path and needs no access to the directories above it.
+    public struct Mount: Equatable, Sendable {
+        public enum Kind: Equatable, Sendable {
+            case bindReadOnly(sourceIndex: Int, directory: Bool)
+            case symlink(destination: String)
+        }
+        public var target: String
+        public var kind: Kind
+        public init(target: String, kind: Kind) { self.target = target; self.kind = kind }
+    }
+
+    public var hostname: String = "cubicle"
+    public var rootBytes: Int64 = 16 << 20
+    public var tmpBytes: Int64 = 256 << 20
+    public var homeBytes: Int64 = 64 << 20
+    /// Host system directories, /etc files, the code directory and extra read-only binds, in order.
+    public var mounts: [Mount] = []
+    public var agentUID: UInt32 = 1000
+    public var agentGID: UInt32 = 1000
+    /// Compiled seccomp program (struct sock_filter[]), loaded by every process init starts.
+    public var seccompProgram: [UInt8] = []
+    public var maxOpenFiles: UInt64 = 4096
+    public var maxProcesses: UInt64 = 4096
+
+    public static let codePath = "/app"
+    /// fd 3 is the control socket; bind sources follow.
+    public static let controlFD: Int32 = 3
+    public static let firstSourceFD: Int32 = 4
+    public static let agentUser = "agent"
+    public static let agentHome = "/home/agent"
+
+    public init() {}
+
+    public var json: JSON {
+        [
+            "hostname": .string(hostname),
+            "rootBytes": .int(rootBytes),
+            "tmpBytes": .int(tmpBytes),
+            "homeBytes": .int(homeBytes),
+            "mounts": .array(mounts.map { m -> JSON in
+                switch m.kind {
+                case .bindReadOnly(let index, let directory):
+                    ["target": .string(m.target), "source": .int(Int64(index)), "directory": .bool(directory)]
+                case .symlink(let destination):
+                    ["target": .string(m.target), "symlink": .string(destination)]
+                }
+            }),
+            "agentUID": .int(Int64(agentUID)),
+            "agentGID": .int(Int64(agentGID)),
+            "seccomp": .string(Hex.encode(seccompProgram)),
+            "maxOpenFiles": .int(Int64(maxOpenFiles)),
+            "maxProcesses": .int(Int64(maxProcesses)),
+        ]
+    }
+
+    public init(json: JSON) throws(RPCError) {
+        func field<T>(_ name: String, _ get: (JSON) -> T?) throws(RPCError) -> T {
+            guard let v = json[name], let t = get(v) else { throw RPCError(code: RPCError.invalidParams, message: "config field \(name) missing or wrong type") }
+            return t
+        }
+        hostname = try field("hostname") { $0.stringValue }
+        rootBytes = try field("rootBytes") { $0.intValue }
+        tmpBytes = try field("tmpBytes") { $0.intValue }
+        homeBytes = try field("homeBytes") { $0.intValue }
+        let entries = try field("mounts") { $0.arrayValue }
+        mounts = []
+        for e in entries.prefix(256) {
+            guard let target = e["target"]?.stringValue, target.hasPrefix("/"), !target.split(separator: "/").contains("..") else {
+                throw RPCError(code: RPCError.invalidParams, message: "mount target must be an absolute path without ..")
+            }
+            if let index = e["source"]?.intValue, index >= 0, index < 48, let directory = e["directory"]?.boolValue {
+                mounts.append(Mount(target: target, kind: .bindReadOnly(sourceIndex: Int(index), directory: directory)))
+            } else if let destination = e["symlink"]?.stringValue {
+                mounts.append(Mount(target: target, kind: .symlink(destination: destination)))
+            } else {
+                throw RPCError(code: RPCError.invalidParams, message: "mount \(target) is neither a bind nor a symlink")
+            }
+        }
+        agentUID = try field("agentUID") { $0.intValue.flatMap { UInt32(exactly: $0) } }
+        agentGID = try field("agentGID") { $0.intValue.flatMap { UInt32(exactly: $0) } }
+        seccompProgram = try field("seccomp") { $0.stringValue.flatMap(Hex.decode) }
+        maxOpenFiles = try field("maxOpenFiles") { $0.intValue.flatMap { UInt64(exactly: $0) } }
+        maxProcesses = try field("maxProcesses") { $0.intValue.flatMap { UInt64(exactly: $0) } }
+        guard seccompProgram.count % 8 == 0, seccompProgram.count / 8 <= 4096 else {
+            throw RPCError(code: RPCError.invalidParams, message: "seccomp program is not whole instructions")
+        }
+    }
+}
+
+/// A process for init to start: the agent, or a command run beside it.
+public struct ProcessParams: Equatable, Sendable {
+    public var argv: [String]
+    public var env: [String]
+    public var cwd: String
+
+    public init(argv: [String], env: [String], cwd: String = InitConfig.agentHome) {
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+    }
+
+    public var json: JSON {
+        ["argv": .array(argv.map { .string($0) }), "env": .array(env.map { .string($0) }), "cwd": .string(cwd)]
+    }
+
+    public init(json: JSON) throws(RPCError) {
+        guard let argv = json["argv"]?.arrayValue?.compactMap(\.stringValue), !argv.isEmpty, argv.count <= 4096,
+              let env = json["env"]?.arrayValue?.compactMap(\.stringValue), env.count <= 4096,
+              let cwd = json["cwd"]?.stringValue
+        else { throw RPCError(code: RPCError.invalidParams, message: "process needs argv (non-empty), env and cwd") }
+        guard !(argv + env + [cwd]).contains(where: { $0.utf8.contains(0) }) else {
+            throw RPCError(code: RPCError.invalidParams, message: "NUL byte in argv, env or cwd")
+        }
+        self.argv = argv
+        self.env = env
+        self.cwd = cwd
+    }
+}
+
+public enum Hex {
+    private static let digits = Array("0123456789abcdef".utf8)
+
+    public static func encode(_ bytes: [UInt8]) -> String {
+        var out = [UInt8]()
+        out.reserveCapacity(bytes.count * 2)
+        for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 0xF)]) }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    public static func decode(_ text: String) -> [UInt8]? {
+        let u = Array(text.utf8)
+        guard u.count % 2 == 0 else { return nil }
+        func nibble(_ c: UInt8) -> UInt8? {
+            switch c {
+            case 0x30...0x39: c - 0x30
+            case 0x61...0x66: c - 0x61 + 10
+            case 0x41...0x46: c - 0x41 + 10
+            default: nil
+            }
+        }
+        var out = [UInt8]()
+        out.reserveCapacity(u.count / 2)
+        var i = 0
+        while i < u.count {
+            guard let h = nibble(u[i]), let l = nibble(u[i + 1]) else { return nil }
+            out.append(h << 4 | l)
+            i += 2
+        }
+        return out
+    }
+}

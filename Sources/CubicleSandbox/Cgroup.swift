@@ -1,0 +1,298 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleLinux
+
+/// Limits for one session's cgroup. nil leaves the kernel default (unlimited).
+public struct CgroupLimits: Equatable, Sendable {
+    public var memoryBytes: Int64?
+    /// CPU time per period, in microseconds: 200_000 of 100_000 is two CPUs.
+    public var cpuQuotaMicros: Int64?
+    public var cpuPeriodMicros: Int64 = 100_000
+    public var pids: Int64?
+
+    public init(memoryBytes: Int64? = nil, cpuQuotaMicros: Int64? = nil, pids: Int64? = nil) {
+        self.memoryBytes = memoryBytes
+        self.cpuQuotaMicros = cpuQuotaMicros
+        self.pids = pids
+    }
+}
+
+public struct CgroupUsage: Equatable, Sendable {
+    public var memoryBytes: Int64 = 0
+    public var memoryPeakBytes: Int64?
+    public var cpuNanoseconds: Int64 = 0
+    public var pids: Int64 = 0
+    public var oomKills: Int64 = 0
+    /// Times the pids limit refused a fork (v1 and v2: pids.events "max").
+    public var pidsLimitHits: Int64 = 0
+}
+
+public struct CgroupError: Error, CustomStringConvertible, Sendable {
+    public enum Reason: Sendable {
+        case unsupported(String)
+        case system(SystemError)
+        case notEmpty(remaining: Int)
+    }
+    public var cgroup: String
+    public var reason: Reason
+
+    public var description: String {
+        switch reason {
+        case .unsupported(let why): "cgroup \(cgroup): \(why)"
+        case .system(let e): "cgroup \(cgroup): \(e)"
+        case .notEmpty(let n): "cgroup \(cgroup): \(n) processes still inside after kill"
+        }
+    }
+}
+
+/// One session's cgroup, on either hierarchy. v1 spreads it over one directory per controller; v2 is a
+/// single directory. `root` is normally /sys/fs/cgroup; tests point it at a fake tree.
+public struct Cgroup: Sendable {
+    public enum Version: String, Sendable { case v1, v2 }
+
+    public let version: Version
+    public let root: String
+    /// Relative to the hierarchy root, e.g. "cubicle/sb-1a2b".
+    public let path: String
+
+    static let v1Controllers = ["memory", "pids", "cpu", "cpuacct", "freezer"]
+
+    public init(version: Version, root: String = "/sys/fs/cgroup", path: String) {
+        self.version = version
+        self.root = root
+        self.path = path
+    }
+
+    /// cgroup2 mounted at `root` (it has cgroup.controllers) means v2; a tmpfs of v1 hierarchies
+    /// (hybrid, as on this CI machine) means v1.
+    public static func detectVersion(root: String = "/sys/fs/cgroup") -> Version {
+        Files.exists(root + "/cgroup.controllers") ? .v2 : .v1
+    }
+
+    /// Every directory this cgroup owns (one on v2, one per controller on v1).
+    public var directories: [String] {
+        switch version {
+        case .v2: ["\(root)/\(path)"]
+        case .v1:
+            // cpu and cpuacct are often one hierarchy with two names; count each real directory once.
+            Self.v1Controllers.map { "\(root)/\($0)/\(path)" }.reduce(into: [String]()) { dirs, d in
+                if !dirs.contains(where: { Cgroup.sameFile($0, d) }) { dirs.append(d) }
+            }
+        }
+    }
+
+    private func dir(_ controller: String) -> String {
+        version == .v2 ? "\(root)/\(path)" : "\(root)/\(controller)/\(path)"
+    }
+
+    static func sameFile(_ a: String, _ b: String) -> Bool {
+        var sa = stat(), sb = stat()
+        guard stat(a, &sa) == 0, stat(b, &sb) == 0 else { return false }
+        return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino
+    }
+
+    private func fail(_ e: SystemError) -> CgroupError { CgroupError(cgroup: path, reason: .system(e)) }
+
+    /// Makes the directories. On v2 the parents must delegate memory, pids and cpu to their children.
+    public func create() throws(CgroupError) {
+        do {
+            switch version {
+            case .v2:
+                var parent = root
+                let parts = path.split(separator: "/")
+                for part in parts.dropLast() {
+                    try enableV2Controllers(at: parent)
+                    parent += "/\(part)"
+                    if mkdir(parent, 0o755) != 0 && errno != EEXIST { throw SystemError.lastError("mkdir \(parent)") }
+                }
+                try enableV2Controllers(at: parent)
+                try sys("mkdir \(root)/\(path)") { mkdir("\(root)/\(path)", 0o755) }
+            case .v1:
+                for c in Self.v1Controllers {
+                    guard Files.isDirectory("\(root)/\(c)") else {
+                        throw CgroupError(cgroup: path, reason: .unsupported("cgroup v1 controller \(c) is not mounted at \(root)/\(c)"))
+                    }
+                    try Files.makeDirectories(dir(c))
+                }
+            }
+        } catch let e as SystemError {
+            try? remove()
+            throw fail(e)
+        } catch let e as CgroupError {
+            try? remove()
+            throw e
+        } catch {
+            fatalError("unreachable: \(error)")
+        }
+    }
+
+    private func enableV2Controllers(at dir: String) throws(SystemError) {
+        let have = (try? Files.read("\(dir)/cgroup.subtree_control")) ?? ""
+        let wanted = ["memory", "pids", "cpu"].filter { !have.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains(Substring($0)) }
+        guard !wanted.isEmpty else { return }
+        try Files.write("\(dir)/cgroup.subtree_control", wanted.map { "+" + $0 }.joined(separator: " "))
+    }
+
+    public func apply(_ limits: CgroupLimits) throws(CgroupError) {
+        do {
+            switch version {
+            case .v2:
+                if let m = limits.memoryBytes {
+                    try Files.write(dir("memory") + "/memory.max", String(m))
+                    // No swap for a session; absent when the kernel has no swap accounting.
+                    try writeIfPresent(dir("memory") + "/memory.swap.max", "0")
+                }
+                if let q = limits.cpuQuotaMicros {
+                    try Files.write(dir("cpu") + "/cpu.max", "\(q) \(limits.cpuPeriodMicros)")
+                }
+                if let p = limits.pids { try Files.write(dir("pids") + "/pids.max", String(p)) }
+            case .v1:
+                if let m = limits.memoryBytes {
+                    try writeIfPresent(dir("memory") + "/memory.swappiness", "0")
+                    try Files.write(dir("memory") + "/memory.limit_in_bytes", String(m))
+                    try writeIfPresent(dir("memory") + "/memory.memsw.limit_in_bytes", String(m))
+                }
+                if let q = limits.cpuQuotaMicros {
+                    try Files.write(dir("cpu") + "/cpu.cfs_period_us", String(limits.cpuPeriodMicros))
+                    try Files.write(dir("cpu") + "/cpu.cfs_quota_us", String(q))
+                }
+                if let p = limits.pids { try Files.write(dir("pids") + "/pids.max", String(p)) }
+            }
+        } catch {
+            throw fail(error)
+        }
+    }
+
+    private func writeIfPresent(_ file: String, _ value: String) throws(SystemError) {
+        guard Files.exists(file) else { return }
+        try Files.write(file, value)
+    }
+
+    public func addProcess(_ pid: pid_t) throws(CgroupError) {
+        do {
+            for d in directories { try Files.write(d + "/cgroup.procs", String(pid)) }
+        } catch {
+            throw fail(error)
+        }
+    }
+
+    public func processes() -> [pid_t] {
+        let text = (try? Files.read(dir("pids") + "/cgroup.procs")) ?? ""
+        return text.split(separator: "\n").compactMap { pid_t($0) }
+    }
+
+    public func usage() -> CgroupUsage {
+        func number(_ file: String) -> Int64? {
+            (try? Files.read(file)).flatMap { Int64($0.trimmingSpaces) }
+        }
+        func keyed(_ file: String, _ key: String) -> Int64? {
+            guard let text = try? Files.read(file) else { return nil }
+            for line in text.split(separator: "\n") {
+                let parts = line.split(separator: " ")
+                if parts.count == 2, parts[0] == key { return Int64(parts[1]) }
+            }
+            return nil
+        }
+        var u = CgroupUsage()
+        switch version {
+        case .v2:
+            u.memoryBytes = number(dir("memory") + "/memory.current") ?? 0
+            u.memoryPeakBytes = number(dir("memory") + "/memory.peak")
+            u.cpuNanoseconds = (keyed(dir("cpu") + "/cpu.stat", "usage_usec") ?? 0) * 1000
+            u.oomKills = keyed(dir("memory") + "/memory.events", "oom_kill") ?? 0
+        case .v1:
+            u.memoryBytes = number(dir("memory") + "/memory.usage_in_bytes") ?? 0
+            u.memoryPeakBytes = number(dir("memory") + "/memory.max_usage_in_bytes")
+            u.cpuNanoseconds = number(dir("cpuacct") + "/cpuacct.usage") ?? 0
+            u.oomKills = keyed(dir("memory") + "/memory.oom_control", "oom_kill") ?? 0
+        }
+        u.pids = number(dir("pids") + "/pids.current") ?? 0
+        u.pidsLimitHits = keyed(dir("pids") + "/pids.events", "max") ?? 0
+        return u
+    }
+
+    /// Stops every process in place (v1 freezer, v2 cgroup.freeze) and waits until the kernel says frozen.
+    public func freeze(timeoutMilliseconds: Int = 2000) throws(CgroupError) {
+        do {
+            switch version {
+            case .v1:
+                let freezer = dir("freezer") + "/freezer.state"
+                try Files.write(freezer, "FROZEN")
+                var spins = 0
+                while (try? Files.read(freezer))?.trimmingSpaces != "FROZEN" && spins < timeoutMilliseconds * 2 {
+                    usleep(500)
+                    spins += 1
+                }
+            case .v2:
+                try Files.write(dir("") + "/cgroup.freeze", "1")
+                var spins = 0
+                while !((try? Files.read(dir("") + "/cgroup.events")) ?? "").contains("frozen 1") && spins < timeoutMilliseconds * 2 {
+                    usleep(500)
+                    spins += 1
+                }
+            }
+        } catch {
+            throw fail(error)
+        }
+    }
+
+    /// Kills every process in the cgroup and waits until it is empty. Nothing can fork its way out:
+    /// v2 kills the whole cgroup atomically; v1 freezes it first, so the set we SIGKILL is the full set.
+    public func killAll(timeoutMilliseconds: Int = 5000) throws(CgroupError) {
+        do {
+            switch version {
+            case .v2:
+                if Files.exists(dir("") + "/cgroup.kill") {
+                    try Files.write(dir("") + "/cgroup.kill", "1")
+                } else {
+                    try Files.write(dir("") + "/cgroup.freeze", "1")
+                    for pid in processes() { kill(pid, SIGKILL) }
+                    try Files.write(dir("") + "/cgroup.freeze", "0")
+                }
+            case .v1:
+                // Lift the CPU quota so a throttled cgroup is not slow to die.
+                try? Files.write(dir("cpu") + "/cpu.cfs_quota_us", "-1")
+                let freezer = dir("freezer") + "/freezer.state"
+                try Files.write(freezer, "FROZEN")
+                var spins = 0
+                while (try? Files.read(freezer))?.trimmingSpaces == "FREEZING" && spins < 2000 {
+                    usleep(500)
+                    spins += 1
+                }
+                for pid in processes() { kill(pid, SIGKILL) }
+                try Files.write(freezer, "THAWED")
+            }
+        } catch {
+            throw fail(error)
+        }
+        var waited = 0
+        while true {
+            let left = processes().count
+            if left == 0 { return }
+            if waited >= timeoutMilliseconds * 4 {
+                throw CgroupError(cgroup: path, reason: .notEmpty(remaining: left))
+            }
+            usleep(250)
+            waited += 1
+        }
+    }
+
+    /// Removes the directories; the cgroup must be empty. Missing directories are fine.
+    public func remove() throws(CgroupError) {
+        for d in directories.reversed() {
+            if rmdir(d) != 0 && errno != ENOENT { throw fail(SystemError.lastError("rmdir \(d)")) }
+        }
+    }
+
+    public var exists: Bool { directories.contains { Files.isDirectory($0) } }
+}
+
+extension String {
+    var trimmingSpaces: String {
+        var s = Substring(self)
+        while let c = s.first, c == " " || c == "\n" || c == "\t" { s.removeFirst() }
+        while let c = s.last, c == " " || c == "\n" || c == "\t" { s.removeLast() }
+        return String(s)
+    }
+}

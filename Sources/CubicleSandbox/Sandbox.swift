@@ -1,0 +1,278 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import CubicleRPC
+import Dispatch
+import Synchronization
+
+/// Why a sandbox ended.
+public enum SandboxEndReason: Equatable, Sendable {
+    case stopped
+    case initExited(status: Int32)
+    case controlChannelClosed
+    case protocolViolation(String)
+
+    public var description: String {
+        switch self {
+        case .stopped: "stopped"
+        case .initExited(let s): "init exited (wait status \(s))"
+        case .controlChannelClosed: "control channel closed"
+        case .protocolViolation(let why): "protocol violation: \(why)"
+        }
+    }
+}
+
+public enum SandboxEvent: Equatable, Sendable {
+    case agentExited(pid: Int32, exitCode: Int32?, signal: Int32?)
+    case commandExited(CommandExit)
+    case ended(SandboxEndReason)
+}
+
+public struct CommandExit: Equatable, Sendable {
+    public var pid: Int32
+    public var exitCode: Int32?
+    public var signal: Int32?
+    public var timedOut: Bool
+}
+
+/// A process init started for us, with the read ends of its stdout and stderr, which the caller owns.
+public struct StartedProcess: Sendable {
+    public var pid: Int32
+    public var stdout: Int32
+    public var stderr: Int32
+}
+
+public struct TeardownReport: Sendable {
+    public var reason: SandboxEndReason
+    public var wipedFiles = 0
+    public var wipedBytes: Int64 = 0
+    public var nanoseconds: UInt64 = 0
+    public var finalUsage: CgroupUsage
+    /// Anything of the sandbox still on the host afterwards; empty when teardown was complete.
+    public var leftovers: [String] = []
+}
+
+/// A running sandbox: cubicle-init as PID 1 of its own namespaces, in its own cgroup, with its own
+/// host uid range. Ends exactly once, by `teardown` or because init died or misbehaved.
+public final class Sandbox: Sendable {
+    public let id: String
+    public let initPID: pid_t
+    public let cgroup: Cgroup
+    public let uidRange: UIDRange
+    public let stateDirectory: String
+    /// Launch start to init's `ready`, in nanoseconds: the one place spawn time is measured.
+    public let spawnNanoseconds: UInt64
+    public let events: AsyncStream<SandboxEvent>
+
+    let eventSink: AsyncStream<SandboxEvent>.Continuation
+    let connection: InitConnection
+    let allocator: UIDRangeAllocator
+    let state = Mutex(State())
+    /// Touched only on `connection.queue`.
+    let pidfdWatch = SourceBox()
+
+    final class SourceBox: @unchecked Sendable {
+        var source: DispatchSourceRead?
+    }
+
+    struct State {
+        var ended: SandboxEndReason?
+        var teardown: Task<TeardownReport, Never>?
+        var commandWaiters: [Int32: CheckedContinuation<CommandExit, Never>] = [:]
+        var commandExits: [Int32: CommandExit] = [:]
+        var initStatus: Int32?
+    }
+
+    init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange, stateDirectory: String,
+         spawnNanoseconds: UInt64, connection: InitConnection, allocator: UIDRangeAllocator,
+         events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
+        self.id = id
+        self.initPID = initPID
+        self.cgroup = cgroup
+        self.uidRange = uidRange
+        self.stateDirectory = stateDirectory
+        self.spawnNanoseconds = spawnNanoseconds
+        self.connection = connection
+        self.allocator = allocator
+        self.events = events
+        self.eventSink = sink
+    }
+
+    public var endReason: SandboxEndReason? { state.withLock { $0.ended } }
+
+    // MARK: - Requests to init
+
+    /// Every descriptor from init is checked for what it must be; anything else ends the sandbox.
+    private func expect(_ fds: [Int32], _ kinds: [(DescriptorKind) -> Bool], what: String) throws(SandboxError) {
+        guard fds.count == kinds.count, zip(fds, kinds).allSatisfy({ $1(DescriptorKind.of($0)) }) else {
+            fds.forEach { close($0) }
+            let why = "\(what): expected \(kinds.count) descriptors of the right type, got \(fds.map { DescriptorKind.of($0) })"
+            end(.protocolViolation(why))
+            throw .protocolViolation(why)
+        }
+    }
+
+    private static let isPipe: @Sendable (DescriptorKind) -> Bool = { $0 == .readablePipe }
+    private static let isTCP: @Sendable (DescriptorKind) -> Bool = { if case .streamSocket(let d) = $0 { d == AF_INET || d == AF_INET6 } else { false } }
+
+    private func call(_ method: String, _ params: JSON) async throws(SandboxError) -> InitConnection.Reply {
+        do {
+            return try await connection.call(method, params)
+        } catch let e as SandboxError {
+            throw e
+        } catch {
+            throw .ended("\(error)")
+        }
+    }
+
+    private static func pid(_ value: JSON) -> Int32? { value["pid"]?.intValue.flatMap { Int32(exactly: $0) } }
+
+    public func startAgent(_ params: ProcessParams) async throws(SandboxError) -> StartedProcess {
+        let reply = try await call(RPCMethod.startAgent, params.json)
+        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: "agent.start")
+        guard let pid = Self.pid(reply.value) else { end(.protocolViolation("agent.start without pid")); throw .protocolViolation("agent.start without pid") }
+        return StartedProcess(pid: pid, stdout: reply.fds[0], stderr: reply.fds[1])
+    }
+
+    /// A TCP connection to 127.0.0.1:port inside the sandbox's network namespace, opened by init.
+    public func connect(port: UInt16) async throws(SandboxError) -> Int32 {
+        let reply = try await call(RPCMethod.connect, ["port": .int(Int64(port))])
+        try expect(reply.fds, [Self.isTCP], what: "agent.connect")
+        return reply.fds[0]
+    }
+
+    public func runCommand(_ params: ProcessParams, timeoutSeconds: Int) async throws(SandboxError) -> StartedProcess {
+        var json = params.json
+        if case .object(var o) = json { o["timeoutSeconds"] = .int(Int64(timeoutSeconds)); json = .object(o) }
+        let reply = try await call(RPCMethod.runCommand, json)
+        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: "command.run")
+        guard let pid = Self.pid(reply.value) else { end(.protocolViolation("command.run without pid")); throw .protocolViolation("command.run without pid") }
+        return StartedProcess(pid: pid, stdout: reply.fds[0], stderr: reply.fds[1])
+    }
+
+    /// Waits for a command's `command.exited`; returns at once if it already came.
+    public func waitForCommand(pid: Int32) async -> CommandExit {
+        await withCheckedContinuation { c in
+            let ready: CommandExit? = state.withLock { s in
+                if let e = s.commandExits.removeValue(forKey: pid) { return e }
+                if s.ended != nil { return CommandExit(pid: pid, exitCode: nil, signal: SIGKILL, timedOut: false) }
+                s.commandWaiters[pid] = c
+                return nil
+            }
+            if let ready { c.resume(returning: ready) }
+        }
+    }
+
+    public func signalAgent(_ signal: Int32) async throws(SandboxError) {
+        _ = try await call(RPCMethod.signal, ["target": "agent", "signal": .int(Int64(signal))])
+    }
+
+    // MARK: - Notifications and endings
+
+    func handleNotification(_ method: String, _ params: JSON) {
+        switch method {
+        case RPCMethod.agentExited:
+            guard let pid = Self.pid(params) else { return }
+            eventSink.yield(.agentExited(pid: pid, exitCode: params["exitCode"]?.intValue.map { Int32(clamping: $0) },
+                                         signal: params["signal"]?.intValue.map { Int32(clamping: $0) }))
+        case RPCMethod.commandExited:
+            guard let pid = Self.pid(params) else { return }
+            let exit = CommandExit(pid: pid, exitCode: params["exitCode"]?.intValue.map { Int32(clamping: $0) },
+                                   signal: params["signal"]?.intValue.map { Int32(clamping: $0) },
+                                   timedOut: params["timedOut"]?.boolValue ?? false)
+            let waiter: CheckedContinuation<CommandExit, Never>? = state.withLock { s in
+                if let w = s.commandWaiters.removeValue(forKey: pid) { return w }
+                // Bounded: a hostile init cannot grow this past a few thousand entries.
+                if s.commandExits.count < 4096 { s.commandExits[pid] = exit }
+                return nil
+            }
+            waiter?.resume(returning: exit)
+            eventSink.yield(.commandExited(exit))
+        default:
+            break  // ready/failed after start are harmless repeats
+        }
+    }
+
+    func watchInit() {
+        let pidfd = cubicle_pidfd_open(initPID)
+        guard pidfd >= 0 else { return }
+        let source = DispatchSource.makeReadSource(fileDescriptor: pidfd, queue: connection.queue)
+        source.setEventHandler { [weak self] in
+            guard let self else { return }
+            var status: Int32 = 0
+            if waitpid(self.initPID, &status, WNOHANG) == self.initPID {
+                self.state.withLock { $0.initStatus = status }
+                self.end(.initExited(status: status))
+            }
+            self.pidfdWatch.source?.cancel()
+            self.pidfdWatch.source = nil
+        }
+        source.setCancelHandler { close(pidfd) }
+        connection.queue.sync { pidfdWatch.source = source }
+        source.resume()
+    }
+
+    /// Starts teardown for `reason` unless it has begun already. Never blocks.
+    @discardableResult
+    public func end(_ reason: SandboxEndReason) -> Task<TeardownReport, Never> {
+        state.withLock { s in
+            if let t = s.teardown { return t }
+            s.ended = reason
+            let t = Task.detached { self.performTeardown(reason) }
+            s.teardown = t
+            return t
+        }
+    }
+
+    /// Ends the sandbox (if it has not ended) and waits until nothing of it remains on the host.
+    public func teardown() async -> TeardownReport {
+        await end(.stopped).value
+    }
+
+    private func performTeardown(_ reason: SandboxEndReason) -> TeardownReport {
+        let start = DispatchTime.now().uptimeNanoseconds
+        var report = TeardownReport(reason: reason, finalUsage: cgroup.usage())
+        // Frozen first: init cannot react to anything below, so the tmpfs is still there to wipe.
+        do { try cgroup.freeze() } catch { report.leftovers.append("freeze: \(error)") }
+        let wiped = TmpfsWiper.wipe(initPID: initPID)
+        report.wipedFiles = wiped.files
+        report.wipedBytes = wiped.bytes
+        report.finalUsage = cgroup.usage()
+        do { try cgroup.killAll() } catch { report.leftovers.append("\(error)") }
+        connection.shutDown()
+        reapInit()
+        do { try cgroup.remove() } catch { report.leftovers.append("\(error)") }
+        allocator.release(uidRange)
+        do { try Files.removeTree(stateDirectory) } catch { report.leftovers.append("state: \(error)") }
+        if cgroup.exists { report.leftovers.append("cgroup \(cgroup.path)") }
+        if Files.exists(stateDirectory) { report.leftovers.append("state directory \(stateDirectory)") }
+        if kill(initPID, 0) == 0 && state.withLock({ $0.initStatus == nil }) { report.leftovers.append("init pid \(initPID)") }
+        let waiters = state.withLock { s -> [Int32: CheckedContinuation<CommandExit, Never>] in
+            let w = s.commandWaiters
+            s.commandWaiters.removeAll()
+            return w
+        }
+        connection.queue.sync {
+            pidfdWatch.source?.cancel()
+            pidfdWatch.source = nil
+        }
+        for (pid, w) in waiters { w.resume(returning: CommandExit(pid: pid, exitCode: nil, signal: SIGKILL, timedOut: false)) }
+        report.nanoseconds = DispatchTime.now().uptimeNanoseconds - start
+        eventSink.yield(.ended(reason))
+        eventSink.finish()
+        return report
+    }
+
+    private func reapInit() {
+        if state.withLock({ $0.initStatus != nil }) { return }
+        var status: Int32 = 0
+        for _ in 0..<20000 {
+            let r = waitpid(initPID, &status, WNOHANG)
+            if r == initPID { state.withLock { $0.initStatus = status }; return }
+            if r < 0 { return }  // ECHILD: the pidfd watcher reaped it
+            usleep(250)
+        }
+    }
+}

@@ -1,0 +1,277 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import CubicleRPC
+import Dispatch
+import Synchronization
+
+/// Makes sandboxes. Safe to call from many tasks at once: each launch owns its own ids, cgroup and fds.
+public struct SandboxLauncher: Sendable {
+    public let host: SandboxHostConfig
+
+    public init(host: SandboxHostConfig) {
+        self.host = host
+    }
+
+    static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
+    static let cloneNewNet: Int32 = 0x4000_0000, cloneNewIPC: Int32 = 0x0800_0000, cloneNewUTS: Int32 = 0x0400_0000
+    static let oPath: Int32 = 0o10000000
+
+    static let stepNames: [Int32: String] = [
+        1: "pipe", 2: "clone", 3: "wait for the parent", 4: "unshare cgroup namespace", 5: "setgroups",
+        6: "setresgid", 7: "setresuid", 8: "pass descriptors", 16: "exec cubicle-init",
+    ]
+
+    /// Undo list for a launch that fails part way, so a failure leaves nothing behind.
+    final class Rollback: @unchecked Sendable {
+        var steps: [() -> Void] = []
+        func add(_ step: @escaping () -> Void) { steps.append(step) }
+        func run() { for s in steps.reversed() { s() }; steps.removeAll() }
+        func disarm() { steps.removeAll() }
+    }
+
+    static func newID() -> String {
+        var rng = SystemRandomNumberGenerator()
+        return "sb-" + Hex.encode((0..<8).map { _ in UInt8.random(in: 0...255, using: &rng) })
+    }
+
+    /// Every host source init binds, and what each becomes inside. The child opens them (see the shim).
+    func sources(_ spec: SandboxSpec) throws(SandboxError) -> (mounts: [InitConfig.Mount], paths: [String]) {
+        var mounts: [InitConfig.Mount] = []
+        var paths: [String] = []
+        func add(_ source: String, target: String) {
+            mounts.append(.init(target: target, kind: .bindReadOnly(sourceIndex: paths.count, directory: Files.isDirectory(source))))
+            paths.append(source)
+        }
+        for path in SandboxSpec.systemPaths {
+            var st = stat()
+            guard lstat(path, &st) == 0 else { continue }
+            if (st.st_mode & S_IFMT) == S_IFLNK {
+                var buf = [CChar](repeating: 0, count: 4096)
+                let n = readlink(path, &buf, buf.count - 1)
+                guard n > 0 else { continue }
+                mounts.append(.init(target: path, kind: .symlink(destination: String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self))))
+            } else {
+                add(path, target: path)
+            }
+        }
+        for path in SandboxSpec.etcPaths where Files.exists(path) {
+            add(path, target: path)
+        }
+        if let code = spec.codeDirectory {
+            guard Files.isDirectory(code) else { throw .missingCodeDirectory(code) }
+            add(code, target: InitConfig.codePath)
+        }
+        for m in spec.readOnlyMounts {
+            guard Files.exists(m.source) else { throw .missingBindSource(m.source) }
+            add(m.source, target: m.target)
+        }
+        guard paths.count <= 48 else { throw .system(SystemError("too many read-only mounts", errno: E2BIG)) }
+        return (mounts, paths)
+    }
+
+    public func launch(_ spec: SandboxSpec) async throws(SandboxError) -> Sandbox {
+        let start = DispatchTime.now().uptimeNanoseconds
+        guard access(host.initPath, X_OK) == 0 else { throw .missingInit(host.initPath) }
+        let id = Self.newID()
+        let rollback = Rollback()
+        do {
+            return try await launch(spec, id: id, start: start, rollback: rollback)
+        } catch {
+            rollback.run()
+            throw error
+        }
+    }
+
+    private func launch(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) async throws(SandboxError) -> Sandbox {
+        let sources = try sources(spec)
+
+        let allocator = host.uidAllocator
+        let range = try allocator.allocate(owner: id)
+        rollback.add { allocator.release(range) }
+
+        let stateDirectory = "\(host.stateDirectory)/sandboxes/\(id)"
+        do {
+            try Files.makeDirectories(host.stateDirectory + "/sandboxes", mode: 0o700)
+            try sys("mkdir \(stateDirectory)") { mkdir(stateDirectory, 0o700) }
+        } catch {
+            throw .system(error)
+        }
+        rollback.add { try? Files.removeTree(stateDirectory) }
+
+        let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+        do {
+            try cgroup.create()
+            rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
+            try cgroup.apply(spec.limits)
+        } catch {
+            throw .cgroup(error)
+        }
+
+        let (hostSock, childSock): (Int32, Int32)
+        do { (hostSock, childSock) = try Descriptors.socketPair() } catch { throw .system(error) }
+        var hostSockOwned = true
+        rollback.add { if hostSockOwned { close(hostSock) } }
+        defer { close(childSock) }
+
+        // Clone; the child waits on us while we write its id maps and put it in its cgroup.
+        var failure = cubicle_spawn_error()
+        var releaseFD: Int32 = -1, errorFD: Int32 = -1
+        let childFDs = [childSock]
+        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewNet | Self.cloneNewIPC | Self.cloneNewUTS
+        let pid: pid_t = withCStrings([host.initPath]) { argv in
+            withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin"]) { envp in
+                withCStrings(sources.paths) { paths in
+                    childFDs.withUnsafeBufferPointer { fds in
+                        host.initPath.withCString { path in
+                            var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: namespaces,
+                                                              unshare_cgroup: 1, fds: fds.baseAddress, nfds: Int32(fds.count),
+                                                              sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
+                                                              nsources: Int32(sources.paths.count))
+                            return cubicle_sandbox_clone(&spawn, &releaseFD, &errorFD, &failure)
+                        }
+                    }
+                }
+            }
+        }
+        guard pid > 0 else { throw .spawn(step: Self.stepNames[failure.step] ?? "clone", errno: failure.err) }
+        var released = false
+        rollback.add {
+            if !released { close(releaseFD); close(errorFD) }  // the child reads EOF and exits
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+        }
+        do {
+            let map = "0 \(range.hostBase) \(range.size)\n"
+            try Files.write("/proc/\(pid)/uid_map", map)
+            try Files.write("/proc/\(pid)/gid_map", map)
+        } catch {
+            throw .system(error)
+        }
+        do { try cgroup.addProcess(pid) } catch { throw .cgroup(error) }
+        released = true
+        if cubicle_sandbox_release(releaseFD, errorFD, &failure) != 0 {
+            if failure.step == 18, sources.paths.indices.contains(Int(failure.index)) {
+                throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
+            }
+            throw .spawn(step: Self.stepNames[failure.step] ?? "step \(failure.step)", errno: failure.err)
+        }
+
+        // Configure, and wait for init's ready or failed.
+        var config = InitConfig()
+        config.hostname = spec.hostname
+        config.rootBytes = spec.rootBytes
+        config.tmpBytes = spec.tmpBytes
+        config.homeBytes = spec.homeBytes
+        config.mounts = sources.mounts
+        config.seccompProgram = spec.seccompProgram
+        config.maxOpenFiles = spec.maxOpenFiles
+        config.maxProcesses = spec.maxProcesses
+
+        let startup = StartupWaiter()
+        let holder = SandboxHolder()
+        let connection = InitConnection(
+            fd: hostSock, label: id,
+            onNotification: { method, params in
+                if startup.deliver(method, params) { return }
+                holder.sandbox?.handleNotification(method, params)
+            },
+            onClose: { reason in
+                startup.fail(.ended(InitConnection.describe(reason)))
+                switch reason {
+                case .violation(let why): holder.sandbox?.end(.protocolViolation(why))
+                case .eof: holder.sandbox?.end(.controlChannelClosed)
+                case .closedByHost: break
+                }
+            })
+        hostSockOwned = false
+        rollback.add { connection.shutDown() }
+        connection.start()
+        try connection.notify(RPCMethod.configure, config.json)
+        try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
+
+        let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
+        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
+                              spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start, connection: connection,
+                              allocator: allocator, events: events, sink: sink)
+        holder.sandbox = sandbox
+        rollback.disarm()
+        sandbox.watchInit()
+        // Facts a restarted daemon needs to find this sandbox again.
+        let facts: JSON = ["id": .string(id), "initPID": .int(Int64(pid)), "cgroup": .string(cgroup.path),
+                           "cgroupVersion": .string(cgroup.version.rawValue), "uidBase": .int(Int64(range.hostBase)),
+                           "uidSize": .int(Int64(range.size)), "uidSlot": .int(Int64(range.slot))]
+        try? Files.writeAtomically(stateDirectory + "/sandbox.json", facts.text)
+        return sandbox
+    }
+}
+
+/// Lets the connection's callbacks reach the sandbox, which exists only after init is ready.
+final class SandboxHolder: @unchecked Sendable {
+    private let lock = Mutex<Sandbox?>(nil)
+    var sandbox: Sandbox? {
+        get { lock.withLock { $0 } }
+        set { lock.withLock { $0 = newValue } }
+    }
+}
+
+/// Resolves once: init's `ready`, its `failed` with a step and errno, a closed channel, or a timeout.
+final class StartupWaiter: @unchecked Sendable {
+    private let state = Mutex<(done: Bool, result: Result<Void, SandboxError>?, waiter: CheckedContinuation<Void, Error>?)>((false, nil, nil))
+
+    /// True while start-up is being decided, so start-up notifications are not passed on.
+    func deliver(_ method: String, _ params: JSON) -> Bool {
+        switch method {
+        case RPCMethod.ready: finish(.success(()))
+        case RPCMethod.failed:
+            finish(.failure(.initFailed(step: params["step"]?.stringValue.map { String($0.prefix(200)) } ?? "unknown",
+                                        errno: Int32(clamping: params["errno"]?.intValue ?? 0))))
+        default: return !state.withLock { $0.done }
+        }
+        return true
+    }
+
+    func fail(_ error: SandboxError) { finish(.failure(error)) }
+
+    private func finish(_ result: Result<Void, SandboxError>) {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Error>? in
+            guard !s.done else { return nil }
+            s.done = true
+            s.result = result
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume(with: result.mapError { $0 as Error })
+    }
+
+    func wait(timeoutMilliseconds: Int, queue: DispatchQueue) async throws(SandboxError) {
+        queue.asyncAfter(deadline: .now() + .milliseconds(timeoutMilliseconds)) { [self] in
+            finish(.failure(.initTimeout("ready after \(timeoutMilliseconds) ms")))
+        }
+        do {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
+                let done = state.withLock { s -> Result<Void, SandboxError>? in
+                    if let r = s.result { return r }
+                    s.waiter = c
+                    return nil
+                }
+                if let done { c.resume(with: done.mapError { $0 as Error }) }
+            }
+        } catch let e as SandboxError {
+            throw e
+        } catch {
+            throw .ended("\(error)")
+        }
+    }
+}
+
+func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+    var pointers: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
+    pointers.append(nil)
+    defer { for p in pointers { free(p) } }
+    return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+}

@@ -1,0 +1,3 @@
+import CubicleInit
+
+InitServer.main()

@@ -1,0 +1,129 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleLinux
+import CubicleRPC
+import Foundation
+import Testing
+@testable import CubicleSandbox
+
+let isRoot = getuid() == 0
+let rootReason: Comment = "needs root: creates user namespaces, cgroups and mounts (CI runs as root)"
+
+enum Paths {
+    static let repo = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    /// Products sit beside the test bundle.
+    static let products: String = {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        while dir.path != "/" && !FileManager.default.fileExists(atPath: dir.appendingPathComponent("cubicle-init").path) {
+            dir = dir.deletingLastPathComponent()
+        }
+        return dir.path
+    }()
+    static var initBinary: String { products + "/cubicle-init" }
+    static var probe: String { products + "/cubicle-probe" }
+}
+
+let defaultSeccomp: [UInt8] = try! SeccompProfile.load(path: Paths.repo + "/sandbox/seccomp/default.json").compile()
+
+/// One test's private host: its own state directory and cgroup parent, removed afterwards even when the
+/// test fails, so tests run in parallel and leave nothing for the next run.
+final class TestHost: @unchecked Sendable {
+    let stateDirectory: String
+    let cgroupParent: String
+    let config: SandboxHostConfig
+    let launcher: SandboxLauncher
+    let codeDirectory: String
+    var sandboxes: [Sandbox] = []
+
+    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil) throws {
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        stateDirectory = "/tmp/cubicle-test-\(tag)"
+        cgroupParent = "cubicle-test-\(tag)"
+        var config = SandboxHostConfig(initPath: initPath, stateDirectory: stateDirectory, cgroupParent: cgroupParent)
+        config.uidRangeCount = uidRangeCount
+        // Tests get their own id space, so parallel tests' range exhaustion checks cannot collide.
+        config.firstHostID = firstHostID ?? (2_000_000_000 - UInt32.random(in: 0..<2000) * 65536 * 8)
+        self.config = config
+        launcher = SandboxLauncher(host: config)
+        // The code directory: world-readable, with the probe in it, as an operator would lay one out.
+        codeDirectory = stateDirectory + "-code"
+        try FileManager.default.createDirectory(atPath: codeDirectory, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o755])
+        try FileManager.default.copyItem(atPath: Paths.probe, toPath: codeDirectory + "/cubicle-probe")
+    }
+
+    func spec(_ edit: (inout SandboxSpec) -> Void = { _ in }) -> SandboxSpec {
+        var s = SandboxSpec(seccompProgram: defaultSeccomp)
+        s.codeDirectory = codeDirectory
+        s.limits = CgroupLimits(memoryBytes: 256 << 20, cpuQuotaMicros: 100_000, pids: 128)
+        s.tmpBytes = 32 << 20
+        edit(&s)
+        return s
+    }
+
+    func launch(_ edit: (inout SandboxSpec) -> Void = { _ in }) async throws -> Sandbox {
+        let s = try await launcher.launch(spec(edit))
+        sandboxes.append(s)
+        return s
+    }
+
+    /// Tears down every sandbox and removes this host's cgroup parents and directories.
+    func cleanUp() async {
+        for s in sandboxes { _ = await s.teardown() }
+        for d in Cgroup(version: config.cgroupVersion, root: config.cgroupRoot, path: cgroupParent).directories {
+            rmdir(d)
+        }
+        try? Files.removeTree(stateDirectory)
+        try? Files.removeTree(codeDirectory)
+    }
+}
+
+/// Runs `body` with a fresh TestHost and always cleans it up.
+func withHost<T>(_ make: () throws -> TestHost = { try TestHost() }, _ body: (TestHost) async throws -> T) async throws -> T {
+    let host = try make()
+    do {
+        let r = try await body(host)
+        await host.cleanUp()
+        return r
+    } catch {
+        await host.cleanUp()
+        throw error
+    }
+}
+
+/// Reads a descriptor to its end (or `limit` bytes) and closes it.
+func readAll(_ fd: Int32, limit: Int = 1 << 22) -> String {
+    var out = [UInt8]()
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while out.count < limit {
+        let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+    }
+    close(fd)
+    return String(decoding: out, as: UTF8.self)
+}
+
+let sandboxEnv = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/home/agent", "LANG=C.UTF-8"]
+
+struct CommandResult {
+    var stdout: String
+    var stderr: String
+    var exit: CommandExit
+}
+
+extension Sandbox {
+    /// Runs `sh -c script` inside with the agent's identity and collects its output and exit.
+    func sh(_ script: String, timeoutSeconds: Int = 30) async throws -> CommandResult {
+        try await run(["/bin/sh", "-c", script], timeoutSeconds: timeoutSeconds)
+    }
+
+    func run(_ argv: [String], timeoutSeconds: Int = 30) async throws -> CommandResult {
+        let p = try await runCommand(ProcessParams(argv: argv, env: sandboxEnv, cwd: "/home/agent"), timeoutSeconds: timeoutSeconds)
+        async let out = Task.detached { readAll(p.stdout) }.value
+        async let err = Task.detached { readAll(p.stderr) }.value
+        let exit = await waitForCommand(pid: p.pid)
+        return CommandResult(stdout: await out, stderr: await err, exit: exit)
+    }
+}
