@@ -6,7 +6,6 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "cubicle-init", targets: ["cubicle-init"]),
-        .executable(name: "cubicle-probe", targets: ["cubicle-probe"]),
         .executable(name: "cubicle-sandbox-bench", targets: ["cubicle-sandbox-bench"]),
     ],
     targets: [
@@ -18,8 +17,6 @@ let package = Package(
         .target(name: "CubicleInit", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim"]),
         .executableTarget(name: "cubicle-init", dependencies: ["CubicleInit"]),
         .target(name: "CubicleSandbox", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim", "CLibseccomp"]),
-        // Probes run inside sandboxes by the tests; plain C so they need nothing but libc inside.
-        .executableTarget(name: "cubicle-probe"),
         .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox"], path: "Sources/Benchmarks/SandboxBench"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),

@@ -104,6 +104,10 @@ pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd,
             all[spawn->nfds + i] = open(spawn->sources[i], O_PATH | O_CLOEXEC);
             if (all[spawn->nfds + i] < 0) child_fail_at(errfd, CUBICLE_STEP_OPEN_SOURCE, i);
         }
+        /* init reports over its control socket; the daemon's stdio is a host descriptor it must not hold. */
+        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+        if (devnull < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        for (int i = 0; i < 3; i++) if (dup2(devnull, i) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
         if (setgroups(0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
         if (setresgid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
         if (setresuid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);

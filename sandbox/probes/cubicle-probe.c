@@ -1,7 +1,7 @@
 /* Probes the tests run inside sandboxes, one claim each; and a hostile stand-in for cubicle-init.
  *   cubicle-probe syscalls        try each syscall the seccomp profile must deny; print "name errno"
  *   cubicle-probe hold SECONDS    keep a canary from the environment in memory, then sleep
- *   cubicle-probe abstract NAME   bind an abstract unix socket, print the errno of connecting to NAME's peer
+ *   cubicle-probe abstract MINE THEIRS [hold]   bind @MINE, print the errno of connecting to @THEIRS
  *   cubicle-probe hostile-init MODE   act as init on fd 3: garbage | oversize | badfd | nofds | slow
  */
 #define _GNU_SOURCE
@@ -69,7 +69,7 @@ static int hold(int seconds) {
     return 0;
 }
 
-static int abstract_socket(const char *mine, const char *theirs) {
+static int abstract_socket(const char *mine, const char *theirs, int hold_after) {
     int s = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un a = {.sun_family = AF_UNIX};
     a.sun_path[0] = 0;
@@ -83,6 +83,7 @@ static int abstract_socket(const char *mine, const char *theirs) {
     int rc = connect(c, (struct sockaddr *)&b, blen);
     printf("connect %d\n", rc < 0 ? errno : 0);
     fflush(stdout);
+    if (hold_after) sleep(60);
     return 0;
 }
 
@@ -160,7 +161,7 @@ int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "syscalls") == 0) return syscalls();
     if (argc >= 3 && strcmp(argv[1], "hold") == 0) return hold(atoi(argv[2]));
-    if (argc >= 4 && strcmp(argv[1], "abstract") == 0) return abstract_socket(argv[2], argv[3]);
+    if (argc >= 4 && strcmp(argv[1], "abstract") == 0) return abstract_socket(argv[2], argv[3], argc >= 5);
     if (argc >= 3 && strcmp(argv[1], "hostile-init") == 0) return hostile_init(argv[2]);
     fprintf(stderr, "usage: cubicle-probe syscalls | hold SECONDS | abstract MINE THEIRS | hostile-init MODE\n");
     return 2;

@@ -1,0 +1,154 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleLinux
+import CubicleRPC
+import Foundation
+import Testing
+@testable import CubicleSandbox
+
+/// One test per row of DESIGN.md's isolation table, each checked from inside a real sandbox.
+@Suite(.enabled(if: isRoot, rootReason))
+struct IsolationTests {
+    static func status(_ text: String, _ key: String) -> String? {
+        text.split(separator: "\n").first { $0.hasPrefix(key + ":") }.map { $0.dropFirst(key.count + 1).trimmingCharacters(in: .whitespaces) }
+    }
+
+    @Test func processesHaveNoCapabilitiesNoNewPrivsAndSeccomp() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let r = try await s.sh("cat /proc/self/status; id -u; id -g")
+            #expect(r.exit.exitCode == 0)
+            for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+                #expect(Self.status(r.stdout, key) == "0000000000000000", "\(key)")
+            }
+            #expect(Self.status(r.stdout, "NoNewPrivs") == "1")
+            #expect(Self.status(r.stdout, "Seccomp") == "2")
+            let lines = r.stdout.split(separator: "\n")
+            #expect(lines.suffix(2) == ["1000", "1000"])
+        }
+    }
+
+    @Test func deniedSyscallsAreDenied() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let r = try await s.run(["/app/cubicle-probe", "syscalls"])
+            var results: [String: Int32] = [:]
+            for line in r.stdout.split(separator: "\n") {
+                let parts = line.split(separator: " ")
+                if parts.count == 2 { results[String(parts[0])] = Int32(parts[1]) }
+            }
+            let denied = ["keyctl", "add_key", "request_key", "userfaultfd", "io_uring_setup", "bpf", "kexec_load",
+                          "init_module", "finit_module", "mount", "umount2", "unshare", "setns", "clone_newuser",
+                          "socket_vsock", "socket_packet", "ptrace", "pivot_root", "chroot", "perf_event_open"]
+            for name in denied {
+                #expect(results[name] == EPERM, "\(name) should fail with EPERM from seccomp, got \(results[name].map(String.init) ?? "nothing")")
+            }
+            #expect(results["getpid"] == 0)
+            #expect(results["socket_inet"] == 0)
+        }
+    }
+
+    @Test func agentRunsAsNonRootInItsOwnHostUIDRange() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let agent = try await s.startAgent(ProcessParams(argv: ["/bin/sleep", "30"], env: sandboxEnv))
+            close(agent.stdout); close(agent.stderr)
+            let hostPIDs = s.cgroup.processes()
+            #expect(hostPIDs.count == 2)
+            for pid in hostPIDs {
+                let st = try Files.read("/proc/\(pid)/status")
+                let uids = Self.status(st, "Uid")!.split(separator: "\t").compactMap { UInt32($0) }
+                let expected = pid == s.initPID ? s.uidRange.hostBase : s.uidRange.host(1000)
+                #expect(uids == [expected, expected, expected, expected])
+                #expect(uids.allSatisfy { $0 != 0 })
+            }
+            let map = try Files.read("/proc/\(s.initPID)/uid_map").split(whereSeparator: { $0 == " " || $0 == "\n" })
+            #expect(map == ["0", Substring(String(s.uidRange.hostBase)), "65536"])
+        }
+    }
+
+    @Test func everyNamespaceIsNew() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            for ns in ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"] {
+                let mine = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(ns)")
+                let theirs = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(s.initPID)/ns/\(ns)")
+                #expect(mine != theirs, "\(ns) namespace is shared with the host")
+            }
+        }
+    }
+
+    @Test func ownPIDView() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let r = try await s.sh("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; cat /proc/1/cmdline | tr '\\0' ' '")
+            let pids = r.stdout.split(separator: " ").compactMap { Int($0) }
+            #expect(pids.first == 1)
+            // init, sh and the pipeline's own four commands; a host PID view would show hundreds.
+            #expect(pids.count <= 6, "sees processes beyond its own: \(pids)")
+            #expect(r.stdout.contains("cubicle-init"))
+        }
+    }
+
+    @Test func filesystemIsPrivateAndHostDirectoriesAreReadOnly() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let r = try await s.sh("""
+                for d in /usr /app / /etc; do touch $d/cubicle-write 2>/dev/null && echo "wrote $d"; done
+                touch /tmp/ok /home/agent/ok /dev/shm/ok && echo writable
+                ls -a / | tr '\\n' ' '; echo
+                for p in \(host.stateDirectory) /root /work \(Paths.repo) /sys/fs/cgroup /run; do test -e $p && echo "visible $p"; done
+                cat /proc/kcore | wc -c; echo 1 > /proc/sys/kernel/hostname 2>/dev/null && echo "wrote /proc/sys"
+                grep -c . /proc/self/mountinfo
+                """)
+            #expect(!r.stdout.contains("wrote"), "\(r.stdout)")
+            #expect(r.stdout.contains("writable"))
+            #expect(!r.stdout.contains("visible"), "\(r.stdout)")
+            let root = Set(r.stdout.split(separator: "\n")[1].split(separator: " ").map(String.init))
+            let allowed: Set<String> = [".", "..", "app", "bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp", "usr"]
+            #expect(root.isSubset(of: allowed), "unexpected entries in /: \(root.subtracting(allowed))")
+            #expect(root.isSuperset(of: ["app", "usr", "tmp", "proc", "dev", "etc", "home"]))
+            #expect(r.stdout.split(separator: "\n")[2] == "0", "/proc/kcore is not masked")
+        }
+    }
+
+    @Test func loopbackOnlyNetworkAndOwnHostname() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.hostname = "session-box" }
+            let r = try await s.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo; hostname; grep -c . /proc/net/route")
+            let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
+            #expect(lines.first == "lo")
+            #expect(lines.contains("session-box"))
+            #expect(lines.dropLast().last.map { $0 == "0" || $0 == "1" } == true)  // header only: no routes
+            var uts = utsname()
+            uname(&uts)
+            let hostName = withUnsafePointer(to: uts.nodename) { $0.withMemoryRebound(to: CChar.self, capacity: 65) { String(cString: $0) } }
+            #expect(hostName != "session-box")
+        }
+    }
+
+    @Test func twoSandboxesShareNothing() async throws {
+        try await withHost { host in
+            let a = try await host.launch()
+            let b = try await host.launch()
+            // A holds a process, an abstract socket, a file and a shared memory segment.
+            let agent = try await a.startAgent(ProcessParams(argv: ["/app/cubicle-probe", "abstract", "cubicle-a", "cubicle-a", "hold"], env: sandboxEnv))
+            var buf = [UInt8](repeating: 0, count: 64)
+            let n = read(agent.stdout, &buf, buf.count)
+            #expect(String(decoding: buf[0..<max(0, n)], as: UTF8.self).contains("connect 0"))
+            close(agent.stdout); close(agent.stderr)
+            let setup = try await a.sh("echo secret > /tmp/a-file && ipcmk -M 4096 >/dev/null && ipcs -m | grep -c 0x")
+            #expect(setup.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1")
+            let r = try await b.run(["/app/cubicle-probe", "abstract", "cubicle-b", "cubicle-a"])
+            #expect(r.stdout.contains("connect \(ECONNREFUSED)"), "B reached A's abstract socket: \(r.stdout)")
+            let look = try await b.sh("test -e /tmp/a-file && echo sees-file; ipcs -m | grep -c 0x; ps -e | grep -c cubicle-probe; cat /proc/net/unix | grep -c cubicle-a")
+            let counts = look.stdout.split(separator: "\n")
+            #expect(!look.stdout.contains("sees-file"))
+            #expect(counts == ["0", "0", "0"], "B sees A's shm, processes or sockets: \(look.stdout)")
+            let aNet = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(a.initPID)/ns/net")
+            let bNet = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(b.initPID)/ns/net")
+            #expect(aNet != bNet)
+        }
+    }
+}
