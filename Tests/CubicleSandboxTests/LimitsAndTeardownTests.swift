@@ -1,0 +1,298 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleLinux
+import CubicleRPC
+import Foundation
+import Testing
+@testable import CubicleSandbox
+
+@Suite(.enabled(if: isRoot, rootReason))
+struct LimitsTests {
+    @Test func forkBombStopsAtThePidsLimit() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.limits.pids = 32 }
+            let r = try await s.sh("i=0; while [ $i -lt 100 ]; do sleep 5 & i=$((i+1)); done 2>&1 | head -1; echo pids=$(ls /proc | grep -cE '^[0-9]+$')", timeoutSeconds: 20)
+            #expect(r.stdout.contains("fork") || r.stdout.contains("Resource temporarily unavailable"), "\(r.stdout)")
+            let usage = s.cgroup.usage()
+            #expect(usage.pids <= 32)
+            #expect(usage.pids > 20, "the bomb never reached the limit: \(usage.pids)")
+        }
+    }
+
+    @Test func memoryHogIsOOMKilledAndReported() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.limits.memoryBytes = 48 << 20 }
+            let r = try await s.sh("exec tail /dev/zero", timeoutSeconds: 30)
+            #expect(r.exit.signal == SIGKILL)
+            #expect(s.cgroup.usage().oomKills >= 1)
+            let after = try await s.sh("echo alive")
+            #expect(after.stdout == "alive\n", "the sandbox itself should survive its hog")
+        }
+    }
+
+    @Test func cpuHogIsThrottled() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.limits.cpuQuotaMicros = 10_000 }  // a tenth of one CPU
+            let before = s.cgroup.usage().cpuNanoseconds
+            let start = DispatchTime.now().uptimeNanoseconds
+            _ = try await s.sh("timeout 1 sh -c 'while :; do :; done'", timeoutSeconds: 10)
+            let wall = DispatchTime.now().uptimeNanoseconds - start
+            let used = s.cgroup.usage().cpuNanoseconds - before
+            #expect(Double(used) < Double(wall) * 0.5, "used \(used) ns of CPU in \(wall) ns with a 10% quota")
+        }
+    }
+
+    @Test func fillingTmpGivesENOSPCOnlyInside() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.tmpBytes = 8 << 20 }
+            let r = try await s.sh("dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1; df -k /tmp | tail -1")
+            #expect(r.stdout.contains("No space left on device"))
+            let other = try await host.launch()
+            let ok = try await other.sh("dd if=/dev/zero of=/tmp/fill bs=1M count=4 2>/dev/null && echo wrote")
+            #expect(ok.stdout == "wrote\n")
+        }
+    }
+
+    @Test func commandTimeoutKillsItsWholeProcessGroup() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let r = try await s.sh("sleep 100 & sleep 100", timeoutSeconds: 1)
+            #expect(r.exit.timedOut)
+            let left = try await s.sh("ps -e | grep -c 'sleep'; true")
+            #expect(left.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "0")
+        }
+    }
+}
+
+@Suite(.enabled(if: isRoot, rootReason))
+struct TeardownTests {
+    /// memchr for the first byte, memcmp for the rest: fast enough for every process's memory in a debug build.
+    static func contains(_ hay: [UInt8], count: Int, _ needle: [UInt8]) -> Bool {
+        hay.withUnsafeBytes { h in
+            needle.withUnsafeBytes { nd in
+                var offset = 0
+                while offset + nd.count <= count {
+                    guard let p = memchr(h.baseAddress! + offset, Int32(nd[0]), count - offset - nd.count + 1) else { return false }
+                    if memcmp(p, nd.baseAddress!, nd.count) == 0 { return true }
+                    offset = h.baseAddress!.distance(to: UnsafeRawPointer(p)) + 1
+                }
+                return false
+            }
+        }
+    }
+
+    /// Every readable mapping of every process but this one, searched for `needle`.
+    static func processesHolding(_ needle: [UInt8]) -> [Int32] {
+        var found: [Int32] = []
+        for name in (try? Files.listDirectory("/proc")) ?? [] {
+            guard let pid = Int32(name), pid != getpid() else { continue }
+            guard let maps = try? Files.read("/proc/\(pid)/maps", limit: 8 << 20) else { continue }
+            let mem = open("/proc/\(pid)/mem", O_RDONLY)
+            guard mem >= 0 else { continue }
+            defer { close(mem) }
+            scan: for line in maps.split(separator: "\n") {
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                guard f.count >= 2, f[1].hasPrefix("r"), !line.hasSuffix("[vvar]"), !line.hasSuffix("[vsyscall]") else { continue }
+                let range = f[0].split(separator: "-").compactMap { UInt64($0, radix: 16) }
+                guard range.count == 2, range[1] - range[0] <= 256 << 20 else { continue }
+                var buf = [UInt8](repeating: 0, count: Int(range[1] - range[0]))
+                let n = buf.withUnsafeMutableBytes { pread(mem, $0.baseAddress, $0.count, off_t(range[0])) }
+                guard n > 0 else { continue }
+                if Self.contains(buf, count: n, needle) { found.append(pid); break scan }
+            }
+        }
+        return found
+    }
+
+    @Test func teardownLeavesNothingAndTheCanaryIsGone() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            // The canary is built inside the sandbox from two halves, so this process never holds it whole.
+            let left = "cubicle-canary-\(UInt64.random(in: 0...UInt64.max))"
+            let right = "-\(UInt64.random(in: 0...UInt64.max))-end"
+            let agent = try await s.startAgent(ProcessParams(argv: ["/bin/sh", "-c", "CANARY=\"$L$R\" exec /app/cubicle-probe hold 60"],
+                                                             env: sandboxEnv + ["L=\(left)", "R=\(right)"]))
+            var buf = [UInt8](repeating: 0, count: 16)
+            _ = read(agent.stdout, &buf, buf.count)
+            close(agent.stdout); close(agent.stderr)
+            _ = try await s.sh("echo \"$L$R\" > /tmp/canary; echo \"$L$R\" > /home/agent/canary; echo \"$L$R\" > /dev/shm/canary".replacingOccurrences(of: "$L$R", with: left + right))
+            let canary = Array((left + right).utf8)
+            #expect(!Self.processesHolding(canary).isEmpty, "the canary should be findable while the sandbox lives")
+            let hostPIDs = s.cgroup.processes()
+            let report = await s.teardown()
+            #expect(report.leftovers.isEmpty, "\(report.leftovers)")
+            #expect(report.wipedFiles >= 3)
+            #expect(!s.cgroup.exists)
+            #expect(!Files.exists(s.stateDirectory))
+            #expect(!host.config.uidAllocator.allocated().contains(s.uidRange.slot))
+            for pid in hostPIDs { #expect(kill(pid, 0) != 0, "process \(pid) survived teardown") }
+            #expect(Self.processesHolding(canary).isEmpty, "the canary is still in some process's memory")
+            let grep = Process()
+            grep.executableURL = URL(fileURLWithPath: "/bin/sh")
+            grep.arguments = ["-c", "grep -rlsF \"$0\" /tmp /run /dev/shm /var/tmp 2>/dev/null | head -1", left + right]
+            let pipe = Pipe()
+            grep.standardOutput = pipe
+            try grep.run()
+            grep.waitUntilExit()
+            let hits = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            #expect(hits.isEmpty, "canary found in host file \(hits)")
+        }
+    }
+
+    @Test func teardownWorksWithAForkBombRunning() async throws {
+        try await withHost { host in
+            let s = try await host.launch { $0.limits.pids = 64 }
+            _ = try await s.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "b() { b | b & }; b"], env: sandboxEnv), timeoutSeconds: 60)
+            try await Task.sleep(for: .milliseconds(300))
+            let report = await s.teardown()
+            #expect(report.leftovers.isEmpty, "\(report.leftovers)")
+            #expect(!s.cgroup.exists)
+        }
+    }
+
+    @Test func initKilledEndsTheSandboxAndCleansUp() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            kill(s.initPID, SIGKILL)
+            var reason: SandboxEndReason?
+            for await event in s.events { if case .ended(let r) = event { reason = r } }
+            if case .initExited? = reason {} else if case .controlChannelClosed? = reason {} else {
+                Issue.record("unexpected end reason \(String(describing: reason))")
+            }
+            let report = await s.teardown()
+            #expect(report.leftovers.isEmpty, "\(report.leftovers)")
+        }
+    }
+
+    @Test func hungAgentIsKilled() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let agent = try await s.startAgent(ProcessParams(argv: ["/bin/sh", "-c", "trap '' TERM; kill -STOP $$"], env: sandboxEnv))
+            close(agent.stdout); close(agent.stderr)
+            let report = await s.teardown()
+            #expect(report.leftovers.isEmpty, "\(report.leftovers)")
+        }
+    }
+}
+
+@Suite(.enabled(if: isRoot, rootReason))
+struct FailureTests {
+    static func nothingLeft(_ host: TestHost) -> Bool {
+        let sandboxes = (try? Files.listDirectory(host.stateDirectory + "/sandboxes")) ?? []
+        let cg = Cgroup(version: host.config.cgroupVersion, root: host.config.cgroupRoot, path: host.cgroupParent)
+        let children = cg.directories.flatMap { d in ((try? Files.listDirectory(d)) ?? []).filter { $0.hasPrefix("sb-") } }
+        return sandboxes.isEmpty && children.isEmpty && host.config.uidAllocator.allocated().isEmpty
+    }
+
+    @Test func missingCodeDirectory() async throws {
+        try await withHost { host in
+            await #expect(throws: SandboxError.self) { _ = try await host.launch { $0.codeDirectory = "/nonexistent/code" } }
+            do { _ = try await host.launcher.launch(host.spec { $0.codeDirectory = "/nonexistent/code" }) } catch {
+                #expect("\(error)".contains("/nonexistent/code"))
+            }
+            #expect(Self.nothingLeft(host))
+        }
+    }
+
+    @Test func missingCommandIsAClearErrorAndTheSandboxLives() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            do {
+                _ = try await s.startAgent(ProcessParams(argv: ["/app/no-such-agent"], env: sandboxEnv))
+                Issue.record("starting a missing command succeeded")
+            } catch SandboxError.rpc(let e) {
+                #expect(e.step == "exec")
+                #expect(e.errno == ENOENT)
+            }
+            let r = try await s.sh("echo still-here")
+            #expect(r.stdout == "still-here\n")
+        }
+    }
+
+    @Test func badSeccompProfileIsRefused() throws {
+        #expect(throws: SeccompError.self) { try SeccompProfile.parse(Array("{not json".utf8)) }
+        #expect(throws: SeccompError.self) { try SeccompProfile.parse(Array(#"{"defaultAction":"SCMP_ACT_MAYBE"}"#.utf8)) }
+        #expect(throws: SeccompError.self) {
+            try SeccompProfile.parse(Array(#"{"defaultAction":"SCMP_ACT_ERRNO","syscalls":[{"names":["read"],"action":"SCMP_ACT_ALLOW","args":[{"index":9,"value":1,"op":"SCMP_CMP_EQ"}]}]}"#.utf8))
+        }
+        #expect(throws: SeccompError.self) { try SeccompProfile.load(path: "/nonexistent.json") }
+    }
+
+    @Test func exhaustedUIDRanges() async throws {
+        try await withHost({ try TestHost(uidRangeCount: 1) }) { host in
+            let first = try await host.launch()
+            do {
+                _ = try await host.launch()
+                Issue.record("a second sandbox got a range from a pool of one")
+            } catch SandboxError.uidRangesExhausted(let n) {
+                #expect(n == 1)
+            }
+            _ = await first.teardown()
+            #expect(Self.nothingLeft(host))
+            let again = try await host.launch()  // the released range is usable again
+            _ = await again.teardown()
+        }
+    }
+
+    @Test func initThatCannotExecLeavesNothing() async throws {
+        try await withHost({ try TestHost(initPath: "/bin/false-not-there") }) { host in
+            await #expect(throws: SandboxError.self) { _ = try await host.launch() }
+            #expect(Self.nothingLeft(host))
+        }
+    }
+}
+
+/// A stand-in init that misbehaves must end only its own sandbox.
+@Suite(.enabled(if: isRoot, rootReason))
+struct HostileInitTests {
+    static func hostileInit(_ mode: String) throws -> String {
+        let path = "/tmp/cubicle-hostile-\(getpid())-\(mode)"
+        if !Files.exists(path) {
+            try Files.write(path, "#!/bin/sh\nexec \(Paths.probe) hostile-init \(mode)\n", flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o755)
+        }
+        return path
+    }
+
+    @Test(arguments: ["garbage", "oversize", "badfd", "nofds"])
+    func hostileInitEndsOnlyItsSandbox(mode: String) async throws {
+        try await withHost { good in
+            let healthy = try await good.launch()
+            let hostileHost = try TestHost(initPath: try Self.hostileInit(mode))
+            do {
+                let bad = try await hostileHost.launch()
+                do {
+                    _ = try await bad.connect(port: 8080)
+                    Issue.record("a hostile answer was accepted")
+                } catch {}
+                var reason: SandboxEndReason?
+                for await e in bad.events { if case .ended(let r) = e { reason = r } }
+                if case .protocolViolation? = reason {} else { Issue.record("ended for \(String(describing: reason))") }
+                let report = await bad.teardown()
+                #expect(report.leftovers.isEmpty)
+            } catch {
+                Issue.record("launch failed: \(error)")
+            }
+            await hostileHost.cleanUp()
+            let r = try await healthy.sh("echo fine")
+            #expect(r.stdout == "fine\n")
+        }
+    }
+
+    @Test func initThatNeverSaysReadyTimesOut() async throws {
+        try await withHost({
+            let h = try TestHost(initPath: try Self.hostileInit("slow"))
+            return h
+        }) { host in
+            var spec = host.spec()
+            spec.hostname = "slow"
+            var config = host.config
+            config.readyTimeoutMilliseconds = 300
+            do {
+                _ = try await SandboxLauncher(host: config).launch(spec)
+                Issue.record("launch succeeded without ready")
+            } catch SandboxError.initTimeout {}
+            #expect(FailureTests.nothingLeft(host))
+        }
+    }
+}
