@@ -17,7 +17,7 @@ let package = Package(
         .target(name: "CubicleInit", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim"]),
         .executableTarget(name: "cubicle-init", dependencies: ["CubicleInit"]),
         .target(name: "CubicleSandbox", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim", "CLibseccomp"]),
-        .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox"], path: "Sources/Benchmarks/SandboxBench"),
+        .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC"], path: "Sources/Benchmarks/SandboxBench"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
     ]

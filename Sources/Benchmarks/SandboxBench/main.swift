@@ -1,25 +1,100 @@
-import CubicleSandbox
+// Sandbox spawn-to-ready, teardown and idle init memory, beside bubblewrap in the same run.
+//   cubicle-sandbox-bench demo  REPO PRODUCTS         one sandbox: run a command inside, tear it down
+//   cubicle-sandbox-bench bench REPO PRODUCTS [N]     N spawns and teardowns, then bwrap N times
+import CubicleLinux
 import CubicleRPC
+import CubicleSandbox
+import Dispatch
 #if canImport(Glibc)
 import Glibc
 #endif
 
 let args = CommandLine.arguments
-let repo = args.count > 1 ? args[1] : "."
-let products = args.count > 2 ? args[2] : ".build/debug"
+guard args.count >= 4, ["demo", "bench"].contains(args[1]) else {
+    print("usage: cubicle-sandbox-bench demo|bench REPO PRODUCTS [N]")
+    exit(2)
+}
+let mode = args[1], repo = args[2], products = args[3]
+let iterations = args.count > 4 ? Int(args[4]) ?? 200 : 200
 let program = try SeccompProfile.load(path: repo + "/sandbox/seccomp/default.json").compile()
-var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-bench-\(getpid())", cgroupParent: "cubicle-bench-\(getpid())")
+let tag = "\(getpid())"
+let host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-bench-\(tag)", cgroupParent: "cubicle-bench-\(tag)")
 let launcher = SandboxLauncher(host: host)
-var spec = SandboxSpec(seccompProgram: program)
-spec.codeDirectory = "/tmp/pc"
-print("launching")
-let sb = try await launcher.launch(spec)
-print("ready in \(sb.spawnNanoseconds / 1000) us, init pid \(sb.initPID)")
-let p = try await sb.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "/app/cubicle-probe syscalls; echo rc=$?; ls -la /app"], env: ["PATH=/usr/bin:/bin"]), timeoutSeconds: 10)
-var buf = [UInt8](repeating: 0, count: 65536)
-let n = read(p.stdout, &buf, buf.count)
-print(String(decoding: buf[0..<max(0, n)], as: UTF8.self))
-let e = await sb.waitForCommand(pid: p.pid)
-print(e)
-let r = await sb.teardown()
-print(r)
+let spec = SandboxSpec(seccompProgram: program)
+
+func removeParent() {
+    for d in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories { rmdir(d) }
+    try? Files.removeTree(host.stateDirectory)
+}
+
+if mode == "demo" {
+    let sb = try await launcher.launch(spec)
+    print("sandbox \(sb.id): init is host pid \(sb.initPID), ready in \(sb.spawnNanoseconds / 1000) us, host uids \(sb.uidRange.hostBase)..<\(sb.uidRange.hostBase + sb.uidRange.size)")
+    let p = try await sb.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "id; hostname; grep -E 'CapEff|NoNewPrivs|Seccomp' /proc/self/status; ls /"], env: ["PATH=/usr/bin:/bin"]), timeoutSeconds: 10)
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 4096)
+    while case let n = read(p.stdout, &buf, buf.count), n > 0 { out += buf[0..<n] }
+    close(p.stdout); close(p.stderr)
+    print(String(decoding: out, as: UTF8.self), terminator: "")
+    _ = await sb.waitForCommand(pid: p.pid)
+    let r = await sb.teardown()
+    print("teardown in \(r.nanoseconds / 1000) us, leftovers: \(r.leftovers.isEmpty ? "none" : r.leftovers.joined(separator: ", "))")
+    removeParent()
+    exit(0)
+}
+
+func percentile(_ xs: [UInt64], _ p: Double) -> Double {
+    let s = xs.sorted()
+    return Double(s[min(s.count - 1, Int(Double(s.count - 1) * p))]) / 1e6
+}
+
+// Warm up caches (page cache for cubicle-init, libseccomp, dentries) before measuring either side.
+for _ in 0..<5 { _ = await (try await launcher.launch(spec)).teardown() }
+var spawn: [UInt64] = [], teardown: [UInt64] = []
+for _ in 0..<iterations {
+    let sb = try await launcher.launch(spec)
+    spawn.append(sb.spawnNanoseconds)
+    teardown.append(await sb.teardown().nanoseconds)
+}
+// Idle init memory: what one more sandbox costs in init's private pages.
+let idle = try await launcher.launch(spec)
+try await Task.sleep(for: .milliseconds(200))
+let rollup = (try? Files.read("/proc/\(idle.initPID)/smaps_rollup")) ?? ""
+func kB(_ key: String) -> Double {
+    rollup.split(separator: "\n").first { $0.hasPrefix(key + ":") }.flatMap { Double($0.split(separator: " ")[1]) } ?? 0
+}
+let privateMiB = (kB("Private_Clean") + kB("Private_Dirty")) / 1024
+let rssMiB = kB("Rss") / 1024
+_ = await idle.teardown()
+removeParent()
+
+// bubblewrap with the same isolation, timed from spawn to exit of /bin/true.
+let bwrapArgs = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr",
+                 "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
+                 "--symlink", "usr/sbin", "/sbin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true"]
+var bwrap: [UInt64] = []
+if access("/usr/bin/bwrap", X_OK) == 0 {
+    for i in 0..<(iterations + 5) {
+        let start = DispatchTime.now().uptimeNanoseconds
+        var pid: pid_t = 0
+        let cargs = bwrapArgs.map { strdup($0) } + [nil]
+        posix_spawn(&pid, "/usr/bin/bwrap", nil, nil, cargs, environ)
+        cargs.forEach { free($0) }
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        if i >= 5 { bwrap.append(DispatchTime.now().uptimeNanoseconds - start) }
+    }
+}
+
+var uts = utsname()
+uname(&uts)
+let kernel = withUnsafePointer(to: uts.release) { $0.withMemoryRebound(to: CChar.self, capacity: 65) { String(cString: $0) } }
+print("## Sandbox lifecycle (\(iterations) runs, \(sysconf(Int32(_SC_NPROCESSORS_ONLN))) cores, kernel \(kernel), cgroup \(host.cgroupVersion.rawValue))")
+print("")
+print("| measure | p50 ms | p99 ms | peer | peer p50 ms | ratio p50 |")
+print("|---|---|---|---|---|---|")
+let bp50 = bwrap.isEmpty ? Double.nan : percentile(bwrap, 0.5)
+func f(_ x: Double) -> String { x.isNaN ? "n/a" : String((x * 100).rounded() / 100) }
+print("| spawn-to-ready | \(f(percentile(spawn, 0.5))) | \(f(percentile(spawn, 0.99))) | bwrap /bin/true | \(f(bp50)) | \(f(percentile(spawn, 0.5) / bp50))x |")
+print("| teardown | \(f(percentile(teardown, 0.5))) | \(f(percentile(teardown, 0.99))) | | | |")
+print("| idle cubicle-init private memory | \(f(privateMiB)) MiB | RSS \(f(rssMiB)) MiB | | | |")

@@ -1,0 +1,65 @@
+import CubicleLinux
+import Foundation
+import Testing
+@testable import CubicleSandbox
+
+/// cgroup v2 paths against a fake hierarchy in a temp dir: this machine runs v1, most hosts run v2.
+struct CgroupV2Tests {
+    static func fakeRoot() throws -> String {
+        let root = NSTemporaryDirectory() + "cubicle-fake-cgroup-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        FileManager.default.createFile(atPath: root + "/cgroup.controllers", contents: Data("cpu memory pids".utf8))
+        FileManager.default.createFile(atPath: root + "/cgroup.subtree_control", contents: Data())
+        return root
+    }
+
+    static func touch(_ dir: String, _ files: [String: String]) {
+        for (name, contents) in files { FileManager.default.createFile(atPath: dir + "/" + name, contents: Data(contents.utf8)) }
+    }
+
+    @Test func detectsV2AndAppliesLimits() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        #expect(Cgroup.detectVersion(root: root) == .v2)
+        let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-test")
+        // Parents delegate before the child is made; the fake parent's control file exists once mkdir ran.
+        try FileManager.default.createDirectory(atPath: root + "/cubicle", withIntermediateDirectories: true)
+        Self.touch(root + "/cubicle", ["cgroup.subtree_control": ""])
+        try cg.create()
+        #expect(try Files.read(root + "/cgroup.subtree_control") == "+memory +pids +cpu")
+        #expect(try Files.read(root + "/cubicle/cgroup.subtree_control") == "+memory +pids +cpu")
+        let dir = root + "/cubicle/sb-test"
+        Self.touch(dir, ["memory.max": "max", "memory.swap.max": "max", "cpu.max": "max 100000", "pids.max": "max"])
+        try cg.apply(CgroupLimits(memoryBytes: 64 << 20, cpuQuotaMicros: 50_000, pids: 99))
+        #expect(try Files.read(dir + "/memory.max") == "67108864")
+        #expect(try Files.read(dir + "/memory.swap.max") == "0")
+        #expect(try Files.read(dir + "/cpu.max") == "50000 100000")
+        #expect(try Files.read(dir + "/pids.max") == "99")
+    }
+
+    @Test func readsUsageAndKillsWithCgroupKill() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let dir = root + "/cubicle/sb-u"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        Self.touch(dir, ["memory.current": "4096\n", "memory.peak": "8192\n", "cpu.stat": "usage_usec 1500\nuser_usec 1000\n",
+                         "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n", "pids.current": "5\n",
+                         "pids.events": "max 7\n", "cgroup.kill": "", "cgroup.procs": ""])
+        let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-u")
+        let u = cg.usage()
+        #expect(u == CgroupUsage(memoryBytes: 4096, memoryPeakBytes: 8192, cpuNanoseconds: 1_500_000, pids: 5, oomKills: 2, pidsLimitHits: 7))
+        try cg.killAll(timeoutMilliseconds: 100)
+        #expect(try Files.read(dir + "/cgroup.kill") == "1")
+    }
+
+    @Test func killWaitsForAnEmptyCgroupAndReportsStragglers() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let dir = root + "/cubicle/sb-k"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        // A pid that never leaves: the fake kernel ignores cgroup.kill.
+        Self.touch(dir, ["cgroup.kill": "", "cgroup.procs": "999999\n"])
+        let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-k")
+        #expect(throws: CgroupError.self) { try cg.killAll(timeoutMilliseconds: 20) }
+    }
+}
