@@ -256,9 +256,11 @@ struct HostileInitTests {
 
     @Test(arguments: ["garbage", "oversize", "badfd", "nofds"])
     func hostileInitEndsOnlyItsSandbox(mode: String) async throws {
+        let script = try Self.hostileInit(mode)
+        defer { unlink(script) }
         try await withHost { good in
             let healthy = try await good.launch()
-            let hostileHost = try TestHost(initPath: try Self.hostileInit(mode))
+            let hostileHost = try TestHost(initPath: script)
             do {
                 let bad = try await hostileHost.launch()
                 do {
@@ -280,10 +282,9 @@ struct HostileInitTests {
     }
 
     @Test func initThatNeverSaysReadyTimesOut() async throws {
-        try await withHost({
-            let h = try TestHost(initPath: try Self.hostileInit("slow"))
-            return h
-        }) { host in
+        let script = try Self.hostileInit("slow")
+        defer { unlink(script) }
+        try await withHost({ try TestHost(initPath: script) }) { host in
             var spec = host.spec()
             spec.hostname = "slow"
             var config = host.config
