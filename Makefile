@@ -14,6 +14,7 @@ run: build
 # All tests. Those that need root (namespaces, cgroups, mounts) print why they skip when not root.
 test:
 	$(SWIFT) build --build-tests
+	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
 	$(SWIFT) test --skip-build
 
 # Release build; sandbox spawn/teardown/memory beside bubblewrap, written to docs/benchmarks.md.

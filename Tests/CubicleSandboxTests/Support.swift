@@ -22,19 +22,9 @@ enum Paths {
         return dir.path
     }()
     static var initBinary: String { products + "/cubicle-init" }
-    /// Built with plain cc, not SwiftPM, which would link it against the Swift runtime that a sandbox
-    /// does not have: probes need nothing but libc inside.
-    static let probe: String = {
-        let out = "/tmp/cubicle-probe-\(getpid())"
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/cc")
-        p.arguments = ["-O1", "-Wall", "-o", out, repo + "/sandbox/probes/cubicle-probe.c"]
-        try! p.run()
-        p.waitUntilExit()
-        precondition(p.terminationStatus == 0, "cc failed to build the probe")
-        atexit { unlink("/tmp/cubicle-probe-\(getpid())") }
-        return out
-    }()
+    /// Built with plain cc by `make test` (not SwiftPM, which would link it against the Swift runtime a
+    /// sandbox does not have): probes need nothing but libc inside.
+    static var probe: String { repo + "/.build/cubicle-probe" }
 }
 
 let defaultSeccomp: [UInt8] = try! SeccompProfile.load(path: Paths.repo + "/sandbox/seccomp/default.json").compile()
