@@ -30,12 +30,6 @@ struct Supervisor {
         var errno: Int32
     }
 
-    static let stepNames: [Int32: String] = [
-        1: "pipe", 2: "clone", 3: "sync", 4: "unshare cgroup", 5: "setgroups", 6: "setresgid", 7: "setresuid",
-        8: "dup fds", 9: "setsid", 10: "chdir", 11: "setrlimit", 12: "drop bounding set", 13: "clear capabilities",
-        14: "no_new_privs", 15: "seccomp", 16: "exec", 17: "death signal",
-    ]
-
     /// Finds argv[0] on the sandbox's PATH, as execvp would, but before fork so the child stays simple.
     static func resolve(_ program: String, env: [String]) -> String {
         if program.contains("/") { return program }
@@ -91,13 +85,13 @@ struct Supervisor {
         }
         if pid < 0 {
             close(out.read); close(err.read)
-            throw SpawnError(step: Self.stepNames[failure.step] ?? "spawn", errno: failure.err)
+            throw SpawnError(step: SpawnStep.name(failure.step), errno: failure.err)
         }
         if failure.step != 0 {
             var status: Int32 = 0
             _ = waitpid(pid, &status, 0)
             close(out.read); close(err.read)
-            throw SpawnError(step: Self.stepNames[failure.step] ?? "spawn", errno: failure.err)
+            throw SpawnError(step: SpawnStep.name(failure.step), errno: failure.err)
         }
         children[pid] = Child(role: role)
         if role == .agent { agentPID = pid }

@@ -19,11 +19,6 @@ public struct SandboxLauncher: Sendable {
     static let cloneNewNet: Int32 = 0x4000_0000, cloneNewIPC: Int32 = 0x0800_0000, cloneNewUTS: Int32 = 0x0400_0000
     static let oPath: Int32 = 0o10000000
 
-    static let stepNames: [Int32: String] = [
-        1: "pipe", 2: "clone", 3: "wait for the parent", 4: "unshare cgroup namespace", 5: "setgroups",
-        6: "setresgid", 7: "setresuid", 8: "pass descriptors", 16: "exec cubicle-init",
-    ]
-
     /// Undo list for a launch that fails part way, so a failure leaves nothing behind.
     final class Rollback: @unchecked Sendable {
         var steps: [() -> Void] = []
@@ -136,7 +131,7 @@ public struct SandboxLauncher: Sendable {
                 }
             }
         }
-        guard pid > 0 else { throw .spawn(step: Self.stepNames[failure.step] ?? "clone", errno: failure.err) }
+        guard pid > 0 else { throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err) }
         var released = false
         rollback.add {
             if !released { close(releaseFD); close(errorFD) }  // the child reads EOF and exits
@@ -157,7 +152,7 @@ public struct SandboxLauncher: Sendable {
             if failure.step == 18, sources.paths.indices.contains(Int(failure.index)) {
                 throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
             }
-            throw .spawn(step: Self.stepNames[failure.step] ?? "step \(failure.step)", errno: failure.err)
+            throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
         }
 
         // Configure, and wait for init's ready or failed.
