@@ -1,24 +1,73 @@
 // swift-tools-version:6.0
 import PackageDescription
 
+// Executables that run inside a sandbox see only the host's /usr, /lib* and /bin, never the toolchain's
+// directory, so they carry the Swift runtime with them.
+let staticStdlib: [LinkerSetting] = [.unsafeFlags(["-static-stdlib"])]
+
 let package = Package(
     name: "cubicle",
     platforms: [.macOS(.v15)],
     products: [
+        .executable(name: "cubicled", targets: ["cubicled"]),
         .executable(name: "cubicle-init", targets: ["cubicle-init"]),
+        .executable(name: "cubicle-demo-agent", targets: ["cubicle-demo-agent"]),
         .executable(name: "cubicle-sandbox-bench", targets: ["cubicle-sandbox-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/hummingbird-project/hummingbird.git", from: "2.28.1"),
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-http-types.git", from: "1.8.0"),
+        .package(url: "https://github.com/apple/swift-async-algorithms.git", from: "1.1.4"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
     ],
     targets: [
         // Only what Swift cannot do safely: clone/fork with pre-exec setup, SCM_RIGHTS, variadic ioctl/prctl.
         .target(name: "CCubicleShim"),
         .systemLibrary(name: "CLibseccomp", pkgConfig: "libseccomp", providers: [.apt(["libseccomp-dev"])]),
         .target(name: "CubicleLinux", dependencies: ["CCubicleShim"]),
-        .target(name: "CubicleRPC", dependencies: ["CubicleLinux"]),
+        // A strict, bounded JSON value: no Foundation, so init and the demo agent can use it.
+        .target(name: "CubicleJSON"),
+        .target(name: "CubicleRPC", dependencies: ["CubicleLinux", "CubicleJSON"]),
         .target(name: "CubicleInit", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim"]),
         .executableTarget(name: "cubicle-init", dependencies: ["CubicleInit"]),
-        .target(name: "CubicleSandbox", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim", "CLibseccomp"]),
+        .target(name: "CubicleSandbox", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim", "CLibseccomp"],
+                // sandbox/seccomp/default.json, compiled into the daemon so it needs no file at run time.
+                resources: [.embedInCode("Resources/default-seccomp.json")]),
+        // The AgentCore wire formats: routes, validation, error shapes, the event stream. No I/O.
+        .target(name: "CubicleAgentCore", dependencies: ["CubicleJSON"]),
+        .target(name: "CubicleSessions", dependencies: [
+            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+            .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
+            .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Yams", package: "Yams"),
+        ]),
+        .target(name: "CubicleGateway", dependencies: [
+            "CubicleSessions", "CubicleAgentCore",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+        ]),
+        .executableTarget(name: "cubicled", dependencies: [
+            "CubicleGateway", "CubicleSessions",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "cubicle-demo-agent", dependencies: ["CubicleJSON"], linkerSettings: staticStdlib),
         .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC"], path: "Sources/Benchmarks/SandboxBench"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
+        .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore"]),
+        .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore"]),
     ]
 )

@@ -12,10 +12,14 @@ public enum Files {
 
     /// Writes to a temp file beside `path`, fsyncs and renames it over `path`: readers see old or new, never half.
     public static func writeAtomically(_ path: String, _ contents: String, mode: mode_t = 0o600) throws(SystemError) {
+        try writeAtomically(path, Array(contents.utf8), mode: mode)
+    }
+
+    public static func writeAtomically(_ path: String, _ contents: [UInt8], mode: mode_t = 0o600) throws(SystemError) {
         let tmp = path + ".tmp"
         let fd = try sys("open \(tmp)") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         do {
-            try writeAll(fd, Array(contents.utf8), step: "write \(tmp)")
+            try writeAll(fd, contents, step: "write \(tmp)")
             try sys("fsync \(tmp)") { fsync(fd) }
         } catch {
             close(fd)

@@ -101,6 +101,7 @@ public final class Sandbox: Sendable {
     }
 
     public var endReason: SandboxEndReason? { state.withLock { $0.ended } }
+    public var isRunning: Bool { state.withLock { $0.ended == nil } }
 
     // MARK: - Requests to init
 

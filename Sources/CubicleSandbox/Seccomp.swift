@@ -136,3 +136,10 @@ public struct SeccompError: Error, CustomStringConvertible, Sendable {
     init(_ message: String) { self.message = message }
     public var description: String { "seccomp profile: \(message)" }
 }
+
+extension SeccompProfile {
+    /// sandbox/seccomp/default.json as it was when this binary was built.
+    public static var embeddedDefault: SeccompProfile {
+        get throws(SeccompError) { try parse(PackageResources.default_seccomp_json) }
+    }
+}

@@ -1,0 +1,243 @@
+import AsyncAlgorithms
+import CubicleAgentCore
+import CubicleSessions
+import HTTPTypes
+import Hummingbird
+import Logging
+import NIOCore
+import NIOHTTPTypes
+import Synchronization
+
+/// The AgentCore data plane: routes each request, validates it, finds or makes its session and streams
+/// between the client and the agent. Errors leave here only as AgentCore error shapes.
+public struct DataPlane: HTTPResponder {
+    public typealias Context = BasicRequestContext
+
+    let sessions: SessionManager
+    let group: any EventLoopGroup
+    let logger: Logger
+
+    public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger) {
+        self.sessions = sessions
+        self.group = group
+        self.logger = logger
+    }
+
+    public func respond(to request: Request, context: Context) async throws -> Response {
+        let requestID = RequestID.make()
+        do {
+            let target = request.head.path ?? "/"
+            let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+            let route = try Route.parse(method: request.method.rawValue, path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
+            var response: Response
+            switch route {
+            case .ping:
+                response = Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: #"{"status":"Healthy"}"#)))
+            case .metrics:
+                throw AgentCoreError(.resourceNotFound, "metrics are not served yet")
+            case .invoke(let address):
+                response = try await invoke(request, runtime: address.name, requestID: requestID)
+            case .stopSession(let address):
+                response = try await stop(request, runtime: address.name)
+            case .command(let address):
+                response = try await command(request, runtime: address.name)
+            case .agentCard(let address):
+                response = try await agentCard(request, runtime: address.name, requestID: requestID)
+            }
+            response.headers[.xAmznRequestID] = requestID
+            return response
+        } catch let error as AgentCoreError {
+            return Self.errorResponse(error, requestID: requestID)
+        }
+    }
+
+    static func errorResponse(_ error: AgentCoreError, requestID: String) -> Response {
+        Response(status: .init(code: error.status), headers: [.xAmznErrorType: error.kind.rawValue, .contentType: "application/json",
+                                                              .xAmznRequestID: requestID],
+                 body: .init(byteBuffer: ByteBuffer(bytes: error.body)))
+    }
+
+    private func sessionID(_ request: Request) throws(AgentCoreError) -> String {
+        try Validate.sessionID(request.headers[.agentCoreSessionID])
+    }
+
+    // MARK: - InvokeAgentRuntime
+
+    private func invoke(_ request: Request, runtime: String, requestID: String) async throws(AgentCoreError) -> Response {
+        let id = try sessionID(request)
+        let declaredLength = request.headers[.contentLength].flatMap { Int($0) }
+        try Validate.payloadLength(declaredLength)
+        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
+        let inFlight = InFlight(session)
+
+        var fields = HTTPFields()
+        let allowlist = Set(session.runtime.requestHeaderAllowlist)
+        for field in request.headers where AgentCoreHeader.forwardsToAgent(field.name.rawName, value: field.value, allowlist: allowlist) {
+            fields.append(field)
+        }
+        fields[.agentCoreSessionID] = id
+        fields[.agentCoreRequestID] = requestID
+        if let declaredLength { fields[.contentLength] = String(declaredLength) }
+        let head = HTTPRequest(method: .post, scheme: nil, authority: "localhost", path: session.runtime.serverProtocol.invocationPath, headerFields: fields)
+        let body = request.body
+        let agentRequest = AgentRequest(head: head) { outbound in
+            var total = 0
+            for try await buffer in body {
+                total += buffer.readableBytes
+                guard total <= Limits.maxPayloadBytes else { throw AgentCoreError.invalidField("payload", "Member must have length less than or equal to \(Limits.maxPayloadBytes)") }
+                try await outbound.write(.body(buffer))
+            }
+        }
+        let agentResponse: AgentResponse
+        do {
+            agentResponse = try await session.pool.send(agentRequest)
+        } catch let e as AgentCoreError {
+            throw e
+        } catch {
+            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(error)")
+        }
+        inFlight.attach(agentResponse)
+        return Response(status: agentResponse.head.status, headers: Self.responseHeaders(agentResponse.head, request: request, sessionID: id),
+                        body: Self.stream(agentResponse, inFlight))
+    }
+
+    static func responseHeaders(_ agent: HTTPResponse, request: Request, sessionID: String) -> HTTPFields {
+        var headers = HTTPFields()
+        headers[.contentType] = agent.headerFields[.contentType] ?? "application/json"
+        for field in agent.headerFields where AgentCoreHeader.returnsToClient(field.name.rawName) { headers.append(field) }
+        for name in AgentCoreHeader.trace {
+            if let n = HTTPField.Name(name), headers[n] == nil, let v = request.headers[n] { headers[n] = v }
+        }
+        headers[.agentCoreSessionID] = sessionID
+        return headers
+    }
+
+    /// The agent's body as it comes; if the client goes away the exchange is aborted, which closes
+    /// the agent's connection.
+    static func stream(_ response: AgentResponse, _ inFlight: InFlight) -> ResponseBody {
+        let contentLength = response.head.headerFields[.contentLength].flatMap { Int($0) }
+        return ResponseBody(contentLength: contentLength) { writer in
+            do {
+                for try await buffer in response.body { try await writer.write(buffer) }
+                inFlight.complete()
+                try await writer.finish(nil)
+            } catch {
+                inFlight.abort()
+                throw error
+            }
+        }
+    }
+
+    // MARK: - StopRuntimeSession
+
+    private func stop(_ request: Request, runtime: String) async throws(AgentCoreError) -> Response {
+        let id = try sessionID(request)
+        _ = try await Self.collect(request.body, limit: 64 << 10)
+        try await sessions.stop(runtime: runtime, sessionID: id)
+        return Response(status: .ok, headers: [.contentType: "application/json", .agentCoreSessionID: id],
+                        body: .init(byteBuffer: ByteBuffer(string: "{}")))
+    }
+
+    // MARK: - InvokeAgentRuntimeCommand
+
+    private func command(_ request: Request, runtime: String) async throws(AgentCoreError) -> Response {
+        let id = try sessionID(request)
+        let body = try await Self.collect(request.body, limit: 256 << 10)
+        let command = try CommandRequest(body: body)
+        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
+        let events = try await session.runCommand(command, group: group)
+        var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
+        for name in AgentCoreHeader.trace { if let n = HTTPField.Name(name), let v = request.headers[n] { headers[n] = v } }
+        return Response(status: .ok, headers: headers, body: ResponseBody { writer in
+            for try await event in events {
+                try await writer.write(ByteBuffer(bytes: event.message.encoded()))
+            }
+            try await writer.finish(nil)
+        })
+    }
+
+    // MARK: - GetAgentCard
+
+    private func agentCard(_ request: Request, runtime: String, requestID: String) async throws(AgentCoreError) -> Response {
+        let id = try sessionID(request)
+        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
+        guard session.runtime.serverProtocol == .a2a else {
+            throw AgentCoreError(.validation, "GetAgentCard is only for A2A runtimes; \(runtime) serves \(session.runtime.serverProtocol.rawValue)")
+        }
+        let inFlight = InFlight(session)
+        let head = HTTPRequest(method: .get, scheme: nil, authority: "localhost", path: "/.well-known/agent-card.json",
+                               headerFields: [.agentCoreSessionID: id, .agentCoreRequestID: requestID])
+        let response: AgentResponse
+        do { response = try await session.pool.send(AgentRequest(head: head)) } catch {
+            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(error)")
+        }
+        inFlight.attach(response)
+        return Response(status: response.head.status, headers: Self.responseHeaders(response.head, request: request, sessionID: id),
+                        body: Self.stream(response, inFlight))
+    }
+
+    /// A small request body read whole, refused past `limit`.
+    static func collect(_ body: RequestBody, limit: Int) async throws(AgentCoreError) -> [UInt8] {
+        var bytes: [UInt8] = []
+        do {
+            for try await buffer in body {
+                bytes += buffer.readableBytesView
+                guard bytes.count <= limit else { throw AgentCoreError(.validation, "Request body over \(limit) bytes", reason: .cannotParse) }
+            }
+        } catch let e as AgentCoreError {
+            throw e
+        } catch {
+            throw AgentCoreError(.validation, "Could not read request body: \(error)", reason: .cannotParse)
+        }
+        return bytes
+    }
+}
+
+/// Marks a session busy for as long as one exchange lasts, however it ends: completed, aborted, or
+/// dropped because the response was never written.
+final class InFlight: Sendable {
+    private let session: Session
+    private let state = Mutex<(response: AgentResponse?, finished: Bool)>((nil, false))
+
+    init(_ session: Session) {
+        self.session = session
+        session.requestStarted()
+    }
+
+    func attach(_ response: AgentResponse) { state.withLock { $0.response = response } }
+
+    func complete() { finish(abort: false) }
+    func abort() { finish(abort: true) }
+
+    private func finish(abort: Bool) {
+        let (response, first) = state.withLock { s -> (AgentResponse?, Bool) in
+            defer { s.finished = true }
+            return (s.response, !s.finished)
+        }
+        guard first else { return }
+        if abort { response?.abort() }
+        session.requestEnded()
+    }
+
+    deinit { abort() }
+}
+
+enum RequestID {
+    /// A random UUID v4, as AWS request ids are.
+    static func make() -> String {
+        var g = SystemRandomNumberGenerator()
+        var b = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
+        b[6] = (b[6] & 0x0F) | 0x40
+        b[8] = (b[8] & 0x3F) | 0x80
+        let hex = b.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        let h = Array(hex)
+        return String(h[0..<8]) + "-" + String(h[8..<12]) + "-" + String(h[12..<16]) + "-" + String(h[16..<20]) + "-" + String(h[20..<32])
+    }
+}
+
+extension HTTPField.Name {
+    static let agentCoreSessionID = HTTPField.Name(AgentCoreHeader.sessionID)!
+    static let agentCoreRequestID = HTTPField.Name(AgentCoreHeader.requestID)!
+    static let xAmznErrorType = HTTPField.Name(AgentCoreError.errorTypeHeader)!
+    static let xAmznRequestID = HTTPField.Name("x-amzn-RequestId")!
+}

@@ -1,0 +1,260 @@
+import AsyncAlgorithms
+import Dispatch
+import HTTPTypes
+import NIOCore
+import NIOHTTP1
+import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
+import NIOPosix
+import Synchronization
+
+public struct AgentClientError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The agent's response: its head at once, its body as it arrives, with back-pressure all the way to the
+/// agent's socket, so a 100 MB response is never held whole.
+public struct AgentResponse: Sendable {
+    public var head: HTTPResponse
+    public var body: AsyncThrowingChannel<ByteBuffer, any Error>
+    let connection: AgentConnection
+
+    /// Drops the exchange (the client went away): the connection to the agent is closed, which is how
+    /// the agent learns its request was cancelled.
+    public func abort() { connection.abort() }
+}
+
+/// A request to send: the head, and a writer for its body parts (nothing for a bodiless request).
+public struct AgentRequest: Sendable {
+    public var head: HTTPRequest
+    public var writeBody: @Sendable (NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Void
+
+    public init(head: HTTPRequest, writeBody: @escaping @Sendable (NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Void = { _ in }) {
+        self.head = head
+        self.writeBody = writeBody
+    }
+}
+
+final class Exchange: Sendable {
+    let request: AgentRequest
+    let head = OneShot<HTTPResponse>()
+    let body = AsyncThrowingChannel<ByteBuffer, any Error>()
+    init(_ request: AgentRequest) { self.request = request }
+
+    func fail(_ error: any Error) {
+        head.resolve(.failure(error))
+        body.fail(error)
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to an agent, over a socket init connected inside the sandbox.
+/// One task owns the channel and runs its exchanges in turn.
+final class AgentConnection: Sendable {
+    private let jobs: AsyncStream<Exchange>.Continuation
+    private let task = Mutex<Task<Void, Never>?>(nil)
+    private let alive = Atomic<Bool>(true)
+    private let idleSince = Atomic<UInt64>(DispatchTime.now().uptimeNanoseconds)
+
+    var isAlive: Bool { alive.load(ordering: .relaxed) }
+    var idleNanoseconds: UInt64 { DispatchTime.now().uptimeNanoseconds &- idleSince.load(ordering: .relaxed) }
+
+    private init(jobs: AsyncStream<Exchange>.Continuation) { self.jobs = jobs }
+
+    static func open(fd: Int32, group: any EventLoopGroup, onIdle: @escaping @Sendable (AgentConnection) -> Void) async throws -> AgentConnection {
+        let channel: NIOAsyncChannel<HTTPResponsePart, HTTPRequestPart>
+        do {
+            channel = try await ClientBootstrap(group: group)
+                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                .withConnectedSocket(fd) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        try channel.pipeline.syncOperations.addHTTPClientHandlers()
+                        try channel.pipeline.syncOperations.addHandler(HTTP1ToHTTPClientCodec())
+                        return try NIOAsyncChannel<HTTPResponsePart, HTTPRequestPart>(wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            close(fd)
+            throw error
+        }
+        let (stream, continuation) = AsyncStream<Exchange>.makeStream()
+        let connection = AgentConnection(jobs: continuation)
+        let t = Task { await connection.run(channel, jobs: stream, onIdle: onIdle) }
+        connection.task.withLock { $0 = t }
+        return connection
+    }
+
+    func submit(_ exchange: Exchange) {
+        if case .terminated = jobs.yield(exchange) { exchange.fail(AgentClientError("connection to the agent closed")) }
+    }
+
+    func abort() {
+        alive.store(false, ordering: .relaxed)
+        jobs.finish()
+        task.withLock { $0?.cancel() }
+    }
+
+    private func run(_ channel: NIOAsyncChannel<HTTPResponsePart, HTTPRequestPart>, jobs: AsyncStream<Exchange>,
+                     onIdle: @escaping @Sendable (AgentConnection) -> Void) async {
+        channel.channel.closeFuture.whenComplete { [self] _ in
+            alive.store(false, ordering: .relaxed)
+            self.jobs.finish()
+        }
+        var pending: Exchange?
+        do {
+            try await channel.executeThenClose { inbound, outbound in
+                var responses = inbound.makeAsyncIterator()
+                for await exchange in jobs {
+                    pending = exchange
+                    let reusable = try await Self.perform(exchange, &responses, outbound)
+                    pending = nil
+                    guard reusable, alive.load(ordering: .relaxed) else { break }
+                    idleSince.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
+                    onIdle(self)
+                }
+            }
+        } catch {
+            pending?.fail(error)
+        }
+        alive.store(false, ordering: .relaxed)
+        self.jobs.finish()
+        // Exchanges queued behind a failed one never ran.
+        for await queued in jobs { queued.fail(AgentClientError("connection to the agent closed")) }
+    }
+
+    /// Runs one exchange full duplex: the request body is written while the response is read, as an
+    /// echoing agent needs. Returns whether the connection can carry another request.
+    private static func perform(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator,
+                                _ outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Bool {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask {
+                try await outbound.write(.head(exchange.request.head))
+                try await exchange.request.writeBody(outbound)
+                try await outbound.write(.end(nil))
+            }
+            var head: HTTPResponse?
+            while head == nil {
+                guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection before responding") }
+                guard case .head(let h) = part else { throw AgentClientError("agent sent a body before its response head") }
+                if h.status.kind != .informational { head = h }
+            }
+            exchange.head.resolve(.success(head!))
+            reading: while true {
+                guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection mid-response") }
+                switch part {
+                case .body(let buffer):
+                    await exchange.body.send(buffer)
+                    try Task.checkCancellation()
+                case .end:
+                    exchange.body.finish()
+                    break reading
+                case .head:
+                    throw AgentClientError("agent sent a second response head")
+                }
+            }
+            try await group.waitForAll()
+            return head!.headerFields[.connection]?.lowercased() != "close"
+        }
+    }
+}
+
+/// Keep-alive connections to one sandbox's agent, opened through init on demand.
+public final class AgentPool: Sendable {
+    public typealias Connector = @Sendable () async throws -> Int32
+    private let connector: Connector
+    private let group: any EventLoopGroup
+    private let idle = Mutex<(connections: [AgentConnection], closed: Bool)>(([], false))
+    /// An idle connection older than this is not reused: agents close idle keep-alive connections
+    /// (uvicorn after 5 s), and a request sent into that race would fail.
+    static let maxIdleNanoseconds: UInt64 = 2_000_000_000
+    static let maxIdleConnections = 16
+
+    public init(group: any EventLoopGroup, connector: @escaping Connector) {
+        self.group = group
+        self.connector = connector
+    }
+
+    private func takeIdle() -> AgentConnection? {
+        let (found, stale) = idle.withLock { s -> (AgentConnection?, [AgentConnection]) in
+            var stale: [AgentConnection] = []
+            while let c = s.connections.popLast() {
+                if c.isAlive && c.idleNanoseconds < Self.maxIdleNanoseconds { return (c, stale) }
+                stale.append(c)
+            }
+            return (nil, stale)
+        }
+        stale.forEach { $0.abort() }
+        return found
+    }
+
+    private func putIdle(_ connection: AgentConnection) {
+        let keep = idle.withLock { s -> Bool in
+            guard !s.closed, s.connections.count < Self.maxIdleConnections else { return false }
+            s.connections.append(connection)
+            return true
+        }
+        if !keep { connection.abort() }
+    }
+
+    /// Sends a request; returns once the agent's response head has arrived.
+    public func send(_ request: AgentRequest) async throws -> AgentResponse {
+        let connection: AgentConnection
+        if let c = takeIdle() {
+            connection = c
+        } else {
+            guard !idle.withLock({ $0.closed }) else { throw AgentClientError("session is ending") }
+            let fd = try await connector()
+            connection = try await AgentConnection.open(fd: fd, group: group) { [weak self] c in self?.putIdle(c) }
+        }
+        let exchange = Exchange(request)
+        connection.submit(exchange)
+        do {
+            let head = try await withTaskCancellationHandler {
+                try await exchange.head.value
+            } onCancel: {
+                connection.abort()
+                exchange.fail(CancellationError())
+            }
+            return AgentResponse(head: head, body: exchange.body, connection: connection)
+        } catch {
+            connection.abort()
+            throw error
+        }
+    }
+
+    /// A small request whose whole response is read, bounded in size and time: health checks.
+    public func fetch(_ head: HTTPRequest, maxBytes: Int = 64 << 10, timeoutSeconds: Double) async throws -> (HTTPResponse, [UInt8]) {
+        try await withThrowingTaskGroup(of: (HTTPResponse, [UInt8]).self) { group in
+            group.addTask {
+                let response = try await self.send(AgentRequest(head: head))
+                var bytes: [UInt8] = []
+                do {
+                    for try await buffer in response.body {
+                        bytes += buffer.readableBytesView
+                        if bytes.count > maxBytes { throw AgentClientError("agent response over \(maxBytes) bytes") }
+                    }
+                } catch {
+                    response.abort()
+                    throw error
+                }
+                return (response.head, bytes)
+            }
+            group.addTask {
+                try await Task.sleep(nanoseconds: UInt64(timeoutSeconds * 1e9))
+                throw AgentClientError("agent did not answer within \(timeoutSeconds) s")
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
+    }
+
+    public func close() {
+        let all = idle.withLock { s -> [AgentConnection] in
+            s.closed = true
+            defer { s.connections = [] }
+            return s.connections
+        }
+        all.forEach { $0.abort() }
+    }
+}

@@ -1,0 +1,69 @@
+import AsyncAlgorithms
+import CubicleAgentCore
+import CubicleRPC
+import CubicleSandbox
+import NIOCore
+import NIOPosix
+
+extension Session {
+    /// Runs `sh -c command` in the session with the agent's identity, environment and filesystem, and
+    /// streams its output as InvokeAgentRuntimeCommand events: start, deltas, stop.
+    public func runCommand(_ request: CommandRequest, group: any EventLoopGroup) async throws(AgentCoreError) -> AsyncThrowingChannel<CommandEvent, any Error> {
+        commandStarted()
+        let process: StartedProcess
+        do {
+            process = try await sandbox.runCommand(
+                ProcessParams(argv: ["/bin/sh", "-c", request.command], env: environment, cwd: InitConfig.agentHome),
+                timeoutSeconds: request.timeoutSeconds)
+        } catch {
+            commandEnded()
+            throw AgentCoreError(.runtimeClient, "Command could not start: \(error)")
+        }
+        let events = AsyncThrowingChannel<CommandEvent, any Error>()
+        let sandbox = self.sandbox
+        Task {
+            defer { self.commandEnded() }
+            await events.send(.start)
+            let exit = await withTaskGroup(of: Bool.self) { readers -> CommandExit in
+                readers.addTask { await Self.pump(fd: process.stdout, group: group) { await events.send(.stdout($0)) }; return true }
+                readers.addTask { await Self.pump(fd: process.stderr, group: group) { await events.send(.stderr($0)) }; return true }
+                let exit = await sandbox.waitForCommand(pid: process.pid)
+                // Output still in the pipes is read; a background child holding them open is not waited for.
+                readers.addTask { try? await Task.sleep(nanoseconds: 200_000_000); return false }
+                var finished = 0
+                while let readerDone = await readers.next(), readerDone {
+                    finished += 1
+                    if finished == 2 { break }
+                }
+                readers.cancelAll()
+                return exit
+            }
+            let code = exit.exitCode.map(Int.init) ?? (128 + Int(exit.signal ?? 9))
+            await events.send(.stop(exitCode: code, timedOut: exit.timedOut))
+            events.finish()
+        }
+        return events
+    }
+
+    /// Reads a pipe from inside the sandbox as UTF-8 text chunks until EOF or cancellation.
+    static func pump(fd: Int32, group: any EventLoopGroup, _ deliver: @escaping @Sendable (String) async -> Void) async {
+        let channel: NIOAsyncChannel<ByteBuffer, Never>
+        do {
+            channel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: fd) { ch in
+                ch.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, Never>(wrappingChannelSynchronously: ch) }
+            }
+        } catch {
+            return
+        }
+        var text = UTF8Chunker()
+        try? await channel.executeThenClose { inbound, _ in
+            for try await buffer in inbound {
+                let chunk = text.feed(buffer.readableBytesView)
+                if !chunk.isEmpty { await deliver(chunk) }
+                try Task.checkCancellation()
+            }
+        }
+        let rest = text.finish()
+        if !rest.isEmpty { await deliver(rest) }
+    }
+}

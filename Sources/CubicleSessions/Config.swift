@@ -1,0 +1,252 @@
+import CubicleAgentCore
+import CubicleSandbox
+import Yams
+
+/// A config the daemon refuses to start with; `field` is the YAML path of what is wrong.
+public struct ConfigError: Error, Equatable, CustomStringConvertible, Sendable {
+    public var field: String
+    public var message: String
+    public init(_ field: String, _ message: String) { self.field = field; self.message = message }
+    public var description: String { "config: \(field): \(message)" }
+}
+
+/// One runtime, with CreateAgentRuntime's field names where AWS has them.
+public struct RuntimeConfig: Equatable, Sendable {
+    public struct Limits: Equatable, Sendable {
+        public var memoryBytes: Int64 = 2 << 30
+        /// CPUs the session may use (cgroup quota); AWS gives a session 2 vCPUs.
+        public var cpus: Double = 2
+        public var pids = 1024
+        /// Size of the session's writable /tmp.
+        public var tmpfsBytes: Int64 = 512 << 20
+        public init() {}
+    }
+
+    public var name: String
+    /// argv of the agent, run inside the sandbox (the code directory is at /app).
+    public var command: [String]
+    public var codeDirectory: String?
+    public var environment: [String: String] = [:]
+    public var serverProtocol: AgentProtocol = .http
+    public var idleRuntimeSessionTimeout = CubicleAgentCore.Limits.defaultIdleTimeoutSeconds
+    public var maxLifetime = CubicleAgentCore.Limits.defaultMaxLifetimeSeconds
+    public var limits = Limits()
+    /// Lowercased header names passed to the agent besides the contract's own.
+    public var requestHeaderAllowlist: [String] = []
+    public var readOnlyMounts: [SandboxSpec.ReadOnlyMount] = []
+
+    public init(name: String, command: [String]) {
+        self.name = name
+        self.command = command
+    }
+}
+
+public struct DaemonConfig: Equatable, Sendable {
+    public var runtimes: [RuntimeConfig]
+    /// Live sessions across all runtimes; one more is refused with ServiceQuotaExceededException.
+    public var maxSessions = 1000
+    /// The lower bound of both lifecycle timeouts. AWS's is 60 s; lower it only for tests and demos.
+    public var lifecycleMinimumSeconds = 60
+    /// How often each agent's /ping is polled.
+    public var healthPollSeconds: Double = 2
+    /// Consecutive failed polls that end a session as unhealthy.
+    public var unhealthyAfterFailures = 3
+    /// How long ended sessions stay listed for operators.
+    public var endedRetentionSeconds = 3600
+    /// Where the default seccomp profile is replaced, if at all.
+    public var seccompProfile: String?
+
+    public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
+
+    public func runtime(named name: String) -> RuntimeConfig? { runtimes.first { $0.name == name } }
+
+    /// The embedded default: one runtime, `demo`, running cubicle-demo-agent from `codeDirectory`.
+    public static func embedded(demoCodeDirectory: String) -> DaemonConfig {
+        var demo = RuntimeConfig(name: "demo", command: ["/app/cubicle-demo-agent"])
+        demo.codeDirectory = demoCodeDirectory
+        demo.limits.memoryBytes = 512 << 20
+        return DaemonConfig(runtimes: [demo])
+    }
+
+    // MARK: - YAML
+
+    public static func parse(yaml text: String) throws(ConfigError) -> DaemonConfig {
+        let root: Node
+        do {
+            guard let node = try Yams.compose(yaml: text) else { throw ConfigError("(file)", "is empty") }
+            root = node
+        } catch let e as ConfigError {
+            throw e
+        } catch {
+            throw ConfigError("(file)", "is not valid YAML: \(error)")
+        }
+        let top = try Fields(root, path: "")
+        var config = DaemonConfig(runtimes: [])
+        if let v = try top.int("maxSessions", 1...1_000_000) { config.maxSessions = v }
+        if let v = try top.int("lifecycleMinimumSeconds", 1...CubicleAgentCore.Limits.lifecycleSeconds.upperBound) { config.lifecycleMinimumSeconds = v }
+        if let v = try top.double("healthPollSeconds", 0.05...60) { config.healthPollSeconds = v }
+        if let v = try top.int("unhealthyAfterFailures", 1...100) { config.unhealthyAfterFailures = v }
+        if let v = try top.int("endedRetentionSeconds", 0...604_800) { config.endedRetentionSeconds = v }
+        config.seccompProfile = try top.string("seccompProfile")
+        guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
+        guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }
+        for (i, item) in items.enumerated() {
+            let runtime = try parseRuntime(item, path: "runtimes[\(i)]", minimum: config.lifecycleMinimumSeconds)
+            guard config.runtime(named: runtime.name) == nil else { throw ConfigError("runtimes[\(i)].name", "duplicate runtime name \(runtime.name)") }
+            config.runtimes.append(runtime)
+        }
+        try top.rejectUnknown()
+        return config
+    }
+
+    static func parseRuntime(_ node: Node, path: String, minimum: Int) throws(ConfigError) -> RuntimeConfig {
+        let f = try Fields(node, path: path)
+        guard let name = try f.string("name") else { throw ConfigError("\(path).name", "is required") }
+        guard RuntimeAddress.isValidName(name) else { throw ConfigError("\(path).name", "must match [a-zA-Z][a-zA-Z0-9_-]{0,99}") }
+        guard let command = try f.stringList("command"), !command.isEmpty, !command[0].isEmpty else {
+            throw ConfigError("\(path).command", "is required: the agent's argv, e.g. [\"/app/agent\"]")
+        }
+        var r = RuntimeConfig(name: name, command: command)
+        if let dir = try f.string("codeDirectory") {
+            guard dir.hasPrefix("/") else { throw ConfigError("\(path).codeDirectory", "must be an absolute path") }
+            r.codeDirectory = dir
+        }
+        if let env = f.node("environmentVariables") ?? f.node("environment") {
+            let envPath = f.node("environmentVariables") != nil ? "\(path).environmentVariables" : "\(path).environment"
+            let e = try Fields(env, path: envPath)
+            for key in e.keys {
+                guard !key.isEmpty, !key.contains("="), !key.utf8.contains(0) else { throw ConfigError("\(envPath).\(key)", "is not a valid variable name") }
+                guard let v = try e.string(key) else { continue }
+                r.environment[key] = v
+            }
+        }
+        var protocolName = try f.string("protocol")
+        if protocolName == nil { protocolName = try f.string("serverProtocol") }
+        if let p = protocolName {
+            guard let proto = AgentProtocol(rawValue: p.uppercased()) else { throw ConfigError("\(path).protocol", "must be HTTP, MCP or A2A (was \(p))") }
+            r.serverProtocol = proto
+        }
+        let lifecycleRange = minimum...CubicleAgentCore.Limits.lifecycleSeconds.upperBound
+        if let l = f.node("lifecycle") ?? f.node("lifecycleConfiguration") {
+            let lf = try Fields(l, path: "\(path).lifecycle")
+            if let v = try lf.int("idleRuntimeSessionTimeout", lifecycleRange) { r.idleRuntimeSessionTimeout = v }
+            if let v = try lf.int("maxLifetime", lifecycleRange) { r.maxLifetime = v }
+            try lf.rejectUnknown()
+        }
+        guard r.idleRuntimeSessionTimeout <= r.maxLifetime else {
+            throw ConfigError("\(path).lifecycle.idleRuntimeSessionTimeout", "must not exceed maxLifetime (\(r.maxLifetime))")
+        }
+        if let l = f.node("limits") {
+            let lf = try Fields(l, path: "\(path).limits")
+            if let v = try lf.bytes("memory", (16 << 20)...(1 << 40)) { r.limits.memoryBytes = v }
+            if let v = try lf.double("cpus", 0.01...1024) { r.limits.cpus = v }
+            if let v = try lf.int("pids", 8...1_000_000) { r.limits.pids = v }
+            if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
+            try lf.rejectUnknown()
+        }
+        if let list = try f.stringList("requestHeaderAllowlist") {
+            r.requestHeaderAllowlist = list.map { $0.lowercased() }
+        }
+        if let mounts = f.node("readOnlyMounts") {
+            guard case .sequence(let items) = mounts else { throw ConfigError("\(path).readOnlyMounts", "must be a list") }
+            for (i, m) in items.enumerated() {
+                let mf = try Fields(m, path: "\(path).readOnlyMounts[\(i)]")
+                guard let source = try mf.string("source"), source.hasPrefix("/") else { throw ConfigError("\(path).readOnlyMounts[\(i)].source", "must be an absolute host path") }
+                let target = try mf.string("target") ?? source
+                guard target.hasPrefix("/"), !target.split(separator: "/").contains("..") else {
+                    throw ConfigError("\(path).readOnlyMounts[\(i)].target", "must be an absolute path without ..")
+                }
+                try mf.rejectUnknown()
+                r.readOnlyMounts.append(.init(source: source, target: target))
+            }
+        }
+        try f.rejectUnknown()
+        return r
+    }
+}
+
+/// A YAML mapping read field by field, so every error names its field and unknown keys are refused.
+final class Fields {
+    let path: String
+    private var entries: [(String, Node)] = []
+    private var used: Set<String> = []
+
+    init(_ node: Node, path: String) throws(ConfigError) {
+        self.path = path
+        guard case .mapping(let mapping) = node else { throw ConfigError(path.isEmpty ? "(file)" : path, "must be a mapping") }
+        for (k, v) in mapping {
+            guard let key = k.string else { throw ConfigError(path, "has a key that is not a string") }
+            entries.append((key, v))
+        }
+    }
+
+    var keys: [String] { entries.map(\.0) }
+
+    private func name(_ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
+
+    func node(_ key: String) -> Node? {
+        guard let e = entries.first(where: { $0.0 == key }) else { return nil }
+        used.insert(key)
+        if case .scalar(let s) = e.1, s.style == .plain, ["", "~", "null", "Null", "NULL"].contains(s.string) { return nil }
+        return e.1
+    }
+
+    func string(_ key: String) throws(ConfigError) -> String? {
+        guard let n = node(key) else { return nil }
+        guard case .scalar(let s) = n else { throw ConfigError(name(key), "must be a string") }
+        return s.string
+    }
+
+    func int(_ key: String, _ range: ClosedRange<Int>) throws(ConfigError) -> Int? {
+        guard let n = node(key) else { return nil }
+        guard let v = n.int else { throw ConfigError(name(key), "must be an integer") }
+        guard range.contains(v) else { throw ConfigError(name(key), "must be between \(range.lowerBound) and \(range.upperBound) (was \(v))") }
+        return v
+    }
+
+    func double(_ key: String, _ range: ClosedRange<Double>) throws(ConfigError) -> Double? {
+        guard let n = node(key) else { return nil }
+        guard let v = n.float ?? n.int.map(Double.init) else { throw ConfigError(name(key), "must be a number") }
+        guard range.contains(v) else { throw ConfigError(name(key), "must be between \(range.lowerBound) and \(range.upperBound) (was \(v))") }
+        return v
+    }
+
+    /// An integer of bytes, or a size such as 512MiB, 2GiB, 1G, 64M.
+    func bytes(_ key: String, _ range: ClosedRange<Int64>) throws(ConfigError) -> Int64? {
+        guard let n = node(key) else { return nil }
+        let v: Int64?
+        if let i = n.int { v = Int64(i) } else if let s = n.string { v = Self.parseSize(s) } else { v = nil }
+        guard let v else { throw ConfigError(name(key), "must be a size in bytes or like 512MiB, 2GiB") }
+        guard range.contains(v) else { throw ConfigError(name(key), "must be between \(range.lowerBound) and \(range.upperBound) bytes (was \(v))") }
+        return v
+    }
+
+    static func parseSize(_ text: String) -> Int64? {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        let units: [(String, Int64)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("TiB", 1 << 40),
+                                        ("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30), ("T", 1 << 40), ("B", 1)]
+        for (suffix, scale) in units where t.hasSuffix(suffix) {
+            guard let n = Double(t.dropLast(suffix.count).trimmingCharacters(in: .whitespaces)), n >= 0 else { return nil }
+            return Int64(n * Double(scale))
+        }
+        return Int64(t)
+    }
+
+    func stringList(_ key: String) throws(ConfigError) -> [String]? {
+        guard let n = node(key) else { return nil }
+        guard case .sequence(let items) = n else { throw ConfigError(name(key), "must be a list of strings") }
+        var out: [String] = []
+        for (i, item) in items.enumerated() {
+            guard case .scalar(let s) = item else { throw ConfigError("\(name(key))[\(i)]", "must be a string") }
+            guard !s.string.utf8.contains(0) else { throw ConfigError("\(name(key))[\(i)]", "must not contain NUL") }
+            out.append(s.string)
+        }
+        return out
+    }
+
+    func rejectUnknown() throws(ConfigError) {
+        if let unknown = entries.first(where: { !used.contains($0.0) }) {
+            throw ConfigError(name(unknown.0), "is not a known field")
+        }
+    }
+}

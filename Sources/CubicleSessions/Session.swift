@@ -1,0 +1,78 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleAgentCore
+import CubicleRPC
+import CubicleSandbox
+import Dispatch
+import Synchronization
+
+/// Seconds on a monotonic clock; tests drive lifecycles with their own.
+public typealias MonotonicClock = @Sendable () -> Double
+public let systemClock: MonotonicClock = { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
+
+/// One runtime session: its sandbox, its agent, its lifecycle. Shared by the gateway (requests and
+/// commands), the manager (ending it) and operators (inspect, logs).
+public final class Session: Sendable {
+    public let id: String
+    public let runtime: RuntimeConfig
+    public let sandbox: Sandbox
+    public let pool: AgentPool
+    public let logs = LogRing()
+    public let agentPID: Int32
+    public let createdUnixTime: Int
+    let clock: MonotonicClock
+    let state: Mutex<(lifecycle: Lifecycle, lastPing: String?, pingFailures: Int, agentExit: (code: Int32?, signal: Int32?)?)>
+    /// Resolves once teardown has finished.
+    let done = OneShot<SessionSummary>()
+
+    init(id: String, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock) {
+        self.id = id
+        self.runtime = runtime
+        self.sandbox = sandbox
+        self.pool = pool
+        self.agentPID = agentPID
+        self.clock = clock
+        self.createdUnixTime = Int(time(nil))
+        let now = clock()
+        state = Mutex((Lifecycle(now: now, idleTimeout: Double(runtime.idleRuntimeSessionTimeout), maxLifetime: Double(runtime.maxLifetime)),
+                       nil, 0, nil))
+    }
+
+    public var lifecycle: Lifecycle { state.withLock { $0.lifecycle } }
+    public var lastPingStatus: String? { state.withLock { $0.lastPing } }
+    public var isLive: Bool { lifecycle.isLive }
+
+    /// Brackets one invocation, so the session is not idle while it runs.
+    public func requestStarted() { let now = clock(); state.withLock { $0.lifecycle.requestStarted(now: now) } }
+    public func requestEnded() { let now = clock(); state.withLock { $0.lifecycle.requestEnded(now: now) } }
+    public func commandStarted() { let now = clock(); state.withLock { $0.lifecycle.commandStarted(now: now) } }
+    public func commandEnded() { let now = clock(); state.withLock { $0.lifecycle.commandEnded(now: now) } }
+
+    /// The environment the agent and every command in the session run with.
+    public var environment: [String] { Session.environment(for: runtime) }
+
+    public var summary: SessionSummary {
+        let (lc, ping) = state.withLock { ($0.lifecycle, $0.lastPing) }
+        return SessionSummary(id: id, runtime: runtime.name, state: lc.state.name, endReason: lc.endReason,
+                              createdUnixTime: createdUnixTime, invocations: lc.invocations, lastPing: ping,
+                              initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: sandbox.cgroup.usage())
+    }
+}
+
+/// What is kept of a session for operators, live or ended.
+public struct SessionSummary: Sendable {
+    public var id: String
+    public var runtime: String
+    public var state: String
+    public var endReason: EndReason?
+    public var createdUnixTime: Int
+    public var endedUnixTime: Int?
+    public var invocations: Int
+    public var lastPing: String?
+    public var initPID: Int32
+    public var agentPID: Int32
+    public var sandboxID: String
+    public var usage: CgroupUsage
+    public var teardownLeftovers: [String] = []
+}

@@ -1,0 +1,284 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleAgentCore
+import CubicleRPC
+import CubicleSandbox
+import HTTPTypes
+import Logging
+import NIOCore
+import Synchronization
+
+/// Finds or creates the one session for a (runtime, session id), ends sessions by their lifecycle rules,
+/// and keeps ended ones listed for a while.
+public actor SessionManager {
+    public struct Key: Hashable, Sendable {
+        public var runtime: String
+        public var id: String
+        public init(runtime: String, id: String) { self.runtime = runtime; self.id = id }
+    }
+
+    public let config: DaemonConfig
+    let launcher: SandboxLauncher
+    let seccompProgram: [UInt8]
+    let group: any EventLoopGroup
+    let clock: MonotonicClock
+    let logger: Logger
+    /// How long a new agent has to answer /ping (AWS: 30 s).
+    let initializationSeconds: Double
+
+    private var live: [Key: Session] = [:]
+    private var starting: [Key: Task<Session, any Error>] = [:]
+    private var ended: [SessionSummary] = []
+    private var shuttingDown = false
+    private var endings: [Task<Void, Never>] = []
+
+    public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
+                logger: Logger, initializationSeconds: Double = Double(Limits.initializationSeconds), clock: @escaping MonotonicClock = systemClock) {
+        self.config = config
+        self.launcher = launcher
+        self.seccompProgram = seccompProgram
+        self.group = group
+        self.logger = logger
+        self.initializationSeconds = initializationSeconds
+        self.clock = clock
+    }
+
+    public var liveSessions: [Session] { Array(live.values) }
+    public var endedSessions: [SessionSummary] { ended }
+    public var liveCount: Int { live.count + starting.count }
+
+    public func session(runtime: String, id: String) -> Session? { live[Key(runtime: runtime, id: id)] }
+
+    /// The live session for `id`, created (exactly once, however many calls race) when there is none.
+    public func acquire(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
+        guard let runtime = config.runtime(named: name) else {
+            throw AgentCoreError(.resourceNotFound, "Runtime \(name) not found")
+        }
+        let key = Key(runtime: name, id: sessionID)
+        if let s = live[key], s.isLive { return s }
+        let task: Task<Session, any Error>
+        if let t = starting[key] {
+            task = t
+        } else {
+            guard !shuttingDown else { throw AgentCoreError(.throttling, "cubicled is shutting down") }
+            guard live.count + starting.count < config.maxSessions else {
+                throw AgentCoreError(.serviceQuotaExceeded, "Live session quota of \(config.maxSessions) reached; stop a session or wait for one to end")
+            }
+            task = Task { try await self.start(runtime, sessionID: sessionID) }
+            starting[key] = task
+        }
+        do {
+            let session = try await task.value
+            if starting[key] == task {
+                starting[key] = nil
+                live[key] = session
+            }
+            return session
+        } catch let e as AgentCoreError {
+            if starting[key] == task { starting[key] = nil }
+            throw e
+        } catch {
+            if starting[key] == task { starting[key] = nil }
+            throw AgentCoreError(.internalServer, "\(error)")
+        }
+    }
+
+    /// StopRuntimeSession: ends a live session at once and waits until nothing of it remains.
+    public func stop(runtime name: String, sessionID: String) async throws(AgentCoreError) {
+        guard config.runtime(named: name) != nil else { throw AgentCoreError(.resourceNotFound, "Runtime \(name) not found") }
+        let key = Key(runtime: name, id: sessionID)
+        if live[key] == nil, let t = starting[key] { _ = try? await t.value }
+        guard let s = live[key], s.isLive else {
+            throw AgentCoreError(.resourceNotFound, "Session \(sessionID) not found or already ended")
+        }
+        _ = await end(s, .stopped)
+    }
+
+    /// Ends every session (daemon shutdown) and waits for their teardown.
+    public func shutdown() async {
+        shuttingDown = true
+        for t in starting.values { _ = try? await t.value }
+        await withTaskGroup(of: Void.self) { group in
+            for s in live.values { group.addTask { _ = await self.end(s, .daemonShutdown) } }
+        }
+        for t in endings { await t.value }
+    }
+
+    // MARK: - Start
+
+    private func spec(for runtime: RuntimeConfig) -> SandboxSpec {
+        var spec = SandboxSpec(seccompProgram: seccompProgram)
+        spec.codeDirectory = runtime.codeDirectory
+        spec.readOnlyMounts = runtime.readOnlyMounts
+        spec.limits = CgroupLimits(memoryBytes: runtime.limits.memoryBytes,
+                                   cpuQuotaMicros: Int64(runtime.limits.cpus * 100_000), pids: Int64(runtime.limits.pids))
+        spec.tmpBytes = runtime.limits.tmpfsBytes
+        spec.maxProcesses = UInt64(runtime.limits.pids)
+        return spec
+    }
+
+    private nonisolated func start(_ runtime: RuntimeConfig, sessionID: String) async throws -> Session {
+        let sandbox: Sandbox
+        do {
+            sandbox = try await launcher.launch(await spec(for: runtime))
+        } catch {
+            logger.error("session start failed", metadata: ["session": "\(sessionID)", "error": "\(error)"])
+            throw AgentCoreError(.runtimeClient, "Session could not start: \(error)")
+        }
+        let port = runtime.serverProtocol.port
+        let pool = AgentPool(group: group) { try await sandbox.connect(port: port) }
+        let started: StartedProcess
+        let env = Session.environment(for: runtime)
+        do {
+            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: env, cwd: InitConfig.codePath))
+        } catch {
+            _ = await sandbox.teardown()
+            throw AgentCoreError(.runtimeClient, "Agent could not start: \(error)")
+        }
+        let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
+        Task { await session.logs.drain(fd: started.stdout, stream: "stdout", group: group) }
+        Task { await session.logs.drain(fd: started.stderr, stream: "stderr", group: group) }
+        Task { await self.watchEvents(session) }
+        do {
+            try await waitUntilHealthy(session)
+        } catch {
+            _ = await end(session, .startFailed("\(error)"))
+            throw error
+        }
+        let now = clock()
+        session.state.withLock { $0.lifecycle.ready(now: now) }
+        logger.info("session ready", metadata: ["session": "\(sessionID)", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
+                                                 "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
+        Task { await self.superviseLifecycle(session) }
+        return session
+    }
+
+    private nonisolated func waitUntilHealthy(_ session: Session) async throws {
+        let deadline = clock() + initializationSeconds
+        var delay: UInt64 = 500_000
+        while true {
+            if let exit = session.state.withLock({ $0.agentExit }) {
+                throw AgentCoreError(.runtimeClient, "Agent exited during initialization (\(EndReason.agentExited(code: exit.code, signal: exit.signal)))")
+            }
+            if !session.sandbox.isRunning { throw AgentCoreError(.runtimeClient, "Sandbox ended during initialization") }
+            if (try? await ping(session, timeout: max(0.05, min(2, deadline - clock())))) != nil { return }
+            guard clock() < deadline else {
+                throw initializationSeconds == Double(Limits.initializationSeconds) ? AgentCoreError.initializationTimeout
+                    : AgentCoreError(.runtimeClient, "Runtime initialization time exceeded. Please make sure that initialization completes in \(Int(initializationSeconds))s.")
+            }
+            try? await Task.sleep(nanoseconds: delay)
+            delay = min(delay * 2, 50_000_000)
+        }
+    }
+
+    /// GET /ping; returns whether the agent says HealthyBusy. MCP and A2A agents have no /ping: a
+    /// connection accepted on their port is their health.
+    private nonisolated func ping(_ session: Session, timeout: Double) async throws -> Bool {
+        guard let path = session.runtime.serverProtocol.pingPath else {
+            let fd = try await session.sandbox.connect(port: session.runtime.serverProtocol.port)
+            close(fd)
+            return false
+        }
+        let head = HTTPRequest(method: .get, scheme: nil, authority: "localhost", path: path)
+        let (response, body) = try await session.pool.fetch(head, timeoutSeconds: timeout)
+        guard response.status == .ok else { throw AgentClientError("/ping answered \(response.status.code)") }
+        let status = (try? JSON.parse(body))?["status"]?.stringValue ?? "Healthy"
+        let busy = status == "HealthyBusy"
+        let now = clock()
+        session.state.withLock { s in
+            s.lastPing = String(status.prefix(32))
+            s.pingFailures = 0
+            s.lifecycle.pinged(busy: busy, now: now)
+        }
+        return busy
+    }
+
+    private nonisolated func watchEvents(_ session: Session) async {
+        for await event in session.sandbox.events {
+            switch event {
+            case .agentExited(let pid, let code, let signal) where pid == session.agentPID:
+                session.state.withLock { $0.agentExit = (code, signal) }
+                let oom = signal == SIGKILL && session.sandbox.cgroup.usage().oomKills > 0
+                Task { _ = await self.end(session, oom ? .outOfMemory : .agentExited(code: code, signal: signal)) }
+            case .ended(let reason) where reason != .stopped:
+                Task { _ = await self.end(session, .sandboxFailed(reason.description)) }
+            default:
+                break
+            }
+        }
+    }
+
+    /// Polls /ping and applies the idle and max-lifetime rules until the session ends.
+    private nonisolated func superviseLifecycle(_ session: Session) async {
+        var nextPing = clock() + config.healthPollSeconds
+        while session.isLive {
+            let now = clock()
+            if let reason = session.lifecycle.expiry(now: now) {
+                _ = await end(session, reason)
+                return
+            }
+            if now >= nextPing {
+                nextPing = now + config.healthPollSeconds
+                do {
+                    _ = try await ping(session, timeout: max(1, config.healthPollSeconds * 2))
+                } catch {
+                    let failures = session.state.withLock { s -> Int in s.pingFailures += 1; return s.pingFailures }
+                    if failures >= config.unhealthyAfterFailures {
+                        _ = await end(session, .unhealthy("\(failures) health checks failed; last: \(error)"))
+                        return
+                    }
+                }
+                continue
+            }
+            let wake = min(nextPing, session.lifecycle.nextDeadline)
+            try? await Task.sleep(nanoseconds: UInt64(max(0.001, min(wake - clock(), 60)) * 1e9))
+        }
+    }
+
+    // MARK: - End
+
+    /// Ends a session for `reason` (the first reason given wins) and returns what is kept of it.
+    @discardableResult
+    public nonisolated func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
+        let first = session.state.withLock { $0.lifecycle.stop(reason) }
+        guard first else { return (try? await session.done.value) ?? session.summary }
+        session.pool.close()
+        let report = await session.sandbox.end(.stopped).value
+        session.state.withLock { $0.lifecycle.ended() }
+        session.logs.close()
+        var summary = session.summary
+        summary.usage = report.finalUsage
+        summary.endedUnixTime = Int(time(nil))
+        summary.teardownLeftovers = report.leftovers
+        if !report.leftovers.isEmpty {
+            logger.error("teardown left something behind", metadata: ["session": "\(session.id)", "leftovers": "\(report.leftovers)"])
+        }
+        logger.info("session ended", metadata: ["session": "\(session.id)", "reason": "\(summary.endReason?.description ?? "?")",
+                                                 "teardown_us": "\(report.nanoseconds / 1000)"])
+        await retire(session, summary)
+        session.done.resolve(.success(summary))
+        return summary
+    }
+
+    private func retire(_ session: Session, _ summary: SessionSummary) {
+        let key = Key(runtime: session.runtime.name, id: session.id)
+        if live[key] === session { live[key] = nil }
+        ended.append(summary)
+        let cutoff = Int(time(nil)) - config.endedRetentionSeconds
+        ended.removeAll { ($0.endedUnixTime ?? 0) < cutoff }
+        if ended.count > 10_000 { ended.removeFirst(ended.count - 10_000) }
+    }
+}
+
+extension Session {
+    static func environment(for runtime: RuntimeConfig) -> [String] {
+        var env = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=\(InitConfig.agentHome)", "LANG=C.UTF-8",
+                   "AGENTCORE_RUNTIME_NAME=\(runtime.name)"]
+        for (k, v) in runtime.environment.sorted(by: { $0.key < $1.key }) {
+            env.removeAll { $0.hasPrefix(k + "=") }
+            env.append("\(k)=\(v)")
+        }
+        return env
+    }
+}

@@ -1,0 +1,141 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import ArgumentParser
+import CubicleGateway
+import CubicleLinux
+import CubicleSandbox
+import CubicleSessions
+import Hummingbird
+import Logging
+import NIOPosix
+import ServiceLifecycle
+
+@main
+struct Cubicled: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cubicled",
+        abstract: "Serve the Amazon Bedrock AgentCore data plane with one isolated sandbox per runtime session.")
+
+    @Option(name: .customLong("listen"), help: "Data-plane address, HOST:PORT.")
+    var listen = "127.0.0.1:8080"
+
+    @Option(name: .customLong("admin-socket"), help: "Operator API Unix socket.")
+    var adminSocket = "/run/cubicle/admin.sock"
+
+    @Option(name: .customLong("state-dir"), help: "Where session state lives; created if missing, emptied on exit.")
+    var stateDir = "/run/cubicle"
+
+    @Option(name: .customLong("config"), help: "YAML config file; without one the embedded `demo` runtime is served.")
+    var config: String?
+
+    @Option(name: .customLong("cgroup-parent"), help: "cgroup under which session cgroups are made.")
+    var cgroupParent = "cubicle"
+
+    @Option(name: .customLong("first-host-uid"), help: "First host uid of the ranges mapped into sandboxes (65,536 per session).")
+    var firstHostUID: UInt32 = 1_000_000
+
+    @Option(name: .customLong("init"), help: "Path of cubicle-init (default: beside cubicled).")
+    var initPath: String?
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
+    var logLevel = "info"
+
+    func run() async throws {
+        var logger = Logger(label: "cubicled")
+        logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
+        guard geteuid() == 0 else { throw CleanExit.message("cubicled must run as root: it creates namespaces and cgroups") }
+        guard let (host, port) = Self.parseAddress(listen) else {
+            throw ValidationError("--listen must be HOST:PORT, was \(listen)")
+        }
+        let exeDirectory = Self.executableDirectory()
+        try Files.makeDirectories(stateDir, mode: 0o700)
+
+        let daemonConfig: DaemonConfig
+        if let config {
+            let text: String
+            do { text = try Files.read(config) } catch { throw CleanExit.message("cannot read --config \(config): \(error)") }
+            do { daemonConfig = try DaemonConfig.parse(yaml: text) } catch { throw CleanExit.message("\(config): \(error)") }
+        } else {
+            daemonConfig = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
+        }
+        let profile = try daemonConfig.seccompProfile.map { try SeccompProfile.load(path: $0) } ?? SeccompProfile.embeddedDefault
+        let seccompProgram = try profile.compile()
+
+        var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: cgroupParent)
+        hostConfig.firstHostID = firstHostUID
+        let launcher = SandboxLauncher(host: hostConfig)
+        let group = MultiThreadedEventLoopGroup.singleton
+        let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
+
+        let readyLogger = logger
+        let app = Application(
+            responder: DataPlane(sessions: manager, group: group, logger: logger),
+            configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
+            onServerRunning: { channel in
+                readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",
+                                                            "runtimes": "\(daemonConfig.runtimes.map(\.name))", "state_dir": "\(stateDir)"])
+            },
+            eventLoopGroupProvider: .shared(group),
+            logger: logger)
+        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, logger: logger)
+        let services = ServiceGroup(configuration: .init(
+            services: [.init(service: sessionsService), .init(service: app)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        try await services.run()
+    }
+
+    static func parseAddress(_ text: String) -> (String, Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host.isEmpty ? "0.0.0.0" : host, port)
+    }
+
+    static func executableDirectory() -> String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        let path = n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+        return path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+    }
+
+    /// The demo runtime's code directory holds only cubicle-demo-agent, copied from beside cubicled, so
+    /// sandboxes see nothing else of the build.
+    static func installDemoAgent(from exeDirectory: String, stateDir: String) throws -> String {
+        let source = exeDirectory + "/cubicle-demo-agent"
+        let directory = stateDir + "/runtimes/demo"
+        do {
+            let bytes = try Files.readBytes(source, limit: 256 << 20)
+            try Files.makeDirectories(directory, mode: 0o755)
+            try Files.writeAtomically(directory + "/cubicle-demo-agent", bytes, mode: 0o755)
+        } catch {
+            throw CleanExit.message("cannot install the demo agent from \(source): \(error)")
+        }
+        return directory
+    }
+}
+
+/// Runs until graceful shutdown, then ends every session (after the listener has stopped accepting)
+/// and removes what this daemon created.
+struct SessionsService: Service {
+    let manager: SessionManager
+    let stateDir: String
+    let host: SandboxHostConfig
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        let count = await manager.liveCount
+        logger.notice("shutting down", metadata: ["sessions": "\(count)"])
+        await manager.shutdown()
+        try? Files.removeTree(stateDir + "/runtimes")
+        try? Files.removeTree(stateDir + "/sandboxes")
+        try? Files.removeTree(stateDir + "/uid-ranges")
+        rmdir(stateDir)  // only if nothing else lives there
+        for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {
+            rmdir(directory)
+        }
+        logger.notice("shutdown complete")
+    }
+}
