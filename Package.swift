@@ -67,7 +67,7 @@ let package = Package(
         .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC"], path: "Sources/Benchmarks/SandboxBench"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
-        .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore"]),
+        .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore"]),
     ]
 )

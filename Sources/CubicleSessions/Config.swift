@@ -51,6 +51,8 @@ public struct DaemonConfig: Equatable, Sendable {
     public var healthPollSeconds: Double = 2
     /// Consecutive failed polls that end a session as unhealthy.
     public var unhealthyAfterFailures = 3
+    /// How long a new agent has to answer /ping with 200. AWS's is 30 s.
+    public var initializationTimeoutSeconds: Double = 30
     /// How long ended sessions stay listed for operators.
     public var endedRetentionSeconds = 3600
     /// Where the default seccomp profile is replaced, if at all.
@@ -87,6 +89,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.double("healthPollSeconds", 0.05...60) { config.healthPollSeconds = v }
         if let v = try top.int("unhealthyAfterFailures", 1...100) { config.unhealthyAfterFailures = v }
         if let v = try top.int("endedRetentionSeconds", 0...604_800) { config.endedRetentionSeconds = v }
+        if let v = try top.double("initializationTimeoutSeconds", 0.1...3600) { config.initializationTimeoutSeconds = v }
         config.seccompProfile = try top.string("seccompProfile")
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }

@@ -34,13 +34,13 @@ public actor SessionManager {
     private var endings: [Task<Void, Never>] = []
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
-                logger: Logger, initializationSeconds: Double = Double(Limits.initializationSeconds), clock: @escaping MonotonicClock = systemClock) {
+                logger: Logger, clock: @escaping MonotonicClock = systemClock) {
         self.config = config
         self.launcher = launcher
         self.seccompProgram = seccompProgram
         self.group = group
         self.logger = logger
-        self.initializationSeconds = initializationSeconds
+        self.initializationSeconds = config.initializationTimeoutSeconds
         self.clock = clock
     }
 
