@@ -1,14 +1,19 @@
 # The README's two commands: `make run` and `make test`.
 SWIFT ?= swift
 
-.PHONY: build run test bench clean
+.PHONY: build run sandbox-demo test bench clean
 
 build:
 	$(SWIFT) build
 
-# Builds everything, starts one sandbox with the default profile, runs a command inside and tears it down.
-# (cubicled, which serves the AgentCore API, arrives with the data-plane work; see docs/sandbox.md.)
+LISTEN ?= 127.0.0.1:8080
+
+# Builds everything and runs cubicled in the foreground with the embedded `demo` runtime. Ctrl-C ends it cleanly.
 run: build
+	.build/debug/cubicled --listen $(LISTEN)
+
+# One sandbox, one command inside, teardown: the sandbox layer alone.
+sandbox-demo: build
 	.build/debug/cubicle-sandbox-bench demo $(CURDIR) $(CURDIR)/.build/debug
 
 # All tests. Those that need root (namespaces, cgroups, mounts) print why they skip when not root.
@@ -16,11 +21,15 @@ test:
 	$(SWIFT) build --build-tests
 	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
 	$(SWIFT) test --skip-build
+	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e
 
-# Release build; sandbox spawn/teardown/memory beside bubblewrap, written to docs/benchmarks.md.
+# Release build; sandbox spawn/teardown/memory beside bubblewrap, and the data plane beside the agent called
+# directly, written to docs/benchmarks.md.
 bench:
 	$(SWIFT) build -c release
 	.build/release/cubicle-sandbox-bench bench $(CURDIR) $(CURDIR)/.build/release 200 > docs/benchmarks.md.tmp
+	echo >> docs/benchmarks.md.tmp
+	python3 Tests/bench/dataplane_bench.py $(CURDIR)/.build/release >> docs/benchmarks.md.tmp
 	mv docs/benchmarks.md.tmp docs/benchmarks.md
 	cat docs/benchmarks.md
 

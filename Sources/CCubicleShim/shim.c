@@ -108,9 +108,11 @@ pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd,
         int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
         if (devnull < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
         for (int i = 0; i < 3; i++) if (dup2(devnull, i) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-        if (setgroups(0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
-        if (setresgid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
-        if (setresuid(0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
+        // Raw syscalls: glibc's wrappers broadcast set*id to every thread it believes exists, and this
+        // child of a threaded parent inherited that list without the threads, so they would wait forever.
+        if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
+        if (syscall(SYS_setresgid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
+        if (syscall(SYS_setresuid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
         errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3 + nall);
         if (errfd < 0) _exit(127);
         if (place_fds(all, nall, 3) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
@@ -192,9 +194,9 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
                 child_fail(errfd, CUBICLE_STEP_CAPBSET);
             }
         }
-        if (setgroups(0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
-        if (setresgid(s->gid, s->gid, s->gid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
-        if (setresuid(s->uid, s->uid, s->uid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
+        if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
+        if (syscall(SYS_setresgid, s->gid, s->gid, s->gid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
+        if (syscall(SYS_setresuid, s->uid, s->uid, s->uid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
         if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_CAPS);
         struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
         struct __user_cap_data_struct data[2];

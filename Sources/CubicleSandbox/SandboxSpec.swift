@@ -45,6 +45,9 @@ public struct SandboxHostConfig: Sendable {
     public var cgroupParent = "cubicle"
     public var firstHostID: UInt32 = 1_000_000
     public var uidRangeCount = 4096
+    /// Leases of host uid ranges. Every daemon on a host must share one directory (and first id), so
+    /// no two sandboxes, even of different daemons, get the same range. Default: in the state directory.
+    public var uidLeaseDirectory: String?
     public var readyTimeoutMilliseconds = 10_000
 
     public init(initPath: String, stateDirectory: String, cgroupParent: String = "cubicle") {
@@ -55,6 +58,6 @@ public struct SandboxHostConfig: Sendable {
     }
 
     public var uidAllocator: UIDRangeAllocator {
-        UIDRangeAllocator(directory: stateDirectory + "/uid-ranges", firstHostID: firstHostID, count: uidRangeCount)
+        UIDRangeAllocator(directory: uidLeaseDirectory ?? stateDirectory + "/uid-ranges", firstHostID: firstHostID, count: uidRangeCount)
     }
 }

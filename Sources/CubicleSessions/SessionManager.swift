@@ -131,7 +131,8 @@ public actor SessionManager {
         let started: StartedProcess
         let env = Session.environment(for: runtime)
         do {
-            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: env, cwd: InitConfig.codePath))
+            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: env,
+                                                                 cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath))
         } catch {
             _ = await sandbox.teardown()
             throw AgentCoreError(.runtimeClient, "Agent could not start: \(error)")
@@ -254,7 +255,8 @@ public actor SessionManager {
         if !report.leftovers.isEmpty {
             logger.error("teardown left something behind", metadata: ["session": "\(session.id)", "leftovers": "\(report.leftovers)"])
         }
-        logger.info("session ended", metadata: ["session": "\(session.id)", "reason": "\(summary.endReason?.description ?? "?")",
+        logger.info("session ended", metadata: ["session": "\(session.id)", "reason": "\(summary.endReason?.name ?? "?")",
+                                                 "detail": "\(summary.endReason?.description ?? "?")",
                                                  "teardown_us": "\(report.nanoseconds / 1000)"])
         await retire(session, summary)
         session.done.resolve(.success(summary))

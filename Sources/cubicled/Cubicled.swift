@@ -35,6 +35,9 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("first-host-uid"), help: "First host uid of the ranges mapped into sandboxes (65,536 per session).")
     var firstHostUID: UInt32 = 1_000_000
 
+    @Option(name: .customLong("uid-lease-dir"), help: "Leases of host uid ranges, shared by every cubicled on this host.")
+    var uidLeaseDir = "/run/cubicle-uid-leases"
+
     @Option(name: .customLong("init"), help: "Path of cubicle-init (default: beside cubicled).")
     var initPath: String?
 
@@ -64,6 +67,7 @@ struct Cubicled: AsyncParsableCommand {
 
         var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: cgroupParent)
         hostConfig.firstHostID = firstHostUID
+        hostConfig.uidLeaseDirectory = uidLeaseDir
         let launcher = SandboxLauncher(host: hostConfig)
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
@@ -80,7 +84,9 @@ struct Cubicled: AsyncParsableCommand {
             logger: logger)
         let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, logger: logger)
         let services = ServiceGroup(configuration: .init(
-            services: [.init(service: sessionsService), .init(service: app)],
+            // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
+            // sessions), then the listener drains what is left and stops.
+            services: [.init(service: app), .init(service: sessionsService)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await services.run()
@@ -131,7 +137,6 @@ struct SessionsService: Service {
         await manager.shutdown()
         try? Files.removeTree(stateDir + "/runtimes")
         try? Files.removeTree(stateDir + "/sandboxes")
-        try? Files.removeTree(stateDir + "/uid-ranges")
         rmdir(stateDir)  // only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {
             rmdir(directory)

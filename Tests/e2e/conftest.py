@@ -1,0 +1,198 @@
+"""End-to-end fixtures: a real cubicled (as root) per test, driven with boto3.
+
+Each daemon gets its own port, state directory and cgroup parent, so tests run in parallel
+(pytest -n) and a failing test still stops its daemon and checks what it left behind.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import boto3
+import pytest
+from botocore.config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRODUCTS = os.environ.get("CUBICLE_PRODUCTS", os.path.join(REPO, ".build", "debug"))
+CGROUP_ROOT = "/sys/fs/cgroup"
+ARN_PREFIX = "arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="end-to-end tests start cubicled, which needs root (namespaces, cgroups)")
+        for item in items:
+            item.add_marker(skip)
+        print("\nend-to-end tests skipped: not root")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def new_session_id():
+    return "e2e-" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
+
+
+def cgroup_dirs(parent):
+    """Every directory of `parent` in each hierarchy (v1: one per controller; v2: one)."""
+    out = []
+    for entry in sorted(os.listdir(CGROUP_ROOT)):
+        path = os.path.join(CGROUP_ROOT, entry, parent)
+        if os.path.isdir(path):
+            out.append(path)
+    direct = os.path.join(CGROUP_ROOT, parent)
+    if os.path.isdir(direct):
+        out.append(direct)
+    return out
+
+
+class Daemon:
+    def __init__(self, tmp_path, config=None):
+        self.port = free_port()
+        tag = uuid.uuid4().hex[:10]
+        self.state_dir = f"/tmp/cubicle-e2e-{tag}"
+        self.cgroup_parent = f"cubicle-e2e-{tag}"
+        self.log_path = tmp_path / "cubicled.log"
+        args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"127.0.0.1:{self.port}", "--state-dir", self.state_dir,
+                "--cgroup-parent", self.cgroup_parent, "--admin-socket", os.path.join(self.state_dir, "admin.sock"),
+                "--log-level", "debug"]
+        if config is not None:
+            path = tmp_path / "cubicle.yaml"
+            path.write_text(config)
+            args += ["--config", str(path)]
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 20
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"cubicled exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.endpoint + "/ping", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("cubicled did not answer /ping:\n" + self.log_text())
+            time.sleep(0.05)
+
+    def log_text(self):
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **config):
+        return boto3.client(
+            "bedrock-agentcore", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id="local", aws_secret_access_key="local",
+            config=Config(retries={"max_attempts": 1}, read_timeout=120, **config))
+
+    def invoke(self, payload, session_id, runtime="demo", client=None, **kwargs):
+        c = client or self.client()
+        response = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + runtime, runtimeSessionId=session_id,
+                                          payload=json.dumps(payload) if not isinstance(payload, bytes) else payload, **kwargs)
+        return response, response["response"].read()
+
+    def invoke_json(self, payload, session_id, runtime="demo"):
+        return json.loads(self.invoke(payload, session_id, runtime)[1])
+
+    def pids_in_cgroups(self):
+        pids = set()
+        for d in cgroup_dirs(self.cgroup_parent):
+            for root, _, files in os.walk(d):
+                if "cgroup.procs" in files:
+                    with open(os.path.join(root, "cgroup.procs")) as f:
+                        pids.update(int(p) for p in f.read().split())
+        return pids
+
+    def leftovers(self):
+        """What of this daemon remains on the host; empty after a clean stop."""
+        left = []
+        if os.path.exists(self.state_dir):
+            left.append(f"state dir {self.state_dir}: {os.listdir(self.state_dir)}")
+        left += [f"cgroup {d}" for d in cgroup_dirs(self.cgroup_parent)]
+        with open("/proc/self/mounts") as f:
+            left += [f"mount {line.split()[1]}" for line in f if self.state_dir in line]
+        return left
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        self.log.close()
+        return self.process.returncode
+
+    def force_cleanup(self):
+        """After a failed test: kill what the daemon left, so the next run starts clean."""
+        for pid in self.pids_in_cgroups():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+        for d in cgroup_dirs(self.cgroup_parent):
+            for root, dirs, _ in sorted(os.walk(d, topdown=False), key=lambda x: -len(x[0])):
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
+        subprocess.run(["rm", "-rf", self.state_dir], check=False)
+
+
+@pytest.fixture
+def start_daemon(tmp_path):
+    """start_daemon(config_yaml=None) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
+    daemons = []
+
+    def start(config=None):
+        sub = tmp_path / f"d{len(daemons)}"
+        sub.mkdir()
+        d = Daemon(sub, config)
+        daemons.append(d)
+        return d
+
+    yield start
+    problems = []
+    for d in daemons:
+        try:
+            code = d.stop()
+            if code != 0:
+                problems.append(f"cubicled exited {code}")
+            left = d.leftovers()
+            if left:
+                problems.append(f"left behind: {left}")
+        finally:
+            d.force_cleanup()
+    if problems:
+        pytest.fail("; ".join(problems) + "\n" + "\n".join(d.log_text()[-4000:] for d in daemons))
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    """cubicled with no config: the embedded demo runtime."""
+    return start_daemon()
+
+
+def short_lifecycle_config(idle=2, max_lifetime=60, extra_runtimes="", **top):
+    lines = ["lifecycleMinimumSeconds: 1", "healthPollSeconds: 0.2"] + [f"{k}: {v}" for k, v in top.items()]
+    return "\n".join(lines) + f"""
+runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    lifecycle: {{idleRuntimeSessionTimeout: {idle}, maxLifetime: {max_lifetime}}}
+    limits: {{memory: 256MiB}}
+{extra_runtimes}"""
