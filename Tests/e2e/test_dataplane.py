@@ -265,3 +265,23 @@ def test_sigterm_leaves_nothing_behind(daemon):
     alive = [p for p in pids if os.path.exists(f"/proc/{p}")]
     assert alive == []
     assert "reason=daemon_shutdown" in daemon.log_text()
+
+
+def test_client_disconnect_cancels_agent_request(start_daemon):
+    """Closing the client mid-stream closes the agent's connection: the request is no longer in flight, so
+    the session goes idle and its short idle timeout ends it, long before the agent's stream would finish."""
+    import socket
+    import urllib.parse
+    d = start_daemon(short_lifecycle_config(idle=2))
+    sid = new_session_id()
+    body = json.dumps({"stream": True, "stream_events": 600, "stream_interval_ms": 100}).encode()
+    path = "/runtimes/" + urllib.parse.quote(ARN_PREFIX + "demo", safe="") + "/invocations"
+    s = socket.create_connection(("127.0.0.1", d.port))
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+              f"X-Amzn-Bedrock-AgentCore-Runtime-Session-Id: {sid}\r\n\r\n".encode() + body)
+    assert b"data: " in s.recv(65536) + s.recv(65536)
+    s.close()
+    deadline = time.time() + 15
+    while "reason=idle_timeout" not in d.log_text() and time.time() < deadline:
+        time.sleep(0.1)
+    assert "reason=idle_timeout" in d.log_text(), "the 60 s stream still held the session busy"
