@@ -3,7 +3,6 @@ import CubicleAgentCore
 import CubicleRPC
 import CubicleSandbox
 import NIOCore
-import NIOPosix
 
 extension Session {
     /// Runs `sh -c command` in the session with the agent's identity, environment and filesystem, and
@@ -47,21 +46,10 @@ extension Session {
 
     /// Reads a pipe from inside the sandbox as UTF-8 text chunks until EOF or cancellation.
     static func pump(fd: Int32, group: any EventLoopGroup, _ deliver: @escaping @Sendable (String) async -> Void) async {
-        let channel: NIOAsyncChannel<ByteBuffer, Never>
-        do {
-            channel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: fd) { ch in
-                ch.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, Never>(wrappingChannelSynchronously: ch) }
-            }
-        } catch {
-            return
-        }
         var text = UTF8Chunker()
-        try? await channel.executeThenClose { inbound, _ in
-            for try await buffer in inbound {
-                let chunk = text.feed(buffer.readableBytesView)
-                if !chunk.isEmpty { await deliver(chunk) }
-                try Task.checkCancellation()
-            }
+        await readSandboxPipe(fd: fd, group: group) { bytes in
+            let chunk = text.feed(bytes)
+            if !chunk.isEmpty { await deliver(chunk) }
         }
         let rest = text.finish()
         if !rest.isEmpty { await deliver(rest) }

@@ -1,5 +1,4 @@
 import NIOCore
-import NIOPosix
 import Synchronization
 
 /// The agent's stdout and stderr, kept per session up to a byte budget (oldest lines dropped first),
@@ -67,19 +66,9 @@ public final class LogRing: Sendable {
 
     /// Reads a pipe from the sandbox into the ring until it closes. Takes ownership of `fd`.
     func drain(fd: Int32, stream name: String, group: any EventLoopGroup) async {
-        let channel: NIOAsyncChannel<ByteBuffer, Never>
-        do {
-            channel = try await NIOPipeBootstrap(group: group).takingOwnershipOfDescriptor(input: fd) { ch in
-                ch.eventLoop.makeCompletedFuture { try NIOAsyncChannel<ByteBuffer, Never>(wrappingChannelSynchronously: ch) }
-            }
-        } catch {
-            return
-        }
         var splitter = LineSplitter(maxLineBytes: Self.maxLineBytes)
-        try? await channel.executeThenClose { inbound, _ in
-            for try await buffer in inbound {
-                for line in splitter.feed(buffer.readableBytesView) { append(stream: name, line) }
-            }
+        await readSandboxPipe(fd: fd, group: group) { bytes in
+            for line in splitter.feed(bytes) { append(stream: name, line) }
         }
         if let rest = splitter.finish() { append(stream: name, rest) }
     }

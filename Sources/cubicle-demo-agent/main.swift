@@ -71,20 +71,29 @@ func invoke(_ conn: HTTPConnection, _ request: HTTPConnection.Request) -> Bool {
     let userID = payload["user_id"].flatMap { $0.stringValue ?? $0.intValue.map { String($0) } }
     let user = userID.flatMap { Tutor.users[$0] }
     let prompt = payload["prompt"]?.stringValue ?? ""
-    var (answer, message, turn): (JSON, String, Int) = state.withLock { s in
+    let (answer, reply, turn): (JSON, String, Int) = state.withLock { s in
         s.turns += 1
         let (a, m) = s.tutor.answer(prompt, user: user)
         return (a, m, s.turns)
     }
-    if let seconds = payload["background_seconds"].flatMap({ $0.intValue.map(Double.init) ?? ($0 == .null ? nil : Double("\($0.text)")) }), seconds > 0 {
+    var message = reply
+    let background: Double? = switch payload["background_seconds"] {
+    case .double(let d)?: d
+    case let v?: v.intValue.map(Double.init)
+    case nil: nil
+    }
+    if let seconds = background, seconds > 0 {
         startBackground(seconds: seconds)
         message = "Background work started for \(Tutor.format(seconds)) s. " + message
     }
     let result: JSON = ["session_id": sessionID.map { .string($0) } ?? .null, "user": user.map { .string($0) } ?? .null,
                         "answer": answer, "turn": .int(Int64(turn)), "pid": .int(Int64(pid)), "message": .string(message)]
     let wantsStream = payload["stream"]?.boolValue == true || (request.headers["accept"]?.contains("text/event-stream") ?? false)
-    var keepAlive = request.keepAlive
-    if let code = payload["exit_code"]?.intValue { keepAlive = false; defer { exit(Int32(clamping: code)) }; return conn.respond(status: 200, contentType: "application/json", body: json(result), keepAlive: false) }
+    let keepAlive = request.keepAlive
+    if let code = payload["exit_code"]?.intValue {
+        _ = conn.respond(status: 200, contentType: "application/json", body: json(result), keepAlive: false)
+        exit(Int32(clamping: code))
+    }
     if wantsStream {
         let events = Int(payload["stream_events"]?.intValue ?? 3)
         let interval = UInt32(clamping: payload["stream_interval_ms"]?.intValue ?? 50)
@@ -97,7 +106,6 @@ func invoke(_ conn: HTTPConnection, _ request: HTTPConnection.Request) -> Bool {
         guard conn.writeChunk(Array("data: ".utf8) + json(result) + Array("\n\n".utf8)) else { return false }
         return conn.finishChunked() && keepAlive
     }
-    answer = .null
     return conn.respond(status: 200, contentType: "application/json", body: json(result), keepAlive: keepAlive)
 }
 

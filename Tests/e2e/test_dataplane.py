@@ -138,6 +138,19 @@ def test_live_session_quota(start_daemon):
     assert d.invoke_json({"prompt": "1+1"}, new_session_id())["turn"] == 1, "a stopped session frees its slot"
 
 
+def test_runtime_that_cannot_start(start_daemon):
+    """A missing code directory is the runtime's fault, reported as RuntimeClientError (not retried), not 500."""
+    d = start_daemon(short_lifecycle_config(extra_runtimes="""  - name: broken
+    command: [/app/agent]
+    codeDirectory: /nonexistent/cubicle-code
+"""))
+    c = d.client()
+    with pytest.raises(c.exceptions.RuntimeClientError) as info:
+        d.invoke({"prompt": "hi"}, new_session_id(), runtime="broken", client=c)
+    assert "/nonexistent/cubicle-code" in info.value.response["Error"]["Message"]
+    assert d.invoke_json({"prompt": "1+1"}, new_session_id())["answer"] == 2, "other runtimes are unaffected"
+
+
 def test_agent_not_healthy_in_time(start_daemon):
     d = start_daemon(short_lifecycle_config(initializationTimeoutSeconds=1.5, extra_runtimes="""  - name: silent
     command: [/bin/sleep, "1000"]
@@ -245,7 +258,6 @@ def test_racing_first_calls_make_one_sandbox(daemon):
     assert not errors
     # One agent process served all four: its turn counter went 1..4. Two sandboxes would repeat a turn.
     assert sorted(r["turn"] for r in results) == [1, 2, 3, 4]
-    assert "session ready" in daemon.log_text() and daemon.log_text().count(f"session={sid}") >= 1
     assert daemon.log_text().count("session ready") == 1
 
 
