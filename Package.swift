@@ -4,6 +4,7 @@ import PackageDescription
 // Executables that run inside a sandbox see only the host's /usr, /lib* and /bin, never the toolchain's
 // directory, so they carry the Swift runtime with them.
 let staticStdlib: [LinkerSetting] = [.unsafeFlags(["-static-stdlib"])]
+let staticExecutable: [LinkerSetting] = [.unsafeFlags(["-static-executable"])]
 
 let package = Package(
     name: "cubicle",
@@ -34,7 +35,7 @@ let package = Package(
         .target(name: "CubicleJSON"),
         .target(name: "CubicleRPC", dependencies: ["CubicleLinux", "CubicleJSON"]),
         .target(name: "CubicleInit", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim"]),
-        .executableTarget(name: "cubicle-init", dependencies: ["CubicleInit"]),
+        .executableTarget(name: "cubicle-init", dependencies: ["CubicleInit"], linkerSettings: staticExecutable),
         .target(name: "CubicleSandbox", dependencies: ["CubicleRPC", "CubicleLinux", "CCubicleShim", "CLibseccomp"],
                 // sandbox/seccomp/default.json, compiled into the daemon so it needs no file at run time.
                 resources: [.embedInCode("Resources/default-seccomp.json")]),

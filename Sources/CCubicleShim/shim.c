@@ -7,6 +7,7 @@
 #include <linux/capability.h>
 #include <linux/close_range.h>
 #include <linux/filter.h>
+#include <linux/mount.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
 #include <pthread.h>
@@ -14,11 +15,13 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* Everything a child runs between clone/fork and exec below is async-signal-safe: raw syscalls only,
@@ -70,72 +73,52 @@ static int place_fds(const int *fds, int nfds, int target) {
     return 0;
 }
 
-pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd, int *error_fd,
-                            cubicle_spawn_error *error) {
-    int sync_pipe[2], err_pipe[2];
-    if (pipe2(sync_pipe, O_CLOEXEC) < 0) {
-        error->step = CUBICLE_STEP_PIPE; error->err = errno; error->index = -1; return -1;
-    }
-    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
-        error->step = CUBICLE_STEP_PIPE; error->err = errno;
-        close(sync_pipe[0]); close(sync_pipe[1]); return -1;
-    }
+struct sandbox_child_args {
+    const cubicle_sandbox_spawn *spawn;
+    int sync_fd;
+    int err_fd;
+};
 
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-
-    /* Raw clone without CLONE_VM returns twice like fork, but can take namespace flags. */
-    pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)(spawn->namespaces | SIGCHLD), NULL, NULL, NULL, NULL);
-    if (pid == 0) {
-        reset_signals();
-        close(sync_pipe[1]);
-        int errfd = err_pipe[1];
-        char go;
-        ssize_t n;
-        do { n = read(sync_pipe[0], &go, 1); } while (n < 0 && errno == EINTR);
-        if (n != 1) _exit(126); /* the parent gave up on us before the maps were written */
-        if (spawn->unshare_cgroup && unshare(CLONE_NEWCGROUP) < 0) child_fail(errfd, CUBICLE_STEP_UNSHARE_CGROUP);
-        int all[64];
-        int nall = spawn->nfds + spawn->nsources;
-        if (nall > 64) { errno = EMFILE; child_fail(errfd, CUBICLE_STEP_DUP_FDS); }
-        for (int i = 0; i < spawn->nfds; i++) all[i] = spawn->fds[i];
-        for (int i = 0; i < spawn->nsources; i++) {
-            all[spawn->nfds + i] = open(spawn->sources[i], O_PATH | O_CLOEXEC);
-            if (all[spawn->nfds + i] < 0) child_fail_at(errfd, CUBICLE_STEP_OPEN_SOURCE, i);
-        }
-        /* init reports over its control socket; the daemon's stdio is a host descriptor it must not hold. */
-        int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-        if (devnull < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-        for (int i = 0; i < 3; i++) if (dup2(devnull, i) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-        // Raw syscalls: glibc's wrappers broadcast set*id to every thread it believes exists, and this
-        // child of a threaded parent inherited that list without the threads, so they would wait forever.
-        if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
-        if (syscall(SYS_setresgid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
-        if (syscall(SYS_setresuid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
-        errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3 + nall);
-        if (errfd < 0) _exit(127);
-        if (place_fds(all, nall, 3) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-        /* Every descriptor we were not asked to pass closes at exec, whoever opened it. */
-        if (syscall(SYS_close_range, 3 + nall, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
-            child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-        unblock_signals();
-        execve(spawn->path, spawn->argv, spawn->envp);
-        child_fail(errfd, CUBICLE_STEP_EXEC);
+/* Runs on its own stack in the parent's address space (CLONE_VM, as posix_spawn does), so there is no
+ * page-table copy to make and none to tear down at exec: only its stack and errno are written. */
+static int sandbox_child(void *arg) {
+    const struct sandbox_child_args *a = arg;
+    const cubicle_sandbox_spawn *spawn = a->spawn;
+    int errfd = a->err_fd;
+    reset_signals();
+    int all[64];
+    int nall = spawn->nfds + spawn->nsources;
+    if (nall > 64) { errno = EMFILE; child_fail(errfd, CUBICLE_STEP_DUP_FDS); }
+    for (int i = 0; i < spawn->nfds; i++) all[i] = spawn->fds[i];
+    for (int i = 0; i < spawn->nsources; i++) {
+        all[spawn->nfds + i] = open(spawn->sources[i], O_PATH | O_CLOEXEC);
+        if (all[spawn->nfds + i] < 0) child_fail_at(errfd, CUBICLE_STEP_OPEN_SOURCE, i);
     }
-
-    int saved = errno;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    close(sync_pipe[0]);
-    close(err_pipe[1]);
-    if (pid < 0) {
-        error->step = CUBICLE_STEP_CLONE; error->err = saved;
-        close(sync_pipe[1]); close(err_pipe[0]);
-        return -1;
-    }
-    *release_fd = sync_pipe[1];
-    *error_fd = err_pipe[0];
-    return pid;
+    /* init reports over its control socket; the daemon's stdio is a host descriptor it must not hold. */
+    int devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+    for (int i = 0; i < 3; i++) if (dup2(devnull, i) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+    /* The opens above overlap the parent's map and cgroup writes; what follows needs both done. */
+    char go;
+    ssize_t n;
+    do { n = read(a->sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1) _exit(126); /* the parent gave up on us before the maps were written */
+    if (spawn->unshare_cgroup && unshare(CLONE_NEWCGROUP) < 0) child_fail(errfd, CUBICLE_STEP_UNSHARE_CGROUP);
+    // Raw syscalls: glibc's wrappers broadcast set*id to every thread it believes exists, and this
+    // child of a threaded parent has none of them, so they would wait forever.
+    if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
+    if (syscall(SYS_setresgid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
+    if (syscall(SYS_setresuid, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
+    errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3 + nall);
+    if (errfd < 0) _exit(127);
+    if (place_fds(all, nall, 3) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+    /* Every descriptor we were not asked to pass closes at exec, whoever opened it. */
+    if (syscall(SYS_close_range, 3 + nall, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+    unblock_signals();
+    execve(spawn->path, spawn->argv, spawn->envp);
+    child_fail(errfd, CUBICLE_STEP_EXEC);
+    return 127;
 }
 
 static int read_exec_result(int error_fd, cubicle_spawn_error *error) {
@@ -149,18 +132,67 @@ static int read_exec_result(int error_fd, cubicle_spawn_error *error) {
     return -1;
 }
 
-int cubicle_sandbox_release(int release_fd, int error_fd, cubicle_spawn_error *error) {
-    char go = 1;
-    ssize_t n;
-    do { n = write(release_fd, &go, 1); } while (n < 0 && errno == EINTR);
-    int saved = errno;
-    close(release_fd);
-    if (n != 1) {
-        close(error_fd);
-        error->step = CUBICLE_STEP_SYNC_WAIT; error->err = saved;
+static void reap(pid_t pid) {
+    int status;
+    while (waitpid(pid, &status, __WALL) < 0 && errno == EINTR) {}
+}
+
+enum { SANDBOX_CHILD_STACK = 64 * 1024 };
+
+pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                                cubicle_spawn_error *error) {
+    error->step = CUBICLE_STEP_NONE; error->err = 0; error->index = -1;
+    int sync_pipe[2], err_pipe[2];
+    if (pipe2(sync_pipe, O_CLOEXEC) < 0) {
+        error->step = CUBICLE_STEP_PIPE; error->err = errno; return -1;
+    }
+    if (pipe2(err_pipe, O_CLOEXEC) < 0) {
+        error->step = CUBICLE_STEP_PIPE; error->err = errno;
+        close(sync_pipe[0]); close(sync_pipe[1]); return -1;
+    }
+    void *stack = mmap(NULL, SANDBOX_CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) {
+        error->step = CUBICLE_STEP_CLONE; error->err = errno;
+        close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
         return -1;
     }
-    return read_exec_result(error_fd, error);
+    struct sandbox_child_args args = {spawn, sync_pipe[0], err_pipe[1]};
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = clone(sandbox_child, (char *)stack + SANDBOX_CHILD_STACK, spawn->namespaces | CLONE_VM | SIGCHLD, &args);
+    int saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(sync_pipe[0]);
+    close(err_pipe[1]);
+    if (pid < 0) {
+        error->step = CUBICLE_STEP_CLONE; error->err = saved;
+        close(sync_pipe[1]); close(err_pipe[0]); munmap(stack, SANDBOX_CHILD_STACK);
+        return -1;
+    }
+    int failed = 0;
+    if (prepare(context, pid) != 0) {
+        error->step = CUBICLE_STEP_PREPARE; error->err = 0;
+        failed = 1;
+    } else {
+        char go = 1;
+        ssize_t n;
+        do { n = write(sync_pipe[1], &go, 1); } while (n < 0 && errno == EINTR);
+        if (n != 1) { error->step = CUBICLE_STEP_SYNC_WAIT; error->err = errno; failed = 1; }
+    }
+    close(sync_pipe[1]); /* a child still waiting reads EOF and exits */
+    if (failed) {
+        close(err_pipe[0]);
+    } else {
+        /* EOF means exec replaced the child's address space: it no longer runs on our stack. */
+        failed = read_exec_result(err_pipe[0], error) != 0;
+    }
+    if (failed) {
+        kill(pid, SIGKILL);
+        reap(pid);
+    }
+    munmap(stack, SANDBOX_CHILD_STACK);
+    return failed ? -1 : pid;
 }
 
 pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_error *error) {
@@ -224,6 +256,18 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
     /* On failure error->step is set and the caller still reaps pid. */
     (void)read_exec_result(err_pipe[0], error);
     return pid;
+}
+
+int cubicle_mount_setattr_readonly(const char *path) {
+    struct mount_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    return (int)syscall(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE | AT_SYMLINK_NOFOLLOW, &attr, sizeof attr);
+}
+
+int cubicle_mount_setattr_available(void) {
+    /* An invalid flag: EINVAL where the call exists, ENOSYS where it does not. */
+    return !(syscall(SYS_mount_setattr, -1, "", 0x80000000U, NULL, 0) < 0 && errno == ENOSYS);
 }
 
 int cubicle_pivot_root(const char *new_root, const char *put_old) {

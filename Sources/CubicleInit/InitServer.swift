@@ -23,10 +23,21 @@ public struct InitServer {
         channel = BlockingChannel(fd: InitConfig.controlFD)
     }
 
+    /// CLOCK_MONOTONIC is not namespaced here, so the host can set these beside its own marks.
+    static func monotonicNanoseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+    }
+
     mutating func run() -> Never {
+        let started = Self.monotonicNanoseconds()
         let config: InitConfig
         do {
-            guard case (.notification(RPCMethod.configure, let params, _), _)? = try channel.receive() else {
+            // The host queues configure before we exist; a large one may still take more than one read.
+            var first = try channel.receive()
+            while first == nil { first = try channel.receive() }
+            guard case (.notification(RPCMethod.configure, let params, _), _)? = first else {
                 fail(SystemError("first message is not \(RPCMethod.configure)", errno: EPROTO))
             }
             config = try InitConfig(json: params)
@@ -35,6 +46,7 @@ public struct InitServer {
         } catch {
             fail(SystemError("configure: \(error)", errno: EPROTO))
         }
+        let configured = Self.monotonicNanoseconds()
         do {
             try RootFilesystem(config: config).build()
         } catch {
@@ -47,7 +59,8 @@ public struct InitServer {
         signalFD = cubicle_signalfd(&sigs, Int32(sigs.count))
         guard signalFD >= 0 else { fail(SystemError.lastError("signalfd")) }
         supervisor = Supervisor(config: config)
-        send(.notification(method: RPCMethod.ready, params: ["pid": .int(Int64(getpid()))], fds: 0))
+        let built = Self.monotonicNanoseconds()
+        send(.notification(method: RPCMethod.ready, params: ["pid": .int(Int64(getpid())), "timings": [.int(started), .int(configured), .int(built)]], fds: 0))
         loop()
     }
 

@@ -5,10 +5,16 @@ import CCubicleShim
 import CubicleLinux
 import CubicleRPC
 
+final class MadeDirectories {
+    var paths: Set<String> = []
+}
+
 /// Builds the sandbox's filesystem inside the new mount namespace, then pivots into it.
 /// Runs before any thread exists and before the agent starts; every failure names its step.
 struct RootFilesystem {
     let config: InitConfig
+    /// Directories known to exist, so a deep tree costs one mkdir per directory rather than one per ancestor.
+    private let made = MadeDirectories()
     /// Where the new root is assembled. Its host contents are shadowed only inside this namespace, and
     /// no bind source is looked up by path, so any existing world-traversable directory will do.
     let staging = "/tmp"
@@ -22,21 +28,31 @@ struct RootFilesystem {
     func build() throws(SystemError) {
         try sys("make / private") { mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) }
         try mountTmpfs(staging, bytes: config.rootBytes, mode: "0755")
-        try mountFromHost()
+        let oneCall = try mountFromHost()
+        try writeIdentityFiles()
+        for dir in ["/proc", "/dev", "/tmp", InitConfig.agentHome] { try mkdirs(staging + dir) }
+        // One call makes the root and every host bind under it read-only, nosuid and nodev, recursively;
+        // what is mounted after it (proc, dev, tmp, home) keeps its own flags.
+        if oneCall { try makeReadOnly(staging) }
         try mountProc()
         try mountDev()
         try mountTmpfs(staging + "/tmp", bytes: config.tmpBytes, mode: "1777")
-        try mkdirs(staging + InitConfig.agentHome)
         try mountTmpfs(staging + InitConfig.agentHome, bytes: config.homeBytes, mode: "0700",
                        extra: ",uid=\(config.agentUID),gid=\(config.agentGID)")
-        try writeIdentityFiles()
-        try pivot()
+        try pivot(rootIsReadOnly: oneCall)
         try sys("sethostname") { config.hostname.withCString { sethostname($0, strlen($0)) } }
         try sys("loopback up") { cubicle_loopback_up() }
     }
 
     private func mkdirs(_ path: String) throws(SystemError) {
-        try Files.makeDirectories(path)
+        guard !made.paths.contains(path) else { return }
+        var current = ""
+        for part in path.split(separator: "/") {
+            current += "/" + part
+            guard !made.paths.contains(current) else { continue }
+            if mkdir(current, 0o755) != 0 && errno != EEXIST { throw SystemError.lastError("mkdir \(current)") }
+            made.paths.insert(current)
+        }
     }
 
     private func mountTmpfs(_ target: String, bytes: Int64, mode: String, extra: String = "", flags: Int = 0) throws(SystemError) {
@@ -47,8 +63,16 @@ struct RootFilesystem {
         }
     }
 
-    /// A bind becomes read-only with a second, remount step, which must repeat the flags the kernel has
-    /// locked on the source mount (nosuid, nodev, noexec, atime) or it fails with EPERM in a user namespace.
+    /// Read-only, nosuid and nodev for the bind and every mount under it: a host /usr with /usr/local
+    /// mounted apart must not bring a writable mount in with it.
+    private func makeReadOnly(_ target: String) throws(SystemError) {
+        if cubicle_mount_setattr_readonly(target) == 0 { return }
+        guard errno == ENOSYS else { throw SystemError.lastError("make read-only \(target)") }
+        try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV))
+    }
+
+    /// Before Linux 5.12: a remount, which reaches only the top mount and must repeat the flags the kernel
+    /// has locked on the source mount (nosuid, nodev, noexec, atime) or it fails with EPERM in a user namespace.
     private func remountReadOnly(_ target: String, extra: UInt = 0) throws(SystemError) {
         var st = statvfs()
         try sys("statvfs \(target)") { statvfs(target, &st) }
@@ -72,20 +96,24 @@ struct RootFilesystem {
         try sys(step) { mount(source, target, nil, UInt(MS_BIND | MS_REC), nil) }
     }
 
-    private func mountFromHost() throws(SystemError) {
+    /// Binds the host paths. Returns whether mount_setattr exists, so the caller can make them all
+    /// read-only at once; without it (before 5.12) each bind is remounted read-only here.
+    private func mountFromHost() throws(SystemError) -> Bool {
+        let hasSetattr = cubicle_mount_setattr_available() != 0
         for m in config.mounts {
             let target = staging + m.target
             switch m.kind {
             case .bindReadOnly(let index, let directory):
                 let source = "/proc/self/fd/\(InitConfig.firstSourceFD + Int32(index))"
                 try bind(source, target, directory: directory, step: "bind \(m.target)")
-                try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV))
+                if !hasSetattr { try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV)) }
             case .symlink(let destination):
                 let parent = String(target[..<target.lastIndex(of: "/")!])
                 try mkdirs(parent)
                 try sys("symlink \(m.target)") { symlink(destination, target) }
             }
         }
+        return hasSetattr
     }
 
     private func mountProc() throws(SystemError) {
@@ -106,7 +134,7 @@ struct RootFilesystem {
             let target = staging + path
             guard access(target, F_OK) == 0 else { continue }
             try sys("bind \(path)") { mount(target, target, nil, UInt(MS_BIND | MS_REC), nil) }
-            try remountReadOnly(target)
+            try makeReadOnly(target)
         }
     }
 
@@ -139,11 +167,12 @@ struct RootFilesystem {
     }
 
     /// pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no host path reachable.
-    private func pivot() throws(SystemError) {
+    private func pivot(rootIsReadOnly: Bool) throws(SystemError) {
         try sys("chdir new root") { chdir(staging) }
         try sys("pivot_root") { cubicle_pivot_root(".", ".") }
         try sys("detach old root") { umount2(".", Int32(MNT_DETACH)) }
         try sys("chdir /") { chdir("/") }
+        if rootIsReadOnly { return }
         try sys("remount / read-only") { mount(nil, "/", nil, UInt(MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV), nil) }
     }
 }

@@ -64,6 +64,8 @@ public final class Sandbox: Sendable {
     public let stateDirectory: String
     /// Launch start to init's `ready`, in nanoseconds: the one place spawn time is measured.
     public let spawnNanoseconds: UInt64
+    /// The same time split by step (host paths, uid range, cgroup, clone, init's own steps, ready).
+    public let spawnPhases: [SpawnPhase]
     public let events: AsyncStream<SandboxEvent>
 
     let eventSink: AsyncStream<SandboxEvent>.Continuation
@@ -86,7 +88,7 @@ public final class Sandbox: Sendable {
     }
 
     init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange, stateDirectory: String,
-         spawnNanoseconds: UInt64, connection: InitConnection, allocator: UIDRangeAllocator,
+         spawnNanoseconds: UInt64, spawnPhases: [SpawnPhase], connection: InitConnection, allocator: UIDRangeAllocator,
          events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
         self.id = id
         self.initPID = initPID
@@ -94,6 +96,7 @@ public final class Sandbox: Sendable {
         self.uidRange = uidRange
         self.stateDirectory = stateDirectory
         self.spawnNanoseconds = spawnNanoseconds
+        self.spawnPhases = spawnPhases
         self.connection = connection
         self.allocator = allocator
         self.events = events

@@ -81,11 +81,14 @@ public struct SandboxLauncher: Sendable {
     }
 
     private func launch(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) async throws(SandboxError) -> Sandbox {
+        let phases = SpawnPhases(start: start)
         let sources = try sources(spec)
+        phases.mark("host paths")
 
         let allocator = host.uidAllocator
         let range = try allocator.allocate(owner: id)
         rollback.add { allocator.release(range) }
+        phases.mark("uid range")
 
         let stateDirectory = "\(host.stateDirectory)/sandboxes/\(id)"
         do {
@@ -95,6 +98,7 @@ public struct SandboxLauncher: Sendable {
             throw .system(error)
         }
         rollback.add { try? Files.removeTree(stateDirectory) }
+        phases.mark("state directory")
 
         let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
         do {
@@ -105,57 +109,14 @@ public struct SandboxLauncher: Sendable {
             throw .cgroup(error)
         }
 
+        phases.mark("cgroup")
         let (hostSock, childSock): (Int32, Int32)
         do { (hostSock, childSock) = try Descriptors.socketPair() } catch { throw .system(error) }
         var hostSockOwned = true
         rollback.add { if hostSockOwned { close(hostSock) } }
         defer { close(childSock) }
 
-        // Clone; the child waits on us while we write its id maps and put it in its cgroup.
-        var failure = cubicle_spawn_error()
-        var releaseFD: Int32 = -1, errorFD: Int32 = -1
-        let childFDs = [childSock]
-        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewNet | Self.cloneNewIPC | Self.cloneNewUTS
-        let pid: pid_t = withCStrings([host.initPath]) { argv in
-            withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin"]) { envp in
-                withCStrings(sources.paths) { paths in
-                    childFDs.withUnsafeBufferPointer { fds in
-                        host.initPath.withCString { path in
-                            var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: namespaces,
-                                                              unshare_cgroup: 1, fds: fds.baseAddress, nfds: Int32(fds.count),
-                                                              sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
-                                                              nsources: Int32(sources.paths.count))
-                            return cubicle_sandbox_clone(&spawn, &releaseFD, &errorFD, &failure)
-                        }
-                    }
-                }
-            }
-        }
-        guard pid > 0 else { throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err) }
-        var released = false
-        rollback.add {
-            if !released { close(releaseFD); close(errorFD) }  // the child reads EOF and exits
-            kill(pid, SIGKILL)
-            var status: Int32 = 0
-            _ = waitpid(pid, &status, 0)
-        }
-        do {
-            let map = "0 \(range.hostBase) \(range.size)\n"
-            try Files.write("/proc/\(pid)/uid_map", map)
-            try Files.write("/proc/\(pid)/gid_map", map)
-        } catch {
-            throw .system(error)
-        }
-        do { try cgroup.addProcess(pid) } catch { throw .cgroup(error) }
-        released = true
-        if cubicle_sandbox_release(releaseFD, errorFD, &failure) != 0 {
-            if failure.step == 18, sources.paths.indices.contains(Int(failure.index)) {
-                throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
-            }
-            throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
-        }
-
-        // Configure, and wait for init's ready or failed.
+        // Queued before the clone, so init finds its configuration waiting when it first reads.
         var config = InitConfig()
         config.hostname = spec.hostname
         config.rootBytes = spec.rootBytes
@@ -166,6 +127,50 @@ public struct SandboxLauncher: Sendable {
         config.maxOpenFiles = spec.maxOpenFiles
         config.maxProcesses = spec.maxProcesses
 
+        do {
+            try BlockingChannel(fd: hostSock).send(.notification(method: RPCMethod.configure, params: config.json, fds: 0))
+        } catch {
+            throw .system(error)
+        }
+
+        // Clone; the child waits on us while we write its id maps and put it in its cgroup.
+        var failure = cubicle_spawn_error()
+        let childFDs = [childSock]
+        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewNet | Self.cloneNewIPC | Self.cloneNewUTS
+        let preparation = ChildPreparation(idMap: "0 \(range.hostBase) \(range.size)\n", cgroup: cgroup)
+        let pid: pid_t = withCStrings([host.initPath]) { argv in
+            // No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
+            withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]) { envp in
+                withCStrings(sources.paths) { paths in
+                    childFDs.withUnsafeBufferPointer { fds in
+                        host.initPath.withCString { path in
+                            var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: namespaces,
+                                                              unshare_cgroup: 1, fds: fds.baseAddress, nfds: Int32(fds.count),
+                                                              sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
+                                                              nsources: Int32(sources.paths.count))
+                            return withExtendedLifetime(preparation) {
+                                cubicle_sandbox_spawn_run(&spawn, ChildPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        guard pid > 0 else {
+            if let error = preparation.error { throw error }
+            if failure.step == 18, sources.paths.indices.contains(Int(failure.index)) {
+                throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
+            }
+            throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
+        }
+        rollback.add {
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+        }
+        phases.mark("clone, maps, exec")
+
+        // Wait for init's ready or failed.
         let startup = StartupWaiter()
         let holder = SandboxHolder()
         let connection = InitConnection(
@@ -185,12 +190,13 @@ public struct SandboxLauncher: Sendable {
         hostSockOwned = false
         rollback.add { connection.shutDown() }
         connection.start()
-        try connection.notify(RPCMethod.configure, config.json)
         try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
 
+        phases.mark("ready")
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
-                              spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start, connection: connection,
+                              spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
+                              spawnPhases: phases.merged(initMarks: startup.timings), connection: connection,
                               allocator: allocator, events: events, sink: sink)
         holder.sandbox = sandbox
         rollback.disarm()
@@ -201,6 +207,64 @@ public struct SandboxLauncher: Sendable {
                            "uidSize": .int(Int64(range.size)), "uidSlot": .int(Int64(range.slot))]
         try? Files.writeAtomically(stateDirectory + "/sandbox.json", facts.text)
         return sandbox
+    }
+}
+
+/// Where spawn time goes, for the benchmark: host steps, then init's own steps from its ready (the same
+/// monotonic clock), each as the time since the previous mark.
+final class SpawnPhases: @unchecked Sendable {
+    private let start: UInt64
+    private var marks: [(String, UInt64)] = []
+
+    init(start: UInt64) { self.start = start }
+
+    func mark(_ name: String) { marks.append((name, DispatchTime.now().uptimeNanoseconds)) }
+
+    func merged(initMarks: [UInt64]) -> [SpawnPhase] {
+        var all = marks
+        if initMarks.count == 3, let exec = all.firstIndex(where: { $0.0 == "clone, maps, exec" }), all.count > exec + 1,
+           initMarks[0] >= all[exec].1, initMarks[2] <= all[exec + 1].1 {
+            all.insert(contentsOf: zip(["init start", "init configured", "init filesystem"], initMarks).map { ($0, $1) }, at: exec + 1)
+        }
+        var previous = start
+        return all.map { name, t in
+            defer { previous = t }
+            return SpawnPhase(name: name, nanoseconds: t &- previous)
+        }
+    }
+}
+
+public struct SpawnPhase: Sendable {
+    public let name: String
+    public let nanoseconds: UInt64
+}
+
+/// What the parent does while the cloned child waits: its uid/gid maps (one unprivileged host range), then
+/// its cgroup, so it is limited before it runs a single instruction of cubicle-init.
+final class ChildPreparation {
+    let idMap: String
+    let cgroup: Cgroup
+    var error: SandboxError?
+
+    init(idMap: String, cgroup: Cgroup) {
+        self.idMap = idMap
+        self.cgroup = cgroup
+    }
+
+    static let run: cubicle_sandbox_prepare = { context, pid in
+        let me = Unmanaged<ChildPreparation>.fromOpaque(context!).takeUnretainedValue()
+        do throws(SystemError) {
+            try Files.write("/proc/\(pid)/uid_map", me.idMap)
+            try Files.write("/proc/\(pid)/gid_map", me.idMap)
+        } catch {
+            me.error = .system(error)
+            return -1
+        }
+        do throws(CgroupError) { try me.cgroup.addProcess(pid) } catch {
+            me.error = .cgroup(error)
+            return -1
+        }
+        return 0
     }
 }
 
@@ -215,12 +279,17 @@ final class SandboxHolder: @unchecked Sendable {
 
 /// Resolves once: init's `ready`, its `failed` with a step and errno, a closed channel, or a timeout.
 final class StartupWaiter: @unchecked Sendable {
+    /// init's own CLOCK_MONOTONIC marks from its ready: main entered, configured, filesystem built.
+    /// Written before the waiter is resumed, read after.
+    nonisolated(unsafe) var timings: [UInt64] = []
     private let state = Mutex<(done: Bool, result: Result<Void, SandboxError>?, waiter: CheckedContinuation<Void, Error>?)>((false, nil, nil))
 
     /// True while start-up is being decided, so start-up notifications are not passed on.
     func deliver(_ method: String, _ params: JSON) -> Bool {
         switch method {
-        case RPCMethod.ready: finish(.success(()))
+        case RPCMethod.ready:
+            timings = params["timings"]?.arrayValue?.compactMap { $0.intValue }.map { UInt64(clamping: $0) } ?? []
+            finish(.success(()))
         case RPCMethod.failed:
             finish(.failure(.initFailed(step: params["step"]?.stringValue.map { String($0.prefix(200)) } ?? "unknown",
                                         errno: Int32(clamping: params["errno"]?.intValue ?? 0))))

@@ -113,6 +113,21 @@ struct IsolationTests {
         }
     }
 
+    /// A host directory with a writable mount inside it (here a mode-1777 tmpfs) stays read-only all the way down.
+    @Test func mountsUnderAHostBindAreReadOnlyToo() async throws {
+        try await withHost { host in
+            let sub = host.codeDirectory + "/writable-submount"
+            try Files.makeDirectories(sub)
+            try sys("mount tmpfs on \(sub)") { mount("tmpfs", sub, "tmpfs", 0, "size=1m,mode=1777") }
+            defer { umount2(sub, Int32(MNT_DETACH)) }
+            let s = try await host.launch()
+            let r = try await s.sh("touch /app/writable-submount/x && echo wrote; touch /app/writable-submount/x 2>&1 | grep -c 'Read-only'")
+            #expect(!r.stdout.contains("wrote"), "\(r.stdout)")
+            #expect(r.stdout.hasPrefix("1"), "\(r.stdout)")
+            #expect(!Files.exists(sub + "/x"))
+        }
+    }
+
     @Test func loopbackOnlyNetworkAndOwnHostname() async throws {
         try await withHost { host in
             let s = try await host.launch { $0.hostname = "session-box" }

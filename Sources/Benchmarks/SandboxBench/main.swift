@@ -51,21 +51,27 @@ func percentile(_ xs: [UInt64], _ p: Double) -> Double {
 // Warm up caches (page cache for cubicle-init, libseccomp, dentries) before measuring either side.
 for _ in 0..<5 { _ = await (try await launcher.launch(spec)).teardown() }
 var spawn: [UInt64] = [], teardown: [UInt64] = []
+var phases: [String: [UInt64]] = [:], phaseOrder: [String] = []
 for _ in 0..<iterations {
     let sb = try await launcher.launch(spec)
     spawn.append(sb.spawnNanoseconds)
+    for p in sb.spawnPhases {
+        if phases[p.name] == nil { phaseOrder.append(p.name) }
+        phases[p.name, default: []].append(p.nanoseconds)
+    }
     teardown.append(await sb.teardown().nanoseconds)
 }
-// Idle init memory: what one more sandbox costs in init's private pages.
-let idle = try await launcher.launch(spec)
+// Idle init memory: what one more sandbox costs in init's pages. Two are started so that init's text, which
+// every sandbox maps from the same file, shows as shared; the second one's private pages are its own cost.
+let idle = [try await launcher.launch(spec), try await launcher.launch(spec)]
 try await Task.sleep(for: .milliseconds(200))
-let rollup = (try? Files.read("/proc/\(idle.initPID)/smaps_rollup")) ?? ""
+let rollup = (try? Files.read("/proc/\(idle[1].initPID)/smaps_rollup")) ?? ""
 func kB(_ key: String) -> Double {
     rollup.split(separator: "\n").first { $0.hasPrefix(key + ":") }.flatMap { Double($0.split(separator: " ")[1]) } ?? 0
 }
 let privateMiB = (kB("Private_Clean") + kB("Private_Dirty")) / 1024
 let rssMiB = kB("Rss") / 1024
-_ = await idle.teardown()
+for sb in idle { _ = await sb.teardown() }
 removeParent()
 
 // bubblewrap with the same isolation, timed from spawn to exit of /bin/true.
@@ -98,3 +104,5 @@ func f(_ x: Double) -> String { x.isNaN ? "n/a" : String((x * 100).rounded() / 1
 print("| spawn-to-ready | \(f(percentile(spawn, 0.5))) | \(f(percentile(spawn, 0.99))) | bwrap /bin/true | \(f(bp50)) | \(f(percentile(spawn, 0.5) / bp50))x |")
 print("| teardown | \(f(percentile(teardown, 0.5))) | \(f(percentile(teardown, 0.99))) | | | |")
 print("| idle cubicle-init private memory | \(f(privateMiB)) MiB | RSS \(f(rssMiB)) MiB | | | |")
+print("")
+print("Where spawn-to-ready goes (p50 of each step, ms): " + phaseOrder.map { "\($0) \(f(percentile(phases[$0]!, 0.5)))" }.joined(separator: "; ") + ".")

@@ -26,6 +26,7 @@ enum cubicle_step {
     CUBICLE_STEP_EXEC = 16,
     CUBICLE_STEP_PDEATHSIG = 17,
     CUBICLE_STEP_OPEN_SOURCE = 18,
+    CUBICLE_STEP_PREPARE = 19,
 };
 
 typedef struct {
@@ -51,14 +52,14 @@ typedef struct {
     int nsources;
 } cubicle_sandbox_spawn;
 
-/* Clones the child, which blocks until cubicle_sandbox_release(). In between the parent writes the id
- * maps and joins the child to its cgroup. Returns the pid, or -1 with *error set. */
-pid_t cubicle_sandbox_clone(const cubicle_sandbox_spawn *spawn, int *release_fd, int *error_fd,
-                            cubicle_spawn_error *error);
+/* Called in the parent while the child waits: write the id maps, join the cgroup. Nonzero aborts the spawn. */
+typedef int (*cubicle_sandbox_prepare)(void *context, pid_t pid);
 
-/* Lets the child go on to exec and waits for the exec. Returns 0 when exec succeeded, -1 with *error
- * set when the child failed (the caller still reaps it). Closes both fds. */
-int cubicle_sandbox_release(int release_fd, int error_fd, cubicle_spawn_error *error);
+/* Clones the child into its namespaces, runs prepare(context, pid) while the child waits, then lets it
+ * exec. Returns the pid once exec has happened, or -1 with *error set and no child left (it is killed and
+ * reaped); CUBICLE_STEP_PREPARE means prepare failed, and the caller knows why. */
+pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                                cubicle_spawn_error *error);
 
 /* ---- Inside the sandbox: start the agent or a command with its final identity. ---- */
 
@@ -88,6 +89,9 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *spawn, cubicle_spaw
 
 /* ---- Syscalls Swift cannot reach or should not make itself. ---- */
 int cubicle_pivot_root(const char *new_root, const char *put_old);
+/* mount_setattr(2): read-only, nosuid, nodev on the mount at path and every mount below it. ENOSYS before 5.12. */
+int cubicle_mount_setattr_readonly(const char *path);
+int cubicle_mount_setattr_available(void);
 int cubicle_loopback_up(void);
 int cubicle_set_no_new_privs(void);
 int cubicle_pipe_cloexec(int fds[2]);
