@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .executable(name: "cubicled", targets: ["cubicled"]),
         .executable(name: "cubicle-init", targets: ["cubicle-init"]),
+        .executable(name: "cubicle", targets: ["cubicle"]),
         .executable(name: "cubicle-demo-agent", targets: ["cubicle-demo-agent"]),
         .executable(name: "cubicle-sandbox-bench", targets: ["cubicle-sandbox-bench"]),
     ],
@@ -25,6 +26,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
     ],
     targets: [
         // Only what Swift cannot do safely: clone/fork with pre-exec setup, SCM_RIGHTS, variadic ioctl/prctl.
@@ -52,15 +55,32 @@ let package = Package(
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
+            .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "CubicleGateway", dependencies: [
             "CubicleSessions", "CubicleAgentCore",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
+        // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
+        .target(name: "CubicleOperators", dependencies: [
+            "CubicleSessions", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
+        ]),
+        // What the `cubicle` CLI does, apart from parsing its arguments: the HTTP client, tables, `top`.
+        .target(name: "CubicleCLI", dependencies: ["CubicleJSON", "CubicleAgentCore"]),
+        .executableTarget(name: "cubicle", dependencies: [
+            "CubicleCLI",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions",
+            "CubicleGateway", "CubicleSessions", "CubicleOperators",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
         ]),
@@ -70,5 +90,6 @@ let package = Package(
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
         .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore"]),
+        .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
 )

@@ -1,11 +1,13 @@
 import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleSessions
+import Dispatch
 import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
 import NIOHTTPTypes
+import Prometheus
 import Synchronization
 
 /// The AgentCore data plane: routes each request, validates it, finds or makes its session and streams
@@ -16,14 +18,18 @@ public struct DataPlane: HTTPResponder {
     let sessions: SessionManager
     let group: any EventLoopGroup
     let logger: Logger
+    /// The registry behind the swift-metrics backend cubicled bootstraps.
+    let prometheus: PrometheusCollectorRegistry
 
-    public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger) {
+    public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger, prometheus: PrometheusCollectorRegistry) {
         self.sessions = sessions
         self.group = group
         self.logger = logger
+        self.prometheus = prometheus
     }
 
     public func respond(to request: Request, context: Context) async throws -> Response {
+        let started = DispatchTime.now().uptimeNanoseconds
         let requestID = RequestID.make()
         do {
             let target = request.head.path ?? "/"
@@ -34,9 +40,14 @@ public struct DataPlane: HTTPResponder {
             case .ping:
                 response = Response(status: .ok, headers: [.contentType: "application/json"], body: .init(byteBuffer: ByteBuffer(string: #"{"status":"Healthy"}"#)))
             case .metrics:
-                throw AgentCoreError(.resourceNotFound, "metrics are not served yet")
+                response = await metrics()
             case .invoke(let address):
-                response = try await invoke(request, runtime: address.name, requestID: requestID)
+                do {
+                    response = try await invoke(request, runtime: address.name, requestID: requestID)
+                } catch {
+                    Self.countRefusal(runtime: address.name, status: error.status, started: started)
+                    throw error
+                }
             case .stopSession(let address):
                 response = try await stop(request, runtime: address.name)
             case .command(let address):
@@ -49,6 +60,21 @@ public struct DataPlane: HTTPResponder {
         } catch let error as AgentCoreError {
             return Self.errorResponse(error, requestID: requestID)
         }
+    }
+
+    /// Prometheus text: everything Telemetry records, with live sessions by state counted now.
+    private func metrics() async -> Response {
+        var counts: [String: Int] = [:]
+        for s in await sessions.liveSessions { counts[s.lifecycle.state.name, default: 0] += 1 }
+        Telemetry.liveSessions(counts)
+        var bytes: [UInt8] = []
+        prometheus.emit(into: &bytes)
+        return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))
+    }
+
+    /// An InvokeAgentRuntime refused before the agent answered still counts, under its error status.
+    static func countRefusal(runtime: String, status: Int, started: UInt64) {
+        Telemetry.invocation(runtime: runtime, status: status, nanoseconds: DispatchTime.now().uptimeNanoseconds - started, bytesIn: 0, bytesOut: 0)
     }
 
     static func errorResponse(_ error: AgentCoreError, requestID: String) -> Response {
@@ -84,6 +110,7 @@ public struct DataPlane: HTTPResponder {
             var total = 0
             for try await buffer in body {
                 total += buffer.readableBytes
+                inFlight.received(buffer.readableBytes)
                 guard total <= Limits.maxPayloadBytes else { throw AgentCoreError.invalidField("payload", "Member must have length less than or equal to \(Limits.maxPayloadBytes)") }
                 try await outbound.write(.body(buffer))
             }
@@ -118,7 +145,10 @@ public struct DataPlane: HTTPResponder {
         let contentLength = response.head.headerFields[.contentLength].flatMap { Int($0) }
         return ResponseBody(contentLength: contentLength) { writer in
             do {
-                for try await buffer in response.body { try await writer.write(buffer) }
+                for try await buffer in response.body {
+                    inFlight.sent(buffer.readableBytes)
+                    try await writer.write(buffer)
+                }
                 inFlight.complete()
                 try await writer.finish(nil)
             } catch {
@@ -198,6 +228,8 @@ public struct DataPlane: HTTPResponder {
 final class InFlight: Sendable {
     private let session: Session
     private let state = Mutex<(response: AgentResponse?, finished: Bool)>((nil, false))
+    private let started = DispatchTime.now().uptimeNanoseconds
+    private let bytes = Mutex<(in: Int, out: Int)>((0, 0))
 
     init(_ session: Session) {
         self.session = session
@@ -205,6 +237,8 @@ final class InFlight: Sendable {
     }
 
     func attach(_ response: AgentResponse) { state.withLock { $0.response = response } }
+    func received(_ n: Int) { bytes.withLock { $0.in += n } }
+    func sent(_ n: Int) { bytes.withLock { $0.out += n } }
 
     func complete() { finish(abort: false) }
     func abort() { finish(abort: true) }
@@ -217,6 +251,12 @@ final class InFlight: Sendable {
         guard first else { return }
         if abort { response?.abort() }
         session.requestEnded()
+        // Only exchanges the agent answered; refused requests are counted where they are refused.
+        if let response {
+            let (bytesIn, bytesOut) = bytes.withLock { ($0.in, $0.out) }
+            Telemetry.invocation(runtime: session.runtime.name, status: response.head.status.code,
+                                 nanoseconds: DispatchTime.now().uptimeNanoseconds - started, bytesIn: bytesIn, bytesOut: bytesOut)
+        }
     }
 
     deinit { abort() }

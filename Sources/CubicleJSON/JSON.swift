@@ -26,6 +26,14 @@ public enum JSON: Equatable, Sendable {
         }
     }
     public var boolValue: Bool? { if case .bool(let b) = self { return b }; return nil }
+    /// A number of either kind as Double.
+    public var doubleValue: Double? {
+        switch self {
+        case .int(let i): Double(i)
+        case .double(let d): d
+        default: nil
+        }
+    }
     public var arrayValue: [JSON]? { if case .array(let a) = self { return a }; return nil }
     public var objectValue: [String: JSON]? { if case .object(let o) = self { return o }; return nil }
 }

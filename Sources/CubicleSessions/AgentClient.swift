@@ -147,13 +147,16 @@ final class AgentConnection: Sendable {
                     await exchange.body.send(buffer)
                     try Task.checkCancellation()
                 case .end:
-                    exchange.body.finish()
                     break reading
                 case .head:
                     throw AgentClientError("agent sent a second response head")
                 }
             }
+            // The response ends for the client only once the request body has been read to its end: the
+            // server drains an unread request body itself once a response is complete, and two readers of
+            // one body is a crash in NIO.
             try await group.waitForAll()
+            exchange.body.finish()
             return head!.headerFields[.connection]?.lowercased() != "close"
         }
     }

@@ -22,7 +22,8 @@ public final class Session: Sendable {
     public let agentPID: Int32
     public let createdUnixTime: Int
     let clock: MonotonicClock
-    let state: Mutex<(lifecycle: Lifecycle, lastPing: String?, pingFailures: Int, agentExit: (code: Int32?, signal: Int32?)?)>
+    let state: Mutex<(lifecycle: Lifecycle, lastPing: String?, pingFailures: Int, agentExit: (code: Int32?, signal: Int32?)?,
+                      reportedOOMKills: Int64, reportedPidsLimitHits: Int64)>
     /// Resolves once teardown has finished.
     let done = OneShot<SessionSummary>()
 
@@ -36,7 +37,7 @@ public final class Session: Sendable {
         self.createdUnixTime = Int(time(nil))
         let now = clock()
         state = Mutex((Lifecycle(now: now, idleTimeout: Double(runtime.idleRuntimeSessionTimeout), maxLifetime: Double(runtime.maxLifetime)),
-                       nil, 0, nil))
+                       nil, 0, nil, 0, 0))
     }
 
     public var lifecycle: Lifecycle { state.withLock { $0.lifecycle } }
@@ -51,6 +52,22 @@ public final class Session: Sendable {
 
     /// The environment the agent and every command in the session run with.
     public var environment: [String] { Session.environment(for: runtime) }
+
+    /// The lifecycle's moments as Unix times, for operators.
+    public var timeline: Timeline {
+        let lc = lifecycle
+        let offset = SessionEvents.unixTime() - clock()
+        return Timeline(lastActivity: lc.lastActivity + offset, idleDeadline: lc.idleDeadline.map { $0 + offset },
+                        maxLifetimeDeadline: lc.maxLifetimeDeadline + offset, idleSeconds: max(0, clock() - lc.lastActivity))
+    }
+
+    public struct Timeline: Sendable {
+        public var lastActivity: Double
+        /// nil while the session is busy (a request, a command, or the agent reporting HealthyBusy).
+        public var idleDeadline: Double?
+        public var maxLifetimeDeadline: Double
+        public var idleSeconds: Double
+    }
 
     public var summary: SessionSummary {
         let (lc, ping) = state.withLock { ($0.lifecycle, $0.lastPing) }

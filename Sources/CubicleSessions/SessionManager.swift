@@ -31,6 +31,8 @@ public actor SessionManager {
     private var starting: [Key: Task<Session, any Error>] = [:]
     private var ended: [SessionSummary] = []
     private var shuttingDown = false
+    /// Operators' live event feed.
+    public nonisolated let events = SessionEvents()
     private var endings: [Task<Void, Never>] = []
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
@@ -103,6 +105,31 @@ public actor SessionManager {
             for s in live.values { group.addTask { _ = await self.end(s, .daemonShutdown) } }
         }
         for t in endings { await t.value }
+        events.finishAll()
+    }
+
+    /// Finds a live or ended session by id or unique id prefix, for operators. Live sessions win over ended ones.
+    public func find(_ prefix: String) -> Result<FoundSession, LookupError> {
+        let live = live.values.filter { $0.id.hasPrefix(prefix) }
+        if let exact = live.first(where: { $0.id == prefix }) { return .success(.live(exact)) }
+        if live.count == 1 { return .success(.live(live[0])) }
+        if live.count > 1 { return .failure(.ambiguous(live.map(\.id).sorted())) }
+        let ended = ended.filter { $0.id.hasPrefix(prefix) }
+        if let last = ended.last(where: { $0.id == prefix }) ?? (Set(ended.map(\.id)).count == 1 ? ended.last : nil) {
+            return .success(.ended(last))
+        }
+        if ended.count > 1 { return .failure(.ambiguous(Array(Set(ended.map(\.id))).sorted())) }
+        return .failure(.notFound)
+    }
+
+    public enum FoundSession: Sendable {
+        case live(Session)
+        case ended(SessionSummary)
+    }
+
+    public enum LookupError: Error, Sendable {
+        case notFound
+        case ambiguous([String])
     }
 
     // MARK: - Start
@@ -138,6 +165,9 @@ public actor SessionManager {
             throw AgentCoreError(.runtimeClient, "Agent could not start: \(error)")
         }
         let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
+        Telemetry.sessionStarted(runtime: runtime.name)
+        Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
+        events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
         Task { await session.logs.drain(fd: started.stdout, stream: "stdout", group: group) }
         Task { await session.logs.drain(fd: started.stderr, stream: "stderr", group: group) }
         Task { await self.watchEvents(session) }
@@ -149,6 +179,7 @@ public actor SessionManager {
         }
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
+        events.publish("ready", session: session)
         logger.info("session ready", metadata: ["session": "\(sessionID)", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
                                                  "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
         Task { await self.superviseLifecycle(session) }
@@ -210,6 +241,23 @@ public actor SessionManager {
         }
     }
 
+    /// OOM kills and refused forks since the last look, as events and counters. The cgroup counts them;
+    /// the session remembers how many it has reported.
+    private nonisolated func reportLimits(_ session: Session, _ usage: CgroupUsage) {
+        let (oom, pids) = session.state.withLock { s -> (Int64, Int64) in
+            defer { s.reportedOOMKills = usage.oomKills; s.reportedPidsLimitHits = usage.pidsLimitHits }
+            return (usage.oomKills - s.reportedOOMKills, usage.pidsLimitHits - s.reportedPidsLimitHits)
+        }
+        if oom > 0 {
+            Telemetry.oomKills(runtime: session.runtime.name, count: Int(oom))
+            events.publish("oom_kill", session: session, ["count": .int(oom), "total": .int(usage.oomKills)])
+        }
+        if pids > 0 {
+            Telemetry.limitHits(runtime: session.runtime.name, limit: "pids", count: Int(pids))
+            events.publish("limit_hit", session: session, ["limit": "pids", "count": .int(pids), "total": .int(usage.pidsLimitHits)])
+        }
+    }
+
     /// Polls /ping and applies the idle and max-lifetime rules until the session ends.
     private nonisolated func superviseLifecycle(_ session: Session) async {
         var nextPing = clock() + config.healthPollSeconds
@@ -221,6 +269,7 @@ public actor SessionManager {
             }
             if now >= nextPing {
                 nextPing = now + config.healthPollSeconds
+                reportLimits(session, session.sandbox.cgroup.usage())
                 do {
                     _ = try await ping(session, timeout: max(1, config.healthPollSeconds * 2))
                 } catch {
@@ -250,6 +299,11 @@ public actor SessionManager {
         session.logs.close()
         var summary = session.summary
         summary.usage = report.finalUsage
+        Telemetry.tornDown(nanoseconds: report.nanoseconds)
+        Telemetry.sessionEnded(runtime: session.runtime.name, reason: summary.endReason?.name ?? "unknown")
+        reportLimits(session, summary.usage)
+        events.publish("ended", session: session, ["reason": .string(summary.endReason?.name ?? "unknown"),
+                                                   "detail": .string(summary.endReason?.description ?? "")])
         summary.endedUnixTime = Int(time(nil))
         summary.teardownLeftovers = report.leftovers
         if !report.leftovers.isEmpty {

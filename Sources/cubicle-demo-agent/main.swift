@@ -71,6 +71,11 @@ func invoke(_ conn: HTTPConnection, _ request: HTTPConnection.Request) -> Bool {
     let userID = payload["user_id"].flatMap { $0.stringValue ?? $0.intValue.map { String($0) } }
     let user = userID.flatMap { Tutor.users[$0] }
     let prompt = payload["prompt"]?.stringValue ?? ""
+    // {"log": "text"} writes one line to stdout, which operators read with `cubicle logs`.
+    if let line = payload["log"]?.stringValue {
+        let bytes = Array((line + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(1, $0.baseAddress, $0.count) }
+    }
     let (answer, reply, turn): (JSON, String, Int) = state.withLock { s in
         s.turns += 1
         let (a, m) = s.tutor.answer(prompt, user: user)

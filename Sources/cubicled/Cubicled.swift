@@ -3,12 +3,15 @@ import Glibc
 #endif
 import ArgumentParser
 import CubicleGateway
+import CubicleOperators
 import CubicleLinux
 import CubicleSandbox
 import CubicleSessions
 import Hummingbird
 import Logging
+import Metrics
 import NIOPosix
+import Prometheus
 import ServiceLifecycle
 
 @main
@@ -20,8 +23,11 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("listen"), help: "Data-plane address, HOST:PORT.")
     var listen = "127.0.0.1:8080"
 
-    @Option(name: .customLong("admin-socket"), help: "Operator API Unix socket.")
+    @Option(name: .customLong("admin-socket"), help: "Operator API Unix socket (mode 0600; 0660 with --admin-group).")
     var adminSocket = "/run/cubicle/admin.sock"
+
+    @Option(name: .customLong("admin-group"), help: "A group, by name or gid, whose members may use the admin socket besides root.")
+    var adminGroup: String?
 
     @Option(name: .customLong("state-dir"), help: "Where session state lives; created if missing, emptied on exit.")
     var stateDir = "/run/cubicle"
@@ -72,9 +78,34 @@ struct Cubicled: AsyncParsableCommand {
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
 
+        let access = AdminAccess(group: try adminGroup.map(Self.groupID))
+        let registry = PrometheusCollectorRegistry()
+        var factory = PrometheusMetricsFactory(registry: registry)
+        factory.defaultDurationHistogramBuckets = [.microseconds(500), .milliseconds(1), .milliseconds(2), .milliseconds(5), .milliseconds(10),
+                                                   .milliseconds(25), .milliseconds(50), .milliseconds(100), .milliseconds(250), .milliseconds(500),
+                                                   .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30), .seconds(60)]
+        MetricsSystem.bootstrap(factory)
+
+        // A stale socket from a daemon that did not exit cleanly would make the bind fail.
+        if Files.isSocket(adminSocket) { unlink(adminSocket) }
+        try Files.makeDirectories(Files.parent(adminSocket), mode: 0o755)
+        let socketPath = adminSocket
+        let adminLogger = logger
+        let admin = Application(
+            responder: AdminAPI(sessions: manager, group: group, access: access),
+            configuration: .init(address: .unixDomainSocket(path: adminSocket), serverName: "cubicled-admin"),
+            onServerRunning: { _ in
+                // The socket is made with the umask's mode; narrow it before anyone is told it exists.
+                chmod(socketPath, access.group == nil ? 0o600 : 0o660)
+                if let gid = access.group { chown(socketPath, 0, gid) }
+                adminLogger.notice("admin socket ready", metadata: ["path": "\(socketPath)"])
+            },
+            eventLoopGroupProvider: .shared(group),
+            logger: logger)
+
         let readyLogger = logger
         let app = Application(
-            responder: DataPlane(sessions: manager, group: group, logger: logger),
+            responder: DataPlane(sessions: manager, group: group, logger: logger, prometheus: registry),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",
@@ -82,14 +113,20 @@ struct Cubicled: AsyncParsableCommand {
             },
             eventLoopGroupProvider: .shared(group),
             logger: logger)
-        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, logger: logger)
+        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, logger: logger)
         let services = ServiceGroup(configuration: .init(
             // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
             // sessions), then the listener drains what is left and stops.
-            services: [.init(service: app), .init(service: sessionsService)],
+            services: [.init(service: app), .init(service: admin), .init(service: sessionsService)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await services.run()
+    }
+
+    static func groupID(_ name: String) throws -> gid_t {
+        if let gid = gid_t(name) { return gid }
+        guard let entry = getgrnam(name) else { throw ValidationError("--admin-group: no group \(name)") }
+        return entry.pointee.gr_gid
     }
 
     static func parseAddress(_ text: String) -> (String, Int)? {
@@ -128,6 +165,7 @@ struct SessionsService: Service {
     let manager: SessionManager
     let stateDir: String
     let host: SandboxHostConfig
+    let adminSocket: String
     let logger: Logger
 
     func run() async throws {
@@ -137,6 +175,7 @@ struct SessionsService: Service {
         await manager.shutdown()
         try? Files.removeTree(stateDir + "/runtimes")
         try? Files.removeTree(stateDir + "/sandboxes")
+        unlink(adminSocket)
         rmdir(stateDir)  // only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {
             rmdir(directory)

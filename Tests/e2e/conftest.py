@@ -60,8 +60,9 @@ class Daemon:
         self.state_dir = f"/tmp/cubicle-e2e-{tag}"
         self.cgroup_parent = f"cubicle-e2e-{tag}"
         self.log_path = tmp_path / "cubicled.log"
+        self.admin_socket = os.path.join(self.state_dir, "admin.sock")
         args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"127.0.0.1:{self.port}", "--state-dir", self.state_dir,
-                "--cgroup-parent", self.cgroup_parent, "--admin-socket", os.path.join(self.state_dir, "admin.sock"),
+                "--cgroup-parent", self.cgroup_parent, "--admin-socket", self.admin_socket,
                 "--log-level", "debug"]
         if config is not None:
             path = tmp_path / "cubicle.yaml"
@@ -83,6 +84,23 @@ class Daemon:
             if time.time() > deadline:
                 raise RuntimeError("cubicled did not answer /ping:\n" + self.log_text())
             time.sleep(0.05)
+        while not os.path.exists(self.admin_socket):
+            if time.time() > deadline:
+                raise RuntimeError("cubicled made no admin socket:\n" + self.log_text())
+            time.sleep(0.02)
+
+    def cubicle_args(self, *args):
+        return [os.path.join(PRODUCTS, "cubicle"), *args[:1], "--admin-socket", self.admin_socket, *args[1:]]
+
+    def cubicle(self, *args, check=True, timeout=60, **kwargs):
+        """Runs the `cubicle` CLI against this daemon; returns the CompletedProcess."""
+        r = subprocess.run(self.cubicle_args(*args), capture_output=True, text=True, timeout=timeout, **kwargs)
+        if check and r.returncode != 0:
+            raise AssertionError(f"cubicle {' '.join(args)} exited {r.returncode}: {r.stderr}")
+        return r
+
+    def cubicle_json(self, *args):
+        return json.loads(self.cubicle(*args, "--json").stdout)
 
     def log_text(self):
         if not self.log.closed:

@@ -1,0 +1,94 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleJSON
+import CubicleSandbox
+import CubicleSessions
+
+/// The JSON operators see: `ps` rows, `inspect`, log lines. Facts come from the kernel at the time of the
+/// request (/proc, the cgroup files, statfs), not from what cubicled believes.
+enum OperatorJSON {
+    static func usage(_ u: CgroupUsage) -> JSON {
+        [
+            "memoryBytes": .int(u.memoryBytes), "memoryPeakBytes": u.memoryPeakBytes.map { .int($0) } ?? .null,
+            "cpuSeconds": .double(Double(u.cpuNanoseconds) / 1e9), "pids": .int(u.pids), "oomKills": .int(u.oomKills),
+            "pidsLimitHits": .int(u.pidsLimitHits),
+        ]
+    }
+
+    static func limits(_ l: RuntimeConfig.Limits) -> JSON {
+        ["memoryBytes": .int(l.memoryBytes), "cpus": .double(l.cpus), "pids": .int(Int64(l.pids)), "tmpfsBytes": .int(l.tmpfsBytes)]
+    }
+
+    static func summary(_ s: SessionSummary, timeline: Session.Timeline?) -> JSON {
+        var o: [String: JSON] = [
+            "id": .string(s.id), "runtime": .string(s.runtime), "state": .string(s.state), "sandbox": .string(s.sandboxID),
+            "created": .int(Int64(s.createdUnixTime)), "invocations": .int(Int64(s.invocations)),
+            "lastPing": s.lastPing.map { .string($0) } ?? .null, "initPID": .int(Int64(s.initPID)), "agentPID": .int(Int64(s.agentPID)),
+            "usage": usage(s.usage),
+        ]
+        if let ended = s.endedUnixTime { o["ended"] = .int(Int64(ended)) }
+        if let reason = s.endReason {
+            o["endReason"] = .string(reason.name)
+            o["endDetail"] = .string(reason.description)
+        }
+        if !s.teardownLeftovers.isEmpty { o["teardownLeftovers"] = .array(s.teardownLeftovers.map { .string($0) }) }
+        if let t = timeline { o["idleSeconds"] = .double((t.idleSeconds * 10).rounded() / 10) }
+        return .object(o)
+    }
+
+    static func inspect(_ session: Session) -> JSON {
+        let sandbox = session.sandbox
+        let summary = session.summary
+        let t = session.timeline
+        guard case .object(var o) = self.summary(summary, timeline: t) else { return .null }
+        o["namespaces"] = namespaces(pid: sandbox.initPID)
+        o["cgroup"] = [
+            "version": .string(sandbox.cgroup.version.rawValue), "path": .string(sandbox.cgroup.path),
+            "directories": .array(sandbox.cgroup.directories.map { .string($0) }),
+        ]
+        o["ids"] = ["hostBase": .int(Int64(sandbox.uidRange.hostBase)), "size": .int(Int64(sandbox.uidRange.size)),
+                    "agentHostUID": .int(Int64(sandbox.uidRange.host(1000)))]
+        o["limits"] = limits(session.runtime.limits)
+        o["tmpfsBytesUsed"] = tmpfsUsage(pid: sandbox.initPID)
+        o["lifecycle"] = [
+            "state": .string(summary.state), "created": .int(Int64(summary.createdUnixTime)),
+            "lastActivity": .double(t.lastActivity.rounded()), "idleDeadline": t.idleDeadline.map { .double($0.rounded()) } ?? .null,
+            "maxLifetimeDeadline": .double(t.maxLifetimeDeadline.rounded()),
+            "idleTimeoutSeconds": .int(Int64(session.runtime.idleRuntimeSessionTimeout)),
+            "maxLifetimeSeconds": .int(Int64(session.runtime.maxLifetime)),
+        ]
+        o["spawnMicroseconds"] = .int(Int64(sandbox.spawnNanoseconds / 1000))
+        return .object(o)
+    }
+
+    /// Inode numbers of init's namespaces (the agent shares them), as `ls -l /proc/PID/ns` shows them.
+    static func namespaces(pid: Int32) -> JSON {
+        var o: [String: JSON] = [:]
+        for kind in ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"] {
+            var buf = [CChar](repeating: 0, count: 128)
+            let n = readlink("/proc/\(pid)/ns/\(kind)", &buf, buf.count - 1)
+            guard n > 0 else { continue }
+            let text = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if let open = text.firstIndex(of: "["), let close = text.lastIndex(of: "]"), let inode = Int64(text[text.index(after: open)..<close]) {
+                o[kind] = .int(inode)
+            }
+        }
+        return .object(o)
+    }
+
+    /// Bytes used in each of the session's tmpfs mounts, seen through init's root.
+    static func tmpfsUsage(pid: Int32) -> JSON {
+        var o: [String: JSON] = [:]
+        for (name, path) in [("root", "/"), ("tmp", "/tmp"), ("home", "/home/agent"), ("shm", "/dev/shm")] {
+            var st = statvfs()
+            guard statvfs("/proc/\(pid)/root\(path)", &st) == 0 else { continue }
+            o[name] = .int(Int64(st.f_blocks - st.f_bfree) * Int64(st.f_frsize))
+        }
+        return .object(o)
+    }
+
+    static func logLine(_ line: LogRing.Line) -> JSON {
+        ["stream": .string(line.stream), "text": .string(line.text), "seq": .int(Int64(line.sequence))]
+    }
+}
