@@ -71,9 +71,9 @@ let package = Package(
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),
         // What the `cubicle` CLI does, apart from parsing its arguments: the HTTP client, tables, `top`.
-        .target(name: "CubicleCLI", dependencies: ["CubicleJSON", "CubicleAgentCore"]),
+        .target(name: "CubicleCLI", dependencies: ["CubicleJSON"]),
         .executableTarget(name: "cubicle", dependencies: [
-            "CubicleCLI",
+            "CubicleCLI", "CubicleAgentCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [

@@ -29,6 +29,8 @@ public final class HTTPConnection {
     private var remaining: Int? = nil
     private var chunkLeft = 0
     private var finished = false
+    /// Body bytes read past the last whole NDJSON line.
+    private var pending: [UInt8] = []
 
     public init(_ endpoint: Endpoint) throws(CLIError) {
         switch endpoint {
@@ -147,8 +149,6 @@ public final class HTTPConnection {
             pending += more
         }
     }
-    private var pending: [UInt8] = []
-
     // MARK: - Bytes
 
     private func write(_ bytes: [UInt8]) throws(CLIError) {

@@ -45,7 +45,10 @@ public struct DataPlane: HTTPResponder {
                 do {
                     response = try await invoke(request, runtime: address.name, requestID: requestID)
                 } catch {
-                    Self.countRefusal(runtime: address.name, status: error.status, started: started)
+                    // A name from the client labels a metric only if it is configured, so made-up names cannot
+                    // grow the registry without bound.
+                    let runtime = sessions.config.runtime(named: address.name) == nil ? "unknown" : address.name
+                    Self.countRefusal(runtime: runtime, status: error.status, started: started)
                     throw error
                 }
             case .stopSession(let address):

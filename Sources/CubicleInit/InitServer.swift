@@ -94,11 +94,8 @@ public struct InitServer {
         }
     }
 
-    func now() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
-    }
+    /// Milliseconds, for command deadlines.
+    func now() -> Int64 { Self.monotonicNanoseconds() / 1_000_000 }
 
     func nextTimeout() -> Int32 {
         let deadlines = supervisor!.children.values.compactMap { c -> Int64? in

@@ -88,8 +88,7 @@ struct RootFilesystem {
         if directory {
             try mkdirs(target)
         } else {
-            let parent = String(target[..<target.lastIndex(of: "/")!])
-            try mkdirs(parent)
+            try mkdirs(Files.parent(target))
             let fd = try sys("create \(target)") { open(target, O_WRONLY | O_CREAT | O_CLOEXEC, 0o644) }
             close(fd)
         }
@@ -108,8 +107,7 @@ struct RootFilesystem {
                 try bind(source, target, directory: directory, step: "bind \(m.target)")
                 if !hasSetattr { try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV)) }
             case .symlink(let destination):
-                let parent = String(target[..<target.lastIndex(of: "/")!])
-                try mkdirs(parent)
+                try mkdirs(Files.parent(target))
                 try sys("symlink \(m.target)") { symlink(destination, target) }
             }
         }

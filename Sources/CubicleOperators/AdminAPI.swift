@@ -98,7 +98,7 @@ public struct AdminAPI: HTTPResponder {
                 }
             }
             if method == .get, rest == ["runtimes"] {
-                return Self.json(.ok, ["runtimes": .array(await sessions.config.runtimes.map(Self.runtimeJSON))])
+                return Self.json(.ok, ["runtimes": .array(sessions.config.runtimes.map(Self.runtimeJSON))])
             }
             if method == .get, rest == ["events"] { return events() }
             throw Failure(.notFound, "no such admin endpoint: \(method.rawValue) \(parts[0])")

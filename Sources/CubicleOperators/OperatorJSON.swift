@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleJSON
+import CubicleLinux
 import CubicleSandbox
 import CubicleSessions
 
@@ -42,6 +43,7 @@ enum OperatorJSON {
         let summary = session.summary
         let t = session.timeline
         guard case .object(var o) = self.summary(summary, timeline: t) else { return .null }
+        o["agentHostPID"] = hostPID(ofChild: session.agentPID, of: sandbox.initPID).map { .int(Int64($0)) } ?? .null
         o["namespaces"] = namespaces(pid: sandbox.initPID)
         o["cgroup"] = [
             "version": .string(sandbox.cgroup.version.rawValue), "path": .string(sandbox.cgroup.path),
@@ -60,6 +62,17 @@ enum OperatorJSON {
         ]
         o["spawnMicroseconds"] = .int(Int64(sandbox.spawnNanoseconds / 1000))
         return .object(o)
+    }
+
+    /// The host pid of init's child whose pid inside the sandbox is `inside` (NSpid's last field).
+    static func hostPID(ofChild inside: Int32, of initPID: Int32) -> Int32? {
+        guard let children = try? Files.read("/proc/\(initPID)/task/\(initPID)/children") else { return nil }
+        for child in children.split(separator: " ").compactMap({ Int32($0.filter { !$0.isWhitespace }) }) {
+            guard let status = try? Files.read("/proc/\(child)/status") else { continue }
+            let nspid = status.split(separator: "\n").first { $0.hasPrefix("NSpid:") }?.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            if nspid?.last.flatMap({ Int32($0) }) == inside { return child }
+        }
+        return nil
     }
 
     /// Inode numbers of init's namespaces (the agent shares them), as `ls -l /proc/PID/ns` shows them.

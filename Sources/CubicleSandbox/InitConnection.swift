@@ -148,15 +148,6 @@ public final class InitConnection: @unchecked Sendable {
         }
     }
 
-    public func notify(_ method: String, _ params: JSON) throws(SandboxError) {
-        var failure: SandboxError?
-        queue.sync {
-            if let r = closeReason { failure = .ended(Self.describe(r)); return }
-            do throws(SandboxError) { try write(.notification(method: method, params: params, fds: 0)) } catch { failure = error }
-        }
-        if let failure { throw failure }
-    }
-
     public func call(_ method: String, _ params: JSON, timeoutMilliseconds: Int = 10_000) async throws -> Reply {
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Reply, Error>) in
             queue.async { [self] in

@@ -158,7 +158,7 @@ public struct SandboxLauncher: Sendable {
         }
         guard pid > 0 else {
             if let error = preparation.error { throw error }
-            if failure.step == 18, sources.paths.indices.contains(Int(failure.index)) {
+            if failure.step == Int32(CUBICLE_STEP_OPEN_SOURCE.rawValue), sources.paths.indices.contains(Int(failure.index)) {
                 throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
             }
             throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
@@ -190,13 +190,13 @@ public struct SandboxLauncher: Sendable {
         hostSockOwned = false
         rollback.add { connection.shutDown() }
         connection.start()
-        try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
+        let initMarks = try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
 
         phases.mark("ready")
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
                               spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
-                              spawnPhases: phases.merged(initMarks: startup.timings), connection: connection,
+                              spawnPhases: phases.merged(initMarks: initMarks), connection: connection,
                               allocator: allocator, events: events, sink: sink)
         holder.sandbox = sandbox
         rollback.disarm()
@@ -279,17 +279,14 @@ final class SandboxHolder: @unchecked Sendable {
 
 /// Resolves once: init's `ready`, its `failed` with a step and errno, a closed channel, or a timeout.
 final class StartupWaiter: @unchecked Sendable {
-    /// init's own CLOCK_MONOTONIC marks from its ready: main entered, configured, filesystem built.
-    /// Written before the waiter is resumed, read after.
-    nonisolated(unsafe) var timings: [UInt64] = []
-    private let state = Mutex<(done: Bool, result: Result<Void, SandboxError>?, waiter: CheckedContinuation<Void, Error>?)>((false, nil, nil))
+    private let state = Mutex<(done: Bool, result: Result<[UInt64], SandboxError>?, waiter: CheckedContinuation<[UInt64], Error>?)>((false, nil, nil))
 
     /// True while start-up is being decided, so start-up notifications are not passed on.
     func deliver(_ method: String, _ params: JSON) -> Bool {
         switch method {
         case RPCMethod.ready:
-            timings = params["timings"]?.arrayValue?.compactMap { $0.intValue }.map { UInt64(clamping: $0) } ?? []
-            finish(.success(()))
+            // init's own CLOCK_MONOTONIC marks: main entered, configured, filesystem built.
+            finish(.success(params["timings"]?.arrayValue?.compactMap { $0.intValue }.map { UInt64(clamping: $0) } ?? []))
         case RPCMethod.failed:
             finish(.failure(.initFailed(step: params["step"]?.stringValue.map { String($0.prefix(200)) } ?? "unknown",
                                         errno: Int32(clamping: params["errno"]?.intValue ?? 0))))
@@ -300,8 +297,8 @@ final class StartupWaiter: @unchecked Sendable {
 
     func fail(_ error: SandboxError) { finish(.failure(error)) }
 
-    private func finish(_ result: Result<Void, SandboxError>) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Error>? in
+    private func finish(_ result: Result<[UInt64], SandboxError>) {
+        let waiter = state.withLock { s -> CheckedContinuation<[UInt64], Error>? in
             guard !s.done else { return nil }
             s.done = true
             s.result = result
@@ -312,13 +309,14 @@ final class StartupWaiter: @unchecked Sendable {
         waiter?.resume(with: result.mapError { $0 as Error })
     }
 
-    func wait(timeoutMilliseconds: Int, queue: DispatchQueue) async throws(SandboxError) {
+    /// Returns init's timings from its ready.
+    func wait(timeoutMilliseconds: Int, queue: DispatchQueue) async throws(SandboxError) -> [UInt64] {
         queue.asyncAfter(deadline: .now() + .milliseconds(timeoutMilliseconds)) { [self] in
             finish(.failure(.initTimeout("ready after \(timeoutMilliseconds) ms")))
         }
         do {
-            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, Error>) in
-                let done = state.withLock { s -> Result<Void, SandboxError>? in
+            return try await withCheckedThrowingContinuation { (c: CheckedContinuation<[UInt64], Error>) in
+                let done = state.withLock { s -> Result<[UInt64], SandboxError>? in
                     if let r = s.result { return r }
                     s.waiter = c
                     return nil

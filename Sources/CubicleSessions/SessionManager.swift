@@ -18,7 +18,7 @@ public actor SessionManager {
         public init(runtime: String, id: String) { self.runtime = runtime; self.id = id }
     }
 
-    public let config: DaemonConfig
+    public nonisolated let config: DaemonConfig
     let launcher: SandboxLauncher
     let seccompProgram: [UInt8]
     let group: any EventLoopGroup

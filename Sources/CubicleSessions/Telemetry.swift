@@ -1,4 +1,5 @@
 import Metrics
+import Synchronization
 
 /// Every metric cubicled reports, through swift-metrics; cubicled bootstraps the Prometheus backend and
 /// serves it on `GET /metrics`. Labels are bounded: runtime names come from the config, reasons and
@@ -28,12 +29,32 @@ public enum Telemetry {
         Metrics.Timer(label: "cubicle_sandbox_teardown_seconds").recordNanoseconds(Int64(clamping: nanoseconds))
     }
 
-    /// One InvokeAgentRuntime, from request to the end of its response body.
+    /// One InvokeAgentRuntime, from request to the end of its response body. Handles are made once per
+    /// (runtime, status) rather than per request: making one goes through the factory's lock, label
+    /// sanitizing and registry lookup.
     public static func invocation(runtime: String, status: Int, nanoseconds: UInt64, bytesIn: Int, bytesOut: Int) {
-        Metrics.Timer(label: "cubicle_invocation_duration_seconds", dimensions: [("runtime", runtime), ("status", String(status))])
-            .recordNanoseconds(Int64(clamping: nanoseconds))
-        Counter(label: "cubicle_invocation_bytes_received_total", dimensions: [("runtime", runtime)]).increment(by: bytesIn)
-        Counter(label: "cubicle_invocation_bytes_sent_total", dimensions: [("runtime", runtime)]).increment(by: bytesOut)
+        let h = invocationHandles(runtime: runtime, status: status)
+        h.duration.recordNanoseconds(Int64(clamping: nanoseconds))
+        if bytesIn > 0 { h.received.increment(by: bytesIn) }
+        if bytesOut > 0 { h.sent.increment(by: bytesOut) }
+    }
+
+    struct InvocationHandles: Sendable {
+        let duration: Metrics.Timer
+        let received: Counter
+        let sent: Counter
+    }
+
+    private static let handles = Mutex<[String: InvocationHandles]>([:])
+
+    static func invocationHandles(runtime: String, status: Int) -> InvocationHandles {
+        let key = "\(status) \(runtime)"
+        if let h = handles.withLock({ $0[key] }) { return h }
+        let h = InvocationHandles(
+            duration: Metrics.Timer(label: "cubicle_invocation_duration_seconds", dimensions: [("runtime", runtime), ("status", String(status))]),
+            received: Counter(label: "cubicle_invocation_bytes_received_total", dimensions: [("runtime", runtime)]),
+            sent: Counter(label: "cubicle_invocation_bytes_sent_total", dimensions: [("runtime", runtime)]))
+        return handles.withLock { $0[key, default: h] }
     }
 
     /// Live sessions by state, set just before each scrape.

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
+import CubicleAgentCore
 import CubicleCLI
 import CubicleJSON
 
@@ -55,24 +56,7 @@ func now() -> Double {
 }
 
 func path(_ id: String, _ suffix: String = "") -> String {
-    "/v1/sessions/" + PercentEncodingCLI.encode(id) + suffix
-}
-
-enum PercentEncodingCLI {
-    static func encode(_ s: String) -> String {
-        var out = ""
-        for b in s.utf8 {
-            switch b {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
-                 UInt8(ascii: "-"), UInt8(ascii: "_"), UInt8(ascii: "."), UInt8(ascii: "~"):
-                out.unicodeScalars.append(Unicode.Scalar(b))
-            default:
-                let hex = Array("0123456789ABCDEF".utf8)
-                out += "%" + String(decoding: [hex[Int(b >> 4)], hex[Int(b & 15)]], as: UTF8.self)
-            }
-        }
-        return out
-    }
+    "/v1/sessions/" + PercentEncoding.encode(id) + suffix
 }
 
 struct PS: ParsableCommand {
@@ -243,7 +227,7 @@ struct Invoke: ParsableCommand {
         }
         let id = session ?? Self.newSessionID()
         let c = try HTTPConnection(.tcp(host: String(endpoint[..<colon]), port: port))
-        try c.send(method: "POST", path: "/runtimes/\(PercentEncodingCLI.encode(runtime))/invocations?qualifier=DEFAULT" + (runtime.hasPrefix("arn:") ? "" : "&accountId=\(PercentEncodingCLI.encode(accountID))"),
+        try c.send(method: "POST", path: "/runtimes/\(PercentEncoding.encode(runtime))/invocations?qualifier=DEFAULT" + (runtime.hasPrefix("arn:") ? "" : "&accountId=\(PercentEncoding.encode(accountID))"),
                    headers: [("Content-Type", "application/json"), ("Accept", stream ? "text/event-stream" : "application/json"),
                              ("X-Amzn-Bedrock-AgentCore-Runtime-Session-Id", id)],
                    body: Array(payload.utf8))

@@ -140,7 +140,7 @@ struct Cubicled: AsyncParsableCommand {
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         let path = n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
-        return path.split(separator: "/", omittingEmptySubsequences: false).dropLast().joined(separator: "/")
+        return Files.parent(path)
     }
 
     /// The demo runtime's code directory holds only cubicle-demo-agent, copied from beside cubicled, so

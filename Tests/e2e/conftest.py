@@ -54,7 +54,7 @@ def cgroup_dirs(parent):
 
 
 class Daemon:
-    def __init__(self, tmp_path, config=None):
+    def __init__(self, tmp_path, config=None, extra_args=()):
         self.port = free_port()
         tag = uuid.uuid4().hex[:10]
         self.state_dir = f"/tmp/cubicle-e2e-{tag}"
@@ -68,6 +68,7 @@ class Daemon:
             path = tmp_path / "cubicle.yaml"
             path.write_text(config)
             args += ["--config", str(path)]
+        args += list(extra_args)
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -172,13 +173,13 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(tmp_path):
-    """start_daemon(config_yaml=None) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
+    """start_daemon(config_yaml=None, extra_args=()) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
     daemons = []
 
-    def start(config=None):
+    def start(config=None, extra_args=()):
         sub = tmp_path / f"d{len(daemons)}"
         sub.mkdir()
-        d = Daemon(sub, config)
+        d = Daemon(sub, config, extra_args)
         daemons.append(d)
         return d
 

@@ -33,35 +33,69 @@ def read_lines_until(process, predicate, timeout=15):
     return lines
 
 
-def as_nobody():
-    os.setgid(65534)
-    os.setgroups([])
-    os.setuid(65534)
+def nobody(gid=65534):
+    def demote():
+        os.setgid(gid)
+        os.setgroups([])
+        os.setuid(65534)
+    return demote
 
 
-def test_non_root_caller_is_refused(daemon, tmp_path):
+class NobodysCLI:
+    """A copy of the CLI that nobody may run, outside root's 0700 build and pytest trees."""
+
+    def __init__(self, daemon):
+        self.daemon = daemon
+        self.dir = tempfile.mkdtemp(prefix="cubicle-e2e-cli-")
+        self.path = os.path.join(self.dir, "cubicle")
+        shutil.copy(daemon.cubicle_args("ps")[0], self.path)
+        os.chmod(self.dir, 0o755)
+        os.chmod(self.path, 0o755)
+        os.chmod(daemon.state_dir, 0o755)  # let nobody reach the socket file itself
+
+    def ps(self, gid=65534):
+        return subprocess.run([self.path, "ps", "--admin-socket", self.daemon.admin_socket], capture_output=True, text=True,
+                              preexec_fn=nobody(gid))
+
+    def remove(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_non_root_caller_is_refused(daemon):
     mode = stat.S_IMODE(os.stat(daemon.admin_socket).st_mode)
     assert mode == 0o600, oct(mode)
-    # A copy of the CLI that nobody may run, outside root's 0700 build and pytest trees.
-    bin_dir = tempfile.mkdtemp(prefix="cubicle-e2e-cli-")
+    cli = NobodysCLI(daemon)
     try:
-        cli = os.path.join(bin_dir, "cubicle")
-        shutil.copy(daemon.cubicle_args("ps")[0], cli)
-        os.chmod(bin_dir, 0o755)
-        os.chmod(cli, 0o755)
-        os.chmod(daemon.state_dir, 0o755)  # let nobody reach the socket file itself
-        refused = subprocess.run([cli, "ps", "--admin-socket", daemon.admin_socket], capture_output=True, text=True, preexec_fn=as_nobody)
+        refused = cli.ps()
         assert refused.returncode != 0
         assert "Permission denied" in refused.stderr
         # Loosen the socket's mode by mistake: SO_PEERCRED still refuses a non-root caller.
         os.chmod(daemon.admin_socket, 0o666)
-        refused = subprocess.run([cli, "ps", "--admin-socket", daemon.admin_socket], capture_output=True, text=True, preexec_fn=as_nobody)
+        refused = cli.ps()
         assert refused.returncode == 1
         assert "uid 65534 may not use the admin socket" in refused.stderr
     finally:
-        shutil.rmtree(bin_dir, ignore_errors=True)
+        cli.remove()
     # Root still may.
     assert daemon.cubicle("ps").returncode == 0
+
+
+def test_admin_group_members_are_let_in(start_daemon):
+    group = 65534
+    d = start_daemon(extra_args=["--admin-group", str(group)])
+    st = os.stat(d.admin_socket)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, group)
+    cli = NobodysCLI(d)
+    try:
+        allowed = cli.ps(gid=group)
+        assert allowed.returncode == 0, allowed.stderr
+        assert "SESSION" in allowed.stdout
+        # Another gid: with the mode loosened, SO_PEERCRED still tells the two apart.
+        os.chmod(d.admin_socket, 0o666)
+        refused = cli.ps(gid=65533)
+        assert refused.returncode == 1 and "may not use the admin socket (root or group 65534 only)" in refused.stderr
+    finally:
+        cli.remove()
 
 
 def test_ps_and_inspect_report_what_the_kernel_sees(daemon):
@@ -77,14 +111,14 @@ def test_ps_and_inspect_report_what_the_kernel_sees(daemon):
 
     info = daemon.cubicle_json("inspect", sid[:20])  # a unique prefix will do
     assert info["id"] == sid
-    init_pid, agent_pid = info["initPID"], info["agentPID"]
-    # The agent is pid 2 inside; on the host it is a child of init in init's pid namespace.
-    agent_host_pids = [int(p) for p in open(f"/proc/{init_pid}/task/{init_pid}/children").read().split()]
+    init_pid, agent_pid, agent_host = info["initPID"], info["agentPID"], info["agentHostPID"]
+    # init is pid 1 of its namespace, the agent pid 2; on the host the agent is init's child.
+    assert [l for l in open(f"/proc/{init_pid}/status") if l.startswith("NSpid:")][0].split()[-1] == "1"
     assert agent_pid == 2
-    assert len(agent_host_pids) >= 1
-    agent_host = agent_host_pids[0]
+    assert str(agent_host) in open(f"/proc/{init_pid}/task/{init_pid}/children").read().split()
     nspid = [l for l in open(f"/proc/{agent_host}/status") if l.startswith("NSpid:")][0].split()
-    assert nspid[-1] == "2"
+    assert nspid[1:] == [str(agent_host), "2"]
+    assert os.readlink(f"/proc/{agent_host}/exe").endswith("cubicle-demo-agent")
     for kind, inode in info["namespaces"].items():
         assert os.readlink(f"/proc/{init_pid}/ns/{kind}") == f"{kind}:[{inode}]"
         assert os.readlink(f"/proc/{init_pid}/ns/{kind}") != os.readlink(f"/proc/self/ns/{kind}")
@@ -279,7 +313,9 @@ def test_metrics_parse_and_match_what_happened(daemon):
     assert m[("cubicle_sessions_ended_total", (("reason", "stopped"), ("runtime", "demo")))] == 1
     assert m[("cubicle_sessions_live", (("state", "ready"),))] == 1
     assert m[("cubicle_invocation_duration_seconds_count", (("runtime", "demo"), ("status", "200")))] == 5
-    assert m[("cubicle_invocation_duration_seconds_count", (("runtime", "no-such-runtime"), ("status", "404")))] == 1
+    # An unknown runtime name is counted, but not as a label of its own.
+    assert m[("cubicle_invocation_duration_seconds_count", (("runtime", "unknown"), ("status", "404")))] == 1
+    assert not any(dict(labels).get("runtime") == "no-such-runtime" for _, labels in m)
     assert m[("cubicle_sandbox_spawn_seconds_count", ())] == 2
     assert m[("cubicle_sandbox_teardown_seconds_count", ())] == 1
     assert m[("cubicle_invocation_bytes_sent_total", (("runtime", "demo"),))] >= 1000
