@@ -1,7 +1,7 @@
 # The README's two commands: `make run` and `make test`.
 SWIFT ?= swift
 
-.PHONY: build run sandbox-demo test bench clean
+.PHONY: build run sandbox-demo test bench install clean
 
 build:
 	$(SWIFT) build
@@ -32,6 +32,26 @@ bench:
 	python3 Tests/bench/dataplane_bench.py $(CURDIR)/.build/release >> docs/benchmarks.md.tmp
 	mv docs/benchmarks.md.tmp docs/benchmarks.md
 	cat docs/benchmarks.md
+
+# A release build with the Swift runtime linked into each binary, so the target host needs no toolchain
+# (only libseccomp2 and libstdc++), installed with the systemd unit. The Dockerfile runs the same target.
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
+INSTALL_BUILD ?= .build/static
+PRODUCTS_TO_INSTALL = cubicled cubicle-init cubicle cubicle-demo-agent
+
+install:
+	$(SWIFT) build -c release --static-swift-stdlib --scratch-path $(INSTALL_BUILD)
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(foreach p,$(PRODUCTS_TO_INSTALL),$(INSTALL_BUILD)/release/$(p)) $(DESTDIR)$(PREFIX)/bin/
+	install -d $(DESTDIR)$(PREFIX)/share/cubicle
+	install -m 0644 sandbox/seccomp/default.json $(DESTDIR)$(PREFIX)/share/cubicle/seccomp-default.json
+	if [ -n "$(SYSTEMD_UNIT_DIR)" ]; then \
+		install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)/etc/default && \
+		sed 's|@BINDIR@|$(PREFIX)/bin|' packaging/systemd/cubicled.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/cubicled.service && \
+		{ [ -e $(DESTDIR)/etc/default/cubicled ] || install -m 0644 packaging/systemd/cubicled.default $(DESTDIR)/etc/default/cubicled; }; \
+	fi
 
 clean:
 	rm -rf .build

@@ -127,6 +127,35 @@ public struct Cgroup: Sendable {
         }
     }
 
+    /// For a daemon whose own v2 cgroup was delegated to it (systemd `Delegate=yes`): v2 lets a cgroup
+    /// with processes have no children with controllers, so the daemon moves itself into `<own>/daemon`
+    /// and session cgroups go under `<own>/sessions`, which this returns (relative to `root`).
+    /// `membership` is the text of /proc/self/cgroup; on v2 its one line is `0::/PATH`.
+    /// Only for a cgroup that is really delegated: under the host's root cgroup it would make top-level
+    /// `daemon` and `sessions` cgroups.
+    public static func adoptDelegatedSubtree(root: String = "/sys/fs/cgroup", membership: String, pid: pid_t = getpid()) throws(CgroupError) -> String {
+        guard detectVersion(root: root) == .v2 else {
+            throw CgroupError(cgroup: root, reason: .unsupported("a delegated subtree needs cgroup v2 (this host runs v1); use --cgroup-parent"))
+        }
+        guard let line = membership.split(separator: "\n").first(where: { $0.hasPrefix("0::") }) else {
+            throw CgroupError(cgroup: root, reason: .unsupported("/proc/self/cgroup has no v2 entry"))
+        }
+        let own = line.dropFirst(3).split(separator: "/").map(String.init)
+        guard !own.contains("..") else { throw CgroupError(cgroup: root, reason: .unsupported("/proc/self/cgroup: bad path")) }
+        // "/" is the container's own cgroup under a private cgroup namespace (Kubernetes and Docker on v2).
+        // Already in the leaf (a restart in the same cgroup) keeps the layout instead of nesting deeper.
+        let base = (own.last == "daemon" ? own.dropLast() : own[...]).joined(separator: "/")
+        let prefix = base.isEmpty ? "" : base + "/"
+        let leaf = "\(root)/\(prefix)daemon"
+        do throws(SystemError) {
+            if mkdir(leaf, 0o755) != 0 && errno != EEXIST { throw SystemError.lastError("mkdir \(leaf)") }
+            try Files.write("\(leaf)/cgroup.procs", "\(pid)", flags: O_WRONLY | O_CLOEXEC)
+        } catch {
+            throw CgroupError(cgroup: base, reason: .system(error))
+        }
+        return prefix + "sessions"
+    }
+
     private func enableV2Controllers(at dir: String) throws(SystemError) {
         let have = (try? Files.read("\(dir)/cgroup.subtree_control")) ?? ""
         let wanted = ["memory", "pids", "cpu"].filter { !have.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains(Substring($0)) }

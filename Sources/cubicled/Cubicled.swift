@@ -13,6 +13,7 @@ import Metrics
 import NIOPosix
 import Prometheus
 import ServiceLifecycle
+import Synchronization
 
 @main
 struct Cubicled: AsyncParsableCommand {
@@ -37,6 +38,9 @@ struct Cubicled: AsyncParsableCommand {
 
     @Option(name: .customLong("cgroup-parent"), help: "cgroup under which session cgroups are made.")
     var cgroupParent = "cubicle"
+
+    @Flag(name: .customLong("cgroup-delegated"), help: "cgroup v2: this daemon's own cgroup was delegated to it (systemd Delegate=yes); it moves itself into <own>/daemon and makes session cgroups under <own>/sessions instead of --cgroup-parent.")
+    var cgroupDelegated = false
 
     @Option(name: .customLong("first-host-uid"), help: "First host uid of the ranges mapped into sandboxes (65,536 per session).")
     var firstHostUID: UInt32 = 1_000_000
@@ -71,7 +75,12 @@ struct Cubicled: AsyncParsableCommand {
         let profile = try daemonConfig.seccompProfile.map { try SeccompProfile.load(path: $0) } ?? SeccompProfile.embeddedDefault
         let seccompProgram = try profile.compile()
 
-        var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: cgroupParent)
+        var sessionsCgroup = cgroupParent
+        if cgroupDelegated {
+            do { sessionsCgroup = try Cgroup.adoptDelegatedSubtree(membership: try Files.read("/proc/self/cgroup")) }
+            catch { throw CleanExit.message("--cgroup-delegated: \(error)") }
+        }
+        var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: sessionsCgroup)
         hostConfig.firstHostID = firstHostUID
         hostConfig.uidLeaseDirectory = uidLeaseDir
         let launcher = SandboxLauncher(host: hostConfig)
@@ -86,6 +95,14 @@ struct Cubicled: AsyncParsableCommand {
                                                    .seconds(1), .seconds(2.5), .seconds(5), .seconds(10), .seconds(30), .seconds(60)]
         MetricsSystem.bootstrap(factory)
 
+        // systemd (Type=notify) hears READY=1 once both listeners accept, not when the process merely exists.
+        let notify = ServiceNotify()
+        let notifyLogger = logger
+        let listening = ListenerCount(expected: 2) {
+            do { try notify.ready(status: "serving \(daemonConfig.runtimes.count) runtime(s) on \(host):\(port)") }
+            catch { notifyLogger.warning("sd_notify failed", metadata: ["error": "\(error)"]) }
+        }
+
         // A stale socket from a daemon that did not exit cleanly would make the bind fail.
         if Files.isSocket(adminSocket) { unlink(adminSocket) }
         try Files.makeDirectories(Files.parent(adminSocket), mode: 0o755)
@@ -99,6 +116,7 @@ struct Cubicled: AsyncParsableCommand {
                 chmod(socketPath, access.group == nil ? 0o600 : 0o660)
                 if let gid = access.group { chown(socketPath, 0, gid) }
                 adminLogger.notice("admin socket ready", metadata: ["path": "\(socketPath)"])
+                listening.oneReady()
             },
             eventLoopGroupProvider: .shared(group),
             logger: logger)
@@ -110,10 +128,11 @@ struct Cubicled: AsyncParsableCommand {
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",
                                                             "runtimes": "\(daemonConfig.runtimes.map(\.name))", "state_dir": "\(stateDir)"])
+                listening.oneReady()
             },
             eventLoopGroupProvider: .shared(group),
             logger: logger)
-        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, logger: logger)
+        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, notify: notify, logger: logger)
         let services = ServiceGroup(configuration: .init(
             // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
             // sessions), then the listener drains what is left and stops.
@@ -166,10 +185,12 @@ struct SessionsService: Service {
     let stateDir: String
     let host: SandboxHostConfig
     let adminSocket: String
+    let notify: ServiceNotify
     let logger: Logger
 
     func run() async throws {
         try? await gracefulShutdown()
+        try? notify.stopping()
         let count = await manager.liveCount
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
@@ -181,5 +202,24 @@ struct SessionsService: Service {
             rmdir(directory)
         }
         logger.notice("shutdown complete")
+    }
+}
+
+/// Calls `whenAll` once, when the last of `expected` listeners reports that it accepts connections.
+final class ListenerCount: Sendable {
+    private let remaining: Mutex<Int>
+    private let whenAll: @Sendable () -> Void
+
+    init(expected: Int, whenAll: @escaping @Sendable () -> Void) {
+        remaining = Mutex(expected)
+        self.whenAll = whenAll
+    }
+
+    func oneReady() {
+        let last = remaining.withLock { count in
+            count -= 1
+            return count == 0
+        }
+        if last { whenAll() }
     }
 }

@@ -62,4 +62,46 @@ struct CgroupV2Tests {
         let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-k")
         #expect(throws: CgroupError.self) { try cg.killAll(timeoutMilliseconds: 20) }
     }
+
+    @Test func delegatedSubtreeMovesTheDaemonIntoALeafAndPutsSessionsBesideIt() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let own = root + "/system.slice/cubicled.service"
+        try FileManager.default.createDirectory(atPath: own + "/daemon", withIntermediateDirectories: true)
+        // systemd enabled the controllers down to the delegated service; cubicled must not need to touch them.
+        Self.touch(root, ["cgroup.subtree_control": "cpu memory pids"])
+        Self.touch(root + "/system.slice", ["cgroup.subtree_control": "cpu memory pids"])
+        Self.touch(own, ["cgroup.subtree_control": ""])
+        Self.touch(own + "/daemon", ["cgroup.procs": ""])
+        let parent = try Cgroup.adoptDelegatedSubtree(root: root, membership: "0::/system.slice/cubicled.service\n", pid: 4242)
+        #expect(parent == "system.slice/cubicled.service/sessions")
+        #expect(try Files.read(own + "/daemon/cgroup.procs") == "4242")
+        // A restarted daemon already in the leaf keeps the same layout instead of nesting deeper.
+        #expect(try Cgroup.adoptDelegatedSubtree(root: root, membership: "0::/system.slice/cubicled.service/daemon\n", pid: 4243) == parent)
+        #expect(try Files.read(own + "/daemon/cgroup.procs") == "4243")
+        // Sessions under it: the service's cgroup (now without processes) delegates controllers to `sessions`.
+        try FileManager.default.createDirectory(atPath: own + "/sessions", withIntermediateDirectories: true)
+        Self.touch(own + "/sessions", ["cgroup.subtree_control": ""])
+        try Cgroup(version: .v2, root: root, path: parent + "/sb-1").create()
+        #expect(try Files.read(own + "/cgroup.subtree_control") == "+memory +pids +cpu")
+        #expect(try Files.read(root + "/system.slice/cgroup.subtree_control") == "cpu memory pids")
+        #expect(Files.isDirectory(own + "/sessions/sb-1"))
+    }
+
+    @Test func delegatedSubtreeUnderAPrivateCgroupNamespaceIsTheNamespaceRoot() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try FileManager.default.createDirectory(atPath: root + "/daemon", withIntermediateDirectories: true)
+        Self.touch(root + "/daemon", ["cgroup.procs": ""])
+        #expect(try Cgroup.adoptDelegatedSubtree(root: root, membership: "0::/\n", pid: 7) == "sessions")
+        #expect(try Files.read(root + "/daemon/cgroup.procs") == "7")
+    }
+
+    @Test func delegatedSubtreeIsRefusedOnV1AndWithoutAV2Entry() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        #expect(throws: CgroupError.self) { try Cgroup.adoptDelegatedSubtree(root: root, membership: "1:name=systemd:/x\n") }
+        try FileManager.default.removeItem(atPath: root + "/cgroup.controllers")
+        #expect(throws: CgroupError.self) { try Cgroup.adoptDelegatedSubtree(root: root, membership: "0::/system.slice/c.service\n") }
+    }
 }

@@ -54,7 +54,7 @@ def cgroup_dirs(parent):
 
 
 class Daemon:
-    def __init__(self, tmp_path, config=None, extra_args=()):
+    def __init__(self, tmp_path, config=None, extra_args=(), env=None, wait=True):
         self.port = free_port()
         tag = uuid.uuid4().hex[:10]
         self.state_dir = f"/tmp/cubicle-e2e-{tag}"
@@ -70,8 +70,13 @@ class Daemon:
             args += ["--config", str(path)]
         args += list(extra_args)
         self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env=None if env is None else {**os.environ, **env})
         self.endpoint = f"http://127.0.0.1:{self.port}"
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self):
         deadline = time.time() + 20
         while True:
             if self.process.poll() is not None:
@@ -173,13 +178,13 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(tmp_path):
-    """start_daemon(config_yaml=None, extra_args=()) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
+    """start_daemon(config_yaml=None, extra_args=(), env=None, wait=True) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
     daemons = []
 
-    def start(config=None, extra_args=()):
+    def start(config=None, extra_args=(), env=None, wait=True):
         sub = tmp_path / f"d{len(daemons)}"
         sub.mkdir()
-        d = Daemon(sub, config, extra_args)
+        d = Daemon(sub, config, extra_args, env, wait)
         daemons.append(d)
         return d
 
