@@ -23,13 +23,15 @@ test:
 	$(SWIFT) test --skip-build
 	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e
 
-# Release build; sandbox spawn/teardown/memory beside bubblewrap, and the data plane beside the agent called
-# directly, written to docs/benchmarks.md.
+# Release build; sandbox spawn/teardown/memory beside bubblewrap, the data plane beside the agent called
+# directly, and the SDK agent's cold invoke with and without a warm pool, written to docs/benchmarks.md.
 bench:
 	$(SWIFT) build -c release
 	.build/release/cubicle-sandbox-bench bench $(CURDIR) $(CURDIR)/.build/release 200 > docs/benchmarks.md.tmp
 	echo >> docs/benchmarks.md.tmp
 	python3 Tests/bench/dataplane_bench.py $(CURDIR)/.build/release >> docs/benchmarks.md.tmp
+	echo >> docs/benchmarks.md.tmp
+	python3 Tests/bench/warm_pool_bench.py $(CURDIR)/.build/release >> docs/benchmarks.md.tmp
 	mv docs/benchmarks.md.tmp docs/benchmarks.md
 	cat docs/benchmarks.md
 

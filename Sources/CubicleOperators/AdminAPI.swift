@@ -141,7 +141,9 @@ public struct AdminAPI: HTTPResponder {
     private func list(all: Bool) async throws -> Response {
         var rows = await sessions.liveSessions.map { OperatorJSON.summary($0.summary, timeline: $0.timeline) }
         if all { rows += await sessions.endedSessions.map { OperatorJSON.summary($0, timeline: nil) } }
-        return Self.json(.ok, ["sessions": .array(rows)])
+        // Warm sandboxes are nobody's session yet: listed apart, so scripts reading `sessions` see only sessions.
+        let warm = await sessions.warmSessions.map { OperatorJSON.summary($0.summary, timeline: nil) }
+        return Self.json(.ok, ["sessions": .array(rows), "warm": .array(warm)])
     }
 
     private func inspect(_ id: String) async throws -> Response {

@@ -34,6 +34,9 @@ public struct RuntimeConfig: Equatable, Sendable {
     /// Lowercased header names passed to the agent besides the contract's own.
     public var requestHeaderAllowlist: [String] = []
     public var readOnlyMounts: [SandboxSpec.ReadOnlyMount] = []
+    /// Sandboxes kept started and healthy before any session asks; the first invocation of a new session
+    /// id claims one (never reused), and the pool refills in the background. Not counted in maxSessions.
+    public var warmPool = 0
 
     public init(name: String, command: [String]) {
         self.name = name
@@ -147,6 +150,7 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
             try lf.rejectUnknown()
         }
+        if let n = try f.int("warmPool", 0...1000) { r.warmPool = n }
         if let list = try f.stringList("requestHeaderAllowlist") {
             r.requestHeaderAllowlist = list.map { $0.lowercased() }
         }

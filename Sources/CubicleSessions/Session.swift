@@ -14,30 +14,53 @@ public let systemClock: MonotonicClock = { Double(DispatchTime.now().uptimeNanos
 /// One runtime session: its sandbox, its agent, its lifecycle. Shared by the gateway (requests and
 /// commands), the manager (ending it) and operators (inspect, logs).
 public final class Session: Sendable {
-    public let id: String
+    /// The session id; a warm sandbox (started ahead for the runtime's pool) gets its id when claimed.
+    public var id: String { identity.withLock { $0.id } }
+    public var createdUnixTime: Int { identity.withLock { $0.created } }
     public let runtime: RuntimeConfig
     public let sandbox: Sandbox
     public let pool: AgentPool
     public let logs = LogRing()
     public let agentPID: Int32
-    public let createdUnixTime: Int
     let clock: MonotonicClock
+    private let identity: Mutex<(id: String, created: Int)>
+    /// `warm`: in its runtime's pool, not yet any session's. Under the same lock as the lifecycle, so a
+    /// claim and an ending cannot both win.
     let state: Mutex<(lifecycle: Lifecycle, lastPing: String?, pingFailures: Int, agentExit: (code: Int32?, signal: Int32?)?,
-                      reportedOOMKills: Int64, reportedPidsLimitHits: Int64)>
+                      reportedOOMKills: Int64, reportedPidsLimitHits: Int64, warm: Bool)>
     /// Resolves once teardown has finished.
     let done = OneShot<SessionSummary>()
 
-    init(id: String, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock) {
-        self.id = id
+    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock) {
+        self.identity = Mutex((id ?? "", Int(time(nil))))
         self.runtime = runtime
         self.sandbox = sandbox
         self.pool = pool
         self.agentPID = agentPID
         self.clock = clock
-        self.createdUnixTime = Int(time(nil))
+        state = Mutex((Self.freshLifecycle(runtime, now: clock()), nil, 0, nil, 0, 0, id == nil))
+    }
+
+    private static func freshLifecycle(_ runtime: RuntimeConfig, now: Double) -> Lifecycle {
+        Lifecycle(now: now, idleTimeout: Double(runtime.idleRuntimeSessionTimeout), maxLifetime: Double(runtime.maxLifetime))
+    }
+
+    public var isWarm: Bool { state.withLock { $0.warm } }
+
+    /// Makes a healthy warm sandbox session `id`'s, once: its lifecycle starts now, as a new session's
+    /// would. false when it is no longer warm or has begun to end.
+    func claim(as id: String) -> Bool {
         let now = clock()
-        state = Mutex((Lifecycle(now: now, idleTimeout: Double(runtime.idleRuntimeSessionTimeout), maxLifetime: Double(runtime.maxLifetime)),
-                       nil, 0, nil, 0, 0))
+        let claimed = state.withLock { s -> Bool in
+            guard s.warm, s.lifecycle.isLive else { return false }
+            s.warm = false
+            var fresh = Self.freshLifecycle(runtime, now: now)
+            fresh.ready(now: now)
+            s.lifecycle = fresh
+            return true
+        }
+        if claimed { identity.withLock { $0 = (id, Int(time(nil))) } }
+        return claimed
     }
 
     public var lifecycle: Lifecycle { state.withLock { $0.lifecycle } }
@@ -70,8 +93,8 @@ public final class Session: Sendable {
     }
 
     public var summary: SessionSummary {
-        let (lc, ping) = state.withLock { ($0.lifecycle, $0.lastPing) }
-        return SessionSummary(id: id, runtime: runtime.name, state: lc.state.name, endReason: lc.endReason,
+        let (lc, ping, warm) = state.withLock { ($0.lifecycle, $0.lastPing, $0.warm) }
+        return SessionSummary(id: id, runtime: runtime.name, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
                               createdUnixTime: createdUnixTime, invocations: lc.invocations, lastPing: ping,
                               initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: sandbox.cgroup.usage())
     }

@@ -34,6 +34,9 @@ public actor SessionManager {
     /// Operators' live event feed.
     public nonisolated let events = SessionEvents()
     private var endings: [Task<Void, Never>] = []
+    /// Per runtime: healthy sandboxes nobody has claimed yet, and how many are being started for the pool.
+    private var warm: [String: [Session]] = [:]
+    private var warming: [String: Int] = [:]
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
                 logger: Logger, clock: @escaping MonotonicClock = systemClock) {
@@ -47,6 +50,7 @@ public actor SessionManager {
     }
 
     public var liveSessions: [Session] { Array(live.values) }
+    public var warmSessions: [Session] { config.runtimes.flatMap { warm[$0.name] ?? [] } }
     public var endedSessions: [SessionSummary] { ended }
     public var liveCount: Int { live.count + starting.count }
 
@@ -66,6 +70,10 @@ public actor SessionManager {
             guard !shuttingDown else { throw AgentCoreError(.throttling, "cubicled is shutting down") }
             guard live.count + starting.count < config.maxSessions else {
                 throw AgentCoreError(.serviceQuotaExceeded, "Live session quota of \(config.maxSessions) reached; stop a session or wait for one to end")
+            }
+            if let session = claimWarm(runtime, as: sessionID) {
+                live[key] = session
+                return session
             }
             task = Task { try await self.start(runtime, sessionID: sessionID) }
             starting[key] = task
@@ -97,12 +105,17 @@ public actor SessionManager {
         _ = await end(s, .stopped)
     }
 
-    /// Ends every session (daemon shutdown) and waits for their teardown.
+    /// Ends every session and warm sandbox (daemon shutdown) and waits for their teardown.
     public func shutdown() async {
         shuttingDown = true
         for t in starting.values { _ = try? await t.value }
+        // A warm sandbox still starting ends itself when it finds the daemon shutting down (`warmed`).
+        while warming.values.contains(where: { $0 > 0 }) { try? await Task.sleep(nanoseconds: 10_000_000) }
+        let pooled = warmSessions
+        warm = [:]
         await withTaskGroup(of: Void.self) { group in
             for s in live.values { group.addTask { _ = await self.end(s, .daemonShutdown) } }
+            for s in pooled { group.addTask { _ = await self.end(s, .daemonShutdown) } }
         }
         for t in endings { await t.value }
         events.finishAll()
@@ -132,6 +145,77 @@ public actor SessionManager {
         case ambiguous([String])
     }
 
+    // MARK: - Warm pools
+
+    /// Starts filling every runtime's warm pool; called once the daemon serves.
+    public func startWarmPools() {
+        for runtime in config.runtimes where runtime.warmPool > 0 { refill(runtime) }
+    }
+
+    private func claimWarm(_ runtime: RuntimeConfig, as sessionID: String) -> Session? {
+        guard runtime.warmPool > 0 else { return nil }
+        // Refill a moment later: a new agent's start-up (hundreds of ms of CPU for a Python agent) would
+        // otherwise compete with the first request of the session that just claimed a sandbox.
+        defer {
+            Task {
+                try? await Task.sleep(nanoseconds: Self.refillDelayNanoseconds)
+                await self.refill(runtime)
+            }
+        }
+        while var pool = warm[runtime.name], !pool.isEmpty {
+            let candidate = pool.removeFirst()
+            warm[runtime.name] = pool
+            guard candidate.claim(as: sessionID) else { continue }
+            Telemetry.sessionStarted(runtime: runtime.name)
+            events.publish("created", session: candidate, ["initPID": .int(Int64(candidate.sandbox.initPID)),
+                                                          "agentPID": .int(Int64(candidate.agentPID)), "warm": true])
+            events.publish("ready", session: candidate)
+            logger.info("session claimed a warm sandbox", metadata: ["session": "\(sessionID)", "runtime": "\(runtime.name)",
+                                                                      "sandbox": "\(candidate.sandbox.id)"])
+            return candidate
+        }
+        return nil
+    }
+
+    static let refillDelayNanoseconds: UInt64 = 100_000_000
+
+    private func refill(_ runtime: RuntimeConfig) {
+        guard !shuttingDown else { return }
+        let missing = runtime.warmPool - (warm[runtime.name]?.count ?? 0) - (warming[runtime.name] ?? 0)
+        guard missing > 0 else { return }
+        warming[runtime.name, default: 0] += missing
+        for _ in 0..<missing {
+            Task {
+                let session = try? await self.start(runtime, sessionID: nil)
+                await self.warmed(runtime, session)
+            }
+        }
+    }
+
+    private func warmed(_ runtime: RuntimeConfig, _ session: Session?) async {
+        warming[runtime.name, default: 1] -= 1
+        guard let session else {
+            // A runtime whose sandboxes cannot start would otherwise be retried in a tight loop.
+            guard !shuttingDown else { return }
+            Task {
+                try? await Task.sleep(nanoseconds: 5_000_000_000)
+                await self.refill(runtime)
+            }
+            return
+        }
+        if shuttingDown {
+            _ = await end(session, .daemonShutdown)
+            return
+        }
+        warm[runtime.name, default: []].append(session)
+    }
+
+    /// A warm sandbox that ended before anyone claimed it (its agent died, it failed its health checks).
+    private func unpool(_ session: Session) {
+        warm[session.runtime.name]?.removeAll { $0 === session }
+        refill(session.runtime)
+    }
+
     // MARK: - Start
 
     private func spec(for runtime: RuntimeConfig) -> SandboxSpec {
@@ -145,12 +229,14 @@ public actor SessionManager {
         return spec
     }
 
-    private nonisolated func start(_ runtime: RuntimeConfig, sessionID: String) async throws -> Session {
+    /// Starts a sandbox and its agent and waits until the agent is healthy. Without a session id it is a
+    /// warm sandbox for the runtime's pool.
+    private nonisolated func start(_ runtime: RuntimeConfig, sessionID: String?) async throws -> Session {
         let sandbox: Sandbox
         do {
             sandbox = try await launcher.launch(await spec(for: runtime))
         } catch {
-            logger.error("session start failed", metadata: ["session": "\(sessionID)", "error": "\(error)"])
+            logger.error("session start failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
             throw AgentCoreError(.runtimeClient, "Session could not start: \(error)")
         }
         let port = runtime.serverProtocol.port
@@ -165,9 +251,11 @@ public actor SessionManager {
             throw AgentCoreError(.runtimeClient, "Agent could not start: \(error)")
         }
         let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
-        Telemetry.sessionStarted(runtime: runtime.name)
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
-        events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
+        if sessionID != nil {
+            Telemetry.sessionStarted(runtime: runtime.name)
+            events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
+        }
         Task { await session.logs.drain(fd: started.stdout, stream: "stdout", group: group) }
         Task { await session.logs.drain(fd: started.stderr, stream: "stderr", group: group) }
         Task { await self.watchEvents(session) }
@@ -179,9 +267,10 @@ public actor SessionManager {
         }
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
-        events.publish("ready", session: session)
-        logger.info("session ready", metadata: ["session": "\(sessionID)", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
-                                                 "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
+        if sessionID != nil { events.publish("ready", session: session) }
+        logger.info(sessionID == nil ? "warm sandbox ready" : "session ready",
+                    metadata: ["session": "\(sessionID ?? "-")", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
+                               "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
         Task { await self.superviseLifecycle(session) }
         return session
     }
@@ -260,15 +349,19 @@ public actor SessionManager {
 
     /// Polls /ping and applies the idle and max-lifetime rules until the session ends.
     private nonisolated func superviseLifecycle(_ session: Session) async {
-        var nextPing = clock() + config.healthPollSeconds
+        // A warm sandbox is pinged more often than the agent pool's idle limit, so its connection to the
+        // agent stays open and the claiming session's first request does not wait for a new one.
+        func period() -> Double { session.isWarm ? min(config.healthPollSeconds, 1) : config.healthPollSeconds }
+        var nextPing = clock() + period()
         while session.isLive {
             let now = clock()
-            if let reason = session.lifecycle.expiry(now: now) {
+            // A warm sandbox is kept until claimed; its lifecycle starts then. Health checks still run.
+            if !session.isWarm, let reason = session.lifecycle.expiry(now: now) {
                 _ = await end(session, reason)
                 return
             }
             if now >= nextPing {
-                nextPing = now + config.healthPollSeconds
+                nextPing = now + period()
                 reportLimits(session, session.sandbox.cgroup.usage())
                 do {
                     _ = try await ping(session, timeout: max(1, config.healthPollSeconds * 2))
@@ -281,7 +374,7 @@ public actor SessionManager {
                 }
                 continue
             }
-            let wake = min(nextPing, session.lifecycle.nextDeadline)
+            let wake = session.isWarm ? nextPing : min(nextPing, session.lifecycle.nextDeadline)
             try? await Task.sleep(nanoseconds: UInt64(max(0.001, min(wake - clock(), 60)) * 1e9))
         }
     }
@@ -291,7 +384,7 @@ public actor SessionManager {
     /// Ends a session for `reason` (the first reason given wins) and returns what is kept of it.
     @discardableResult
     public nonisolated func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
-        let first = session.state.withLock { $0.lifecycle.stop(reason) }
+        let (first, wasWarm) = session.state.withLock { ($0.lifecycle.stop(reason), $0.warm) }
         guard first else { return (try? await session.done.value) ?? session.summary }
         session.pool.close()
         let report = await session.sandbox.end(.stopped).value
@@ -300,6 +393,13 @@ public actor SessionManager {
         var summary = session.summary
         summary.usage = report.finalUsage
         Telemetry.tornDown(nanoseconds: report.nanoseconds)
+        if wasWarm {
+            // Never anyone's session: nothing to list or count as ended, only the pool to refill.
+            logger.info("warm sandbox ended", metadata: ["sandbox": "\(session.sandbox.id)", "reason": "\(summary.endReason?.description ?? "?")"])
+            await unpool(session)
+            session.done.resolve(.success(summary))
+            return summary
+        }
         Telemetry.sessionEnded(runtime: session.runtime.name, reason: summary.endReason?.name ?? "unknown")
         reportLimits(session, summary.usage)
         events.publish("ended", session: session, ["reason": .string(summary.endReason?.name ?? "unknown"),

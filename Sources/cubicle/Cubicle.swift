@@ -60,14 +60,14 @@ func path(_ id: String, _ suffix: String = "") -> String {
 }
 
 struct PS: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List live sessions (with --all, ended ones too).")
+    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List live sessions and warm-pool sandboxes (with --all, ended sessions too).")
     @OptionGroup var options: Options
     @Flag(name: .shortAndLong, help: "Include ended sessions still retained, with their end reason.") var all = false
 
     func run() throws {
         let reply = try options.client.get("/v1/sessions" + (all ? "?all=true" : ""))
         if options.json { return FileHandleOut.stdout(reply.text + "\n") }
-        FileHandleOut.stdout(SessionTable.render(reply["sessions"]?.arrayValue ?? [], now: now(), all: all))
+        FileHandleOut.stdout(SessionTable.render(reply["sessions"]?.arrayValue ?? [], warm: reply["warm"]?.arrayValue ?? [], now: now(), all: all))
     }
 }
 

@@ -189,6 +189,7 @@ struct SessionsService: Service {
     let logger: Logger
 
     func run() async throws {
+        await manager.startWarmPools()
         try? await gracefulShutdown()
         try? notify.stopping()
         let count = await manager.liveCount

@@ -19,6 +19,7 @@ import Testing
             requestHeaderAllowlist: [X-Team]
             readOnlyMounts:
               - {source: /opt/venv}
+            warmPool: 3
         """)
         #expect(c.maxSessions == 5)
         #expect(c.healthPollSeconds == 0.5)
@@ -30,6 +31,7 @@ import Testing
         #expect(r.limits.memoryBytes == 256 << 20 && r.limits.tmpfsBytes == 32 << 20 && r.limits.cpus == 0.5 && r.limits.pids == 64)
         #expect(r.requestHeaderAllowlist == ["x-team"])
         #expect(r.readOnlyMounts.first?.target == "/opt/venv")
+        #expect(r.warmPool == 3)
     }
 
     @Test func defaultsMirrorAWS() throws {
@@ -38,6 +40,7 @@ import Testing
         #expect(r.idleRuntimeSessionTimeout == 900 && r.maxLifetime == 28_800)
         #expect(r.serverProtocol == .http)
         #expect(c.initializationTimeoutSeconds == 30)
+        #expect(r.warmPool == 0, "no sandbox is started before it is asked for unless configured")
     }
 
     /// Each bad config is refused with the path of the field at fault.
@@ -53,6 +56,8 @@ import Testing
         ("runtimes:\n  - {name: a, command: [/a], lifecycle: {idleRuntimeSessionTimeout: 900, maxLifetime: 600}}", "runtimes[0].lifecycle.idleRuntimeSessionTimeout"),
         ("runtimes:\n  - {name: a, command: [/a], limits: {memory: lots}}", "runtimes[0].limits.memory"),
         ("runtimes:\n  - {name: a, command: [/a], limits: {pids: 2}}", "runtimes[0].limits.pids"),
+        ("runtimes:\n  - {name: a, command: [/a], warmPool: -1}", "runtimes[0].warmPool"),
+        ("runtimes:\n  - {name: a, command: [/a], warmPool: 1001}", "runtimes[0].warmPool"),
         ("runtimes:\n  - {name: a, command: [/a], codeDirectory: relative/dir}", "runtimes[0].codeDirectory"),
         ("runtimes:\n  - {name: a, command: [/a], colour: blue}", "runtimes[0].colour"),
         ("runtimes:\n  - {name: a, command: [/a]}\n  - {name: a, command: [/b]}", "runtimes[1].name"),
