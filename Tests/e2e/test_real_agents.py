@@ -267,3 +267,25 @@ def test_sdk_agent_from_a_warm_pool_sees_its_session(start_daemon, venv):
     row = next(s for s in d.cubicle_json("ps")["sessions"] if s["id"] == sid)
     assert row["sandbox"] == pooled
     print(f"cold invoke of the SDK agent from a warm pool: {took * 1000:.1f} ms")
+
+
+def test_100_mb_into_an_agent_whose_memory_limit_is_too_small_is_reported(start_daemon, venv):
+    """The other way the issue allows: the limit hit, reported clearly to the client and to operators."""
+    d = start_daemon(config(python_runtime("small", "large_payload_agent.py", venv, memory="192MiB")))
+    c = d.client()
+    sid = new_session_id()
+    assert invoke_json(c, "small", sid, {"data": "warm"})["bytes"] == 4
+    body = json.dumps({"data": "x" * (100_000_000 - 12)})
+    with pytest.raises(botocore.exceptions.ClientError) as failed:
+        invoke(c, "small", sid, body)["response"].read()
+    error = failed.value.response["Error"]
+    print("client saw:", error)
+    assert error["Code"] == "RuntimeClientError" and "memory" in error["Message"].lower(), error
+    deadline = time.monotonic() + 10
+    while True:
+        ended = [s for s in d.cubicle_json("ps", "--all")["sessions"] if s["id"] == sid and s["state"] == "ended"]
+        if ended:
+            break
+        assert time.monotonic() < deadline, "the session did not end after its agent was OOM-killed"
+        time.sleep(0.1)
+    assert ended[0]["endReason"] == "out_of_memory" and ended[0]["usage"]["oomKills"] >= 1, ended[0]
