@@ -121,6 +121,7 @@ def test_100_mb_round_trip_through_the_sdk_agent_is_byte_exact_and_cubicled_stay
     reply = json.loads(r["response"].read())
     assert reply["bytes"] == len(data) and reply["data"] == data
     peak_growth_mib = (vm_kib(d.process.pid, "VmHWM") - before) / 1024
+    print(f"100 MB round trip through the SDK agent: cubicled's peak RSS grew {peak_growth_mib:.1f} MiB")
     assert peak_growth_mib < 64, f"cubicled's peak RSS grew {peak_growth_mib:.0f} MiB for a 100 MB round trip: it buffered"
 
 
