@@ -49,9 +49,11 @@ install:
 	install -m 0755 $(foreach p,$(PRODUCTS_TO_INSTALL),$(INSTALL_BUILD)/release/$(p)) $(DESTDIR)$(PREFIX)/bin/
 	install -d $(DESTDIR)$(PREFIX)/share/cubicle
 	install -m 0644 sandbox/seccomp/default.json $(DESTDIR)$(PREFIX)/share/cubicle/seccomp-default.json
+	install -d $(DESTDIR)$(PREFIX)/share/doc/cubicle
+	install -m 0644 README.md docs/deploy.md docs/sandbox.md docs/dataplane.md $(DESTDIR)$(PREFIX)/share/doc/cubicle/
 	if [ -n "$(SYSTEMD_UNIT_DIR)" ]; then \
 		install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)/etc/default && \
-		sed 's|@BINDIR@|$(PREFIX)/bin|' packaging/systemd/cubicled.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/cubicled.service && \
+		sed -e 's|@BINDIR@|$(PREFIX)/bin|' -e 's|@DOCDIR@|$(PREFIX)/share/doc/cubicle|' packaging/systemd/cubicled.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/cubicled.service && \
 		{ [ -e $(DESTDIR)/etc/default/cubicled ] || install -m 0644 packaging/systemd/cubicled.default $(DESTDIR)/etc/default/cubicled; }; \
 	fi
 

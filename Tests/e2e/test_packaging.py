@@ -49,7 +49,7 @@ def test_every_flag_the_service_files_pass_exists():
 def test_systemd_unit_verifies():
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    unit = read("packaging", "systemd", "cubicled.service").replace("@BINDIR@", PRODUCTS)
+    unit = read("packaging", "systemd", "cubicled.service").replace("@BINDIR@", PRODUCTS).replace("@DOCDIR@", os.path.join(REPO, "docs"))
     path = f"/tmp/cubicle-unit-{os.getpid()}/cubicled.service"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
