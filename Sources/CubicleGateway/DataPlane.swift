@@ -124,7 +124,7 @@ public struct DataPlane: HTTPResponder {
         } catch let e as AgentCoreError {
             throw e
         } catch {
-            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.agentDeathCause() ?? "\(error)")")
+            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
         }
         inFlight.attach(agentResponse)
         return Response(status: agentResponse.head.status, headers: Self.responseHeaders(agentResponse.head, request: request, sessionID: id),
@@ -202,7 +202,7 @@ public struct DataPlane: HTTPResponder {
                                headerFields: [.agentCoreSessionID: id, .agentCoreRequestID: requestID])
         let response: AgentResponse
         do { response = try await session.pool.send(AgentRequest(head: head)) } catch {
-            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.agentDeathCause() ?? "\(error)")")
+            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
         }
         inFlight.attach(response)
         return Response(status: response.head.status, headers: Self.responseHeaders(response.head, request: request, sessionID: id),

@@ -73,19 +73,21 @@ public final class Session: Sendable {
     public func commandStarted() { let now = clock(); state.withLock { $0.lifecycle.commandStarted(now: now) } }
     public func commandEnded() { let now = clock(); state.withLock { $0.lifecycle.commandEnded(now: now) } }
 
-    /// Why the agent failed to answer, when it was because it died: waits briefly for init's report of the
-    /// exit, which can trail the closed connection. nil when the agent still runs.
-    public func agentDeathCause(waitingUpTo seconds: Double = 0.5) async -> String? {
+    /// Why the agent failed to answer, when the session ended under the request (the agent died, was
+    /// OOM-killed, the session was stopped): waits briefly for the end reason, which the manager records
+    /// when init reports the exit, a moment after the connection closed. nil while the session lives.
+    public func endedCause(waitingUpTo seconds: Double = 0.5) async -> String? {
         let deadline = clock() + seconds
         while true {
-            if let exit = state.withLock({ $0.agentExit }) {
-                if exit.signal == SIGKILL && sandbox.cgroup.usage().oomKills > 0 {
-                    return "the agent was killed for exceeding the session's memory limit (\(runtime.limits.memoryBytes >> 20) MiB); the session has ended"
-                }
-                return "\(EndReason.agentExited(code: exit.code, signal: exit.signal)); the session has ended"
+            switch lifecycle.endReason {
+            case .outOfMemory?:
+                return "the agent was killed for exceeding the session's memory limit (\(runtime.limits.memoryBytes >> 20) MiB); the session has ended"
+            case let reason?:
+                return "the session ended (\(reason))"
+            case nil:
+                guard clock() < deadline else { return nil }
+                try? await Task.sleep(nanoseconds: 20_000_000)
             }
-            guard clock() < deadline else { return nil }
-            try? await Task.sleep(nanoseconds: 20_000_000)
         }
     }
 

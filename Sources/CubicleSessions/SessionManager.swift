@@ -193,7 +193,9 @@ public actor SessionManager {
     }
 
     private func warmed(_ runtime: RuntimeConfig, _ session: Session?) async {
-        warming[runtime.name, default: 1] -= 1
+        // Counted as warming until ended or pooled: shutdown waits for the count to reach zero before it
+        // removes the state directory and cgroup parent, so a teardown here must finish first.
+        defer { warming[runtime.name, default: 1] -= 1 }
         guard let session else {
             // A runtime whose sandboxes cannot start would otherwise be retried in a tight loop.
             guard !shuttingDown else { return }

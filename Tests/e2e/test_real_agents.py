@@ -216,6 +216,15 @@ def test_a2a_agent_card_and_message_send(start_daemon, venv):
 
 # --- warm pools ---
 
+def demo_runtime(warm_pool):
+    return f"""  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    warmPool: {warm_pool}
+    limits: {{memory: 256MiB}}
+"""
+
+
 def wait_for_warm(d, runtime, n, timeout=60):
     deadline = time.monotonic() + timeout
     while True:
@@ -227,12 +236,7 @@ def wait_for_warm(d, runtime, n, timeout=60):
 
 
 def test_warm_pool_sandbox_serves_one_session_only_and_the_pool_refills(start_daemon):
-    d = start_daemon(config(f"""  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-    warmPool: 2
-    limits: {{memory: 256MiB}}
-"""))
+    d = start_daemon(config(demo_runtime(warm_pool=2)))
     warm = {w["sandbox"] for w in wait_for_warm(d, "demo", 2)}
     assert len(warm) == 2
     table = d.cubicle("ps").stdout
@@ -290,3 +294,23 @@ def test_100_mb_into_an_agent_whose_memory_limit_is_too_small_is_reported(start_
         assert time.monotonic() < deadline, "the session did not end after its agent was OOM-killed"
         time.sleep(0.1)
     assert ended[0]["endReason"] == "out_of_memory" and ended[0]["usage"]["oomKills"] >= 1, ended[0]
+
+
+def test_a_warm_sandbox_that_dies_is_replaced_and_never_claimed(start_daemon):
+    import signal
+    d = start_daemon(config(demo_runtime(warm_pool=1)))
+    dead = wait_for_warm(d, "demo", 1)[0]
+    os.kill(dead["initPID"], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        warm = [w for w in d.cubicle_json("ps")["warm"] if w["state"] == "warm"]
+        if warm and warm[0]["sandbox"] != dead["sandbox"]:
+            break
+        assert time.monotonic() < deadline, f"the dead warm sandbox was not replaced: {warm}"
+        time.sleep(0.1)
+    sid = new_session_id()
+    assert invoke_json(d.client(), "demo", sid, {"prompt": "2+5"})["answer"] == 7
+    row = next(s for s in d.cubicle_json("ps")["sessions"] if s["id"] == sid)
+    assert row["sandbox"] == warm[0]["sandbox"]
+    # Never anyone's session, so not listed as an ended one either.
+    assert dead["sandbox"] not in [s["sandbox"] for s in d.cubicle_json("ps", "--all")["sessions"]]
