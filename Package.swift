@@ -78,6 +78,8 @@ let package = Package(
         ]),
         .executableTarget(name: "cubicled", dependencies: [
             "CubicleGateway", "CubicleSessions", "CubicleOperators",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),

@@ -109,13 +109,13 @@ public struct DataPlane: HTTPResponder {
         if let declaredLength { fields[.contentLength] = String(declaredLength) }
         let head = HTTPRequest(method: .post, scheme: nil, authority: "localhost", path: session.runtime.serverProtocol.invocationPath, headerFields: fields)
         let body = request.body
-        let agentRequest = AgentRequest(head: head) { outbound in
+        let agentRequest = AgentRequest(head: head, bodyLength: declaredLength) { outbound in
             var total = 0
             for try await buffer in body {
                 total += buffer.readableBytes
                 inFlight.received(buffer.readableBytes)
                 guard total <= Limits.maxPayloadBytes else { throw AgentCoreError.invalidField("payload", "Member must have length less than or equal to \(Limits.maxPayloadBytes)") }
-                try await outbound.write(.body(buffer))
+                try await outbound.write(buffer)
             }
         }
         let agentResponse: AgentResponse
@@ -266,15 +266,25 @@ final class InFlight: Sendable {
 }
 
 enum RequestID {
-    /// A random UUID v4, as AWS request ids are.
+    /// A random UUID v4, as AWS request ids are: one getrandom(2) per id, not one per byte.
     static func make() -> String {
         var g = SystemRandomNumberGenerator()
-        var b = (0..<16).map { _ in UInt8.random(in: 0...255, using: &g) }
-        b[6] = (b[6] & 0x0F) | 0x40
-        b[8] = (b[8] & 0x3F) | 0x80
-        let hex = b.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
-        let h = Array(hex)
-        return String(h[0..<8]) + "-" + String(h[8..<12]) + "-" + String(h[12..<16]) + "-" + String(h[16..<20]) + "-" + String(h[20..<32])
+        return format(g.next() as UInt64, g.next() as UInt64)
+    }
+
+    static func format(_ high: UInt64, _ low: UInt64) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        var bytes = withUnsafeBytes(of: high.bigEndian) { Array($0) } + withUnsafeBytes(of: low.bigEndian) { Array($0) }
+        bytes[6] = (bytes[6] & 0x0F) | 0x40
+        bytes[8] = (bytes[8] & 0x3F) | 0x80
+        var out: [UInt8] = []
+        out.reserveCapacity(36)
+        for (i, b) in bytes.enumerated() {
+            if i == 4 || i == 6 || i == 8 || i == 10 { out.append(UInt8(ascii: "-")) }
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 0x0F)])
+        }
+        return String(decoding: out, as: UTF8.self)
     }
 }
 

@@ -29,11 +29,48 @@ public struct AgentResponse: Sendable {
 /// A request to send: the head, and a writer for its body parts (nothing for a bodiless request).
 public struct AgentRequest: Sendable {
     public var head: HTTPRequest
-    public var writeBody: @Sendable (NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Void
+    /// The body's length when the client declared it, so its last part goes out with the end of the request.
+    public var bodyLength: Int?
+    public var writeBody: @Sendable (AgentBodyWriter) async throws -> Void
 
-    public init(head: HTTPRequest, writeBody: @escaping @Sendable (NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Void = { _ in }) {
+    public init(head: HTTPRequest, bodyLength: Int? = nil, writeBody: @escaping @Sendable (AgentBodyWriter) async throws -> Void = { _ in }) {
         self.head = head
+        self.bodyLength = bodyLength
         self.writeBody = writeBody
+    }
+}
+
+/// Writes a request to the agent with as few flushes as it can: the head waits for the first body part,
+/// and the part that completes a declared length carries the end, so a small request is one write(2)
+/// rather than three, each of which would wake the agent.
+public final class AgentBodyWriter: @unchecked Sendable {
+    private let outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>
+    private var head: HTTPRequest?
+    private var remaining: Int?
+    private var ended = false
+
+    init(_ outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>, head: HTTPRequest, length: Int?) {
+        self.outbound = outbound
+        self.head = head
+        self.remaining = length
+    }
+
+    public func write(_ buffer: ByteBuffer) async throws {
+        var parts: [HTTPRequestPart] = []
+        if let h = head { parts.append(.head(h)); head = nil }
+        parts.append(.body(buffer))
+        if let r = remaining {
+            remaining = r - buffer.readableBytes
+            if remaining! <= 0 { parts.append(.end(nil)); ended = true }
+        }
+        try await outbound.write(contentsOf: parts)
+    }
+
+    func finish() async throws {
+        var parts: [HTTPRequestPart] = []
+        if let h = head { parts.append(.head(h)); head = nil }
+        if !ended { parts.append(.end(nil)); ended = true }
+        if !parts.isEmpty { try await outbound.write(contentsOf: parts) }
     }
 }
 
@@ -129,9 +166,9 @@ final class AgentConnection: Sendable {
                                 _ outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Bool {
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
-                try await outbound.write(.head(exchange.request.head))
-                try await exchange.request.writeBody(outbound)
-                try await outbound.write(.end(nil))
+                let writer = AgentBodyWriter(outbound, head: exchange.request.head, length: exchange.request.bodyLength)
+                try await exchange.request.writeBody(writer)
+                try await writer.finish()
             }
             var head: HTTPResponse?
             while head == nil {

@@ -15,7 +15,7 @@ import Prometheus
 import ServiceLifecycle
 import Synchronization
 
-@main
+
 struct Cubicled: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cubicled",
