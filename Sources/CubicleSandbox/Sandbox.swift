@@ -224,7 +224,7 @@ public final class Sandbox: Sendable {
         state.withLock { s in
             if let t = s.teardown { return t }
             s.ended = reason
-            let t = Task.detached { self.performTeardown(reason) }
+            let t = Task.detached { await BlockingWork.run { self.performTeardown(reason) } }
             s.teardown = t
             return t
         }

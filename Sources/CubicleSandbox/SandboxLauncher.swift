@@ -75,12 +75,14 @@ public struct SandboxLauncher: Sendable {
         do {
             return try await launch(spec, id: id, start: start, rollback: rollback)
         } catch {
-            rollback.run()
+            await BlockingWork.run { rollback.run() }
             throw error
         }
     }
 
-    private func launch(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) async throws(SandboxError) -> Sandbox {
+    /// The blocking half of a launch: host paths, uid range, state directory, cgroup, and init cloned and
+    /// exec'd with its configuration queued. Everything it makes is on `rollback`.
+    private func startInit(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) throws(SandboxError) -> Started {
         let phases = SpawnPhases(start: start)
         let sources = try sources(spec)
         phases.mark("host paths")
@@ -112,8 +114,8 @@ public struct SandboxLauncher: Sendable {
         phases.mark("cgroup")
         let (hostSock, childSock): (Int32, Int32)
         do { (hostSock, childSock) = try Descriptors.socketPair() } catch { throw .system(error) }
-        var hostSockOwned = true
-        rollback.add { if hostSockOwned { close(hostSock) } }
+        let hostSockOwned = HostSocketOwnership()
+        rollback.add { if hostSockOwned.owned { close(hostSock) } }
         defer { close(childSock) }
 
         // Queued before the clone, so init finds its configuration waiting when it first reads.
@@ -169,6 +171,30 @@ public struct SandboxLauncher: Sendable {
             _ = waitpid(pid, &status, 0)
         }
         phases.mark("clone, maps, exec")
+        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cgroup: cgroup,
+                       stateDirectory: stateDirectory, phases: phases)
+    }
+
+    /// What the blocking half of a launch leaves for the async half.
+    private struct Started: @unchecked Sendable {
+        var pid: pid_t
+        var hostSock: Int32
+        var hostSockOwned: HostSocketOwnership
+        var range: UIDRange
+        var cgroup: Cgroup
+        var stateDirectory: String
+        var phases: SpawnPhases
+    }
+
+    private func launch(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) async throws(SandboxError) -> Sandbox {
+        // mkdir, cgroup writes, clone and the wait for exec block for a millisecond or more: they run on a
+        // thread of their own, never on the executor that serves requests.
+        let started = try await BlockingWork.run { () throws(SandboxError) -> Started in
+            try self.startInit(spec, id: id, start: start, rollback: rollback)
+        }
+        let (pid, hostSock, range, cgroup, stateDirectory, phases) =
+            (started.pid, started.hostSock, started.range, started.cgroup, started.stateDirectory, started.phases)
+        let allocator = host.uidAllocator
 
         // Wait for init's ready or failed.
         let startup = StartupWaiter()
@@ -187,7 +213,7 @@ public struct SandboxLauncher: Sendable {
                 case .closedByHost: break
                 }
             })
-        hostSockOwned = false
+        started.hostSockOwned.owned = false
         rollback.add { connection.shutDown() }
         connection.start()
         let initMarks = try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
@@ -208,6 +234,12 @@ public struct SandboxLauncher: Sendable {
         try? Files.writeAtomically(stateDirectory + "/sandbox.json", facts.text)
         return sandbox
     }
+}
+
+/// Whether a failed launch still has the host end of the control socket to close: once the connection
+/// has it, the connection closes it.
+final class HostSocketOwnership: @unchecked Sendable {
+    var owned = true
 }
 
 /// Where spawn time goes, for the benchmark: host steps, then init's own steps from its ready (the same

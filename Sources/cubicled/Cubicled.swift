@@ -63,6 +63,7 @@ struct Cubicled: AsyncParsableCommand {
         }
         let exeDirectory = Self.executableDirectory()
         try Files.makeDirectories(stateDir, mode: 0o700)
+        Self.raiseOpenFileLimit(logger: logger)
 
         let daemonConfig: DaemonConfig
         if let config {
@@ -175,6 +176,19 @@ struct Cubicled: AsyncParsableCommand {
             throw CleanExit.message("cannot install the demo agent from \(source): \(error)")
         }
         return directory
+    }
+}
+
+extension Cubicled {
+    /// Each live session holds a handful of descriptors (control socket, agent connections, log pipes), so
+    /// the usual soft limit of 1,024 would refuse sessions long before --maxSessions. Sandboxes set their own.
+    static func raiseOpenFileLimit(logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 {
+            logger.warning("could not raise the open-file limit", metadata: ["errno": "\(errno)"])
+        }
     }
 }
 

@@ -4,11 +4,16 @@
 
 - cold invoke: a new session id each time -> full response (sandbox spawn, agent start, first /ping, invoke)
 - warm invoke: one session, one keep-alive connection, through cubicled vs straight to cubicle-demo-agent
+- throughput: wrk at concurrency 1 and 16 on one warm session, through cubicled vs straight to the agent vs
+  HAProxy (Debian's) proxying to the same agent
 - 100 MB echo: streamed both ways through cubicled vs direct, byte-exact, with cubicled's RSS growth
+With CUBICLE_BENCH_SAMPLES=DIR, each cold invoke's nanoseconds go to DIR/cold-invoke.txt for the plot.
 """
 import http.client
 import json
 import os
+import shutil
+import tempfile
 import socket
 import statistics
 import subprocess
@@ -114,9 +119,73 @@ def echo(port, path, size, session):
     return elapsed, got == size and crc == sent_crc[0]
 
 
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{"prompt": "2+5", "user_id": "1"}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"] = os.getenv("CUBICLE_SID")
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), e.status + e.connect + e.read + e.write + e.timeout))
+end
+"""
+
+
+def start_haproxy(work, port, agent_port):
+    cfg = os.path.join(work, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(f"""global
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend agentcore
+    bind 127.0.0.1:{port}
+    default_backend agent
+backend agent
+    server agent 127.0.0.1:{agent_port}
+""")
+    return subprocess.Popen(["haproxy", "-f", cfg, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wrk(url, script, session, connections, seconds):
+    """Requests per second, p50 and p99 in microseconds, and errors, from one wrk run."""
+    threads = 1 if connections == 1 else 2
+    r = subprocess.run(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", script, url],
+                       capture_output=True, text=True, env=dict(os.environ, CUBICLE_SID=session))
+    line = next((l for l in r.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk: {r.stdout}{r.stderr}")
+    n, duration_us, p50, p99, errors = map(int, line.split()[1:])
+    return n / (duration_us / 1e6), p50, p99, errors
+
+
+def throughput(port, agent_port, haproxy_port, session, work):
+    """Rounds at each concurrency, the three targets interleaved; the best round's rate and its latencies."""
+    script = os.path.join(work, "invoke.lua")
+    with open(script, "w") as f:
+        f.write(WRK_SCRIPT)
+    targets = {"cubicled": f"http://127.0.0.1:{port}{PATH}", "direct": f"http://127.0.0.1:{agent_port}/invocations",
+               "haproxy": f"http://127.0.0.1:{haproxy_port}/invocations"}
+    results = {}
+    for c in (1, 16):
+        for _ in range(2):
+            for name, url in targets.items():
+                got = wrk(url, script, session, c, 4)
+                if (name, c) not in results or got[0] > results[(name, c)][0]:
+                    results[(name, c)] = got
+    return results
+
+
 def main():
     tag = uuid.uuid4().hex[:8]
-    port, agent_port = free_port(), free_port()
+    port, agent_port, haproxy_port = free_port(), free_port(), free_port()
+    work = tempfile.mkdtemp(prefix="cubicle-bench-")
+    haproxy = None
     state = f"/tmp/cubicle-bench-{tag}"
     daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state,
                                "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
@@ -124,6 +193,9 @@ def main():
     try:
         wait_http(port)
         wait_http(agent_port)
+        if shutil.which("haproxy") and shutil.which("wrk"):
+            haproxy = start_haproxy(work, haproxy_port, agent_port)
+            wait_http(haproxy_port)
         body = json.dumps({"prompt": "2+5", "user_id": "1"}).encode()
 
         # Cold: a new session each time; the session is stopped afterwards, outside the timing.
@@ -154,6 +226,8 @@ def main():
             for _ in range(100):
                 t0 = time.perf_counter(); invoke(direct, warm_session, body, "/invocations"); warm_direct.append(time.perf_counter() - t0)
 
+        rates = throughput(port, agent_port, haproxy_port, warm_session, work) if haproxy else None
+
         # 100 MB echo, three rounds each, best of three.
         size = 100_000_000
         rss_before = rss_kib(daemon.pid)
@@ -179,6 +253,14 @@ def main():
         daemon.wait(timeout=60)
         agent.kill()
         agent.wait()
+        if haproxy:
+            haproxy.kill()
+            haproxy.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    if os.environ.get("CUBICLE_BENCH_SAMPLES"):
+        with open(os.path.join(os.environ["CUBICLE_BENCH_SAMPLES"], "cold-invoke.txt"), "w") as f:
+            f.write("".join(f"{int(x * 1e9)}\n" for x in cold))
 
     ms = lambda x: f"{x * 1e3:.2f} ms"
     us = lambda x: f"{x * 1e6:.0f} µs"
@@ -194,6 +276,30 @@ def main():
     print(f"| warm invoke, p99 | {us(pct(warm_via, 0.99))} | {us(pct(warm_direct, 0.99))} | | |")
     print(f"| 100 MB echo, best of 3 | {ev:.3f} s | {ed:.3f} s | {ev / ed:.2f}× direct, byte-exact: {'yes' if exact else 'NO'} | ≤ 1.3× |")
     print(f"| cubicled RSS during the echoes | {rss_before / 1024:.1f} MiB before | peak {peak[0] / 1024:.1f} MiB | growth {(peak[0] - rss_before) / 1024:.1f} MiB | ≤ 32 MiB |")
+    print()
+    print("### Warm throughput: cubicled, the agent directly, and HAProxy in front of the same agent\n")
+    if rates is None:
+        print("Not measured: needs `haproxy` and `wrk` (Debian packages).")
+        return
+    print(f"`wrk -t1 -c1` and `wrk -t2 -c16`, 4 s per run, two rounds with the three targets interleaved, best round kept; "
+          f"every request is a warm invoke of one session (`{{\"prompt\": \"2+5\"}}`). HAProxy {haproxy_version()} "
+          f"with its defaults (keep-alive both sides) proxies to the same cubicle-demo-agent the direct runs reach.\n")
+    print("| concurrency | target | requests/s | p50 | p99 | errors | cubicled ÷ it (requests/s) |")
+    print("|---|---|---|---|---|---|---|")
+    for c in (1, 16):
+        mine = rates[("cubicled", c)][0]
+        for name in ("cubicled", "direct", "haproxy"):
+            rps, p50, p99, errors = rates[(name, c)]
+            ratio = "" if name == "cubicled" else f"{mine / rps:.2f}×"
+            print(f"| {c} | {name} | {rps:,.0f} | {p50} µs | {p99} µs | {errors} | {ratio} |")
+    print(f"\nGoal: cubicled's warm throughput ≥ 0.8× HAProxy's in front of the same agent. At concurrency 16 it is "
+          f"{rates[('cubicled', 16)][0] / rates[('haproxy', 16)][0]:.2f}×; at concurrency 1, "
+          f"{rates[('cubicled', 1)][0] / rates[('haproxy', 1)][0]:.2f}×.")
+
+
+def haproxy_version():
+    r = subprocess.run(["haproxy", "-v"], capture_output=True, text=True)
+    return r.stdout.split()[2] if r.returncode == 0 and len(r.stdout.split()) > 2 else "?"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 // Sandbox spawn-to-ready, teardown and idle init memory, beside bubblewrap in the same run.
 //   cubicle-sandbox-bench demo  REPO PRODUCTS         one sandbox: run a command inside, tear it down
-//   cubicle-sandbox-bench bench REPO PRODUCTS [N]     N spawns and teardowns, then bwrap N times
+//   cubicle-sandbox-bench bench REPO PRODUCTS [N [SAMPLES]]
+//                                                    N spawns and teardowns, then bwrap N times; with SAMPLES,
+//                                                    each run's nanoseconds go to SAMPLES/<measure>.txt
+//   cubicle-sandbox-bench peer N OUT ARGV...          ARGV spawned and waited for N times (after 5 warm-ups),
+//                                                    each run's nanoseconds to OUT, exit statuses checked
 import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
@@ -10,12 +14,46 @@ import Glibc
 #endif
 
 let args = CommandLine.arguments
+
+/// Spawn to exit of a command, the way every peer is timed (bwrap here; unshare, crun and runc through `peer`).
+func timeRun(_ argv: [String]) -> (UInt64, Int32) {
+    let start = DispatchTime.now().uptimeNanoseconds
+    var pid: pid_t = 0
+    let cargs = argv.map { strdup($0) } + [nil]
+    let rc = posix_spawnp(&pid, argv[0], nil, nil, cargs, environ)
+    cargs.forEach { free($0) }
+    guard rc == 0 else { return (0, -rc) }
+    var status: Int32 = 0
+    waitpid(pid, &status, 0)
+    return (DispatchTime.now().uptimeNanoseconds - start, status)
+}
+
+func writeSamples(_ xs: [UInt64], to path: String) {
+    try? Files.writeAtomically(path, xs.map(String.init).joined(separator: "\n") + "\n")
+}
+
+if args.count >= 5, args[1] == "peer", let n = Int(args[2]) {
+    let argv = Array(args[4...])
+    var samples: [UInt64] = []
+    for i in 0..<(n + 5) {
+        let (ns, status) = timeRun(argv)
+        guard status == 0 else {
+            print("\(argv.joined(separator: " ")): exit status \(status)")
+            exit(1)
+        }
+        if i >= 5 { samples.append(ns) }
+    }
+    writeSamples(samples, to: args[3])
+    exit(0)
+}
+
 guard args.count >= 4, ["demo", "bench"].contains(args[1]) else {
-    print("usage: cubicle-sandbox-bench demo|bench REPO PRODUCTS [N]")
+    print("usage: cubicle-sandbox-bench demo|bench REPO PRODUCTS [N [SAMPLES]] | peer N OUT ARGV...")
     exit(2)
 }
 let mode = args[1], repo = args[2], products = args[3]
 let iterations = args.count > 4 ? Int(args[4]) ?? 200 : 200
+let samplesDirectory = args.count > 5 ? args[5] : nil
 let program = try SeccompProfile.load(path: repo + "/sandbox/seccomp/default.json").compile()
 let tag = "\(getpid())"
 let host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-bench-\(tag)", cgroupParent: "cubicle-bench-\(tag)")
@@ -75,21 +113,21 @@ for sb in idle { _ = await sb.teardown() }
 removeParent()
 
 // bubblewrap with the same isolation, timed from spawn to exit of /bin/true.
-let bwrapArgs = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr",
+let bwrapArgs = ["/usr/bin/bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL", "--ro-bind", "/usr", "/usr",
                  "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
                  "--symlink", "usr/sbin", "/sbin", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "/bin/true"]
 var bwrap: [UInt64] = []
 if access("/usr/bin/bwrap", X_OK) == 0 {
     for i in 0..<(iterations + 5) {
-        let start = DispatchTime.now().uptimeNanoseconds
-        var pid: pid_t = 0
-        let cargs = bwrapArgs.map { strdup($0) } + [nil]
-        posix_spawn(&pid, "/usr/bin/bwrap", nil, nil, cargs, environ)
-        cargs.forEach { free($0) }
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
-        if i >= 5 { bwrap.append(DispatchTime.now().uptimeNanoseconds - start) }
+        let (ns, _) = timeRun(bwrapArgs)
+        if i >= 5 { bwrap.append(ns) }
     }
+}
+if let dir = samplesDirectory {
+    try Files.makeDirectories(dir, mode: 0o755)
+    writeSamples(spawn, to: dir + "/cubicle-spawn.txt")
+    writeSamples(teardown, to: dir + "/cubicle-teardown.txt")
+    if !bwrap.isEmpty { writeSamples(bwrap, to: dir + "/bwrap.txt") }
 }
 
 var uts = utsname()
