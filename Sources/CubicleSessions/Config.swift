@@ -60,6 +60,9 @@ public struct DaemonConfig: Equatable, Sendable {
     public var endedRetentionSeconds = 3600
     /// Where the default seccomp profile is replaced, if at all.
     public var seccompProfile: String?
+    /// A client connection with no request in progress — idle between requests, or still trickling its
+    /// request head — is closed after this long, so slow or idle clients cannot hold connections forever.
+    public var clientIdleTimeoutSeconds: Double = 60
 
     public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
 
@@ -93,6 +96,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.int("unhealthyAfterFailures", 1...100) { config.unhealthyAfterFailures = v }
         if let v = try top.int("endedRetentionSeconds", 0...604_800) { config.endedRetentionSeconds = v }
         if let v = try top.double("initializationTimeoutSeconds", 0.1...3600) { config.initializationTimeoutSeconds = v }
+        if let v = try top.double("clientIdleTimeoutSeconds", 0.1...3600) { config.clientIdleTimeoutSeconds = v }
         config.seccompProfile = try top.string("seccompProfile")
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }
