@@ -1,7 +1,7 @@
 # The README's two commands: `make run` and `make test`.
 SWIFT ?= swift
 
-.PHONY: build run sandbox-demo test bench install clean
+.PHONY: build run sandbox-demo test soak bench install clean
 
 build:
 	$(SWIFT) build
@@ -22,6 +22,11 @@ test:
 	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
 	$(SWIFT) test --skip-build
 	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e
+
+# 10,000 sessions created and ended; cubicled's descriptors, threads and memory must come back and nothing
+# of any session may remain (Tests/e2e/test_churn.py; the normal suite runs 300).
+soak: build
+	CUBICLE_CHURN=10000 python3 -m pytest -q -s Tests/e2e/test_churn.py
 
 # Release build; every benchmark beside its peer in the same run (bubblewrap, unshare, crun, runc; the agent
 # called directly and through HAProxy), density and rates, written to docs/benchmarks.md with a PNG of the

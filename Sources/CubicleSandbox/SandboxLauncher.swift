@@ -302,10 +302,13 @@ final class ChildPreparation {
 
 /// Lets the connection's callbacks reach the sandbox, which exists only after init is ready.
 final class SandboxHolder: @unchecked Sendable {
-    private let lock = Mutex<Sandbox?>(nil)
+    private struct Weak { weak var sandbox: Sandbox? }
+    /// Weak: the sandbox owns its connection, whose callbacks hold this; a strong reference here would be a
+    /// cycle that kept every ended sandbox (and its connection) in memory for the daemon's life.
+    private let lock = Mutex(Weak())
     var sandbox: Sandbox? {
-        get { lock.withLock { $0 } }
-        set { lock.withLock { $0 = newValue } }
+        get { lock.withLock { $0.sandbox } }
+        set { lock.withLock { $0.sandbox = newValue } }
     }
 }
 
