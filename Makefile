@@ -1,7 +1,8 @@
 # The README's two commands: `make run` and `make test`.
 SWIFT ?= swift
+SHELL := /bin/bash
 
-.PHONY: build run sandbox-demo test soak bench install clean
+.PHONY: build run sandbox-demo test soak fuzz bench install clean
 
 build:
 	$(SWIFT) build
@@ -21,7 +22,27 @@ test:
 	$(SWIFT) build --build-tests
 	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
 	$(SWIFT) test --skip-build
+	for t in $(FUZZ_TARGETS); do .build/debug/cubicle-fuzz-$$t Tests/Fuzz/corpus/$$t || exit 1; done
+	$(MAKE) fuzz FUZZ_SECONDS=20
 	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e
+
+# libFuzzer on the RPC frame decoder, the event-stream codec and the request validators, each for
+# FUZZ_SECONDS, from the seed corpus in Tests/Fuzz/corpus (what they find new stays in .build/fuzz-corpus;
+# a crash is written to .build/fuzz-artifacts and fails the target). `make test` runs it for 20 s each.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = rpc-frames event-stream validators
+FUZZ_BUILD = $(SWIFT) build -c release --scratch-path .build/fuzz -Xswiftc -sanitize=fuzzer,address -Xswiftc -DCUBICLE_FUZZ -Xswiftc -use-ld=lld
+
+fuzz:
+	for t in $(FUZZ_TARGETS); do $(FUZZ_BUILD) --product cubicle-fuzz-$$t || exit 1; done
+	mkdir -p .build/fuzz-artifacts
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p .build/fuzz-corpus/$$t && \
+		SWIFT_BACKTRACE=enable=no .build/fuzz/release/cubicle-fuzz-$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+			-artifact_prefix=$(CURDIR)/.build/fuzz-artifacts/$$t- .build/fuzz-corpus/$$t Tests/Fuzz/corpus/$$t 2>&1 \
+			| grep -E "^(stat::|INFO: seed corpus|==[0-9]+==|SUMMARY|Done|#[0-9]+ *DONE)|Fatal error|[Pp]recondition" ; \
+		test $${PIPESTATUS[0]} -eq 0 || exit 1; \
+	done
 
 # 10,000 sessions created and ended; cubicled's descriptors, threads and memory must come back and nothing
 # of any session may remain (Tests/e2e/test_churn.py; the normal suite runs 300).
@@ -51,6 +72,8 @@ bench:
 	python3 Tests/bench/warm_pool_bench.py .build/release >> $(BENCH_OUT)
 	echo >> $(BENCH_OUT)
 	python3 Tests/bench/scale_bench.py .build/release 1000 30 >> $(BENCH_OUT)
+	echo >> $(BENCH_OUT)
+	python3 Tests/bench/noisy_bench.py .build/release >> $(BENCH_OUT)
 	python3 Tests/bench/plot_cold_start.py $(BENCH_SAMPLES) docs/benchmarks-cold-start.png
 	mv $(BENCH_OUT) docs/benchmarks.md
 	cat docs/benchmarks.md

@@ -30,7 +30,11 @@ public enum RPCMessage: Equatable, Sendable {
         case .error(let id, let err):
             o["id"] = id.map { .int($0) } ?? .null
             var e: [String: JSON] = ["code": .int(Int64(err.code)), "message": .string(err.message)]
-            if let step = err.step { e["data"] = ["step": .string(step), "errno": .int(Int64(err.errno ?? 0))] }
+            // Only what is known: an invented errno 0 would read as "success" on the other side.
+            var data: [String: JSON] = [:]
+            if let step = err.step { data["step"] = .string(step) }
+            if let errno = err.errno { data["errno"] = .int(Int64(errno)) }
+            if !data.isEmpty { e["data"] = .object(data) }
             o["error"] = .object(e)
         }
         return JSON.object(o).serialized()

@@ -54,6 +54,11 @@ struct MessageTests {
             .notification(method: RPCMethod.ready, params: [:], fds: 0),
             .result(id: 7, value: ["pid": 3], fds: 2),
             .error(id: 7, RPCError(code: RPCError.failed, message: "nope", step: "exec", errno: 2)),
+            // Found by the rpc-frames fuzzer: a step without an errno came back with errno 0, and an errno
+            // without a step was dropped.
+            .error(id: 8, RPCError(code: RPCError.failed, message: "refused", step: "connect")),
+            .error(id: 9, RPCError(code: RPCError.failed, message: "refused", errno: 111)),
+            .error(id: nil, RPCError(code: RPCError.invalidRequest, message: "bad")),
         ]
         for m in messages { #expect(try RPCMessage.decode(m.encoded()) == m) }
     }

@@ -41,6 +41,7 @@ print("python3 Tests/bench/sandbox_peers.py .build/release .build/bench-samples 
 print("CUBICLE_BENCH_SAMPLES=.build/bench-samples python3 Tests/bench/dataplane_bench.py .build/release")
 print("python3 Tests/bench/warm_pool_bench.py .build/release")
 print("python3 Tests/bench/scale_bench.py .build/release 1000 30")
+print("python3 Tests/bench/noisy_bench.py .build/release")
 print("python3 Tests/bench/plot_cold_start.py .build/bench-samples docs/benchmarks-cold-start.png")
 print("```\n")
 print("Peers and tools need Debian's `bubblewrap crun runc haproxy wrk gnuplot-nox` (`make bench-deps` installs them).\n")

@@ -1,0 +1,37 @@
+// libFuzzer target for the data plane's request validators: routes and ARNs, session ids, command bodies,
+// percent-decoding and the JSON parser. Each must accept or throw its typed error, and what it accepts must
+// keep its promise (a session id is 33...256 printable ASCII; a runtime name is valid).
+// Built with -D CUBICLE_FUZZ -sanitize=fuzzer (make fuzz); without them it replays the files it is given.
+import CubicleAgentCore
+import FuzzReplay
+import CubicleJSON
+
+func fuzzOne(_ bytes: [UInt8]) {
+    let text = String(decoding: bytes, as: UTF8.self)
+    let fields = text.split(separator: "\n", maxSplits: 4, omittingEmptySubsequences: false).map(String.init)
+    func field(_ i: Int) -> String { i < fields.count ? fields[i] : "" }
+
+    if let route = try? Route.parse(method: field(0), path: field(1), query: field(2).isEmpty ? nil : field(2)) {
+        _ = route
+    }
+    if let address = try? RuntimeAddress.parse(field(1), accountId: field(2).isEmpty ? nil : field(2), qualifier: nil) {
+        precondition(RuntimeAddress.isValidName(address.name), "accepted an invalid runtime name: \(address.name)")
+    }
+    if let id = try? Validate.sessionID(field(3)) {
+        precondition((33...256).contains(id.utf8.count) && id.utf8.allSatisfy { $0 >= 0x21 && $0 <= 0x7E },
+                     "accepted a bad session id")
+    }
+    if let decoded = PercentEncoding.decode(field(1)) { _ = decoded }
+    if let command = try? CommandRequest(body: Array(field(4).utf8)) {
+        precondition(!command.command.isEmpty && !command.command.utf8.contains(0), "accepted a bad command")
+    }
+    if let json = try? JSON.parse(bytes) {
+        let again = try? JSON.parse(json.serialized())
+        precondition(again == json, "JSON did not survive serialize/parse")
+    }
+}
+
+@main
+struct Fuzz {
+    static func main() { FuzzReplay.main(fuzzOne) }
+}

@@ -1,0 +1,64 @@
+"""Writes the seed corpus of each fuzz target (Tests/Fuzz/corpus/<target>/), from real messages of each format."""
+import json
+import os
+import struct
+import zlib
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "corpus", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def frame(obj):
+    payload = json.dumps(obj, separators=(",", ":")).encode()
+    return struct.pack(">I", len(payload)) + payload
+
+
+rpc = [
+    {"jsonrpc": "2.0", "method": "sandbox.configure", "params": {"hostname": "cubicle", "mounts": [], "rootBytes": 16777216}},
+    {"jsonrpc": "2.0", "method": "ready", "params": {"timings": [1, 2, 3]}},
+    {"jsonrpc": "2.0", "id": 7, "method": "agent.connect", "params": {"port": 8080}},
+    {"jsonrpc": "2.0", "id": 7, "result": {"fds": 1}},
+    {"jsonrpc": "2.0", "id": 8, "error": {"code": -32000, "message": "connect: ECONNREFUSED", "data": {"step": "connect", "errno": 111}}},
+    {"jsonrpc": "2.0", "method": "agent.exited", "params": {"pid": 2, "code": 0, "signal": None}},
+]
+for i, m in enumerate(rpc):
+    write("rpc-frames", f"message-{i}", bytes([3]) + frame(m))
+write("rpc-frames", "all-in-one-read", bytes([255]) + b"".join(frame(m) for m in rpc))
+write("rpc-frames", "oversized", bytes([0]) + struct.pack(">I", 1 << 30))
+
+
+def event(headers, payload):
+    h = b""
+    for name, value in headers:
+        h += bytes([len(name)]) + name.encode() + bytes([7]) + struct.pack(">H", len(value)) + value.encode()
+    total = 12 + len(h) + len(payload) + 4
+    prelude = struct.pack(">II", total, len(h))
+    prelude += struct.pack(">I", zlib.crc32(prelude))
+    body = prelude + h + payload
+    return body + struct.pack(">I", zlib.crc32(body))
+
+
+chunk = event([(":message-type", "event"), (":event-type", "chunk"), (":content-type", "application/json")],
+              json.dumps({"contentStart": {}}).encode())
+stop = event([(":message-type", "event"), (":event-type", "chunk"), (":content-type", "application/json")],
+             json.dumps({"contentStop": {"exitCode": 0, "status": "COMPLETED"}}).encode())
+err = event([(":message-type", "exception"), (":exception-type", "ValidationException")], b'{"message":"bad"}')
+write("event-stream", "chunk", chunk)
+write("event-stream", "two-messages", chunk + stop)
+write("event-stream", "exception", err)
+write("event-stream", "partial", (chunk + stop)[:-7])
+write("event-stream", "split-fields", b":event-type\x01chunk\x01:message-type\x01event\x01{\"contentDelta\":{\"stdout\":\"hi\\n\"}}")
+
+arn = "arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A123456789012%3Aruntime%2Fdemo"
+sid = "e2e-" + "0123456789abcdef" * 2 + "01"
+write("validators", "invoke", f"POST\n/runtimes/{arn}/invocations\nqualifier=DEFAULT\n{sid}\n{{}}".encode())
+write("validators", "command", f"POST\n/runtimes/{arn}/commands\n\n{sid}\n{{\"command\": \"ls -l\", \"timeout\": 5}}".encode())
+write("validators", "stop", f"POST\n/runtimes/demo/stopruntimesession\naccountId=123456789012\n{sid}\n{{}}".encode())
+write("validators", "ping", b"GET\n/ping\n\n\n")
+write("validators", "json", json.dumps({"a": [1, 2.5, -0.0, True, None, "\u00e9\\n"], "b": {"c": 1e300}}).encode())

@@ -1,0 +1,95 @@
+"""Noisy neighbours: while one session runs a fork bomb, a memory hog, a CPU hog or fills its tmpfs, every
+neighbour invoke succeeds, cubicled's admin API answers, the culprit's limit holds and is recorded, and the
+host is untouched. The culprit's runtime has a half-CPU quota, 64 pids, 128 MiB and a 32 MiB /tmp.
+
+The neighbour's latency with each hog beside its quiet baseline (goal: p99 within 2x) is a figure, not an
+assertion: Tests/bench/noisy_bench.py measures it in `make bench`, and this test prints it."""
+import http.client
+import json
+import os
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from conftest import ARN_PREFIX, PRODUCTS, new_session_id
+
+HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
+CONFIG = f"""lifecycleMinimumSeconds: 1
+healthPollSeconds: 0.5
+runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    limits: {{memory: 256MiB, cpus: 1}}
+  - name: culprit
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    limits: {{memory: 128MiB, cpus: 0.5, pids: 64, tmpfs: 32MiB}}
+"""
+
+HOGS = {
+    "fork-bomb": ("sh -c 'f() { f | f & }; f; sleep 4'", "pidsLimitHits"),
+    "memory-hog": ("sh -c 'x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done'", "oomKills"),
+    "cpu-hog": ("sh -c 'for i in 1 2 3 4; do (while :; do :; done) & done; sleep 4; kill 0'", "cpuSeconds"),
+    "tmpfs-fill": ("sh -c 'dd if=/dev/zero of=/tmp/fill bs=1M; df /tmp; sleep 3'", None),
+}
+
+
+def latencies(port, sid, n):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    path = "/runtimes/" + urllib.parse.quote(ARN_PREFIX + "demo", safe="") + "/invocations"
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        c.request("POST", path, body=b'{"prompt": "2+5"}', headers={HEADER: sid, "Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200 and json.loads(r.read())["answer"] == 7
+        out.append(time.perf_counter() - t)
+    c.close()
+    return out
+
+
+def p99(xs):
+    s = sorted(xs)
+    return s[int((len(s) - 1) * 0.99)]
+
+
+@pytest.mark.parametrize("hog", list(HOGS))
+def test_a_noisy_session_hurts_only_itself(start_daemon, hog):
+    d = start_daemon(CONFIG)
+    neighbour, culprit = new_session_id(), new_session_id()
+    latencies(d.port, neighbour, 20)
+    d.invoke({"prompt": "hi"}, culprit, runtime="culprit")
+    quiet = latencies(d.port, neighbour, 200)
+
+    command, counter = HOGS[hog]
+    result = {}
+
+    def run_hog():
+        result["run"] = d.cubicle("exec", culprit, "--", "sh", "-c", command.split(" ", 2)[2][1:-1], check=False, timeout=60)
+
+    hogger = threading.Thread(target=run_hog)
+    hogger.start()
+    time.sleep(1.0)  # the hog is at its limit
+    loud = latencies(d.port, neighbour, 200)
+    ping_start = time.perf_counter()
+    ps = d.cubicle_json("ps")  # the admin API answers while the hog runs
+    admin_seconds = time.perf_counter() - ping_start
+    hogger.join()
+
+    print(f"\n{hog}: neighbour p99 quiet {p99(quiet) * 1e3:.2f} ms, with the hog {p99(loud) * 1e3:.2f} ms; "
+          f"ps took {admin_seconds * 1e3:.0f} ms")
+    assert admin_seconds < 2, "cubicled stays responsive"
+    assert {s["id"] for s in ps["sessions"]} >= {neighbour, culprit}
+
+    usage = d.cubicle_json("inspect", culprit)["usage"]
+    if counter == "cpuSeconds":
+        assert usage["cpuSeconds"] < 0.5 * 5 + 1, f"the quota held the hog to half a CPU: {usage['cpuSeconds']:.2f} s"
+    elif counter:
+        assert usage[counter] >= 1, f"the culprit's {counter} is recorded: {usage}"
+    else:
+        assert "No space left on device" in result["run"].stderr + result["run"].stdout
+        assert os.statvfs("/tmp").f_bavail > 0, "the host's /tmp is not what filled"
+    assert d.invoke_json({"prompt": "2*5"}, neighbour)["answer"] == 10
