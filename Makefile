@@ -93,7 +93,7 @@ install:
 	install -d $(DESTDIR)$(PREFIX)/share/cubicle
 	install -m 0644 sandbox/seccomp/default.json $(DESTDIR)$(PREFIX)/share/cubicle/seccomp-default.json
 	install -d $(DESTDIR)$(PREFIX)/share/doc/cubicle
-	install -m 0644 README.md docs/deploy.md docs/sandbox.md docs/dataplane.md $(DESTDIR)$(PREFIX)/share/doc/cubicle/
+	install -m 0644 README.md docs/deploy.md docs/sandbox.md docs/dataplane.md docs/security.md $(DESTDIR)$(PREFIX)/share/doc/cubicle/
 	if [ -n "$(SYSTEMD_UNIT_DIR)" ]; then \
 		install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR) $(DESTDIR)/etc/default && \
 		sed -e 's|@BINDIR@|$(PREFIX)/bin|' -e 's|@DOCDIR@|$(PREFIX)/share/doc/cubicle|' packaging/systemd/cubicled.service > $(DESTDIR)$(SYSTEMD_UNIT_DIR)/cubicled.service && \

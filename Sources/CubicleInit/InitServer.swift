@@ -12,6 +12,14 @@ public struct InitServer {
     var supervisor: Supervisor?
     var signalFD: Int32 = -1
     var terminating = false
+    /// Where a restarted daemon connects; -1 when the host gave none or reconnecting is off.
+    var reconnectFD: Int32 = -1
+    var reconnectMilliseconds: Int64 = 0
+    /// Set while no daemon is connected: the time by which one must be, or the sandbox ends.
+    var orphanedUntil: Int64?
+    /// init's own copies of the agent's stdout and stderr read ends: the pipes stay open (no SIGPIPE for the
+    /// agent) while no daemon is connected, and a new daemon gets them again.
+    var agentLogs: (Int32, Int32)?
     static let handledSignals: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT]
 
     public static func main() -> Never {
@@ -59,13 +67,37 @@ public struct InitServer {
         signalFD = cubicle_signalfd(&sigs, Int32(sigs.count))
         guard signalFD >= 0 else { fail(SystemError.lastError("signalfd")) }
         supervisor = Supervisor(config: config)
+        reconnectMilliseconds = config.reconnectSeconds * 1000
+        if reconnectMilliseconds > 0 && fcntl(InitConfig.reconnectFD, F_GETFD) >= 0 {
+            reconnectFD = InitConfig.reconnectFD
+            _ = fcntl(reconnectFD, F_SETFD, FD_CLOEXEC)
+        } else {
+            close(InitConfig.reconnectFD)
+        }
         let built = Self.monotonicNanoseconds()
         send(.notification(method: RPCMethod.ready, params: ["pid": .int(Int64(getpid())), "timings": [.int(started), .int(configured), .int(built)]], fds: 0))
         loop()
     }
 
-    func send(_ message: RPCMessage, fds: [Int32] = []) {
-        do { try channel.send(message, fds: fds) } catch { exitAll(status: 3) }
+    mutating func send(_ message: RPCMessage, fds: [Int32] = []) {
+        guard orphanedUntil == nil else { return }  // nobody to tell; a new daemon asks for the status
+        do { try channel.send(message, fds: fds) } catch { disconnected(status: 3) }
+    }
+
+    /// The daemon is gone. Without a reconnect socket the sandbox ends; with one it waits for a new daemon.
+    mutating func disconnected(status: Int32) {
+        guard reconnectFD >= 0, !terminating else { exitAll(status: status) }
+        close(channel.fd)
+        channel = BlockingChannel(fd: -1)
+        orphanedUntil = now() + reconnectMilliseconds
+    }
+
+    mutating func acceptDaemon() {
+        let fd = accept(reconnectFD, nil, nil)
+        guard fd >= 0 else { return }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)  // one thread: nothing can exec in between
+        channel = BlockingChannel(fd: fd)
+        orphanedUntil = nil
     }
 
     func fail(_ error: SystemError) -> Never {
@@ -82,14 +114,19 @@ public struct InitServer {
 
     mutating func loop() -> Never {
         while true {
-            var fds = [pollfd(fd: channel.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
+            // While orphaned, the reconnect socket stands where the control channel was.
+            let control = orphanedUntil == nil ? channel.fd : reconnectFD
+            var fds = [pollfd(fd: control, events: Int16(POLLIN), revents: 0), pollfd(fd: signalFD, events: Int16(POLLIN), revents: 0)]
             let n = poll(&fds, 2, nextTimeout())
             if n < 0 && errno != EINTR { exitAll(status: 4) }
             // An invalid descriptor would make poll return at once forever; stop instead of spinning.
             if (fds[0].revents | fds[1].revents) & Int16(POLLNVAL) != 0 { exitAll(status: 5) }
             if fds[1].revents != 0 { handleSignals() }
-            if fds[0].revents != 0 { readControl() }
+            if fds[0].revents != 0 {
+                if orphanedUntil == nil { readControl() } else { acceptDaemon() }
+            }
             expireCommands()
+            if let until = orphanedUntil, now() >= until { exitAll(status: 0) }
             if terminating && supervisor!.children.isEmpty { exit(0) }
         }
     }
@@ -98,10 +135,11 @@ public struct InitServer {
     func now() -> Int64 { Self.monotonicNanoseconds() / 1_000_000 }
 
     func nextTimeout() -> Int32 {
-        let deadlines = supervisor!.children.values.compactMap { c -> Int64? in
+        var deadlines = supervisor!.children.values.compactMap { c -> Int64? in
             if case .command(let d) = c.role, !c.timedOut { return d }
             return nil
         }
+        if let until = orphanedUntil { deadlines.append(until) }
         guard let first = deadlines.min() else { return -1 }
         return Int32(clamping: max(0, first - now()))
     }
@@ -141,6 +179,9 @@ public struct InitServer {
             switch child.role {
             case .agent:
                 supervisor!.agentPID = nil
+                if let (out, err) = agentLogs { close(out); close(err); agentLogs = nil }
+                // With no daemon to tell, a sandbox whose agent is gone has nothing left to keep.
+                if orphanedUntil != nil { exitAll(status: 0) }
                 send(.notification(method: RPCMethod.agentExited, params: .object(params), fds: 0))
             case .command:
                 params["timedOut"] = .bool(child.timedOut)
@@ -160,8 +201,8 @@ public struct InitServer {
         } catch .system(let e) where e.errno == EAGAIN {
             return
         } catch {
-            // The daemon is gone or spoke nonsense; a sandbox without its daemon ends.
-            exitAll(status: 0)
+            // The daemon is gone (or spoke nonsense): wait for a new one, or end.
+            disconnected(status: 0)
         }
     }
 
@@ -202,6 +243,18 @@ public struct InitServer {
             }
             kill(target, Int32(signo))
             return ([:], [])
+        case RPCMethod.status:
+            return (["agentPID": supervisor!.agentPID.map { .int(Int64($0)) } ?? .null], [])
+        case RPCMethod.agentLogs:
+            guard supervisor!.agentPID != nil, let (out, err) = agentLogs else {
+                throw RPCError(code: RPCError.failed, message: "no agent running")
+            }
+            let copies = [fcntl(out, F_DUPFD_CLOEXEC, 0), fcntl(err, F_DUPFD_CLOEXEC, 0)]
+            guard copies.allSatisfy({ $0 >= 0 }) else {
+                copies.filter { $0 >= 0 }.forEach { close($0) }
+                throw RPCError(code: RPCError.failed, message: "dup", step: "dup", errno: errno)
+            }
+            return ([:], copies)
         case RPCMethod.shutdown:
             let grace = params["graceMilliseconds"]?.intValue ?? 2000
             shutdown(graceMilliseconds: max(0, min(grace, 60_000)))
@@ -213,6 +266,9 @@ public struct InitServer {
     mutating func start(_ params: ProcessParams, role: Supervisor.Role) throws(RPCError) -> (JSON, [Int32]) {
         do {
             let (pid, out, err) = try supervisor!.spawn(params, role: role)
+            if case .agent = role, reconnectFD >= 0 {
+                agentLogs = (fcntl(out, F_DUPFD_CLOEXEC, 0), fcntl(err, F_DUPFD_CLOEXEC, 0))
+            }
             return (["pid": .int(Int64(pid))], [out, err])
         } catch {
             throw RPCError(code: RPCError.failed, message: "could not start \(params.argv[0])", step: error.step, errno: error.errno)

@@ -44,6 +44,59 @@ public enum Descriptors {
         return (fds[0], fds[1])
     }
 
+    /// A Unix stream socket listening at `name` inside `directory`. The address goes through
+    /// /proc/self/fd/N, so a deep state directory never meets sockaddr_un's 108-byte limit.
+    public static func listenUnix(directory: String, name: String, backlog: Int32 = 4) throws(SystemError) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw SystemError.lastError("socket") }
+        do throws(SystemError) {
+            try withUnixAddress(directory: directory, name: name) { addr, len throws(SystemError) in
+                guard bind(fd, addr, len) == 0 else { throw SystemError.lastError("bind \(directory)/\(name)") }
+            }
+            guard listen(fd, backlog) == 0 else { throw SystemError.lastError("listen") }
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    /// Connects to the Unix socket at `name` inside `directory` (see `listenUnix`).
+    public static func connectUnix(directory: String, name: String) throws(SystemError) -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw SystemError.lastError("socket") }
+        do throws(SystemError) {
+            try withUnixAddress(directory: directory, name: name) { addr, len throws(SystemError) in
+                guard Glibc.connect(fd, addr, len) == 0 else { throw SystemError.lastError("connect \(directory)/\(name)") }
+            }
+        } catch {
+            close(fd)
+            throw error
+        }
+        return fd
+    }
+
+    private static func withUnixAddress(directory: String, name: String,
+                                        _ body: (UnsafePointer<sockaddr>, socklen_t) throws(SystemError) -> Void) throws(SystemError) {
+        let dirfd = open(directory, 0o10000000 /* O_PATH */ | O_DIRECTORY | O_CLOEXEC)
+        guard dirfd >= 0 else { throw .lastError("open \(directory)") }
+        defer { close(dirfd) }
+        let path = Array("/proc/self/fd/\(dirfd)/\(name)".utf8)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw SystemError("socket name \(name)", errno: ENAMETOOLONG) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in path.enumerated() { raw[i] = b }
+        }
+        var failure: SystemError?
+        withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                do throws(SystemError) { try body(sa, socklen_t(MemoryLayout<sockaddr_un>.size)) } catch { failure = error }
+            }
+        }
+        if let failure { throw failure }
+    }
+
     public static func pipe() throws(SystemError) -> (read: Int32, write: Int32) {
         var fds: [Int32] = [-1, -1]
         try sys("pipe2") { cubicle_pipe_cloexec(&fds) }

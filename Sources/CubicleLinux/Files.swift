@@ -11,16 +11,18 @@ public enum Files {
     }
 
     /// Writes to a temp file beside `path`, fsyncs and renames it over `path`: readers see old or new, never half.
-    public static func writeAtomically(_ path: String, _ contents: String, mode: mode_t = 0o600) throws(SystemError) {
-        try writeAtomically(path, Array(contents.utf8), mode: mode)
+    /// `durable: false` skips the fsync: for state that only has to outlive a process, not the machine
+    /// (the page cache survives a crash of the daemon), the rename alone is atomic enough.
+    public static func writeAtomically(_ path: String, _ contents: String, mode: mode_t = 0o600, durable: Bool = true) throws(SystemError) {
+        try writeAtomically(path, Array(contents.utf8), mode: mode, durable: durable)
     }
 
-    public static func writeAtomically(_ path: String, _ contents: [UInt8], mode: mode_t = 0o600) throws(SystemError) {
+    public static func writeAtomically(_ path: String, _ contents: [UInt8], mode: mode_t = 0o600, durable: Bool = true) throws(SystemError) {
         let tmp = path + ".tmp"
         let fd = try sys("open \(tmp)") { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
         do {
             try writeAll(fd, contents, step: "write \(tmp)")
-            try sys("fsync \(tmp)") { fsync(fd) }
+            if durable { try sys("fsync \(tmp)") { fsync(fd) } }
         } catch {
             close(fd)
             unlink(tmp)

@@ -26,11 +26,16 @@ public struct InitConfig: Equatable, Sendable {
     public var seccompProgram: [UInt8] = []
     public var maxOpenFiles: UInt64 = 4096
     public var maxProcesses: UInt64 = 4096
+    /// How long the sandbox outlives its daemon: after the control channel closes, init waits this long for
+    /// a new daemon to connect to the reconnect socket before it ends the sandbox. 0: end at once.
+    public var reconnectSeconds: Int64 = 0
 
     public static let codePath = "/app"
-    /// fd 3 is the control socket; bind sources follow.
+    /// fd 3 is the control socket; fd 4 a listening socket in the host's state directory where a restarted
+    /// daemon reconnects; bind sources follow.
     public static let controlFD: Int32 = 3
-    public static let firstSourceFD: Int32 = 4
+    public static let reconnectFD: Int32 = 4
+    public static let firstSourceFD: Int32 = 5
     public static let agentUser = "agent"
     public static let agentHome = "/home/agent"
 
@@ -55,6 +60,7 @@ public struct InitConfig: Equatable, Sendable {
             "seccomp": .string(Hex.encode(seccompProgram)),
             "maxOpenFiles": .int(Int64(maxOpenFiles)),
             "maxProcesses": .int(Int64(maxProcesses)),
+            "reconnectSeconds": .int(reconnectSeconds),
         ]
     }
 
@@ -86,6 +92,7 @@ public struct InitConfig: Equatable, Sendable {
         seccompProgram = try field("seccomp") { $0.stringValue.flatMap(Hex.decode) }
         maxOpenFiles = try field("maxOpenFiles") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         maxProcesses = try field("maxProcesses") { $0.intValue.flatMap { UInt64(exactly: $0) } }
+        reconnectSeconds = min(max(json["reconnectSeconds"]?.intValue ?? 0, 0), 86_400)
         guard seccompProgram.count % 8 == 0, seccompProgram.count / 8 <= 4096 else {
             throw RPCError(code: RPCError.invalidParams, message: "seccomp program is not whole instructions")
         }

@@ -134,6 +134,10 @@ public enum RPCMethod {
     public static let signal = "process.signal"
     /// host -> init: {graceMilliseconds}; init stops everything and exits.
     public static let shutdown = "sandbox.shutdown"
+    /// What a daemon that reconnected needs to know: the agent's pid, or null once it has exited.
+    public static let status = "sandbox.status"
+    /// The read ends of the agent's stdout and stderr again, for a daemon that reconnected.
+    public static let agentLogs = "agent.logs"
 
     /// init -> host notifications.
     public static let ready = "ready"

@@ -133,6 +133,20 @@ public final class Sandbox: Sendable {
 
     private static func pid(_ value: JSON) -> Int32? { value["pid"]?.intValue.flatMap { Int32(exactly: $0) } }
 
+    /// For a daemon that reconnected: the agent's pid inside, or nil once it has exited.
+    public func agentStatus() async throws(SandboxError) -> pid_t? {
+        let reply = try await call(RPCMethod.status, [:])
+        try expect(reply.fds, [], what: RPCMethod.status)
+        return Self.pid(["pid": reply.value["agentPID"] ?? .null])
+    }
+
+    /// For a daemon that reconnected: the read ends of the running agent's stdout and stderr.
+    public func agentLogs() async throws(SandboxError) -> (stdout: Int32, stderr: Int32) {
+        let reply = try await call(RPCMethod.agentLogs, [:])
+        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: RPCMethod.agentLogs)
+        return (reply.fds[0], reply.fds[1])
+    }
+
     public func startAgent(_ params: ProcessParams) async throws(SandboxError) -> StartedProcess {
         let reply = try await call(RPCMethod.startAgent, params.json)
         try expect(reply.fds, [Self.isPipe, Self.isPipe], what: "agent.start")
@@ -206,9 +220,14 @@ public final class Sandbox: Sendable {
         source.setEventHandler { [weak self] in
             guard let self else { return }
             var status: Int32 = 0
-            if waitpid(self.initPID, &status, WNOHANG) == self.initPID {
+            let r = waitpid(self.initPID, &status, WNOHANG)
+            if r == self.initPID {
                 self.state.withLock { $0.initStatus = status }
                 self.end(.initExited(status: status))
+            } else if r < 0 && errno == ECHILD {
+                // Adopted from a daemon that died: init is not our child, so its status is its new parent's.
+                self.state.withLock { $0.initStatus = 0 }
+                self.end(.initExited(status: 0))
             }
             self.pidfdWatch.source?.cancel()
             self.pidfdWatch.source = nil
@@ -252,7 +271,7 @@ public final class Sandbox: Sendable {
         do { try Files.removeTree(stateDirectory) } catch { report.leftovers.append("state: \(error)") }
         if cgroup.exists { report.leftovers.append("cgroup \(cgroup.path)") }
         if Files.exists(stateDirectory) { report.leftovers.append("state directory \(stateDirectory)") }
-        if kill(initPID, 0) == 0 && state.withLock({ $0.initStatus == nil }) { report.leftovers.append("init pid \(initPID)") }
+        if Self.isAlive(initPID) && state.withLock({ $0.initStatus == nil }) { report.leftovers.append("init pid \(initPID)") }
         let waiters = state.withLock { s -> [Int32: CheckedContinuation<CommandExit, Never>] in
             let w = s.commandWaiters
             s.commandWaiters.removeAll()
@@ -269,13 +288,25 @@ public final class Sandbox: Sendable {
         return report
     }
 
+    /// Running, not a zombie: an adopted init that died stays a zombie until its new parent reaps it.
+    static func isAlive(_ pid: pid_t) -> Bool {
+        guard kill(pid, 0) == 0 else { return false }
+        guard let stat = try? Files.read("/proc/\(pid)/stat"), let close = stat.lastIndex(of: ")") else { return true }
+        return stat[stat.index(after: close)...].dropFirst().first != "Z"
+    }
+
     private func reapInit() {
         if state.withLock({ $0.initStatus != nil }) { return }
         var status: Int32 = 0
         for _ in 0..<20000 {
             let r = waitpid(initPID, &status, WNOHANG)
             if r == initPID { state.withLock { $0.initStatus = status }; return }
-            if r < 0 { return }  // ECHILD: the pidfd watcher reaped it
+            if r < 0 {
+                // ECHILD: the pidfd watcher reaped it, or init is not our child (adopted): wait until it is dead.
+                var spins = 0
+                while Self.isAlive(initPID) && spins < 8000 { usleep(250); spins += 1 }
+                return
+            }
             usleep(250)
         }
     }

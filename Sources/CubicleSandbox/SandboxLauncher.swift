@@ -27,6 +27,9 @@ public struct SandboxLauncher: Sendable {
         func disarm() { steps.removeAll() }
     }
 
+    public static let controlSocketName = "control.sock"
+    static let factsName = "sandbox.json"
+
     static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
         return "sb-" + Hex.encode((0..<8).map { _ in UInt8.random(in: 0...255, using: &rng) })
@@ -117,6 +120,10 @@ public struct SandboxLauncher: Sendable {
         let hostSockOwned = HostSocketOwnership()
         rollback.add { if hostSockOwned.owned { close(hostSock) } }
         defer { close(childSock) }
+        // Where a restarted daemon reaches this init again; init holds the only listening descriptor.
+        let reconnectSock: Int32
+        do { reconnectSock = try Descriptors.listenUnix(directory: stateDirectory, name: SandboxLauncher.controlSocketName) } catch { throw .system(error) }
+        defer { close(reconnectSock) }
 
         // Queued before the clone, so init finds its configuration waiting when it first reads.
         var config = InitConfig()
@@ -128,6 +135,7 @@ public struct SandboxLauncher: Sendable {
         config.seccompProgram = spec.seccompProgram
         config.maxOpenFiles = spec.maxOpenFiles
         config.maxProcesses = spec.maxProcesses
+        config.reconnectSeconds = host.reconnectSeconds
 
         do {
             try BlockingChannel(fd: hostSock).send(.notification(method: RPCMethod.configure, params: config.json, fds: 0))
@@ -137,7 +145,7 @@ public struct SandboxLauncher: Sendable {
 
         // Clone; the child waits on us while we write its id maps and put it in its cgroup.
         var failure = cubicle_spawn_error()
-        let childFDs = [childSock]
+        let childFDs = [childSock, reconnectSock]
         let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewNet | Self.cloneNewIPC | Self.cloneNewUTS
         let preparation = ChildPreparation(idMap: "0 \(range.hostBase) \(range.size)\n", cgroup: cgroup)
         let pid: pid_t = withCStrings([host.initPath]) { argv in
@@ -231,8 +239,90 @@ public struct SandboxLauncher: Sendable {
         let facts: JSON = ["id": .string(id), "initPID": .int(Int64(pid)), "cgroup": .string(cgroup.path),
                            "cgroupVersion": .string(cgroup.version.rawValue), "uidBase": .int(Int64(range.hostBase)),
                            "uidSize": .int(Int64(range.size)), "uidSlot": .int(Int64(range.slot))]
-        try? Files.writeAtomically(stateDirectory + "/sandbox.json", facts.text)
+        try? Files.writeAtomically(stateDirectory + "/" + Self.factsName, facts.text, durable: false)
         return sandbox
+    }
+}
+
+extension SandboxLauncher {
+    /// A sandbox a previous daemon launched, found again through its state directory: its facts, then its
+    /// init over the reconnect socket. Returns it with the agent's pid inside (nil if the agent has exited).
+    public func adopt(stateDirectory: String) async throws(SandboxError) -> (sandbox: Sandbox, agentPID: pid_t?) {
+        let facts: JSON
+        do { facts = try JSON.parse(try Files.read(stateDirectory + "/" + Self.factsName)) } catch {
+            throw .ended("no readable \(Self.factsName): \(error)")
+        }
+        guard let id = facts["id"]?.stringValue, id.hasPrefix("sb-"),
+              let pid = facts["initPID"]?.intValue.flatMap({ pid_t(exactly: $0) }), pid > 1,
+              let path = facts["cgroup"]?.stringValue, let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)),
+              let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
+              let slot = facts["uidSlot"]?.intValue.flatMap({ Int(exactly: $0) }) else {
+            throw .ended("\(Self.factsName) is incomplete")
+        }
+        let fd: Int32
+        do { fd = try Descriptors.connectUnix(directory: stateDirectory, name: Self.controlSocketName) } catch { throw .system(error) }
+        let holder = SandboxHolder()
+        let connection = InitConnection(
+            fd: fd, label: id,
+            onNotification: { method, params in holder.sandbox?.handleNotification(method, params) },
+            onClose: { reason in
+                switch reason {
+                case .violation(let why): holder.sandbox?.end(.protocolViolation(why))
+                case .eof: holder.sandbox?.end(.controlChannelClosed)
+                case .closedByHost: break
+                }
+            })
+        connection.start()
+        let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
+        let sandbox = Sandbox(id: id, initPID: pid, cgroup: Cgroup(version: version, root: host.cgroupRoot, path: path),
+                              uidRange: UIDRange(slot: slot, hostBase: base, size: size), stateDirectory: stateDirectory,
+                              spawnNanoseconds: 0, spawnPhases: [], connection: connection, allocator: host.uidAllocator,
+                              events: events, sink: sink)
+        holder.sandbox = sandbox
+        sandbox.watchInit()
+        do {
+            return (sandbox, try await sandbox.agentStatus())
+        } catch {
+            _ = await sandbox.teardown()
+            throw error
+        }
+    }
+}
+
+extension SandboxLauncher {
+    /// What a sandbox that cannot be adopted left on the host: every process in its cgroup killed (never by
+    /// pid: a dead init's pid may belong to someone else by now), the cgroup, its uid lease if still its own,
+    /// and its state directory. Returns what could not be removed.
+    public func removeLeftovers(stateDirectory: String) async -> [String] {
+        await BlockingWork.run { self.removeLeftoversNow(stateDirectory: stateDirectory) }
+    }
+
+    func removeLeftoversNow(stateDirectory: String) -> [String] {
+        var left: [String] = []
+        if let facts = try? JSON.parse(try Files.read(stateDirectory + "/" + Self.factsName)),
+           let id = facts["id"]?.stringValue, let path = facts["cgroup"]?.stringValue,
+           let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)) {
+            let cgroup = Cgroup(version: version, root: host.cgroupRoot, path: path)
+            if cgroup.exists {
+                do { try cgroup.killAll(); try cgroup.remove() } catch { left.append("\(error)") }
+            }
+            if let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
+               let slot = facts["uidSlot"]?.intValue.flatMap({ Int(exactly: $0) }) {
+                host.uidAllocator.release(UIDRange(slot: slot, hostBase: base, size: size), ifOwnedBy: id)
+            }
+        } else if let id = stateDirectory.split(separator: "/").last.map(String.init), id.hasPrefix("sb-") {
+            // Killed before init was ready, so before the facts were written: the names follow from the id.
+            let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+            if cgroup.exists {
+                do { try cgroup.killAll(); try cgroup.remove() } catch { left.append("\(error)") }
+            }
+            let allocator = host.uidAllocator
+            for slot in allocator.allocated() {
+                allocator.release(UIDRange(slot: slot, hostBase: 0, size: 0), ifOwnedBy: id)
+            }
+        }
+        do { try Files.removeTree(stateDirectory) } catch { left.append("state: \(error)") }
+        return left
     }
 }
 

@@ -49,6 +49,8 @@ public struct SandboxHostConfig: Sendable {
     /// no two sandboxes, even of different daemons, get the same range. Default: in the state directory.
     public var uidLeaseDirectory: String?
     public var readyTimeoutMilliseconds = 10_000
+    /// How long a sandbox outlives its daemon, waiting on its reconnect socket for a new one (0: not at all).
+    public var reconnectSeconds: Int64 = 0
 
     public init(initPath: String, stateDirectory: String, cgroupParent: String = "cubicle") {
         self.initPath = initPath

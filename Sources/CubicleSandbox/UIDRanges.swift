@@ -50,6 +50,14 @@ public struct UIDRangeAllocator: Sendable {
         unlink("\(directory)/\(range.slot)")
     }
 
+    /// Releases the slot only if `owner` still holds it: a leftover found after a crash may name a slot that
+    /// has since been leased to another sandbox.
+    public func release(_ range: UIDRange, ifOwnedBy owner: String) {
+        let path = "\(directory)/\(range.slot)"
+        guard (try? Files.read(path, limit: 256)) == owner else { return }
+        unlink(path)
+    }
+
     public func allocated() -> [Int] {
         ((try? Files.listDirectory(directory)) ?? []).compactMap { Int($0) }.sorted()
     }

@@ -63,6 +63,9 @@ public struct DaemonConfig: Equatable, Sendable {
     /// A client connection with no request in progress — idle between requests, or still trickling its
     /// request head — is closed after this long, so slow or idle clients cannot hold connections forever.
     public var clientIdleTimeoutSeconds: Double = 60
+    /// How long sandboxes outlive a cubicled that was killed, waiting for the next one to take them over.
+    /// 0: a sandbox ends as soon as its daemon is gone.
+    public var restartGraceSeconds = 60
 
     public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
 
@@ -97,6 +100,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.int("endedRetentionSeconds", 0...604_800) { config.endedRetentionSeconds = v }
         if let v = try top.double("initializationTimeoutSeconds", 0.1...3600) { config.initializationTimeoutSeconds = v }
         if let v = try top.double("clientIdleTimeoutSeconds", 0.1...3600) { config.clientIdleTimeoutSeconds = v }
+        if let v = try top.int("restartGraceSeconds", 0...86_400) { config.restartGraceSeconds = v }
         config.seccompProfile = try top.string("seccompProfile")
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }

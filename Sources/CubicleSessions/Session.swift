@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
 import Dispatch
@@ -31,14 +32,29 @@ public final class Session: Sendable {
     /// Resolves once teardown has finished.
     let done = OneShot<SessionSummary>()
 
-    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock) {
-        self.identity = Mutex((id ?? "", Int(time(nil))))
+    /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
+    /// from when it was really created.
+    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock,
+         createdUnixTime: Int? = nil) {
+        let nowUnix = Int(time(nil))
+        self.identity = Mutex((id ?? "", createdUnixTime ?? nowUnix))
         self.runtime = runtime
         self.sandbox = sandbox
         self.pool = pool
         self.agentPID = agentPID
         self.clock = clock
-        state = Mutex((Self.freshLifecycle(runtime, now: clock()), nil, 0, nil, 0, 0, id == nil))
+        let age = Double(max(0, nowUnix - (createdUnixTime ?? nowUnix)))
+        state = Mutex((Self.freshLifecycle(runtime, now: clock() - age), nil, 0, nil, 0, 0, id == nil))
+    }
+
+    static let ownershipFile = "session.json"
+
+    /// Beside the sandbox's own facts, what a restarted daemon needs to take this session over.
+    func recordOwnership() {
+        let (id, created) = identity.withLock { $0 }
+        let facts: JSON = ["session": .string(id), "runtime": .string(runtime.name), "created": .int(Int64(created)),
+                           "agentPID": .int(Int64(agentPID))]
+        try? Files.writeAtomically(sandbox.stateDirectory + "/" + Self.ownershipFile, facts.text, durable: false)
     }
 
     private static func freshLifecycle(_ runtime: RuntimeConfig, now: Double) -> Lifecycle {
@@ -59,7 +75,10 @@ public final class Session: Sendable {
             s.lifecycle = fresh
             return true
         }
-        if claimed { identity.withLock { $0 = (id, Int(time(nil))) } }
+        if claimed {
+            identity.withLock { $0 = (id, Int(time(nil))) }
+            recordOwnership()
+        }
         return claimed
     }
 

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
 import HTTPTypes
@@ -218,6 +219,71 @@ public actor SessionManager {
         refill(session.runtime)
     }
 
+    // MARK: - Taking over from a daemon that died
+
+    /// Sandboxes a previous cubicled left running (it was killed, or crashed): each session's sandbox is
+    /// reconnected through its reconnect socket and served again under its id; anything that cannot be
+    /// (a warm sandbox, a half-built one, a dead init, a runtime no longer configured) is removed. Runs
+    /// before the listeners start, so no request can race it.
+    public func adoptLeftovers() async -> (adopted: [String], removed: Int) {
+        let directory = launcher.host.stateDirectory + "/sandboxes"
+        let names = ((try? Files.listDirectory(directory)) ?? []).filter { $0.hasPrefix("sb-") }.sorted()
+        var adopted: [String] = []
+        var removed = 0
+        for name in names {
+            let path = directory + "/" + name
+            if let session = await adoptOne(path) {
+                live[Key(runtime: session.runtime.name, id: session.id)] = session
+                adopted.append(session.id)
+            } else {
+                let left = await launcher.removeLeftovers(stateDirectory: path)
+                if !left.isEmpty { logger.error("could not remove a dead sandbox", metadata: ["sandbox": "\(name)", "left": "\(left)"]) }
+                removed += 1
+            }
+        }
+        return (adopted, removed)
+    }
+
+    private func adoptOne(_ path: String) async -> Session? {
+        guard let facts = try? JSON.parse(try Files.read(path + "/" + Session.ownershipFile)),
+              let id = facts["session"]?.stringValue, (try? Validate.sessionID(id)) != nil,
+              let runtime = facts["runtime"]?.stringValue.flatMap({ config.runtime(named: $0) }),
+              let created = facts["created"]?.intValue, live[Key(runtime: runtime.name, id: id)] == nil else { return nil }
+        let sandbox: Sandbox
+        let agentPID: pid_t
+        do {
+            let found = try await launcher.adopt(stateDirectory: path)
+            guard let pid = found.agentPID else {
+                _ = await found.sandbox.teardown()
+                return nil
+            }
+            (sandbox, agentPID) = (found.sandbox, pid)
+        } catch {
+            logger.warning("sandbox could not be adopted", metadata: ["path": "\(path)", "error": "\(error)"])
+            return nil
+        }
+        let logs: (stdout: Int32, stderr: Int32)
+        do { logs = try await sandbox.agentLogs() } catch {
+            _ = await sandbox.teardown()
+            return nil
+        }
+        let port = runtime.serverProtocol.port
+        let pool = AgentPool(group: group) { try await sandbox.connect(port: port) }
+        let session = Session(id: id, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: agentPID, clock: clock,
+                              createdUnixTime: Int(created))
+        let now = clock()
+        session.state.withLock { $0.lifecycle.ready(now: now) }
+        Task { await session.logs.drain(fd: logs.stdout, stream: "stdout", group: group) }
+        Task { await session.logs.drain(fd: logs.stderr, stream: "stderr", group: group) }
+        Task { await self.watchEvents(session) }
+        Task { await self.superviseLifecycle(session) }
+        Telemetry.sessionStarted(runtime: runtime.name)
+        events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
+        logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
+                                                                             "sandbox": "\(sandbox.id)"])
+        return session
+    }
+
     // MARK: - Start
 
     private func spec(for runtime: RuntimeConfig) -> SandboxSpec {
@@ -260,6 +326,7 @@ public actor SessionManager {
         let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
         if sessionID != nil {
+            session.recordOwnership()
             Telemetry.sessionStarted(runtime: runtime.name)
             events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
         }

@@ -84,9 +84,15 @@ struct Cubicled: AsyncParsableCommand {
         var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: sessionsCgroup)
         hostConfig.firstHostID = firstHostUID
         hostConfig.uidLeaseDirectory = uidLeaseDir
+        hostConfig.reconnectSeconds = Int64(daemonConfig.restartGraceSeconds)
         let launcher = SandboxLauncher(host: hostConfig)
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
+        // Sessions a killed predecessor left running are served again before any request can arrive.
+        let (adopted, removed) = await manager.adoptLeftovers()
+        if !adopted.isEmpty || removed > 0 {
+            logger.notice("took over from a previous cubicled", metadata: ["adopted": "\(adopted.count)", "removed": "\(removed)"])
+        }
 
         let access = AdminAccess(group: try adminGroup.map(Self.groupID))
         let registry = PrometheusCollectorRegistry()

@@ -69,12 +69,20 @@ class Daemon:
             path.write_text(config)
             args += ["--config", str(path)]
         args += list(extra_args)
+        self.args, self.env = args, None if env is None else {**os.environ, **env}
         self.log = open(self.log_path, "wb")
-        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                        env=None if env is None else {**os.environ, **env})
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         if wait:
             self.wait_ready()
+
+    def restart(self):
+        """Starts cubicled again with the same port, state, cgroup parent and config (after a kill)."""
+        assert self.process.poll() is not None, "the previous cubicled still runs"
+        self.log.close()
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        self.wait_ready()
 
     def wait_ready(self):
         deadline = time.time() + 20
