@@ -290,13 +290,8 @@ public actor SessionManager {
         var spec = SandboxSpec(seccompProgram: seccompProgram)
         spec.codeDirectory = runtime.codeDirectory
         spec.readOnlyMounts = runtime.readOnlyMounts
-        // A 10 ms CFS period rather than the kernel's 100 ms: a session at its quota then runs in short bursts,
-        // so a neighbour that wakes behind it waits milliseconds, not tens of them (test_noisy_neighbours).
-        // The kernel's smallest quota is 1 ms, so below a tenth of a CPU the period stays 100 ms.
-        let period: Int64 = runtime.limits.cpus >= 0.1 ? 10_000 : 100_000
         spec.limits = CgroupLimits(memoryBytes: runtime.limits.memoryBytes,
-                                   cpuQuotaMicros: Int64(runtime.limits.cpus * Double(period)), pids: Int64(runtime.limits.pids))
-        spec.limits.cpuPeriodMicros = period
+                                   cpuQuotaMicros: Int64(runtime.limits.cpus * 100_000), pids: Int64(runtime.limits.pids))
         spec.tmpBytes = runtime.limits.tmpfsBytes
         spec.maxProcesses = UInt64(runtime.limits.pids)
         return spec

@@ -85,7 +85,7 @@ def main():
         subprocess.run(["rm", "-rf", work])
     print("## Noisy neighbours\n")
     print("`python3 Tests/bench/noisy_bench.py .build/release` (run by `make bench`): a neighbour's warm invoke "
-          "(300 quiet, then 300 while another session runs the hog at its limits: half a CPU in 10 ms CFS periods, "
+          "(300 quiet, then 300 while another session runs the hog at its limits: half a CPU, "
           "64 pids, 128 MiB, 32 MiB /tmp). Goal: neighbour p99 within 2× its quiet baseline.\n")
     print("| hog | quiet p50 / p99 | with the hog p50 / p99 | p99 ratio | goal ≤ 2× |")
     print("|---|---|---|---|---|")
