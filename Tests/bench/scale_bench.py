@@ -183,6 +183,7 @@ runtimes:
 
         # Sustained: 16 clients, each creating a session and stopping it, for RATE_SECONDS.
         counts = {"created": 0, "stopped": 0, "errors": 0}
+        create_latency = []
         lock = threading.Lock()
         deadline = time.perf_counter() + RATE_SECONDS
 
@@ -190,9 +191,12 @@ runtimes:
             while time.perf_counter() < deadline:
                 s = sid()
                 try:
+                    t = time.perf_counter()
                     post(port, PATH, s)
+                    took = time.perf_counter() - t
                     with lock:
                         counts["created"] += 1
+                        create_latency.append(took)
                     post(port, STOP, s, b"{}")
                     with lock:
                         counts["stopped"] += 1
@@ -205,7 +209,7 @@ runtimes:
             w.start()
         for w in workers:
             w.join()
-        rate = (counts, time.perf_counter() - t0)
+        rate = (counts, time.perf_counter() - t0, create_latency)
         pool.shutdown()
     finally:
         daemon.terminate()
@@ -229,11 +233,12 @@ runtimes:
         print(f"\nEnding all {teardown[0]:,} with StopRuntimeSession ({CLIENTS} clients; each stop returns after its "
               f"teardown): {teardown[1]:.1f} s, **{teardown[0] / teardown[1]:.0f} teardowns/s**.")
     if rate:
-        counts, seconds = rate
+        counts, seconds, lat = rate
         print(f"\nSustained for {seconds:.0f} s, {CLIENTS} clients each creating a session (its first invoke: sandbox, "
               f"agent start, first /ping, answer) and stopping it: **{counts['created'] / seconds:.0f} sessions created/s** "
-              f"and {counts['stopped'] / seconds:.0f} teardowns/s, {counts['errors']} errors. Goal: ≥ 200 sessions/s created; "
-              f"≥ 1,000 live sessions.")
+              f"and {counts['stopped'] / seconds:.0f} teardowns/s, {counts['errors']} errors; a cold invoke at concurrency "
+              f"{CLIENTS} took p50 {statistics.median(lat) * 1e3:.1f} ms, p99 {pct(lat, .99) * 1e3:.1f} ms. "
+              f"Goal: ≥ 200 sessions/s created; ≥ 1,000 live sessions.")
 
 
 if __name__ == "__main__":
