@@ -52,6 +52,8 @@ enum OperatorJSON {
         o["ids"] = ["hostBase": .int(Int64(sandbox.uidRange.hostBase)), "size": .int(Int64(sandbox.uidRange.size)),
                     "agentHostUID": .int(Int64(sandbox.uidRange.host(1000)))]
         o["limits"] = limits(session.runtime.limits)
+        // The CPUs the session may run on; empty: all of them.
+        o["cpus"] = .array(sandbox.cpus.map { .int(Int64($0)) })
         o["tmpfsBytesUsed"] = tmpfsUsage(pid: sandbox.initPID)
         o["lifecycle"] = [
             "state": .string(summary.state), "created": .int(Int64(summary.createdUnixTime)),

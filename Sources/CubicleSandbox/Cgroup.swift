@@ -10,6 +10,9 @@ public struct CgroupLimits: Equatable, Sendable {
     public var cpuQuotaMicros: Int64?
     public var cpuPeriodMicros: Int64 = 100_000
     public var pids: Int64?
+    /// The CPUs the session's processes may run on (cpuset), so it runs on at most as many at once as it
+    /// has CPUs of quota, like a VM's vCPUs; nil: any.
+    public var cpuSet: [Int]?
 
     public init(memoryBytes: Int64? = nil, cpuQuotaMicros: Int64? = nil, pids: Int64? = nil) {
         self.memoryBytes = memoryBytes
@@ -56,7 +59,7 @@ public struct Cgroup: Sendable {
     /// Relative to the hierarchy root, e.g. "cubicle/sb-1a2b".
     public let path: String
 
-    static let v1Controllers = ["memory", "pids", "cpu", "cpuacct", "freezer"]
+    static let v1Controllers = ["memory", "pids", "cpu", "cpuacct", "freezer", "cpuset"]
 
     public init(version: Version, root: String = "/sys/fs/cgroup", path: String) {
         self.version = version
@@ -115,6 +118,7 @@ public struct Cgroup: Sendable {
                     }
                     try Files.makeDirectories(dir(c))
                 }
+                try inheritV1Cpuset()
             }
         } catch let e as SystemError {
             try? remove()
@@ -156,9 +160,27 @@ public struct Cgroup: Sendable {
         return prefix + "sessions"
     }
 
+    /// A new v1 cpuset directory starts with no CPUs and no memory nodes, and takes no tasks until it has
+    /// both: each level gets its parent's.
+    private func inheritV1Cpuset() throws(SystemError) {
+        var parent = "\(root)/cpuset"
+        for part in path.split(separator: "/") {
+            let child = parent + "/" + part
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if ((try? Files.read(child + "/" + file)) ?? "").trimmingSpaces.isEmpty {
+                    try Files.write(child + "/" + file, (try Files.read(parent + "/" + file)).trimmingSpaces)
+                }
+            }
+            parent = child
+        }
+    }
+
     private func enableV2Controllers(at dir: String) throws(SystemError) {
         let have = (try? Files.read("\(dir)/cgroup.subtree_control")) ?? ""
-        let wanted = ["memory", "pids", "cpu"].filter { !have.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains(Substring($0)) }
+        // cpuset only where the parent offers it: systemd delegates it only when the unit asks
+        // (Delegate=cpu cpuset io memory pids); without it sessions are not confined to CPUs.
+        let offered = ((try? Files.read("\(dir)/cgroup.controllers")) ?? "").split(whereSeparator: { $0 == " " || $0 == "\n" })
+        let wanted = (["memory", "pids", "cpu"] + (offered.contains("cpuset") ? ["cpuset"] : [])).filter { !have.split(whereSeparator: { $0 == " " || $0 == "\n" }).contains(Substring($0)) }
         guard !wanted.isEmpty else { return }
         try Files.write("\(dir)/cgroup.subtree_control", wanted.map { "+" + $0 }.joined(separator: " "))
     }
@@ -176,6 +198,7 @@ public struct Cgroup: Sendable {
                     try Files.write(dir("cpu") + "/cpu.max", "\(q) \(limits.cpuPeriodMicros)")
                 }
                 if let p = limits.pids { try Files.write(dir("pids") + "/pids.max", String(p)) }
+                if let cpus = limits.cpuSet { try writeIfPresent(dir("cpuset") + "/cpuset.cpus", Self.cpuList(cpus)) }
             case .v1:
                 if let m = limits.memoryBytes {
                     try writeIfPresent(dir("memory") + "/memory.swappiness", "0")
@@ -187,6 +210,7 @@ public struct Cgroup: Sendable {
                     try Files.write(dir("cpu") + "/cpu.cfs_quota_us", String(q))
                 }
                 if let p = limits.pids { try Files.write(dir("pids") + "/pids.max", String(p)) }
+                if let cpus = limits.cpuSet { try Files.write(dir("cpuset") + "/cpuset.cpus", Self.cpuList(cpus)) }
             }
         } catch {
             throw fail(error)
@@ -315,6 +339,14 @@ public struct Cgroup: Sendable {
     }
 
     public var exists: Bool { directories.contains { Files.isDirectory($0) } }
+
+    static func cpuList(_ cpus: [Int]) -> String { cpus.sorted().map(String.init).joined(separator: ",") }
+
+    /// The CPUs in this cgroup's cpuset (a restarted daemon learns an adopted sandbox's placement here).
+    public func cpuSet() -> [Int]? {
+        guard let text = try? Files.read(dir("cpuset") + "/cpuset.cpus") else { return nil }
+        return CPUPlacer.parseList(text.trimmingSpaces)
+    }
 }
 
 extension String {

@@ -62,6 +62,9 @@ public final class Sandbox: Sendable {
     public let cgroup: Cgroup
     public let uidRange: UIDRange
     public let stateDirectory: String
+    /// The CPUs it may run on (its cpuset); empty: all.
+    public let cpus: [Int]
+    let cpuPlacer: CPUPlacer
     /// Launch start to init's `ready`, in nanoseconds: the one place spawn time is measured.
     public let spawnNanoseconds: UInt64
     /// The same time split by step (host paths, uid range, cgroup, clone, init's own steps, ready).
@@ -89,7 +92,9 @@ public final class Sandbox: Sendable {
 
     init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange, stateDirectory: String,
          spawnNanoseconds: UInt64, spawnPhases: [SpawnPhase], connection: InitConnection, allocator: UIDRangeAllocator,
-         events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
+         cpus: [Int], cpuPlacer: CPUPlacer, events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
+        self.cpus = cpus
+        self.cpuPlacer = cpuPlacer
         self.id = id
         self.initPID = initPID
         self.cgroup = cgroup
@@ -268,6 +273,7 @@ public final class Sandbox: Sendable {
         reapInit()
         do { try cgroup.remove() } catch { report.leftovers.append("\(error)") }
         allocator.release(uidRange)
+        cpuPlacer.release(cpus)
         do { try Files.removeTree(stateDirectory) } catch { report.leftovers.append("state: \(error)") }
         if cgroup.exists { report.leftovers.append("cgroup \(cgroup.path)") }
         if Files.exists(stateDirectory) { report.leftovers.append("state directory \(stateDirectory)") }

@@ -10,9 +10,11 @@ import Synchronization
 /// Makes sandboxes. Safe to call from many tasks at once: each launch owns its own ids, cgroup and fds.
 public struct SandboxLauncher: Sendable {
     public let host: SandboxHostConfig
+    public let cpuPlacer: CPUPlacer
 
-    public init(host: SandboxHostConfig) {
+    public init(host: SandboxHostConfig, cpuPlacer: CPUPlacer = CPUPlacer()) {
         self.host = host
+        self.cpuPlacer = cpuPlacer
     }
 
     static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
@@ -106,10 +108,15 @@ public struct SandboxLauncher: Sendable {
         phases.mark("state directory")
 
         let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+        var limits = spec.limits
+        if let n = spec.cpuCount, let cpus = cpuPlacer.take(n) {
+            limits.cpuSet = cpus
+            rollback.add { [cpuPlacer] in cpuPlacer.release(cpus) }
+        }
         do {
             try cgroup.create()
             rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
-            try cgroup.apply(spec.limits)
+            try cgroup.apply(limits)
         } catch {
             throw .cgroup(error)
         }
@@ -179,7 +186,7 @@ public struct SandboxLauncher: Sendable {
             _ = waitpid(pid, &status, 0)
         }
         phases.mark("clone, maps, exec")
-        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cgroup: cgroup,
+        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cpus: limits.cpuSet ?? [], cgroup: cgroup,
                        stateDirectory: stateDirectory, phases: phases)
     }
 
@@ -189,6 +196,7 @@ public struct SandboxLauncher: Sendable {
         var hostSock: Int32
         var hostSockOwned: HostSocketOwnership
         var range: UIDRange
+        var cpus: [Int]
         var cgroup: Cgroup
         var stateDirectory: String
         var phases: SpawnPhases
@@ -231,7 +239,7 @@ public struct SandboxLauncher: Sendable {
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
                               spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
                               spawnPhases: phases.merged(initMarks: initMarks), connection: connection,
-                              allocator: allocator, events: events, sink: sink)
+                              allocator: allocator, cpus: started.cpus, cpuPlacer: cpuPlacer, events: events, sink: sink)
         holder.sandbox = sandbox
         rollback.disarm()
         sandbox.watchInit()
@@ -273,11 +281,14 @@ extension SandboxLauncher {
                 }
             })
         connection.start()
+        let cgroup = Cgroup(version: version, root: host.cgroupRoot, path: path)
+        let adoptedCPUs = cgroup.cpuSet().flatMap { $0.count < cpuPlacer.online.count ? $0 : nil } ?? []
+        cpuPlacer.claim(adoptedCPUs)
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let sandbox = Sandbox(id: id, initPID: pid, cgroup: Cgroup(version: version, root: host.cgroupRoot, path: path),
+        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup,
                               uidRange: UIDRange(slot: slot, hostBase: base, size: size), stateDirectory: stateDirectory,
                               spawnNanoseconds: 0, spawnPhases: [], connection: connection, allocator: host.uidAllocator,
-                              events: events, sink: sink)
+                              cpus: adoptedCPUs, cpuPlacer: cpuPlacer, events: events, sink: sink)
         holder.sandbox = sandbox
         sandbox.watchInit()
         do {

@@ -14,6 +14,8 @@ public struct SandboxSpec: Sendable {
     public var readOnlyMounts: [ReadOnlyMount] = []
     public var hostname = "cubicle"
     public var limits = CgroupLimits(memoryBytes: 1 << 30, cpuQuotaMicros: 200_000, pids: 512)
+    /// How many CPUs the sandbox may run on at once (its quota rounded up); nil: all of them.
+    public var cpuCount: Int?
     public var rootBytes: Int64 = 16 << 20
     public var tmpBytes: Int64 = 256 << 20
     public var homeBytes: Int64 = 64 << 20

@@ -24,13 +24,18 @@ struct CgroupV2Tests {
         let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-test")
         // Parents delegate before the child is made; the fake parent's control file exists once mkdir ran.
         try FileManager.default.createDirectory(atPath: root + "/cubicle", withIntermediateDirectories: true)
-        Self.touch(root + "/cubicle", ["cgroup.subtree_control": ""])
+        // The root offers no cpuset here; "cubicle" does, so sessions under it are confined to their CPUs.
+        Self.touch(root + "/cubicle", ["cgroup.subtree_control": "", "cgroup.controllers": "cpu memory pids cpuset"])
         try cg.create()
         #expect(try Files.read(root + "/cgroup.subtree_control") == "+memory +pids +cpu")
-        #expect(try Files.read(root + "/cubicle/cgroup.subtree_control") == "+memory +pids +cpu")
+        #expect(try Files.read(root + "/cubicle/cgroup.subtree_control") == "+memory +pids +cpu +cpuset")
         let dir = root + "/cubicle/sb-test"
-        Self.touch(dir, ["memory.max": "max", "memory.swap.max": "max", "cpu.max": "max 100000", "pids.max": "max"])
-        try cg.apply(CgroupLimits(memoryBytes: 64 << 20, cpuQuotaMicros: 50_000, pids: 99))
+        Self.touch(dir, ["memory.max": "max", "memory.swap.max": "max", "cpu.max": "max 100000", "pids.max": "max", "cpuset.cpus": ""])
+        var limits = CgroupLimits(memoryBytes: 64 << 20, cpuQuotaMicros: 50_000, pids: 99)
+        limits.cpuSet = [3, 1]
+        try cg.apply(limits)
+        #expect(try Files.read(dir + "/cpuset.cpus") == "1,3")
+        #expect(cg.cpuSet() == [1, 3])
         #expect(try Files.read(dir + "/memory.max") == "67108864")
         #expect(try Files.read(dir + "/memory.swap.max") == "0")
         #expect(try Files.read(dir + "/cpu.max") == "50000 100000")
@@ -103,5 +108,18 @@ struct CgroupV2Tests {
         #expect(throws: CgroupError.self) { try Cgroup.adoptDelegatedSubtree(root: root, membership: "1:name=systemd:/x\n") }
         try FileManager.default.removeItem(atPath: root + "/cgroup.controllers")
         #expect(throws: CgroupError.self) { try Cgroup.adoptDelegatedSubtree(root: root, membership: "0::/system.slice/c.service\n") }
+    }
+
+    @Test func cpuPlacerSpreadsSessionsOverTheLeastUsedCPUs() {
+        let placer = CPUPlacer(online: [0, 1, 2, 3])
+        #expect(placer.take(4) == nil, "a session with every CPU's worth of quota is not confined")
+        let a = placer.take(1)!, b = placer.take(2)!, c = placer.take(1)!
+        #expect(a == [0] && b == [1, 2] && c == [3])
+        #expect(placer.take(1) == [0], "all used once: the lowest again")
+        placer.release(b)
+        #expect(placer.take(2) == [1, 2])
+        placer.claim([3])
+        #expect(placer.take(1) == [1], "loads now 2, 1, 1, 2")
+        #expect(CPUPlacer.parseList("0-2,5") == [0, 1, 2, 5] && CPUPlacer.parseList("x") == nil && CPUPlacer.parseList("3-1") == nil)
     }
 }

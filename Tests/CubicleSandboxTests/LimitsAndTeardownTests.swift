@@ -43,6 +43,20 @@ struct LimitsTests {
         }
     }
 
+    @Test func aSandboxRunsOnlyOnTheCPUsItWasGiven() async throws {
+        guard CPUPlacer.allowedCPUs().count > 1 else {
+            print("skipped: one CPU, nothing to confine to")
+            return
+        }
+        try await withHost { host in
+            let s = try await host.launch { $0.cpuCount = 1 }
+            #expect(s.cpus.count == 1)
+            let inside = try await s.sh("grep Cpus_allowed_list /proc/self/status; sh -c 'grep Cpus_allowed_list /proc/self/status'", timeoutSeconds: 10)
+            let lists = inside.stdout.split(separator: "\n").map { $0.split(separator: ":").last!.trimmingCharacters(in: .whitespaces) }
+            #expect(lists == [String(s.cpus[0]), String(s.cpus[0])], "init's children and theirs are confined: \(inside.stdout)")
+        }
+    }
+
     @Test func fillingTmpGivesENOSPCOnlyInside() async throws {
         try await withHost { host in
             let s = try await host.launch { $0.tmpBytes = 8 << 20 }

@@ -84,7 +84,14 @@ def test_a_noisy_session_hurts_only_itself(start_daemon, hog):
     assert admin_seconds < 2, "cubicled stays responsive"
     assert {s["id"] for s in ps["sessions"]} >= {neighbour, culprit}
 
-    usage = d.cubicle_json("inspect", culprit)["usage"]
+    # The culprit runs on as many CPUs as its half-CPU quota rounds up to, and not on the neighbour's.
+    culprit_info, neighbour_info = d.cubicle_json("inspect", culprit), d.cubicle_json("inspect", neighbour)
+    if len(os.sched_getaffinity(0)) > 1:
+        assert len(culprit_info["cpus"]) == 1 and culprit_info["cpus"] != neighbour_info["cpus"], (culprit_info["cpus"], neighbour_info["cpus"])
+        with open(f"/proc/{culprit_info['agentHostPID']}/status") as f:
+            allowed = next(l.split(":")[1].strip() for l in f if l.startswith("Cpus_allowed_list"))
+        assert allowed == str(culprit_info["cpus"][0])
+    usage = culprit_info["usage"]
     if counter == "cpuSeconds":
         assert usage["cpuSeconds"] < 0.5 * 5 + 1, f"the quota held the hog to half a CPU: {usage['cpuSeconds']:.2f} s"
     elif counter:

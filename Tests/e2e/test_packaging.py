@@ -59,7 +59,7 @@ def test_systemd_unit_verifies():
         assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
     finally:
         shutil.rmtree(os.path.dirname(path))
-    assert "Type=notify" in unit and "KillMode=mixed" in unit and "Delegate=yes" in unit
+    assert "Type=notify" in unit and "KillMode=mixed" in unit and "Delegate=cpu cpuset io memory pids" in unit
 
 
 def test_kubernetes_manifests_and_their_haproxy_config():
