@@ -162,39 +162,65 @@ final class AgentConnection: Sendable {
 
     /// Runs one exchange full duplex: the request body is written while the response is read, as an
     /// echoing agent needs. Returns whether the connection can carry another request.
+    /// A request body this small fits the socket's buffers, so it is written before the response is read,
+    /// without a second task; larger ones (or of unknown length) are written while the response is read.
+    static let inlineBodyLimit = 64 << 10
+
     private static func perform(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator,
                                 _ outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Bool {
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        if let length = exchange.request.bodyLength, length <= inlineBodyLimit {
+            let writer = AgentBodyWriter(outbound, head: exchange.request.head, length: length)
+            try await exchange.request.writeBody(writer)
+            try await writer.finish()
+            return try await readResponse(exchange, &responses)
+        }
+        return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
                 let writer = AgentBodyWriter(outbound, head: exchange.request.head, length: exchange.request.bodyLength)
                 try await exchange.request.writeBody(writer)
                 try await writer.finish()
             }
-            var head: HTTPResponse?
-            while head == nil {
-                guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection before responding") }
-                guard case .head(let h) = part else { throw AgentClientError("agent sent a body before its response head") }
-                if h.status.kind != .informational { head = h }
-            }
-            exchange.head.resolve(.success(head!))
-            reading: while true {
-                guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection mid-response") }
-                switch part {
-                case .body(let buffer):
-                    await exchange.body.send(buffer)
-                    try Task.checkCancellation()
-                case .end:
-                    break reading
-                case .head:
-                    throw AgentClientError("agent sent a second response head")
-                }
-            }
+            let head = try await readHead(exchange, &responses)
+            try await readBody(exchange, &responses)
             // The response ends for the client only once the request body has been read to its end: the
             // server drains an unread request body itself once a response is complete, and two readers of
             // one body is a crash in NIO.
             try await group.waitForAll()
             exchange.body.finish()
-            return head!.headerFields[.connection]?.lowercased() != "close"
+            return head.headerFields[.connection]?.lowercased() != "close"
+        }
+    }
+
+    private static func readResponse(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator) async throws -> Bool {
+        let head = try await readHead(exchange, &responses)
+        try await readBody(exchange, &responses)
+        exchange.body.finish()
+        return head.headerFields[.connection]?.lowercased() != "close"
+    }
+
+    private static func readHead(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator) async throws -> HTTPResponse {
+        while true {
+            guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection before responding") }
+            guard case .head(let h) = part else { throw AgentClientError("agent sent a body before its response head") }
+            if h.status.kind != .informational {
+                exchange.head.resolve(.success(h))
+                return h
+            }
+        }
+    }
+
+    private static func readBody(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator) async throws {
+        while true {
+            guard let part = try await responses.next() else { throw AgentClientError("agent closed the connection mid-response") }
+            switch part {
+            case .body(let buffer):
+                await exchange.body.send(buffer)
+                try Task.checkCancellation()
+            case .end:
+                return
+            case .head:
+                throw AgentClientError("agent sent a second response head")
+            }
         }
     }
 }
