@@ -28,7 +28,15 @@ public actor SessionManager {
     /// How long a new agent has to answer /ping (AWS: 30 s).
     let initializationSeconds: Double
 
+    /// Live sessions. Every write goes through it and its mirror `liveIndex`, which the request path reads
+    /// without waiting for the actor.
     private var live: [Key: Session] = [:]
+    private nonisolated let liveIndex = Mutex<[Key: Session]>([:])
+
+    private func setLive(_ key: Key, _ session: Session?) {
+        live[key] = session
+        liveIndex.withLock { $0[key] = session }
+    }
     private var starting: [Key: Task<Session, any Error>] = [:]
     private var ended: [SessionSummary] = []
     private var shuttingDown = false
@@ -58,7 +66,14 @@ public actor SessionManager {
     public func session(runtime: String, id: String) -> Session? { live[Key(runtime: runtime, id: id)] }
 
     /// The live session for `id`, created (exactly once, however many calls race) when there is none.
-    public func acquire(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
+    /// The session for an invocation: a live one straight from the index, without a hop to the actor;
+    /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox.
+    public nonisolated func acquire(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
+        if let s = liveIndex.withLock({ $0[Key(runtime: name, id: sessionID)] }), s.isLive { return s }
+        return try await acquireOrStart(runtime: name, sessionID: sessionID)
+    }
+
+    private func acquireOrStart(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
         guard let runtime = config.runtime(named: name) else {
             throw AgentCoreError(.resourceNotFound, "Runtime \(name) not found")
         }
@@ -73,7 +88,7 @@ public actor SessionManager {
                 throw AgentCoreError(.serviceQuotaExceeded, "Live session quota of \(config.maxSessions) reached; stop a session or wait for one to end")
             }
             if let session = claimWarm(runtime, as: sessionID) {
-                live[key] = session
+                setLive(key, session)
                 return session
             }
             task = Task { try await self.start(runtime, sessionID: sessionID) }
@@ -83,7 +98,7 @@ public actor SessionManager {
             let session = try await task.value
             if starting[key] == task {
                 starting[key] = nil
-                live[key] = session
+                setLive(key, session)
             }
             return session
         } catch let e as AgentCoreError {
@@ -233,7 +248,7 @@ public actor SessionManager {
         for name in names {
             let path = directory + "/" + name
             if let session = await adoptOne(path) {
-                live[Key(runtime: session.runtime.name, id: session.id)] = session
+                setLive(Key(runtime: session.runtime.name, id: session.id), session)
                 adopted.append(session.id)
             } else {
                 let left = await launcher.removeLeftovers(stateDirectory: path)
@@ -496,7 +511,7 @@ public actor SessionManager {
 
     private func retire(_ session: Session, _ summary: SessionSummary) {
         let key = Key(runtime: session.runtime.name, id: session.id)
-        if live[key] === session { live[key] = nil }
+        if live[key] === session { setLive(key, nil) }
         ended.append(summary)
         let cutoff = Int(time(nil)) - config.endedRetentionSeconds
         ended.removeAll { ($0.endedUnixTime ?? 0) < cutoff }
