@@ -127,9 +127,27 @@ public struct DataPlane: HTTPResponder {
             throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
         }
         inFlight.attach(agentResponse)
-        return Response(status: agentResponse.head.status, headers: Self.responseHeaders(agentResponse.head, request: request, sessionID: id),
-                        body: Self.stream(agentResponse, inFlight))
+        let headers = Self.responseHeaders(agentResponse.head, request: request, sessionID: id)
+        if let length = agentResponse.head.headerFields[.contentLength].flatMap({ Int($0) }), length <= Self.wholeResponseLimit {
+            // Small and of known length: read whole, so head and body reach the client in one write.
+            var whole = ByteBuffer()
+            do {
+                for try await var buffer in agentResponse.body {
+                    inFlight.sent(buffer.readableBytes)
+                    whole.writeBuffer(&buffer)
+                }
+            } catch {
+                inFlight.abort()
+                throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
+            }
+            inFlight.complete()
+            return Response(status: agentResponse.head.status, headers: headers, body: .init(byteBuffer: whole))
+        }
+        return Response(status: agentResponse.head.status, headers: headers, body: Self.stream(agentResponse, inFlight))
     }
+
+    /// Agent responses up to this size with a Content-Length are sent to the client in one piece.
+    static let wholeResponseLimit = 64 << 10
 
     static func responseHeaders(_ agent: HTTPResponse, request: Request, sessionID: String) -> HTTPFields {
         var headers = HTTPFields()
