@@ -356,7 +356,9 @@ final class SpawnPhases: @unchecked Sendable {
     func merged(initMarks: [UInt64]) -> [SpawnPhase] {
         var all = marks
         if initMarks.count == 3, let exec = all.firstIndex(where: { $0.0 == "clone, maps, exec" }), all.count > exec + 1,
-           initMarks[0] >= all[exec].1, initMarks[2] <= all[exec + 1].1 {
+           initMarks[0] <= initMarks[1], initMarks[1] <= initMarks[2], initMarks[2] <= all[exec + 1].1 {
+            // init may be running before the host hears that exec succeeded: the exec step ends when init starts.
+            all[exec].1 = min(all[exec].1, initMarks[0])
             all.insert(contentsOf: zip(["init start", "init configured", "init filesystem"], initMarks).map { ($0, $1) }, at: exec + 1)
         }
         var previous = start
