@@ -89,7 +89,7 @@ let package = Package(
         .executableTarget(name: "cubicle-demo-agent", dependencies: ["CubicleJSON"], linkerSettings: staticStdlib),
         .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC"], path: "Sources/Benchmarks/SandboxBench"),
         // libFuzzer targets (make fuzz builds them with -D CUBICLE_FUZZ -sanitize=fuzzer); plain builds replay a corpus.
-        .target(name: "FuzzReplay", path: "Sources/Fuzz/Replay"),
+        .target(name: "FuzzReplay", dependencies: ["CubicleLinux"], path: "Sources/Fuzz/Replay"),
         .executableTarget(name: "cubicle-fuzz-rpc-frames", dependencies: ["CubicleRPC", "FuzzReplay"], path: "Sources/Fuzz/RPCFrames"),
         .executableTarget(name: "cubicle-fuzz-event-stream", dependencies: ["CubicleAgentCore", "FuzzReplay"], path: "Sources/Fuzz/EventStream"),
         .executableTarget(name: "cubicle-fuzz-validators", dependencies: ["CubicleAgentCore", "CubicleJSON", "FuzzReplay"], path: "Sources/Fuzz/Validators"),

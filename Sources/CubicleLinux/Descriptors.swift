@@ -81,17 +81,21 @@ public enum Descriptors {
         let dirfd = open(directory, 0o10000000 /* O_PATH */ | O_DIRECTORY | O_CLOEXEC)
         guard dirfd >= 0 else { throw .lastError("open \(directory)") }
         defer { close(dirfd) }
-        let path = Array("/proc/self/fd/\(dirfd)/\(name)".utf8)
+        try withUnixAddress(Array("/proc/self/fd/\(dirfd)/\(name)".utf8), naming: "socket \(name)", body)
+    }
+
+    /// A sockaddr_un for `path` (a leading NUL makes it abstract), with the length that covers the path.
+    public static func withUnixAddress(_ path: [UInt8], naming what: String,
+                                       _ body: (UnsafePointer<sockaddr>, socklen_t) throws(SystemError) -> Void) throws(SystemError) {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
-        guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw SystemError("socket name \(name)", errno: ENAMETOOLONG) }
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            for (i, b) in path.enumerated() { raw[i] = b }
-        }
+        guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw SystemError("\(what) longer than sun_path", errno: ENAMETOOLONG) }
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: path) }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + path.count)
         var failure: SystemError?
         withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
-                do throws(SystemError) { try body(sa, socklen_t(MemoryLayout<sockaddr_un>.size)) } catch { failure = error }
+                do throws(SystemError) { try body(sa, length) } catch { failure = error }
             }
         }
         if let failure { throw failure }

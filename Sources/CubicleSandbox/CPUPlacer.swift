@@ -4,10 +4,6 @@ import Glibc
 import CubicleLinux
 import Synchronization
 
-extension Substring {
-    func trimmingCharacters() -> String { String(self).trimmingSpaces }
-}
-
 /// Chooses the CPUs a sandbox may run on: as many as its quota rounds up to, the least used ones first.
 /// A VM with one vCPU never runs two threads at once; without this, a session with half a CPU of quota and
 /// four busy threads would burst on every core of the host and hold up every neighbour (noisy_bench).
@@ -43,7 +39,7 @@ public final class CPUPlacer: Sendable {
     public static func allowedCPUs() -> [Int] {
         let status = (try? Files.read("/proc/self/status")) ?? ""
         if let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Cpus_allowed_list:") }),
-           let cpus = parseList(line.dropFirst("Cpus_allowed_list:".count).trimmingCharacters()) {
+           let cpus = parseList(String(line.dropFirst("Cpus_allowed_list:".count)).trimmingSpaces) {
             return cpus
         }
         return Array(0..<max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))

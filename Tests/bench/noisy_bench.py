@@ -21,12 +21,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 os.environ.setdefault("CUBICLE_PRODUCTS", PRODUCTS)
 from test_noisy_neighbours import CONFIG, HOGS, p99  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dataplane_bench import sid  # noqa: E402
+
 ARN = urllib.parse.quote("arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/", safe="")
 HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
-
-
-def sid():
-    return "noisy-" + uuid.uuid4().hex + uuid.uuid4().hex[:6]
 
 
 def invoke(port, runtime, session, conn=None):

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,11 @@ import time
 import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dataplane_bench import free_port, pct, wait_http  # noqa: E402
+from dataplane_bench import rss_kib as status_kib  # noqa: E402
+from dataplane_bench import sid  # noqa: E402
 
 PRODUCTS = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/release")
 MAX_N = int(sys.argv[2]) if len(sys.argv) > 2 else 1000
@@ -34,16 +38,6 @@ PATH = f"/runtimes/{ARN}/invocations"
 STOP = f"/runtimes/{ARN}/stopruntimesession"
 SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
 BODY = json.dumps({"prompt": "2+5", "user_id": "1"}).encode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sid():
-    return "scale-" + uuid.uuid4().hex + uuid.uuid4().hex[:6]
 
 
 def post(port, path, session, body=BODY, conn=None):
@@ -62,14 +56,6 @@ def meminfo(key="MemAvailable"):
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def status_kib(pid, field="VmRSS"):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -104,11 +90,6 @@ def sandbox_processes(tag):
     return inits, agents
 
 
-def pct(xs, p):
-    s = sorted(xs)
-    return s[min(len(s) - 1, int((len(s) - 1) * p))]
-
-
 def main():
     tag = uuid.uuid4().hex[:8]
     port = free_port()
@@ -129,14 +110,7 @@ runtimes:
                                "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
     rows, teardown, rate = [], None, None
     try:
-        for _ in range(400):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/ping")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.025)
+        wait_http(port)
         # Warm-up, outside every figure.
         for _ in range(5):
             s = sid(); post(port, PATH, s); post(port, STOP, s, b"{}")

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CubicleLinux
 
 #if CUBICLE_FUZZ
 /// libFuzzer's entry for programs that keep their own main (SwiftPM renames an executable's main).
@@ -44,27 +45,9 @@ public enum FuzzReplay {
     }
 
     static func files(_ path: String) -> [String] {
-        guard let dir = opendir(path) else { return [path] }
-        defer { closedir(dir) }
-        var out: [String] = []
-        while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
-            if name != "." && name != ".." { out.append(path + "/" + name) }
-        }
-        return out.sorted()
+        guard Files.isDirectory(path) else { return [path] }
+        return ((try? Files.listDirectory(path)) ?? []).sorted().map { path + "/" + $0 }
     }
 
-    static func read(_ path: String) -> [UInt8]? {
-        let fd = open(path, O_RDONLY)
-        guard fd >= 0 else { return nil }
-        defer { close(fd) }
-        var out: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = Glibc.read(fd, &buf, buf.count)
-            if n <= 0 { break }
-            out += buf[0..<n]
-        }
-        return out
-    }
+    static func read(_ path: String) -> [UInt8]? { try? Files.readBytes(path, limit: 1 << 20) }
 }
