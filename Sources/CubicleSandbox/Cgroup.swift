@@ -222,6 +222,17 @@ public struct Cgroup: Sendable {
         try Files.write(file, value)
     }
 
+    /// Marks this cgroup idle for the CPU scheduler (`cpu.idle`, Linux 5.15+, v1 and v2): while anything
+    /// outside it wants a CPU, the tasks below it give way at once and get the smallest weight; among
+    /// themselves they share as before. Returns false where the kernel has no `cpu.idle`.
+    @discardableResult
+    public func setCPUIdle(_ idle: Bool) throws(CgroupError) -> Bool {
+        let file = dir("cpu") + "/cpu.idle"
+        guard Files.exists(file) else { return false }
+        do { try Files.write(file, idle ? "1" : "0") } catch { throw fail(error) }
+        return true
+    }
+
     public func addProcess(_ pid: pid_t) throws(CgroupError) {
         do {
             for d in directories { try Files.write(d + "/cgroup.procs", String(pid)) }

@@ -53,6 +53,8 @@ public struct SandboxHostConfig: Sendable {
     public var readyTimeoutMilliseconds = 10_000
     /// How long a sandbox outlives its daemon, waiting on its reconnect socket for a new one (0: not at all).
     public var reconnectSeconds: Int64 = 0
+    /// Mark the session cgroups' parent idle for the CPU scheduler, below the host's processes.
+    public var sessionsYieldCPUToHost = false
 
     public init(initPath: String, stateDirectory: String, cgroupParent: String = "cubicle") {
         self.initPath = initPath

@@ -85,6 +85,7 @@ struct Cubicled: AsyncParsableCommand {
         hostConfig.firstHostID = firstHostUID
         hostConfig.uidLeaseDirectory = uidLeaseDir
         hostConfig.reconnectSeconds = Int64(daemonConfig.restartGraceSeconds)
+        hostConfig.sessionsYieldCPUToHost = daemonConfig.sessionsYieldCPUToHost
         let launcher = SandboxLauncher(host: hostConfig)
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)

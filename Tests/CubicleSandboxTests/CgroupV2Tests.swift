@@ -42,6 +42,19 @@ struct CgroupV2Tests {
         #expect(try Files.read(dir + "/pids.max") == "99")
     }
 
+    @Test func marksAParentIdleForTheCPUSchedulerWhereTheKernelCan() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try FileManager.default.createDirectory(atPath: root + "/cubicle", withIntermediateDirectories: true)
+        let parent = Cgroup(version: .v2, root: root, path: "cubicle")
+        #expect(try parent.setCPUIdle(true) == false, "no cpu.idle (a kernel before 5.15): nothing written")
+        Self.touch(root + "/cubicle", ["cpu.idle": "0"])
+        #expect(try parent.setCPUIdle(true))
+        #expect(try Files.read(root + "/cubicle/cpu.idle") == "1")
+        try parent.setCPUIdle(false)
+        #expect(try Files.read(root + "/cubicle/cpu.idle") == "0")
+    }
+
     @Test func readsUsageAndKillsWithCgroupKill() throws {
         let root = try Self.fakeRoot()
         defer { try? FileManager.default.removeItem(atPath: root) }

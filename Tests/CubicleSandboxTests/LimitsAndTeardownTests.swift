@@ -57,6 +57,51 @@ struct LimitsTests {
         }
     }
 
+    /// With `sessionsYieldCPUToHost` the sessions' parent is idle for the CPU scheduler: a session spinning
+    /// on its CPU gets almost none of it while a host process wants that CPU (equal weights would split it
+    /// in half). Measured as the session's CPU time against the host spinner's over the same window, so
+    /// other tests' load, which slows both, cannot make it pass or fail.
+    @Test func aBusySessionGivesWayToTheHostOnItsCPU() async throws {
+        try await withHost({ try TestHost(yieldCPUToHost: true) }) { host in
+            let s = try await host.launch { $0.cpuCount = 1 }
+            let cpu = try #require(s.cpus.first)
+            #expect(try Files.read("\(host.config.cgroupRoot)/\(host.config.cgroupVersion == .v1 ? "cpu/" : "")\(host.cgroupParent)/cpu.idle").trimmingSpaces == "1")
+            // Output goes nowhere: nothing may block this process's few cooperative threads on reads.
+            let hog = try await s.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "exec timeout 4 sh -c 'while :; do :; done'"],
+                                                           env: sandboxEnv, cwd: "/home/agent"), timeoutSeconds: 10)
+            close(hog.stdout)
+            close(hog.stderr)
+            let started = s.cgroup.usage().cpuNanoseconds
+            for _ in 0..<100 where s.cgroup.usage().cpuNanoseconds - started < 50_000_000 { try await Task.sleep(for: .milliseconds(20)) }
+
+            let spinner = Process()
+            spinner.executableURL = URL(fileURLWithPath: "/usr/bin/taskset")
+            spinner.arguments = ["-c", String(cpu), "sh", "-c", "while :; do :; done"]
+            try spinner.run()
+            // SIGKILL: the spinner inherits this process's handling of SIGTERM.
+            defer { kill(spinner.processIdentifier, SIGKILL); spinner.waitUntilExit() }
+            func hostNanoseconds() throws -> Int64 {
+                Int64(try Files.read("/proc/\(spinner.processIdentifier)/schedstat").split(separator: " ")[0])!
+            }
+            try await Task.sleep(for: .milliseconds(200))
+            let (session0, host0) = (s.cgroup.usage().cpuNanoseconds, try hostNanoseconds())
+            try await Task.sleep(for: .milliseconds(1000))
+            let (session1, host1) = (s.cgroup.usage().cpuNanoseconds, try hostNanoseconds())
+            kill(spinner.processIdentifier, SIGKILL)
+            _ = await s.waitForCommand(pid: hog.pid)
+            let (sessionUsed, hostUsed) = (session1 - session0, host1 - host0)
+            #expect(hostUsed > 200_000_000, "the host spinner ran \(hostUsed) ns in 1 s")
+            #expect(Double(sessionUsed) < Double(hostUsed) * 0.25, "session \(sessionUsed) ns against the host's \(hostUsed) ns on CPU \(cpu)")
+        }
+    }
+
+    @Test func sessionsCompeteWithTheHostAsEqualsByDefault() async throws {
+        try await withHost { host in
+            _ = try await host.launch()
+            #expect(try Files.read("\(host.config.cgroupRoot)/\(host.config.cgroupVersion == .v1 ? "cpu/" : "")\(host.cgroupParent)/cpu.idle").trimmingSpaces == "0")
+        }
+    }
+
     @Test func fillingTmpGivesENOSPCOnlyInside() async throws {
         try await withHost { host in
             let s = try await host.launch { $0.tmpBytes = 8 << 20 }

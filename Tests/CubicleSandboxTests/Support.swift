@@ -39,12 +39,13 @@ final class TestHost: @unchecked Sendable {
     let codeDirectory: String
     var sandboxes: [Sandbox] = []
 
-    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil) throws {
+    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: Bool = false) throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         stateDirectory = "/tmp/cubicle-test-\(tag)"
         cgroupParent = "cubicle-test-\(tag)"
         var config = SandboxHostConfig(initPath: initPath, stateDirectory: stateDirectory, cgroupParent: cgroupParent)
         config.uidRangeCount = uidRangeCount
+        config.sessionsYieldCPUToHost = yieldCPUToHost
         // Tests get their own id space, so parallel tests' range exhaustion checks cannot collide.
         config.firstHostID = firstHostID ?? (2_000_000_000 - UInt32.random(in: 0..<2000) * 65536 * 8)
         self.config = config

@@ -41,6 +41,8 @@ import Testing
         #expect(r.serverProtocol == .http)
         #expect(c.initializationTimeoutSeconds == 30)
         #expect(r.warmPool == 0, "no sandbox is started before it is asked for unless configured")
+        #expect(!c.sessionsYieldCPUToHost, "sessions compete with host processes at normal weight unless configured")
+        #expect(try DaemonConfig.parse(yaml: "sessionsYieldCPUToHost: true\nruntimes:\n  - {name: a, command: [/a]}").sessionsYieldCPUToHost)
     }
 
     /// Each bad config is refused with the path of the field at fault.
@@ -63,6 +65,7 @@ import Testing
         ("runtimes:\n  - {name: a, command: [/a]}\n  - {name: a, command: [/b]}", "runtimes[1].name"),
         ("runtimes:\n  - {name: a, command: [/a], readOnlyMounts: [{source: /x, target: /a/../etc}]}", "runtimes[0].readOnlyMounts[0].target"),
         ("maxSessions: many\nruntimes:\n  - {name: a, command: [/a]}", "maxSessions"),
+        ("sessionsYieldCPUToHost: sometimes\nruntimes:\n  - {name: a, command: [/a]}", "sessionsYieldCPUToHost"),
         ("runtimes: {a: 1}", "runtimes"),
         ("runtimes:\n  - [unclosed", "(file)"),
         ("", "(file)"),
