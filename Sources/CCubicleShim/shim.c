@@ -13,6 +13,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -103,6 +104,11 @@ static int sandbox_child(void *arg) {
     ssize_t n;
     do { n = read(a->sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
     if (n != 1) _exit(126); /* the parent gave up on us before the maps were written */
+    for (int i = 0; i < spawn->ncgroup_task_fds; i++) {
+        ssize_t w;
+        do { w = write(spawn->cgroup_task_fds[i], "0", 1); } while (w < 0 && errno == EINTR);
+        if (w != 1) child_fail(errfd, CUBICLE_STEP_JOIN_CGROUP);
+    }
     if (spawn->unshare_cgroup && unshare(CLONE_NEWCGROUP) < 0) child_fail(errfd, CUBICLE_STEP_UNSHARE_CGROUP);
     // Raw syscalls: glibc's wrappers broadcast set*id to every thread it believes exists, and this
     // child of a threaded parent has none of them, so they would wait forever.
@@ -139,6 +145,30 @@ static void reap(pid_t pid) {
 
 enum { SANDBOX_CHILD_STACK = 64 * 1024 };
 
+static void return_to_host_netns(int host_netns_fd) {
+    for (int i = 0; i < 100; i++) {
+        if (setns(host_netns_fd, CLONE_NEWNET) == 0) return;
+        if (errno != ENOMEM && errno != EINTR) break;
+    }
+    static const char msg[] = "cubicle: a thread cannot return to the host's network namespace\n";
+    (void)!write(2, msg, sizeof msg - 1);
+    abort();
+}
+
+int cubicle_netns_create(int host_netns_fd) {
+    if (unshare(CLONE_NEWNET) < 0) return -1;
+    int fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
+    int saved = errno;
+    if (fd >= 0 && cubicle_loopback_up() < 0) {
+        saved = errno;
+        close(fd);
+        fd = -1;
+    }
+    return_to_host_netns(host_netns_fd);
+    errno = saved;
+    return fd;
+}
+
 pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
                                 cubicle_spawn_error *error) {
     error->step = CUBICLE_STEP_NONE; error->err = 0; error->index = -1;
@@ -157,12 +187,19 @@ pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sand
         return -1;
     }
     struct sandbox_child_args args = {spawn, sync_pipe[0], err_pipe[1]};
+    if (spawn->netns_fd >= 0 && setns(spawn->netns_fd, CLONE_NEWNET) < 0) {
+        error->step = CUBICLE_STEP_SETNS_NET; error->err = errno;
+        close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
+        munmap(stack, SANDBOX_CHILD_STACK);
+        return -1;
+    }
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     pid_t pid = clone(sandbox_child, (char *)stack + SANDBOX_CHILD_STACK, spawn->namespaces | CLONE_VM | SIGCHLD, &args);
     int saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (spawn->netns_fd >= 0) return_to_host_netns(spawn->host_netns_fd);
     close(sync_pipe[0]);
     close(err_pipe[1]);
     if (pid < 0) {
@@ -281,7 +318,8 @@ int cubicle_loopback_up(void) {
     memset(&ifr, 0, sizeof ifr);
     strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
     int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
-    if (rc == 0) {
+    /* Up already in a namespace the host made ahead of time, which init has no rights to change. */
+    if (rc == 0 && !(ifr.ifr_flags & IFF_UP)) {
         ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
         rc = ioctl(s, SIOCSIFFLAGS, &ifr);
     }

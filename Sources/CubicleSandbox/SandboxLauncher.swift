@@ -13,10 +13,13 @@ public struct SandboxLauncher: Sendable {
     public let cpuPlacer: CPUPlacer
     /// Whether the sessions' parent cgroup has had its CPU class set, which happens with the first session.
     private let parentPrepared = Flag()
+    /// nil when the host config asks for none or the pool could not start (launches then make their own).
+    public let networkNamespaces: NetworkNamespacePool?
 
     public init(host: SandboxHostConfig, cpuPlacer: CPUPlacer = CPUPlacer()) {
         self.host = host
         self.cpuPlacer = cpuPlacer
+        networkNamespaces = host.networkNamespacePool > 0 ? try? NetworkNamespacePool(size: host.networkNamespacePool) : nil
     }
 
     static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
@@ -168,23 +171,39 @@ public struct SandboxLauncher: Sendable {
         // Clone; the child waits on us while we write its id maps and put it in its cgroup.
         var failure = cubicle_spawn_error()
         let childFDs = [childSock, reconnectSock]
-        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewNet | Self.cloneNewIPC | Self.cloneNewUTS
-        let preparation = ChildPreparation(idMap: "0 \(range.hostBase) \(range.size)\n", cgroup: cgroup)
+        let pooledNetwork = networkNamespaces?.take() ?? -1
+        defer { if pooledNetwork >= 0 { close(pooledNetwork) } }
+        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewIPC | Self.cloneNewUTS
+            | (pooledNetwork >= 0 ? 0 : Self.cloneNewNet)
+        // v1: the child moves itself into the cgroup through `tasks` files opened here (see the shim).
+        // v2 has no such door: cgroup.procs moves a whole thread group under the global lock.
+        var taskFiles: [Int32] = []
+        defer { taskFiles.forEach { _ = close($0) } }
+        if cgroup.version == .v1 {
+            for directory in cgroup.directories {
+                let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
+                guard fd >= 0 else { throw .cgroup(CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open \(directory)/tasks")))) }
+                taskFiles.append(fd)
+            }
+        }
+        let preparation = ChildPreparation(idMap: "0 \(range.hostBase) \(range.size)\n", cgroup: taskFiles.isEmpty ? cgroup : nil)
         let pid: pid_t = withCStrings([host.initPath]) { argv in
             // No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
             withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]) { envp in
                 withCStrings(sources.paths) { paths in
-                    childFDs.withUnsafeBufferPointer { fds in
+                    childFDs.withUnsafeBufferPointer { fds in taskFiles.withUnsafeBufferPointer { taskFDs in
                         host.initPath.withCString { path in
                             var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: namespaces,
                                                               unshare_cgroup: 1, fds: fds.baseAddress, nfds: Int32(fds.count),
                                                               sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
-                                                              nsources: Int32(sources.paths.count))
+                                                              nsources: Int32(sources.paths.count), netns_fd: pooledNetwork,
+                                                              host_netns_fd: networkNamespaces?.hostNetworkFD ?? -1,
+                                                              cgroup_task_fds: taskFDs.baseAddress, ncgroup_task_fds: Int32(taskFDs.count))
                             return withExtendedLifetime(preparation) {
                                 cubicle_sandbox_spawn_run(&spawn, ChildPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure)
                             }
                         }
-                    }
+                    }}
                 }
             }
         }
@@ -393,10 +412,11 @@ public struct SpawnPhase: Sendable {
 /// its cgroup, so it is limited before it runs a single instruction of cubicle-init.
 final class ChildPreparation {
     let idMap: String
-    let cgroup: Cgroup
+    /// nil when the child joins its cgroup itself.
+    let cgroup: Cgroup?
     var error: SandboxError?
 
-    init(idMap: String, cgroup: Cgroup) {
+    init(idMap: String, cgroup: Cgroup?) {
         self.idMap = idMap
         self.cgroup = cgroup
     }
@@ -410,7 +430,7 @@ final class ChildPreparation {
             me.error = .system(error)
             return -1
         }
-        do throws(CgroupError) { try me.cgroup.addProcess(pid) } catch {
+        do throws(CgroupError) { try me.cgroup?.addProcess(pid) } catch {
             me.error = .cgroup(error)
             return -1
         }

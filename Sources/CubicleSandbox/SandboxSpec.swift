@@ -55,6 +55,8 @@ public struct SandboxHostConfig: Sendable {
     public var reconnectSeconds: Int64 = 0
     /// Mark the session cgroups' parent idle for the CPU scheduler, below the host's processes.
     public var sessionsYieldCPUToHost = false
+    /// Network namespaces kept ready for launches (`NetworkNamespacePool`); 0: each clone makes its own.
+    public var networkNamespacePool = 0
 
     public init(initPath: String, stateDirectory: String, cgroupParent: String = "cubicle") {
         self.initPath = initPath

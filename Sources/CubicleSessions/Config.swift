@@ -71,6 +71,8 @@ public struct DaemonConfig: Equatable, Sendable {
     /// CPUs. Off by default: a session then also waits for any busy host process on its CPUs, which cost
     /// about 30% of warm throughput with the load generator on the same 2 cores.
     public var sessionsYieldCPUToHost = false
+    /// Network namespaces made ahead of time for new sandboxes; 0: each sandbox's clone makes its own.
+    public var networkNamespacePool = 4
 
     public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
 
@@ -107,6 +109,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.double("clientIdleTimeoutSeconds", 0.1...3600) { config.clientIdleTimeoutSeconds = v }
         if let v = try top.int("restartGraceSeconds", 0...86_400) { config.restartGraceSeconds = v }
         if let v = try top.bool("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
+        if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }
         config.seccompProfile = try top.string("seccompProfile")
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }

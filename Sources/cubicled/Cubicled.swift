@@ -86,6 +86,7 @@ struct Cubicled: AsyncParsableCommand {
         hostConfig.uidLeaseDirectory = uidLeaseDir
         hostConfig.reconnectSeconds = Int64(daemonConfig.restartGraceSeconds)
         hostConfig.sessionsYieldCPUToHost = daemonConfig.sessionsYieldCPUToHost
+        hostConfig.networkNamespacePool = daemonConfig.networkNamespacePool
         let launcher = SandboxLauncher(host: hostConfig)
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)

@@ -68,8 +68,11 @@ struct IsolationTests {
         }
     }
 
-    @Test func everyNamespaceIsNew() async throws {
-        try await withHost { host in
+    /// With network namespaces made ahead of time (as cubicled runs) and without (each clone makes one).
+    static let pools = [0, 2]
+
+    @Test(arguments: pools) func everyNamespaceIsNew(pool: Int) async throws {
+        try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
             let s = try await host.launch()
             for ns in ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"] {
                 let mine = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(ns)")
@@ -128,9 +131,12 @@ struct IsolationTests {
         }
     }
 
-    @Test func loopbackOnlyNetworkAndOwnHostname() async throws {
-        try await withHost { host in
+    @Test(arguments: pools) func loopbackOnlyNetworkAndOwnHostname(pool: Int) async throws {
+        try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
             let s = try await host.launch { $0.hostname = "session-box" }
+            let loopback = try await s.run(["/usr/bin/python3", "-c", "import socket; s = socket.create_server(('127.0.0.1', 0)); "
+                                            + "socket.create_connection(s.getsockname()); print('loopback up')"])
+            #expect(loopback.stdout == "loopback up\n", "\(loopback.stderr)")
             let r = try await s.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo; hostname; grep -c . /proc/net/route")
             let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
             #expect(lines.first == "lo")
@@ -143,8 +149,8 @@ struct IsolationTests {
         }
     }
 
-    @Test func twoSandboxesShareNothing() async throws {
-        try await withHost { host in
+    @Test(arguments: pools) func twoSandboxesShareNothing(pool: Int) async throws {
+        try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
             let a = try await host.launch()
             let b = try await host.launch()
             // A holds a process, an abstract socket, a file and a shared memory segment.
@@ -164,6 +170,35 @@ struct IsolationTests {
             let aNet = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(a.initPID)/ns/net")
             let bNet = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(b.initPID)/ns/net")
             #expect(aNet != bNet)
+        }
+    }
+
+    /// A pooled namespace goes to one sandbox only, the pool fills again behind it, and a sandbox cannot
+    /// reconfigure a namespace the host made (it has no CAP_NET_ADMIN over it).
+    @Test func pooledNetworkNamespacesAreUsedOnceAndRefilled() async throws {
+        try await withHost({ try TestHost(networkNamespacePool: 2) }) { host in
+            let pool = try #require(host.launcher.networkNamespaces)
+            for _ in 0..<100 where pool.readyCount < 2 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(pool.readyCount == 2)
+            var seen = Set<String>()
+            for _ in 0..<3 {
+                let s = try await host.launch()
+                seen.insert(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(s.initPID)/ns/net"))
+            }
+            #expect(seen.count == 3, "two sandboxes got one network namespace: \(seen)")
+            #expect(!seen.contains(try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/net")))
+            for _ in 0..<100 where pool.readyCount < 2 { try await Task.sleep(for: .milliseconds(10)) }
+            #expect(pool.readyCount == 2, "the pool fills again after launches take from it")
+            let down = try await host.sandboxes[0].run(["/usr/bin/python3", "-c", """
+                import fcntl, socket, struct
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    fcntl.ioctl(s, 0x8914, struct.pack('16sH14x', b'lo', 0))  # SIOCSIFFLAGS: lo down
+                    print('changed')
+                except OSError as e:
+                    print('refused', e.errno)
+                """])
+            #expect(down.stdout == "refused \(EPERM)\n", "\(down.stdout) \(down.stderr)")
         }
     }
 }

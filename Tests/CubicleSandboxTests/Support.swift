@@ -39,13 +39,15 @@ final class TestHost: @unchecked Sendable {
     let codeDirectory: String
     var sandboxes: [Sandbox] = []
 
-    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: Bool = false) throws {
+    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: Bool = false,
+         networkNamespacePool: Int = 0) throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         stateDirectory = "/tmp/cubicle-test-\(tag)"
         cgroupParent = "cubicle-test-\(tag)"
         var config = SandboxHostConfig(initPath: initPath, stateDirectory: stateDirectory, cgroupParent: cgroupParent)
         config.uidRangeCount = uidRangeCount
         config.sessionsYieldCPUToHost = yieldCPUToHost
+        config.networkNamespacePool = networkNamespacePool
         // Tests get their own id space, so parallel tests' range exhaustion checks cannot collide.
         config.firstHostID = firstHostID ?? (2_000_000_000 - UInt32.random(in: 0..<2000) * 65536 * 8)
         self.config = config
@@ -74,6 +76,7 @@ final class TestHost: @unchecked Sendable {
     /// Tears down every sandbox and removes this host's cgroup parents and directories.
     func cleanUp() async {
         for s in sandboxes { _ = await s.teardown() }
+        launcher.networkNamespaces?.close()
         for d in Cgroup(version: config.cgroupVersion, root: config.cgroupRoot, path: cgroupParent).directories {
             rmdir(d)
         }

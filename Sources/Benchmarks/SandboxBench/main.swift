@@ -56,7 +56,12 @@ let iterations = args.count > 4 ? Int(args[4]) ?? 200 : 200
 let samplesDirectory = args.count > 5 ? args[5] : nil
 let program = try SeccompProfile.load(path: repo + "/sandbox/seccomp/default.json").compile()
 let tag = "\(getpid())"
-let host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-bench-\(tag)", cgroupParent: "cubicle-bench-\(tag)")
+let host = { () -> SandboxHostConfig in
+    var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-bench-\(tag)", cgroupParent: "cubicle-bench-\(tag)")
+    // As cubicled runs by default (`networkNamespacePool: 4`); CUBICLE_NETNS_POOL=0 shows clone making its own.
+    host.networkNamespacePool = Int(getenv("CUBICLE_NETNS_POOL").map { String(cString: $0) } ?? "") ?? 4
+    return host
+}()
 let launcher = SandboxLauncher(host: host)
 let spec = SandboxSpec(seccompProgram: program)
 
@@ -144,3 +149,5 @@ print("| teardown | \(f(percentile(teardown, 0.5))) | \(f(percentile(teardown, 0
 print("| idle cubicle-init private memory | \(f(privateMiB)) MiB | RSS \(f(rssMiB)) MiB | | | |")
 print("")
 print("Where spawn-to-ready goes (p50 of each step, ms): " + phaseOrder.map { "\($0) \(f(percentile(phases[$0]!, 0.5)))" }.joined(separator: "; ") + ".")
+print("")
+print("And its tail (p99 of each step, ms): " + phaseOrder.map { "\($0) \(f(percentile(phases[$0]!, 0.99)))" }.joined(separator: "; ") + ".")

@@ -27,6 +27,8 @@ enum cubicle_step {
     CUBICLE_STEP_PDEATHSIG = 17,
     CUBICLE_STEP_OPEN_SOURCE = 18,
     CUBICLE_STEP_PREPARE = 19,
+    CUBICLE_STEP_SETNS_NET = 20,
+    CUBICLE_STEP_JOIN_CGROUP = 21,
 };
 
 typedef struct {
@@ -50,7 +52,23 @@ typedef struct {
      * They follow fds: 3 + nfds, 3 + nfds + 1, ... */
     const char *const *sources;
     int nsources;
+    /* >= 0: a network namespace made ahead of time (cubicle_netns_create) for the child, and namespaces
+     * must lack CLONE_NEWNET. The calling thread enters it for the clone alone and goes back to
+     * host_netns_fd; a thread that cannot go back aborts the process rather than serve from a sandbox's
+     * network. */
+    int netns_fd;
+    int host_netns_fd;
+    /* cgroup v1 `tasks` files the parent opened (so the kernel checks its credentials, not the child's):
+     * the child writes "0" to each, moving itself before it unshares its cgroup namespace. A thread that
+     * moves itself skips the global threadgroup lock, whose every write-side entry can wait out an RCU
+     * grace period (10-20 ms here) when the parent writes the child's pid to cgroup.procs instead. */
+    const int *cgroup_task_fds;
+    int ncgroup_task_fds;
 } cubicle_sandbox_spawn;
+
+/* A new network namespace with its loopback up, made by the calling thread, which returns to
+ * host_netns_fd (aborting the process if it cannot). Returns an fd for it, or -1 with errno. */
+int cubicle_netns_create(int host_netns_fd);
 
 /* Called in the parent while the child waits: write the id maps, join the cgroup. Nonzero aborts the spawn. */
 typedef int (*cubicle_sandbox_prepare)(void *context, pid_t pid);
