@@ -125,10 +125,16 @@ extension Sandbox {
         try await run(["/bin/sh", "-c", script], timeoutSeconds: timeoutSeconds)
     }
 
+    static func readOffPool(_ fd: Int32) async -> String {
+        await withCheckedContinuation { c in DispatchQueue.global().async { c.resume(returning: readAll(fd)) } }
+    }
+
     func run(_ argv: [String], timeoutSeconds: Int = 30) async throws -> CommandResult {
         let p = try await runCommand(ProcessParams(argv: argv, env: sandboxEnv, cwd: "/home/agent"), timeoutSeconds: timeoutSeconds)
-        async let out = Task.detached { readAll(p.stdout) }.value
-        async let err = Task.detached { readAll(p.stderr) }.value
+        // The blocking reads run on Dispatch's threads: on the cooperative pool (one thread per core) two
+        // of them would stall every other task in this process until the command ends.
+        async let out = Self.readOffPool(p.stdout)
+        async let err = Self.readOffPool(p.stderr)
         let exit = await waitForCommand(pid: p.pid)
         return CommandResult(stdout: await out, stderr: await err, exit: exit)
     }

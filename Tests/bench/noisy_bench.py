@@ -22,7 +22,7 @@ os.environ.setdefault("CUBICLE_PRODUCTS", PRODUCTS)
 from test_noisy_neighbours import CONFIG, HOGS, p99  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dataplane_bench import sid  # noqa: E402
+from dataplane_bench import free_port, sid  # noqa: E402
 
 ARN = urllib.parse.quote("arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/", safe="")
 HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
@@ -57,7 +57,7 @@ def run_daemon(yield_cpu, hogs):
     """One daemon; for each hog, the neighbour's latencies quiet and beside it."""
     work = tempfile.mkdtemp(prefix="cubicle-bench-")
     tag = uuid.uuid4().hex[:8]
-    port = 20000 + (os.getpid() + 7 * yield_cpu) % 20000
+    port = free_port()
     with open(f"{work}/c.yaml", "w") as f:
         f.write(f"sessionsYieldCPUToHost: {'true' if yield_cpu else 'false'}\n")
         f.write(CONFIG.replace("codeDirectory: " + os.environ["CUBICLE_PRODUCTS"], f"codeDirectory: {PRODUCTS}"))
@@ -67,11 +67,13 @@ def run_daemon(yield_cpu, hogs):
                           "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
     rows = []
     try:
-        for _ in range(200):
+        for attempt in range(200):
             try:
                 invoke(port, "demo", sid())
                 break
             except OSError:
+                if d.poll() is not None or attempt == 199:
+                    raise RuntimeError(f"cubicled did not come up on port {port}")
                 time.sleep(0.05)
         for hog in hogs:
             command = HOGS[hog][0]
