@@ -124,7 +124,7 @@ public struct DataPlane: HTTPResponder {
         } catch let e as AgentCoreError {
             throw e
         } catch {
-            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
+            throw await Self.agentDidNotAnswer(session, error)
         }
         inFlight.attach(agentResponse)
         let headers = Self.responseHeaders(agentResponse.head, request: request, sessionID: id)
@@ -138,12 +138,17 @@ public struct DataPlane: HTTPResponder {
                 }
             } catch {
                 inFlight.abort()
-                throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
+                throw await Self.agentDidNotAnswer(session, error)
             }
             inFlight.complete()
             return Response(status: agentResponse.head.status, headers: headers, body: .init(byteBuffer: whole))
         }
         return Response(status: agentResponse.head.status, headers: headers, body: Self.stream(agentResponse, inFlight))
+    }
+
+    /// A request the agent failed, named by why the session ended under it when it did (OOM, agent exit).
+    static func agentDidNotAnswer(_ session: Session, _ error: any Error) async -> AgentCoreError {
+        AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
     }
 
     /// Agent responses up to this size with a Content-Length are sent to the client in one piece.
@@ -220,7 +225,7 @@ public struct DataPlane: HTTPResponder {
                                headerFields: [.agentCoreSessionID: id, .agentCoreRequestID: requestID])
         let response: AgentResponse
         do { response = try await session.pool.send(AgentRequest(head: head)) } catch {
-            throw AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
+            throw await Self.agentDidNotAnswer(session, error)
         }
         inFlight.attach(response)
         return Response(status: response.head.status, headers: Self.responseHeaders(response.head, request: request, sessionID: id),

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleLinux
+import Synchronization
 
 /// Limits for one session's cgroup. nil leaves the kernel default (unlimited).
 public struct CgroupLimits: Equatable, Sendable {
@@ -77,13 +78,27 @@ public struct Cgroup: Sendable {
     public var directories: [String] {
         switch version {
         case .v2: ["\(root)/\(path)"]
-        case .v1:
-            // cpu and cpuacct are often one hierarchy with two names; count each real directory once.
-            Self.v1Controllers.map { "\(root)/\($0)/\(path)" }.reduce(into: [String]()) { dirs, d in
-                if !dirs.contains(where: { Cgroup.sameFile($0, d) }) { dirs.append(d) }
-            }
+        case .v1: Self.v1Hierarchies(root: root).map { "\(root)/\($0)/\(path)" }
         }
     }
+
+    /// The v1 controllers that name hierarchies of their own under `root`: cpu and cpuacct are often one
+    /// hierarchy with two names, and each real directory must be counted once. The layout is the host's,
+    /// so it is learnt once per root (by comparing the mount points, not a cgroup's directories, which
+    /// may not exist yet or any more) instead of with a dozen stat calls every time a cgroup is used.
+    static func v1Hierarchies(root: String) -> [String] {
+        if let known = knownV1Hierarchies.withLock({ $0[root] }) { return known }
+        let hierarchies = v1Controllers.reduce(into: [String]()) { kept, c in
+            if !kept.contains(where: { sameFile("\(root)/\($0)", "\(root)/\(c)") }) { kept.append(c) }
+        }
+        // Learnt only once every controller is mounted; until then (create refuses) ask again next time.
+        if v1Controllers.allSatisfy({ Files.isDirectory("\(root)/\($0)") }) {
+            knownV1Hierarchies.withLock { $0[root] = hierarchies }
+        }
+        return hierarchies
+    }
+
+    private static let knownV1Hierarchies = Mutex<[String: [String]]>([:])
 
     private func dir(_ controller: String) -> String {
         version == .v2 ? "\(root)/\(path)" : "\(root)/\(controller)/\(path)"

@@ -57,7 +57,8 @@ public final class NetworkNamespacePool: Sendable {
     /// How many are ready now.
     public var readyCount: Int { state.withLock { $0.ready.count } }
 
-    /// Closes every namespace not taken and ends the pool's thread.
+    /// Closes every namespace not taken and ends the pool's thread. Only once no launch is under way: a
+    /// launch returns to the host's namespace through the descriptor this closes.
     public func close() {
         state.withLock { $0.closed = true }
         wake.signal()

@@ -35,7 +35,6 @@ public struct SandboxLauncher: Sendable {
     }
 
     public static let controlSocketName = "control.sock"
-    static let factsName = "sandbox.json"
 
     static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
@@ -90,8 +89,6 @@ public struct SandboxLauncher: Sendable {
         }
     }
 
-    /// The blocking half of a launch: host paths, uid range, state directory, cgroup, and init cloned and
-    /// exec'd with its configuration queued. Everything it makes is on `rollback`.
     /// With `sessionsYieldCPUToHost` the parent of every session cgroup is idle for the CPU scheduler: a
     /// session spinning on a CPU then delays cubicled, its clients and the rest of the host by a context
     /// switch instead of a scheduler slice (a neighbour's invoke p99 beside a CPU hog went from 2.4-6.8x
@@ -104,6 +101,8 @@ public struct SandboxLauncher: Sendable {
         parentPrepared.set()
     }
 
+    /// The blocking half of a launch: host paths, uid range, state directory, cgroup, and init cloned and
+    /// exec'd with its configuration queued. Everything it makes is on `rollback`.
     private func startInit(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) throws(SandboxError) -> Started {
         let phases = SpawnPhases(start: start)
         let sources = try sources(spec)
@@ -168,7 +167,7 @@ public struct SandboxLauncher: Sendable {
             throw .system(error)
         }
 
-        // Clone; the child waits on us while we write its id maps and put it in its cgroup.
+        // Clone; the child waits on us while we write its id maps (and, on v2, put it in its cgroup).
         var failure = cubicle_spawn_error()
         let childFDs = [childSock, reconnectSock]
         let pooledNetwork = networkNamespaces?.take() ?? -1
@@ -278,10 +277,7 @@ public struct SandboxLauncher: Sendable {
         rollback.disarm()
         sandbox.watchInit()
         // Facts a restarted daemon needs to find this sandbox again.
-        let facts: JSON = ["id": .string(id), "initPID": .int(Int64(pid)), "cgroup": .string(cgroup.path),
-                           "cgroupVersion": .string(cgroup.version.rawValue), "uidBase": .int(Int64(range.hostBase)),
-                           "uidSize": .int(Int64(range.size)), "uidSlot": .int(Int64(range.slot))]
-        try? Files.writeAtomically(stateDirectory + "/" + Self.factsName, facts.text, durable: false)
+        SandboxFacts(id: id, initPID: pid, cgroup: cgroup, uidRange: range).write(to: stateDirectory)
         return sandbox
     }
 }
@@ -290,17 +286,10 @@ extension SandboxLauncher {
     /// A sandbox a previous daemon launched, found again through its state directory: its facts, then its
     /// init over the reconnect socket. Returns it with the agent's pid inside (nil if the agent has exited).
     public func adopt(stateDirectory: String) async throws(SandboxError) -> (sandbox: Sandbox, agentPID: pid_t?) {
-        let facts: JSON
-        do { facts = try JSON.parse(try Files.read(stateDirectory + "/" + Self.factsName)) } catch {
-            throw .ended("no readable \(Self.factsName): \(error)")
+        guard let facts = SandboxFacts(readingFrom: stateDirectory, cgroupRoot: host.cgroupRoot) else {
+            throw .ended("no readable, complete \(SandboxFacts.fileName)")
         }
-        guard let id = facts["id"]?.stringValue, id.hasPrefix("sb-"),
-              let pid = facts["initPID"]?.intValue.flatMap({ pid_t(exactly: $0) }), pid > 1,
-              let path = facts["cgroup"]?.stringValue, let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)),
-              let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
-              let slot = facts["uidSlot"]?.intValue.flatMap({ Int(exactly: $0) }) else {
-            throw .ended("\(Self.factsName) is incomplete")
-        }
+        let (id, pid, cgroup) = (facts.id, facts.initPID, facts.cgroup)
         let fd: Int32
         do { fd = try Descriptors.connectUnix(directory: stateDirectory, name: Self.controlSocketName) } catch { throw .system(error) }
         let holder = SandboxHolder()
@@ -315,12 +304,10 @@ extension SandboxLauncher {
                 }
             })
         connection.start()
-        let cgroup = Cgroup(version: version, root: host.cgroupRoot, path: path)
         let adoptedCPUs = cgroup.cpuSet().flatMap { $0.count < cpuPlacer.online.count ? $0 : nil } ?? []
         cpuPlacer.claim(adoptedCPUs)
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup,
-                              uidRange: UIDRange(slot: slot, hostBase: base, size: size), stateDirectory: stateDirectory,
+        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: facts.uidRange, stateDirectory: stateDirectory,
                               spawnNanoseconds: 0, spawnPhases: [], connection: connection, allocator: host.uidAllocator,
                               cpus: adoptedCPUs, cpuPlacer: cpuPlacer, events: events, sink: sink)
         holder.sandbox = sandbox
@@ -344,30 +331,56 @@ extension SandboxLauncher {
 
     func removeLeftoversNow(stateDirectory: String) -> [String] {
         var left: [String] = []
-        if let facts = try? JSON.parse(try Files.read(stateDirectory + "/" + Self.factsName)),
-           let id = facts["id"]?.stringValue, let path = facts["cgroup"]?.stringValue,
-           let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)) {
-            let cgroup = Cgroup(version: version, root: host.cgroupRoot, path: path)
-            if cgroup.exists {
-                do { try cgroup.killAll(); try cgroup.remove() } catch { left.append("\(error)") }
-            }
-            if let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
-               let slot = facts["uidSlot"]?.intValue.flatMap({ Int(exactly: $0) }) {
-                host.uidAllocator.release(UIDRange(slot: slot, hostBase: base, size: size), ifOwnedBy: id)
-            }
-        } else if let id = stateDirectory.split(separator: "/").last.map(String.init), id.hasPrefix("sb-") {
-            // Killed before init was ready, so before the facts were written: the names follow from the id.
-            let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+        let facts = SandboxFacts(readingFrom: stateDirectory, cgroupRoot: host.cgroupRoot)
+        // Killed before init was ready, so before the facts were written: the names follow from the id.
+        let name = stateDirectory.split(separator: "/").last.map(String.init)
+        if let id = facts?.id ?? name.flatMap({ $0.hasPrefix("sb-") ? $0 : nil }) {
+            let cgroup = facts?.cgroup ?? Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
             if cgroup.exists {
                 do { try cgroup.killAll(); try cgroup.remove() } catch { left.append("\(error)") }
             }
             let allocator = host.uidAllocator
-            for slot in allocator.allocated() {
+            for slot in facts.map({ [$0.uidRange.slot] }) ?? allocator.allocated() {
                 allocator.release(UIDRange(slot: slot, hostBase: 0, size: 0), ifOwnedBy: id)
             }
         }
         do { try Files.removeTree(stateDirectory) } catch { left.append("state: \(error)") }
         return left
+    }
+}
+
+/// What a sandbox's state directory records about it (`sandbox.json`), so that a daemon that did not launch
+/// it can reach it again, or clean up after it.
+struct SandboxFacts {
+    static let fileName = "sandbox.json"
+
+    var id: String
+    var initPID: pid_t
+    var cgroup: Cgroup
+    var uidRange: UIDRange
+
+    init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange) {
+        (self.id, self.initPID, self.cgroup, self.uidRange) = (id, initPID, cgroup, uidRange)
+    }
+
+    /// nil when the file is missing, unreadable or incomplete.
+    init?(readingFrom stateDirectory: String, cgroupRoot: String) {
+        guard let facts = try? JSON.parse(try Files.read(stateDirectory + "/" + Self.fileName)),
+              let id = facts["id"]?.stringValue, id.hasPrefix("sb-"),
+              let pid = facts["initPID"]?.intValue.flatMap({ pid_t(exactly: $0) }), pid > 1,
+              let path = facts["cgroup"]?.stringValue, let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)),
+              let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
+              let slot = facts["uidSlot"]?.intValue.flatMap({ Int(exactly: $0) }) else { return nil }
+        self.init(id: id, initPID: pid, cgroup: Cgroup(version: version, root: cgroupRoot, path: path),
+                  uidRange: UIDRange(slot: slot, hostBase: base, size: size))
+    }
+
+    /// Not fsynced: it has to outlive the daemon, not the machine, whose reboot ends the sandbox anyway.
+    func write(to stateDirectory: String) {
+        let json: JSON = ["id": .string(id), "initPID": .int(Int64(initPID)), "cgroup": .string(cgroup.path),
+                          "cgroupVersion": .string(cgroup.version.rawValue), "uidBase": .int(Int64(uidRange.hostBase)),
+                          "uidSize": .int(Int64(uidRange.size)), "uidSlot": .int(Int64(uidRange.slot))]
+        try? Files.writeAtomically(stateDirectory + "/" + Self.fileName, json.text, durable: false)
     }
 }
 
@@ -409,7 +422,8 @@ public struct SpawnPhase: Sendable {
 }
 
 /// What the parent does while the cloned child waits: its uid/gid maps (one unprivileged host range), then
-/// its cgroup, so it is limited before it runs a single instruction of cubicle-init.
+/// on v2 its cgroup (on v1 the child joins it itself, first thing after the wait), so it is limited before
+/// it runs a single instruction of cubicle-init.
 final class ChildPreparation {
     let idMap: String
     /// nil when the child joins its cgroup itself.

@@ -160,12 +160,12 @@ final class AgentConnection: Sendable {
         for await queued in jobs { queued.fail(AgentClientError("connection to the agent closed")) }
     }
 
-    /// Runs one exchange full duplex: the request body is written while the response is read, as an
-    /// echoing agent needs. Returns whether the connection can carry another request.
     /// A request body this small fits the socket's buffers, so it is written before the response is read,
     /// without a second task; larger ones (or of unknown length) are written while the response is read.
     static let inlineBodyLimit = 64 << 10
 
+    /// Runs one exchange full duplex: the request body is written while the response is read, as an
+    /// echoing agent needs. Returns whether the connection can carry another request.
     private static func perform(_ exchange: Exchange, _ responses: inout NIOAsyncChannelInboundStream<HTTPResponsePart>.AsyncIterator,
                                 _ outbound: NIOAsyncChannelOutboundWriter<HTTPRequestPart>) async throws -> Bool {
         if let length = exchange.request.bodyLength, length <= inlineBodyLimit {

@@ -42,6 +42,25 @@ struct CgroupV2Tests {
         #expect(try Files.read(dir + "/pids.max") == "99")
     }
 
+    /// v1 with cpu and cpuacct mounted as one hierarchy under two names (a symlink, as most distributions
+    /// do): each real directory is listed once, whether or not the cgroup's own directories exist yet.
+    @Test func v1CountsAHierarchyWithTwoNamesOnce() throws {
+        let root = NSTemporaryDirectory() + "cubicle-fake-v1-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        for c in ["memory", "pids", "cpu,cpuacct", "freezer", "cpuset"] {
+            try FileManager.default.createDirectory(atPath: root + "/" + c, withIntermediateDirectories: true)
+        }
+        try FileManager.default.createSymbolicLink(atPath: root + "/cpu", withDestinationPath: "cpu,cpuacct")
+        try FileManager.default.createSymbolicLink(atPath: root + "/cpuacct", withDestinationPath: "cpu,cpuacct")
+        let cg = Cgroup(version: .v1, root: root, path: "cubicle/sb-v1")
+        let expected = ["memory", "pids", "cpu", "freezer", "cpuset"].map { "\(root)/\($0)/cubicle/sb-v1" }
+        #expect(cg.directories == expected, "before its directories exist")
+        for d in expected { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        #expect(cg.directories == expected, "once they do")
+        try cg.remove()
+        #expect(!cg.exists)
+    }
+
     @Test func marksAParentIdleForTheCPUSchedulerWhereTheKernelCan() throws {
         let root = try Self.fakeRoot()
         defer { try? FileManager.default.removeItem(atPath: root) }

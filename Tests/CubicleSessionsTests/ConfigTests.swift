@@ -42,6 +42,8 @@ import Testing
         #expect(c.initializationTimeoutSeconds == 30)
         #expect(r.warmPool == 0, "no sandbox is started before it is asked for unless configured")
         #expect(!c.sessionsYieldCPUToHost, "sessions compete with host processes at normal weight unless configured")
+        #expect(c.networkNamespacePool == 4)
+        #expect(try DaemonConfig.parse(yaml: "networkNamespacePool: 0\nruntimes:\n  - {name: a, command: [/a]}").networkNamespacePool == 0)
         #expect(try DaemonConfig.parse(yaml: "sessionsYieldCPUToHost: true\nruntimes:\n  - {name: a, command: [/a]}").sessionsYieldCPUToHost)
     }
 
@@ -66,6 +68,7 @@ import Testing
         ("runtimes:\n  - {name: a, command: [/a], readOnlyMounts: [{source: /x, target: /a/../etc}]}", "runtimes[0].readOnlyMounts[0].target"),
         ("maxSessions: many\nruntimes:\n  - {name: a, command: [/a]}", "maxSessions"),
         ("sessionsYieldCPUToHost: sometimes\nruntimes:\n  - {name: a, command: [/a]}", "sessionsYieldCPUToHost"),
+        ("networkNamespacePool: -1\nruntimes:\n  - {name: a, command: [/a]}", "networkNamespacePool"),
         ("runtimes: {a: 1}", "runtimes"),
         ("runtimes:\n  - [unclosed", "(file)"),
         ("", "(file)"),

@@ -70,7 +70,8 @@ typedef struct {
  * host_netns_fd (aborting the process if it cannot). Returns an fd for it, or -1 with errno. */
 int cubicle_netns_create(int host_netns_fd);
 
-/* Called in the parent while the child waits: write the id maps, join the cgroup. Nonzero aborts the spawn. */
+/* Called in the parent while the child waits: write the id maps and, unless the child joins its cgroup
+ * through cgroup_task_fds, put it there. Nonzero aborts the spawn. */
 typedef int (*cubicle_sandbox_prepare)(void *context, pid_t pid);
 
 /* Clones the child into its namespaces, runs prepare(context, pid) while the child waits, then lets it
