@@ -99,15 +99,7 @@ public struct DataPlane: HTTPResponder {
         let session = try await sessions.acquire(runtime: runtime, sessionID: id)
         let inFlight = InFlight(session)
 
-        var fields = HTTPFields()
-        let allowlist = Set(session.runtime.requestHeaderAllowlist)
-        for field in request.headers where AgentCoreHeader.forwardsToAgent(field.name.rawName, value: field.value, allowlist: allowlist) {
-            fields.append(field)
-        }
-        fields[.agentCoreSessionID] = id
-        fields[.agentCoreRequestID] = requestID
-        if let declaredLength { fields[.contentLength] = String(declaredLength) }
-        let head = HTTPRequest(method: .post, scheme: nil, authority: "localhost", path: session.runtime.serverProtocol.invocationPath, headerFields: fields)
+        let head = Self.agentRequestHead(request.headers, session: session, sessionID: id, requestID: requestID, declaredLength: declaredLength)
         let body = request.body
         let agentRequest = AgentRequest(head: head, bodyLength: declaredLength) { outbound in
             var total = 0
@@ -126,7 +118,7 @@ public struct DataPlane: HTTPResponder {
         } catch {
             throw await Self.agentDidNotAnswer(session, error)
         }
-        inFlight.attach(agentResponse)
+        inFlight.attach(status: agentResponse.head.status.code, abort: agentResponse.abort)
         let headers = Self.responseHeaders(agentResponse.head, request: request, sessionID: id)
         if let length = agentResponse.head.headerFields[.contentLength].flatMap({ Int($0) }), length <= Self.wholeResponseLimit {
             // Small and of known length: read whole, so head and body reach the client in one write.
@@ -146,6 +138,20 @@ public struct DataPlane: HTTPResponder {
         return Response(status: agentResponse.head.status, headers: headers, body: Self.stream(agentResponse, inFlight))
     }
 
+    /// What the agent is sent for an invocation: the client's headers the contract lets through, and the
+    /// session and request ids.
+    static func agentRequestHead(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String, declaredLength: Int?) -> HTTPRequest {
+        var fields = HTTPFields()
+        let allowlist = Set(session.runtime.requestHeaderAllowlist)
+        for field in headers where AgentCoreHeader.forwardsToAgent(field.name.rawName, value: field.value, allowlist: allowlist) {
+            fields.append(field)
+        }
+        fields[.agentCoreSessionID] = sessionID
+        fields[.agentCoreRequestID] = requestID
+        if let declaredLength { fields[.contentLength] = String(declaredLength) }
+        return HTTPRequest(method: .post, scheme: nil, authority: "localhost", path: session.runtime.serverProtocol.invocationPath, headerFields: fields)
+    }
+
     /// A request the agent failed, named by why the session ended under it when it did (OOM, agent exit).
     static func agentDidNotAnswer(_ session: Session, _ error: any Error) async -> AgentCoreError {
         AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
@@ -155,11 +161,15 @@ public struct DataPlane: HTTPResponder {
     static let wholeResponseLimit = 64 << 10
 
     static func responseHeaders(_ agent: HTTPResponse, request: Request, sessionID: String) -> HTTPFields {
+        responseHeaders(agent, requestHeaders: request.headers, sessionID: sessionID)
+    }
+
+    static func responseHeaders(_ agent: HTTPResponse, requestHeaders: HTTPFields, sessionID: String) -> HTTPFields {
         var headers = HTTPFields()
         headers[.contentType] = agent.headerFields[.contentType] ?? "application/json"
         for field in agent.headerFields where AgentCoreHeader.returnsToClient(field.name.rawName) { headers.append(field) }
         for name in AgentCoreHeader.trace {
-            if let n = HTTPField.Name(name), headers[n] == nil, let v = request.headers[n] { headers[n] = v }
+            if let n = HTTPField.Name(name), headers[n] == nil, let v = requestHeaders[n] { headers[n] = v }
         }
         headers[.agentCoreSessionID] = sessionID
         return headers
@@ -227,7 +237,7 @@ public struct DataPlane: HTTPResponder {
         do { response = try await session.pool.send(AgentRequest(head: head)) } catch {
             throw await Self.agentDidNotAnswer(session, error)
         }
-        inFlight.attach(response)
+        inFlight.attach(status: response.head.status.code, abort: response.abort)
         return Response(status: response.head.status, headers: Self.responseHeaders(response.head, request: request, sessionID: id),
                         body: Self.stream(response, inFlight))
     }
@@ -253,7 +263,7 @@ public struct DataPlane: HTTPResponder {
 /// dropped because the response was never written.
 final class InFlight: Sendable {
     private let session: Session
-    private let state = Mutex<(response: AgentResponse?, finished: Bool)>((nil, false))
+    private let state = Mutex<(status: Int?, abort: (@Sendable () -> Void)?, finished: Bool)>((nil, nil, false))
     private let started = DispatchTime.now().uptimeNanoseconds
     private let bytes = Mutex<(in: Int, out: Int)>((0, 0))
 
@@ -262,7 +272,8 @@ final class InFlight: Sendable {
         session.requestStarted()
     }
 
-    func attach(_ response: AgentResponse) { state.withLock { $0.response = response } }
+    /// The agent answered with `status`; `abort` drops the exchange if it does not complete.
+    func attach(status: Int, abort: @escaping @Sendable () -> Void) { state.withLock { $0.status = status; $0.abort = abort } }
     func received(_ n: Int) { bytes.withLock { $0.in += n } }
     func sent(_ n: Int) { bytes.withLock { $0.out += n } }
 
@@ -270,17 +281,17 @@ final class InFlight: Sendable {
     func abort() { finish(abort: true) }
 
     private func finish(abort: Bool) {
-        let (response, first) = state.withLock { s -> (AgentResponse?, Bool) in
+        let (status, abortExchange, first) = state.withLock { s -> (Int?, (@Sendable () -> Void)?, Bool) in
             defer { s.finished = true }
-            return (s.response, !s.finished)
+            return (s.status, s.abort, !s.finished)
         }
         guard first else { return }
-        if abort { response?.abort() }
+        if abort { abortExchange?() }
         session.requestEnded()
         // Only exchanges the agent answered; refused requests are counted where they are refused.
-        if let response {
+        if let status {
             let (bytesIn, bytesOut) = bytes.withLock { ($0.in, $0.out) }
-            Telemetry.invocation(runtime: session.runtime.name, status: response.head.status.code,
+            Telemetry.invocation(runtime: session.runtime.name, status: status,
                                  nanoseconds: DispatchTime.now().uptimeNanoseconds - started, bytesIn: bytesIn, bytesOut: bytesOut)
         }
     }

@@ -315,7 +315,21 @@ public final class AgentPool: Sendable {
         }
     }
 
+    // MARK: - Links for the gateway's warm path
+
+    private let links = AgentLinks()
+
+    /// An idle link on `loop`, if there is a fresh one.
+    public func takeLink(on loop: any EventLoop) -> AgentLink? { links.take(on: loop) }
+
+    /// A link whose exchange ended cleanly, for the next request on its loop.
+    public func giveBack(_ link: AgentLink) { links.giveBack(link) }
+
+    /// Opens a link on `loop` in the background, so a later request there can take one.
+    public func openLink(on loop: any EventLoop) { links.open(on: loop, connector: connector) }
+
     public func close() {
+        links.close()
         let all = idle.withLock { s -> [AgentConnection] in
             s.closed = true
             defer { s.connections = [] }

@@ -69,8 +69,14 @@ public actor SessionManager {
     /// The session for an invocation: a live one straight from the index, without a hop to the actor;
     /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox.
     public nonisolated func acquire(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
-        if let s = liveIndex.withLock({ $0[Key(runtime: name, id: sessionID)] }), s.isLive { return s }
+        if let s = liveSession(runtime: name, sessionID: sessionID) { return s }
         return try await acquireOrStart(runtime: name, sessionID: sessionID)
+    }
+
+    /// A live session from the index alone, never starting one: for callers that cannot wait.
+    public nonisolated func liveSession(runtime name: String, sessionID: String) -> Session? {
+        guard let s = liveIndex.withLock({ $0[Key(runtime: name, id: sessionID)] }), s.isLive else { return nil }
+        return s
     }
 
     private func acquireOrStart(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {

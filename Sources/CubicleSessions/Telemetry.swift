@@ -39,6 +39,19 @@ public enum Telemetry {
         if bytesOut > 0 { h.sent.increment(by: bytesOut) }
     }
 
+    /// An invocation forwarded on the event loop (a live session with an idle agent link), not through a task.
+    public static func forwardedOnEventLoop(runtime: String) {
+        let counter = forwardedCounters.withLock { counters in
+            if let c = counters[runtime] { return c }
+            let c = Counter(label: "cubicle_invocations_forwarded_on_event_loop_total", dimensions: [("runtime", runtime)])
+            counters[runtime] = c
+            return c
+        }
+        counter.increment()
+    }
+
+    private static let forwardedCounters = Mutex<[String: Counter]>([:])
+
     struct InvocationHandles: Sendable {
         let duration: Metrics.Timer
         let received: Counter

@@ -133,7 +133,7 @@ struct Cubicled: AsyncParsableCommand {
         let readyLogger = logger
         let app = Application(
             responder: DataPlane(sessions: manager, group: group, logger: logger, prometheus: registry),
-            server: .http1(configuration: .init(idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9)))),
+            server: .dataPlane(sessions: manager, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",

@@ -1,0 +1,362 @@
+import CubicleAgentCore
+import CubicleSessions
+import Dispatch
+import HTTPTypes
+import Hummingbird
+import HummingbirdCore
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOHTTPTypes
+import NIOHTTPTypesHTTP1
+
+/// The data plane's HTTP/1 connections: Hummingbird's own pipeline with `WarmInvokeForwarder` placed after
+/// its connection-state handler, so idle timeouts, keep-alive and graceful shutdown see every request,
+/// forwarded or not.
+struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
+    typealias Value = NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>
+    let responder: HTTPChannelHandler.Responder
+    let idleTimeout: TimeAmount?
+    let sessions: SessionManager
+
+    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
+        channel.eventLoop.makeCompletedFuture {
+            let sync = channel.pipeline.syncOperations
+            try sync.configureHTTPServerPipeline(withPipeliningAssistance: false, withErrorHandling: false,
+                                                 withOutboundHeaderValidation: false, withEncoderConfiguration: .init(),
+                                                 withDecoderLimitConfiguration: .init())
+            try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
+            try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
+            try sync.addHandler(WarmInvokeForwarder(sessions: sessions))
+            return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
+        }
+    }
+
+    func handle(value: Value, logger: Logger) async {
+        await handleHTTP(asyncChannel: value, logger: logger)
+    }
+}
+
+extension HTTPServerBuilder {
+    /// HTTP/1 with InvokeAgentRuntime for live sessions forwarded on the event loop.
+    public static func dataPlane(sessions: SessionManager, idleTimeout: TimeAmount?) -> HTTPServerBuilder {
+        .init { responder in DataPlaneChannel(responder: responder, idleTimeout: idleTimeout, sessions: sessions) }
+    }
+}
+
+/// InvokeAgentRuntime for a live session, forwarded straight from the client's channel to an idle agent
+/// connection on the same event loop, part by part, with back-pressure both ways: no task, queue or thread
+/// between the two sockets. Everything else (a session to start, no idle connection on this loop, a body
+/// without Content-Length, anything invalid) goes on to Hummingbird and `DataPlane` untouched, so this is
+/// only a shorter road for the common warm request and answers exactly as `DataPlane.invoke` would.
+final class WarmInvokeForwarder: ChannelDuplexHandler {
+    typealias InboundIn = HTTPRequestPart
+    typealias InboundOut = HTTPRequestPart
+    typealias OutboundIn = HTTPResponsePart
+    typealias OutboundOut = HTTPResponsePart
+
+    private enum Reading { case betweenRequests, passingOn, forwarding }
+
+    private let sessions: SessionManager
+    private var context: ChannelHandlerContext?
+    private var reading = Reading.betweenRequests
+    /// Requests handed on whose responses have not ended; a forwarded response must not interleave with them.
+    private var responsesOwed = 0
+    private var exchange: ForwardedInvoke?
+    /// Parts of requests pipelined behind a forwarded one that is still being answered.
+    private var queued = CircularBuffer<HTTPRequestPart>()
+    private var readsHeld = false
+    private var readPending = false
+    /// An invocation handed on (its session may be starting): when its response ends, an agent link is
+    /// opened on this loop so the next invocation can be forwarded. `position` counts owed responses to it.
+    private var warmingUp: (runtime: String, id: String, position: Int)?
+
+    init(sessions: SessionManager) { self.sessions = sessions }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        // Not channelInactive: Hummingbird's connection-state handler, before this one, does not pass it on.
+        context.channel.closeFuture.assumeIsolated().whenComplete { _ in
+            self.exchange?.clientClosed()
+            self.exchange = nil
+        }
+    }
+    func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let part = unwrapInboundIn(data)
+        if !queued.isEmpty || (reading == .betweenRequests && exchange != nil) {
+            queued.append(part)
+            updateReads()
+            return
+        }
+        handle(part, context)
+    }
+
+    private func handle(_ part: HTTPRequestPart, _ context: ChannelHandlerContext) {
+        switch reading {
+        case .betweenRequests:
+            if case .head(let head) = part, responsesOwed == 0,
+               let forwarded = ForwardedInvoke.start(head, sessions: sessions, client: context, forwarder: self) {
+                exchange = forwarded
+                reading = .forwarding
+                return
+            }
+            if case .head(let head) = part {
+                reading = .passingOn
+                responsesOwed += 1
+                if warmingUp == nil, let (runtime, id) = ForwardedInvoke.invocation(head) { warmingUp = (runtime, id, responsesOwed) }
+            }
+            context.fireChannelRead(wrapInboundOut(part))
+        case .passingOn:
+            if case .end = part { reading = .betweenRequests }
+            context.fireChannelRead(wrapInboundOut(part))
+        case .forwarding:
+            if case .end = part { reading = .betweenRequests }
+            exchange?.clientSent(part)
+        }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        exchange?.clientReadComplete()
+        context.fireChannelReadComplete()
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        if case .end = unwrapOutboundIn(data) {
+            if let (runtime, id, position) = warmingUp, position == 1 {
+                // The session this invocation started (or found) can take the next one on this loop.
+                warmingUp = nil
+                sessions.liveSession(runtime: runtime, sessionID: id)?.pool.openLink(on: context.eventLoop)
+            } else if let w = warmingUp {
+                warmingUp = (w.runtime, w.id, w.position - 1)
+            }
+            responsesOwed -= 1
+        }
+        context.write(data, promise: promise)
+    }
+
+    func read(context: ChannelHandlerContext) {
+        if readsHeld { readPending = true } else { context.read() }
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        exchange?.clientWritabilityChanged()
+        context.fireChannelWritabilityChanged()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        exchange?.clientClosed()
+        exchange = nil
+        context.fireErrorCaught(error)
+    }
+
+    /// Reads stop while the agent cannot take more of the request, and while pipelined requests wait.
+    func updateReads() {
+        readsHeld = !queued.isEmpty || (exchange?.agentIsFull ?? false)
+        if !readsHeld, readPending, let context {
+            readPending = false
+            context.read()
+        }
+    }
+
+    /// The forwarded exchange is over; requests that queued behind it are handled now, in order.
+    func exchangeEnded() {
+        exchange = nil
+        guard let context else { return }
+        var handedOn = false
+        while !queued.isEmpty, !(reading == .betweenRequests && exchange != nil) {
+            let part = queued.removeFirst()
+            handedOn = handedOn || reading != .forwarding
+            handle(part, context)
+        }
+        if handedOn { context.fireChannelReadComplete() }
+        exchange?.clientReadComplete()
+        updateReads()
+    }
+}
+
+/// One forwarded invocation: the client's request parts go to the agent link, the agent's response parts
+/// to the client, both on the client's event loop.
+final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
+    private let forwarder: WarmInvokeForwarder
+    private let client: ChannelHandlerContext
+    private let link: AgentLink
+    private let session: Session
+    private let inFlight: InFlight
+    private let sessionID: String
+    private let requestID: String
+    private let requestHeaders: HTTPFields
+    private let started: UInt64
+    private var requestDone = false
+    private var responseHead: HTTPResponse?
+    private var responseDone = false
+    /// The exchange has completed or failed; parts still arriving from the client are dropped.
+    private var over = false
+    private var answeredBeforeRequestEnded = false
+
+    /// Forwards `head` when it is an InvokeAgentRuntime this path can carry; nil hands it on.
+    /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
+    static func invocation(_ head: HTTPRequest) -> (runtime: String, id: String)? {
+        guard head.method == .post, let target = head.path,
+              let id = try? Validate.sessionID(head.headerFields[.agentCoreSessionID]) else { return nil }
+        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        guard case .invoke(let address)? = try? Route.parse(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
+        else { return nil }
+        return (address.name, id)
+    }
+
+    static func start(_ head: HTTPRequest, sessions: SessionManager, client: ChannelHandlerContext,
+                      forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
+        let started = DispatchTime.now().uptimeNanoseconds
+        let fields = head.headerFields
+        guard fields[.transferEncoding] == nil, fields[.expect] == nil,
+              let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
+              let (runtime, id) = invocation(head),
+              let session = sessions.liveSession(runtime: runtime, sessionID: id) else { return nil }
+        guard let link = session.pool.takeLink(on: client.eventLoop) else {
+            session.pool.openLink(on: client.eventLoop)
+            return nil
+        }
+        let requestID = RequestID.make()
+        Telemetry.forwardedOnEventLoop(runtime: runtime)
+        let forwarded = ForwardedInvoke(forwarder: forwarder, client: client, link: link, session: session, sessionID: id,
+                                        requestID: requestID, requestHeaders: fields, started: started)
+        link.attach(forwarded)
+        // Not flushed: the body usually came in the same read, and goes out in the same write.
+        link.write(.head(DataPlane.agentRequestHead(fields, session: session, sessionID: id, requestID: requestID, declaredLength: length)))
+        return forwarded
+    }
+
+    private init(forwarder: WarmInvokeForwarder, client: ChannelHandlerContext, link: AgentLink, session: Session, sessionID: String,
+                 requestID: String, requestHeaders: HTTPFields, started: UInt64) {
+        self.forwarder = forwarder
+        self.client = client
+        self.link = link
+        self.session = session
+        self.inFlight = InFlight(session)
+        self.sessionID = sessionID
+        self.requestID = requestID
+        self.requestHeaders = requestHeaders
+        self.started = started
+    }
+
+    /// The request is not finished and the agent's socket buffer is full.
+    var agentIsFull: Bool { !over && !requestDone && !link.isWritable }
+
+    func clientSent(_ part: HTTPRequestPart) {
+        switch part {
+        case .body(let buffer):
+            guard !over else { return }
+            inFlight.received(buffer.readableBytes)
+            link.write(.body(buffer))
+            if !link.isWritable { forwarder.updateReads() }
+        case .end:
+            requestDone = true
+            if over {
+                // Failed before the request ended, its error already answered: the exchange ends here.
+                if errorAnswered { forwarder.exchangeEnded() }
+                return
+            }
+            link.write(.end(nil))
+            link.flush()
+            finishIfDone()
+        case .head:
+            break
+        }
+    }
+
+    func clientReadComplete() { if !over { link.flush() } }
+
+    func clientWritabilityChanged() { if !over { link.holdReads(!client.channel.isWritable) } }
+
+    /// The client went away: closing the agent's connection is how the agent learns its request was cancelled.
+    func clientClosed() {
+        guard !over else { return }
+        over = true
+        link.detach()
+        link.close()
+        inFlight.abort()
+    }
+
+    // MARK: AgentLinkSink
+
+    func agentLink(_ link: AgentLink, received part: HTTPResponsePart) {
+        guard !over else { return }
+        switch part {
+        case .head(let head):
+            guard head.status.kind != .informational else { return }
+            guard responseHead == nil else { return agentFailed(AgentClientError("agent sent a second response head")) }
+            responseHead = head
+            inFlight.attach(status: head.status.code, abort: {})
+            var headers = DataPlane.responseHeaders(head, requestHeaders: requestHeaders, sessionID: sessionID)
+            if let length = head.headerFields[.contentLength] { headers[.contentLength] = length }
+            headers[.xAmznRequestID] = requestID
+            client.write(NIOAny(HTTPResponsePart.head(HTTPResponse(status: head.status, headerFields: headers))), promise: nil)
+        case .body(let buffer):
+            guard responseHead != nil else { return agentFailed(AgentClientError("agent sent a body before its response head")) }
+            inFlight.sent(buffer.readableBytes)
+            client.write(NIOAny(HTTPResponsePart.body(buffer)), promise: nil)
+            if !client.channel.isWritable { link.holdReads(true) }
+        case .end:
+            guard responseHead != nil else { return agentFailed(AgentClientError("agent ended a response it never began")) }
+            client.writeAndFlush(NIOAny(HTTPResponsePart.end(nil)), promise: nil)
+            responseDone = true
+            answeredBeforeRequestEnded = !requestDone
+            finishIfDone()
+        }
+    }
+
+    func agentLinkReadComplete(_ link: AgentLink) { if !over { client.flush() } }
+
+    func agentLinkWritabilityChanged(_ link: AgentLink) { forwarder.updateReads() }
+
+    func agentLink(_ link: AgentLink, failed error: any Error) { agentFailed(error) }
+
+    private func finishIfDone() {
+        guard requestDone, responseDone, !over else { return }
+        over = true
+        inFlight.complete()
+        link.detach()
+        let reusable = !answeredBeforeRequestEnded && responseHead?.headerFields[.connection]?.lowercased() != "close"
+        if reusable { session.pool.giveBack(link) } else { link.close() }
+        forwarder.exchangeEnded()
+    }
+
+    private var errorAnswered = false
+
+    /// The agent failed the request. Mid-response the client can only learn it from the connection
+    /// closing; before the response began it gets AgentCore's error, naming why the session ended if it did.
+    private func agentFailed(_ error: any Error) {
+        guard !over else { return }
+        over = true
+        link.detach()
+        link.close()
+        inFlight.abort()
+        if responseHead != nil {
+            // What has come of the response goes out first, as on the task path.
+            client.flush()
+            client.close(promise: nil)
+            return
+        }
+        let session = self.session, loop = client.eventLoop, started = self.started
+        Task {
+            let failure = await DataPlane.agentDidNotAnswer(session, error)
+            DataPlane.countRefusal(runtime: session.runtime.name, status: failure.status, started: started)
+            loop.execute { self.answer(failure) }
+        }
+    }
+
+    private func answer(_ error: AgentCoreError) {
+        guard client.channel.isActive else { return }
+        let head = HTTPResponse(status: .init(code: error.status),
+                                headerFields: [.xAmznErrorType: error.kind.rawValue, .contentType: "application/json",
+                                               .xAmznRequestID: requestID, .contentLength: String(error.body.count)])
+        client.write(NIOAny(HTTPResponsePart.head(head)), promise: nil)
+        client.write(NIOAny(HTTPResponsePart.body(ByteBuffer(bytes: error.body))), promise: nil)
+        client.writeAndFlush(NIOAny(HTTPResponsePart.end(nil)), promise: nil)
+        errorAnswered = true
+        // The rest of the request body, if any, is read and dropped before the next request is taken.
+        if requestDone { forwarder.exchangeEnded() }
+    }
+}
