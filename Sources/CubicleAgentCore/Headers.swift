@@ -12,13 +12,19 @@ public enum AgentCoreHeader {
     /// Whether a client header is passed to the agent. Content-Type and Accept travel with the body;
     /// the session and request ids are set by cubicled; everything else needs a rule.
     /// - Parameter allowlist: the runtime's request header allowlist, lowercased.
+    /// Names that always pass, lowercased once rather than on every request.
+    static let alwaysForwarded: Set<String> = Set(["content-type", "accept", userID.lowercased()] + (trace + mcp).map { $0.lowercased() })
+    static let returned: Set<String> = Set((trace + mcp).map { $0.lowercased() })
+
     public static func forwardsToAgent(_ name: String, value: String, allowlist: Set<String>) -> Bool {
-        let lower = name.lowercased()
-        if ["content-type", "accept"].contains(lower) { return true }
-        if lower == userID.lowercased() { return true }
-        if trace.contains(where: { $0.lowercased() == lower }) || mcp.contains(where: { $0.lowercased() == lower }) { return true }
+        forwardsToAgent(lowercased: name.lowercased(), value: value, allowlist: allowlist)
+    }
+
+    /// - Parameter lower: the header's name, already lowercased (HTTP types keep a canonical one).
+    public static func forwardsToAgent(lowercased lower: String, value: String, allowlist: Set<String>) -> Bool {
+        if alwaysForwarded.contains(lower) { return true }
         guard value.utf8.count <= maxForwardedValueBytes else { return false }
-        if lower.hasPrefix(customPrefix) && lower.count > customPrefix.count { return true }
+        if lower.hasPrefix(customPrefix) && lower.utf8.count > customPrefix.utf8.count { return true }
         // Authorization passes only with an authorizer, which Cubicle does not have; no allowlist entry
         // can make other x-amz* headers (signatures, security tokens) reach the agent.
         if lower == "authorization" || lower.hasPrefix("x-amz") { return false }
@@ -26,10 +32,8 @@ public enum AgentCoreHeader {
     }
 
     /// Agent response headers passed back to the client beside Content-Type and the session id.
-    public static func returnsToClient(_ name: String) -> Bool {
-        let lower = name.lowercased()
-        return mcp.contains(where: { $0.lowercased() == lower }) || trace.contains(where: { $0.lowercased() == lower })
-    }
+    public static func returnsToClient(_ name: String) -> Bool { returned.contains(name.lowercased()) }
+    public static func returnsToClient(lowercased name: String) -> Bool { returned.contains(name) }
 }
 
 public enum Limits {

@@ -143,7 +143,7 @@ public struct DataPlane: HTTPResponder {
     static func agentRequestHead(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String, declaredLength: Int?) -> HTTPRequest {
         var fields = HTTPFields()
         let allowlist = Set(session.runtime.requestHeaderAllowlist)
-        for field in headers where AgentCoreHeader.forwardsToAgent(field.name.rawName, value: field.value, allowlist: allowlist) {
+        for field in headers where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist) {
             fields.append(field)
         }
         fields[.agentCoreSessionID] = sessionID
@@ -157,6 +157,8 @@ public struct DataPlane: HTTPResponder {
         AgentCoreError(.runtimeClient, "The agent did not answer: \(await session.endedCause() ?? "\(error)")")
     }
 
+    static let traceHeaders = AgentCoreHeader.trace.compactMap { HTTPField.Name($0) }
+
     /// Agent responses up to this size with a Content-Length are sent to the client in one piece.
     static let wholeResponseLimit = 64 << 10
 
@@ -167,9 +169,9 @@ public struct DataPlane: HTTPResponder {
     static func responseHeaders(_ agent: HTTPResponse, requestHeaders: HTTPFields, sessionID: String) -> HTTPFields {
         var headers = HTTPFields()
         headers[.contentType] = agent.headerFields[.contentType] ?? "application/json"
-        for field in agent.headerFields where AgentCoreHeader.returnsToClient(field.name.rawName) { headers.append(field) }
-        for name in AgentCoreHeader.trace {
-            if let n = HTTPField.Name(name), headers[n] == nil, let v = requestHeaders[n] { headers[n] = v }
+        for field in agent.headerFields where AgentCoreHeader.returnsToClient(lowercased: field.name.canonicalName) { headers.append(field) }
+        for n in Self.traceHeaders where headers[n] == nil {
+            if let v = requestHeaders[n] { headers[n] = v }
         }
         headers[.agentCoreSessionID] = sessionID
         return headers

@@ -105,7 +105,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
             if case .head(let head) = part {
                 reading = .passingOn
                 responsesOwed += 1
-                if warmingUp == nil, let (runtime, id) = ForwardedInvoke.invocation(head) { warmingUp = (runtime, id, responsesOwed) }
+                if warmingUp == nil, let (runtime, id) = invocation(head) { warmingUp = (runtime, id, responsesOwed) }
             }
             context.fireChannelRead(wrapInboundOut(part))
         case .passingOn:
@@ -149,6 +149,21 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         exchange?.clientClosed()
         exchange = nil
         context.fireErrorCaught(error)
+    }
+
+    /// The last invocation target and the runtime it names: a client sends the same one again and again.
+    private var lastTarget: (path: String, runtime: String)?
+
+    /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
+    func invocation(_ head: HTTPRequest) -> (runtime: String, id: String)? {
+        guard head.method == .post, let target = head.path,
+              let id = try? Validate.sessionID(head.headerFields[.agentCoreSessionID]) else { return nil }
+        if let last = lastTarget, last.path == target { return (last.runtime, id) }
+        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        guard case .invoke(let address)? = try? Route.parse(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
+        else { return nil }
+        lastTarget = (target, address.name)
+        return (address.name, id)
     }
 
     /// Reads stop while the agent cannot take more of the request, and while pipelined requests wait.
@@ -196,23 +211,14 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private var answeredBeforeRequestEnded = false
 
     /// Forwards `head` when it is an InvokeAgentRuntime this path can carry; nil hands it on.
-    /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
-    static func invocation(_ head: HTTPRequest) -> (runtime: String, id: String)? {
-        guard head.method == .post, let target = head.path,
-              let id = try? Validate.sessionID(head.headerFields[.agentCoreSessionID]) else { return nil }
-        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-        guard case .invoke(let address)? = try? Route.parse(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
-        else { return nil }
-        return (address.name, id)
-    }
-
     static func start(_ head: HTTPRequest, sessions: SessionManager, client: ChannelHandlerContext,
                       forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
         let started = DispatchTime.now().uptimeNanoseconds
         let fields = head.headerFields
-        guard fields[.transferEncoding] == nil, fields[.expect] == nil,
+        // A client asking to close after this response is left to Hummingbird, which closes it.
+        guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
               let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
-              let (runtime, id) = invocation(head),
+              let (runtime, id) = forwarder.invocation(head),
               let session = sessions.liveSession(runtime: runtime, sessionID: id) else { return nil }
         guard let link = session.pool.takeLink(on: client.eventLoop) else {
             session.pool.openLink(on: client.eventLoop)

@@ -179,6 +179,16 @@ def test_pipelined_requests_behind_a_forwarded_one_are_answered_in_order(daemon)
     s.close()
 
 
+def test_a_warm_request_asking_to_close_gets_its_answer_and_the_close(daemon):
+    sid = new_session_id()
+    conn = warm_connection(daemon, sid)
+    sock = conn.sock
+    r = post(conn, "demo", sid, json.dumps({"prompt": "3+4"}).encode(), headers={"Connection": "close"})
+    assert json.loads(r.read())["answer"] == 7
+    sock.settimeout(10)
+    assert sock.recv(1) == b"", "cubicled closed the connection after the response"
+
+
 def test_stop_ends_a_warm_stream(daemon):
     sid = new_session_id()
     conn = warm_connection(daemon, sid)
