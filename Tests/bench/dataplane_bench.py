@@ -6,7 +6,7 @@
 - warm invoke: one session, one keep-alive connection, through cubicled vs straight to cubicle-demo-agent
 - throughput: wrk at concurrency 1 and 16 on one warm session, through cubicled vs straight to the agent vs
   HAProxy (Debian's) proxying to the same agent
-- 100 MB echo: streamed both ways through cubicled vs direct, byte-exact, with cubicled's RSS growth
+- 100 MB echo: streamed both ways through cubicled vs direct vs HAProxy, byte-exact, with cubicled's RSS growth
 With CUBICLE_BENCH_SAMPLES=DIR, each cold invoke's nanoseconds go to DIR/cold-invoke.txt for the plot.
 """
 import http.client
@@ -241,10 +241,12 @@ def main():
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        echo_via, echo_direct, exact = [], [], True
+        echo_via, echo_direct, echo_haproxy, exact = [], [], [], True
         for _ in range(3):
             e, ok = echo(port, PATH, size, warm_session); echo_via.append(e); exact &= ok
             e, ok = echo(agent_port, "/invocations", size, warm_session); echo_direct.append(e); exact &= ok
+            if haproxy:
+                e, ok = echo(haproxy_port, "/invocations", size, warm_session); echo_haproxy.append(e); exact &= ok
         sampling[0] = False
         sampler.join()
         stop(port, warm_session)
@@ -275,6 +277,9 @@ def main():
     print(f"| warm invoke, p50 | {us(wv)} | {us(wd)} | added {us(wv - wd)} | added ≤ 150 µs |")
     print(f"| warm invoke, p99 | {us(pct(warm_via, 0.99))} | {us(pct(warm_direct, 0.99))} | | |")
     print(f"| 100 MB echo, best of 3 | {ev:.3f} s | {ed:.3f} s | {ev / ed:.2f}× direct, byte-exact: {'yes' if exact else 'NO'} | ≤ 1.3× |")
+    if echo_haproxy:
+        eh = min(echo_haproxy)
+        print(f"| 100 MB echo through HAProxy (the peer), best of 3 | {eh:.3f} s | {ed:.3f} s | {eh / ed:.2f}× direct; cubicled {ev / eh:.2f}× HAProxy | |")
     print(f"| cubicled RSS during the echoes | {rss_before / 1024:.1f} MiB before | peak {peak[0] / 1024:.1f} MiB | growth {(peak[0] - rss_before) / 1024:.1f} MiB | ≤ 32 MiB |")
     print()
     print("### Warm throughput: cubicled, the agent directly, and HAProxy in front of the same agent\n")
