@@ -6,6 +6,7 @@ import HTTPTypes
 import Hummingbird
 import Logging
 import NIOCore
+import NIOHTTP1
 import NIOHTTPTypes
 import Prometheus
 import Synchronization
@@ -142,14 +143,33 @@ public struct DataPlane: HTTPResponder {
     /// session and request ids.
     static func agentRequestHead(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String, declaredLength: Int?) -> HTTPRequest {
         var fields = HTTPFields()
-        let allowlist = Set(session.runtime.requestHeaderAllowlist)
-        for field in headers where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist) {
-            fields.append(field)
+        forEachAgentRequestHeader(headers, session: session, sessionID: sessionID, requestID: requestID, declaredLength: declaredLength) { name, value in
+            if let name = HTTPField.Name(name) { fields.append(HTTPField(name: name, value: value)) }
         }
-        fields[.agentCoreSessionID] = sessionID
-        fields[.agentCoreRequestID] = requestID
-        if let declaredLength { fields[.contentLength] = String(declaredLength) }
         return HTTPRequest(method: .post, scheme: nil, authority: "localhost", path: session.runtime.serverProtocol.invocationPath, headerFields: fields)
+    }
+
+    /// The same head in NIO's HTTP/1 types, for an agent link, which has no HTTP-types codec to pay for.
+    static func agentRequestHeadHTTP1(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String, declaredLength: Int?) -> HTTPRequestHead {
+        var fields = HTTPHeaders()
+        fields.reserveCapacity(headers.count + 4)
+        fields.add(name: "Host", value: "localhost")
+        forEachAgentRequestHeader(headers, session: session, sessionID: sessionID, requestID: requestID, declaredLength: declaredLength) { name, value in
+            fields.add(name: name, value: value)
+        }
+        return HTTPRequestHead(version: .http1_1, method: .POST, uri: session.runtime.serverProtocol.invocationPath, headers: fields)
+    }
+
+    private static func forEachAgentRequestHeader(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String,
+                                                  declaredLength: Int?, _ add: (String, String) -> Void) {
+        let allowlist = session.runtime.requestHeaderAllowlistSet
+        for field in headers where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist) {
+            guard field.name != .agentCoreSessionID, field.name != .agentCoreRequestID, field.name != .contentLength else { continue }
+            add(field.name.rawName, field.value)
+        }
+        add(AgentCoreHeader.sessionID, sessionID)
+        add(AgentCoreHeader.requestID, requestID)
+        if let declaredLength { add("Content-Length", String(declaredLength)) }
     }
 
     /// A request the agent failed, named by why the session ended under it when it did (OOM, agent exit).
@@ -167,9 +187,21 @@ public struct DataPlane: HTTPResponder {
     }
 
     static func responseHeaders(_ agent: HTTPResponse, requestHeaders: HTTPFields, sessionID: String) -> HTTPFields {
+        responseHeaders(contentType: agent.headerFields[.contentType],
+                        returned: agent.headerFields.lazy.map { ($0.name.canonicalName, $0.name.rawName, $0.value) },
+                        requestHeaders: requestHeaders, sessionID: sessionID)
+    }
+
+    /// The client's response headers from the agent's: its Content-Type (JSON when it gave none), the MCP and
+    /// trace headers it returned, the request's trace headers it did not, and the session id.
+    /// - Parameter returned: the agent's headers as (lowercased name, name, value).
+    static func responseHeaders(contentType: String?, returned: some Sequence<(String, String, String)>, requestHeaders: HTTPFields,
+                                sessionID: String) -> HTTPFields {
         var headers = HTTPFields()
-        headers[.contentType] = agent.headerFields[.contentType] ?? "application/json"
-        for field in agent.headerFields where AgentCoreHeader.returnsToClient(lowercased: field.name.canonicalName) { headers.append(field) }
+        headers[.contentType] = contentType ?? "application/json"
+        for (lower, name, value) in returned where AgentCoreHeader.returnsToClient(lowercased: lower) {
+            if let n = HTTPField.Name(name) { headers.append(HTTPField(name: n, value: value)) }
+        }
         for n in Self.traceHeaders where headers[n] == nil {
             if let v = requestHeaders[n] { headers[n] = v }
         }

@@ -207,7 +207,8 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private let requestHeaders: HTTPFields
     private let started: UInt64
     private var requestDone = false
-    private var responseHead: HTTPResponse?
+    /// The agent's status, and whether its connection may carry another request.
+    private var responseHead: (status: HTTPResponse.Status, keepAlive: Bool)?
     private var responseDone = false
     /// The exchange has completed or failed; parts still arriving from the client are dropped.
     private var over = false
@@ -233,7 +234,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
                                         requestID: requestID, requestHeaders: fields, started: started)
         link.attach(forwarded)
         // Not flushed: the body usually came in the same read, and goes out in the same write.
-        link.write(.head(DataPlane.agentRequestHead(fields, session: session, sessionID: id, requestID: requestID, declaredLength: length)))
+        link.write(.head(DataPlane.agentRequestHeadHTTP1(fields, session: session, sessionID: id, requestID: requestID, declaredLength: length)))
         return forwarded
     }
 
@@ -258,7 +259,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         case .body(let buffer):
             guard !over else { return }
             inFlight.received(buffer.readableBytes)
-            link.write(.body(buffer))
+            link.write(.body(.byteBuffer(buffer)))
             if !link.isWritable { forwarder.updateReads() }
         case .end:
             requestDone = true
@@ -290,18 +291,22 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
 
     // MARK: AgentLinkSink
 
-    func agentLink(_ link: AgentLink, received part: HTTPResponsePart) {
+    func agentLink(_ link: AgentLink, received part: HTTPClientResponsePart) {
         guard !over else { return }
         switch part {
         case .head(let head):
-            guard head.status.kind != .informational else { return }
+            guard head.status.code >= 200 else { return }
+            guard head.status.code <= 999 else { return agentFailed(AgentClientError("agent sent status \(head.status.code)")) }
             guard responseHead == nil else { return agentFailed(AgentClientError("agent sent a second response head")) }
-            responseHead = head
-            inFlight.attach(status: head.status.code, abort: {})
-            var headers = DataPlane.responseHeaders(head, requestHeaders: requestHeaders, sessionID: sessionID)
-            if let length = head.headerFields[.contentLength] { headers[.contentLength] = length }
+            let status = HTTPResponse.Status(code: Int(head.status.code), reasonPhrase: head.status.reasonPhrase)
+            responseHead = (status, head.isKeepAlive)
+            inFlight.attach(status: status.code, abort: {})
+            var headers = DataPlane.responseHeaders(contentType: head.headers.first(name: "content-type"),
+                                                    returned: head.headers.lazy.map { ($0.name.lowercased(), $0.name, $0.value) },
+                                                    requestHeaders: requestHeaders, sessionID: sessionID)
+            if let length = head.headers.first(name: "content-length") { headers[.contentLength] = length }
             headers[.xAmznRequestID] = requestID
-            client.write(NIOAny(HTTPResponsePart.head(HTTPResponse(status: head.status, headerFields: headers))), promise: nil)
+            client.write(NIOAny(HTTPResponsePart.head(HTTPResponse(status: status, headerFields: headers))), promise: nil)
         case .body(let buffer):
             guard responseHead != nil else { return agentFailed(AgentClientError("agent sent a body before its response head")) }
             inFlight.sent(buffer.readableBytes)
@@ -327,7 +332,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         over = true
         inFlight.complete()
         link.detach()
-        let reusable = !answeredBeforeRequestEnded && responseHead?.headerFields[.connection]?.lowercased() != "close"
+        let reusable = !answeredBeforeRequestEnded && responseHead?.keepAlive == true
         if reusable { session.pool.giveBack(link) } else { link.close() }
         forwarder.exchangeEnded()
     }

@@ -11,7 +11,7 @@ import Synchronization
 /// Who an agent connection's response parts go to, for the length of one exchange. Called on the
 /// connection's event loop only.
 public protocol AgentLinkSink: AnyObject {
-    func agentLink(_ link: AgentLink, received part: HTTPResponsePart)
+    func agentLink(_ link: AgentLink, received part: HTTPClientResponsePart)
     func agentLinkReadComplete(_ link: AgentLink)
     func agentLinkWritabilityChanged(_ link: AgentLink)
     /// The connection closed or failed while this sink was attached.
@@ -20,11 +20,12 @@ public protocol AgentLinkSink: AnyObject {
 
 /// A keep-alive connection to an agent driven from a channel handler rather than a task: the gateway's
 /// warm path forwards parts between the client's channel and this one on the same event loop, with no
-/// task switch or queue between them. Everything but `channel` and `eventLoop` belongs to that loop.
+/// task switch or queue between them. It speaks NIO's HTTP/1 types: the gateway builds the agent's head
+/// itself, so converting to HTTP types and back would be work for nothing. Everything but `channel` and `eventLoop` belongs to that loop.
 public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
-    public typealias InboundIn = HTTPResponsePart
-    public typealias OutboundIn = HTTPRequestPart
-    public typealias OutboundOut = HTTPRequestPart
+    public typealias InboundIn = HTTPClientResponsePart
+    public typealias OutboundIn = HTTPClientRequestPart
+    public typealias OutboundOut = HTTPClientRequestPart
 
     public let eventLoop: any EventLoop
     private var context: ChannelHandlerContext?
@@ -51,7 +52,7 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
         idleSince.store(DispatchTime.now().uptimeNanoseconds, ordering: .relaxed)
     }
 
-    public func write(_ part: HTTPRequestPart) { context?.write(wrapOutboundOut(part), promise: nil) }
+    public func write(_ part: HTTPClientRequestPart) { context?.write(wrapOutboundOut(part), promise: nil) }
     public func flush() { context?.flush() }
 
     /// Back-pressure: while held, the agent's bytes stay in the kernel's socket buffer.
@@ -162,7 +163,7 @@ final class AgentLinks: Sendable {
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                            try channel.pipeline.syncOperations.addHandlers([HTTP1ToHTTPClientCodec(), link])
+                            try channel.pipeline.syncOperations.addHandler(link)
                         }
                     }
                     .withConnectedSocket(fd).get()

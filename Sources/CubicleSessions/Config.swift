@@ -32,7 +32,11 @@ public struct RuntimeConfig: Equatable, Sendable {
     public var maxLifetime = CubicleAgentCore.Limits.defaultMaxLifetimeSeconds
     public var limits = Limits()
     /// Lowercased header names passed to the agent besides the contract's own.
-    public var requestHeaderAllowlist: [String] = []
+    public var requestHeaderAllowlist: [String] = [] {
+        didSet { requestHeaderAllowlistSet = Set(requestHeaderAllowlist) }
+    }
+    /// The same names as a set, made once rather than on every request.
+    public private(set) var requestHeaderAllowlistSet: Set<String> = []
     public var readOnlyMounts: [SandboxSpec.ReadOnlyMount] = []
     /// Sandboxes kept started and healthy before any session asks; the first invocation of a new session
     /// id claims one (never reused), and the pool refills in the background. Not counted in maxSessions.
