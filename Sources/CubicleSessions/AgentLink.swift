@@ -38,6 +38,10 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
 
     init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
 
+    /// Reads grow up to 256 KiB (NIO's default stops at 64 KiB), so a large body crosses in a quarter of
+    /// the reads; a connection only grows its buffer while its reads keep filling it.
+    public static let bodyReadAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
+
     var isActive: Bool { active.load(ordering: .relaxed) }
     var idleNanoseconds: UInt64 { DispatchTime.now().uptimeNanoseconds &- idleSince.load(ordering: .relaxed) }
 
@@ -160,6 +164,7 @@ final class AgentLinks: Sendable {
             do {
                 channel = try await ClientBootstrap(group: loop)
                     .channelOption(.socketOption(.tcp_nodelay), value: 1)
+                    .channelOption(.recvAllocator, value: AgentLink.bodyReadAllocator)
                     .channelInitializer { channel in
                         channel.eventLoop.makeCompletedFuture {
                             try channel.pipeline.syncOperations.addHTTPClientHandlers()
