@@ -9,13 +9,13 @@ public enum AgentCoreHeader {
     /// Longest value of a forwarded Custom-* or allowlisted header.
     public static let maxForwardedValueBytes = 4096
 
-    /// Whether a client header is passed to the agent. Content-Type and Accept travel with the body;
-    /// the session and request ids are set by cubicled; everything else needs a rule.
-    /// - Parameter allowlist: the runtime's request header allowlist, lowercased.
-    /// Names that always pass, lowercased once rather than on every request.
+    /// Names that always pass, and the agent response headers that go back, lowercased once.
     static let alwaysForwarded: Set<String> = Set(["content-type", "accept", userID.lowercased()] + (trace + mcp).map { $0.lowercased() })
     static let returned: Set<String> = Set((trace + mcp).map { $0.lowercased() })
 
+    /// Whether a client header is passed to the agent. Content-Type and Accept travel with the body;
+    /// the session and request ids are set by cubicled; everything else needs a rule.
+    /// - Parameter allowlist: the runtime's request header allowlist, lowercased.
     public static func forwardsToAgent(_ name: String, value: String, allowlist: Set<String>) -> Bool {
         forwardsToAgent(lowercased: name.lowercased(), value: value, allowlist: allowlist)
     }
@@ -32,7 +32,6 @@ public enum AgentCoreHeader {
     }
 
     /// Agent response headers passed back to the client beside Content-Type and the session id.
-    public static func returnsToClient(_ name: String) -> Bool { returned.contains(name.lowercased()) }
     public static func returnsToClient(lowercased name: String) -> Bool { returned.contains(name) }
 }
 

@@ -82,9 +82,13 @@ public struct DataPlane: HTTPResponder {
     }
 
     static func errorResponse(_ error: AgentCoreError, requestID: String) -> Response {
-        Response(status: .init(code: error.status), headers: [.xAmznErrorType: error.kind.rawValue, .contentType: "application/json",
-                                                              .xAmznRequestID: requestID],
+        Response(status: .init(code: error.status), headers: errorHeaders(error, requestID: requestID),
                  body: .init(byteBuffer: ByteBuffer(bytes: error.body)))
+    }
+
+    /// The headers that make boto3 raise the modelled exception, on both the task and the warm path.
+    static func errorHeaders(_ error: AgentCoreError, requestID: String) -> HTTPFields {
+        [.xAmznErrorType: error.kind.rawValue, .contentType: "application/json", .xAmznRequestID: requestID]
     }
 
     private func sessionID(_ request: Request) throws(AgentCoreError) -> String {
@@ -162,7 +166,7 @@ public struct DataPlane: HTTPResponder {
 
     private static func forEachAgentRequestHeader(_ headers: HTTPFields, session: Session, sessionID: String, requestID: String,
                                                   declaredLength: Int?, _ add: (String, String) -> Void) {
-        let allowlist = session.runtime.requestHeaderAllowlistSet
+        let allowlist = session.runtime.requestHeaderAllowlist
         for field in headers where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist) {
             guard field.name != .agentCoreSessionID, field.name != .agentCoreRequestID, field.name != .contentLength else { continue }
             add(field.name.rawName, field.value)
@@ -183,13 +187,9 @@ public struct DataPlane: HTTPResponder {
     static let wholeResponseLimit = 64 << 10
 
     static func responseHeaders(_ agent: HTTPResponse, request: Request, sessionID: String) -> HTTPFields {
-        responseHeaders(agent, requestHeaders: request.headers, sessionID: sessionID)
-    }
-
-    static func responseHeaders(_ agent: HTTPResponse, requestHeaders: HTTPFields, sessionID: String) -> HTTPFields {
         responseHeaders(contentType: agent.headerFields[.contentType],
                         returned: agent.headerFields.lazy.map { ($0.name.canonicalName, $0.name.rawName, $0.value) },
-                        requestHeaders: requestHeaders, sessionID: sessionID)
+                        requestHeaders: request.headers, sessionID: sessionID)
     }
 
     /// The client's response headers from the agent's: its Content-Type (JSON when it gave none), the MCP and

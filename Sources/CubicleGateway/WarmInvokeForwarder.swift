@@ -69,11 +69,12 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private var exchange: ForwardedInvoke?
     /// Parts of requests pipelined behind a forwarded one that is still being answered.
     private var queued = CircularBuffer<HTTPRequestPart>()
-    private var readsHeld = false
-    private var readPending = false
-    /// An invocation handed on (its session may be starting): when its response ends, an agent link is
-    /// opened on this loop so the next invocation can be forwarded. `position` counts owed responses to it.
-    private var warmingUp: (runtime: String, id: String, position: Int)?
+    private var reads = ReadGate()
+    /// The last invocation handed on (its session may have been starting): once no response is owed, an
+    /// agent link is opened on this loop for it, so the client's next invocation can be forwarded.
+    private var warmingUp: (runtime: String, id: String)?
+    /// The last invocation target and the runtime it names: a client sends the same one again and again.
+    private var lastTarget: (path: String, runtime: String)?
 
     init(sessions: SessionManager) { self.sessions = sessions }
 
@@ -109,7 +110,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
             if case .head(let head) = part {
                 reading = .passingOn
                 responsesOwed += 1
-                if warmingUp == nil, let (runtime, id) = invocation(head) { warmingUp = (runtime, id, responsesOwed) }
+                if let invocation = invocation(head) { warmingUp = invocation }
             }
             context.fireChannelRead(wrapInboundOut(part))
         case .passingOn:
@@ -128,21 +129,16 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if case .end = unwrapOutboundIn(data) {
-            if let (runtime, id, position) = warmingUp, position == 1 {
-                // The session this invocation started (or found) can take the next one on this loop.
+            responsesOwed -= 1
+            if responsesOwed == 0, let (runtime, id) = warmingUp {
                 warmingUp = nil
                 sessions.liveSession(runtime: runtime, sessionID: id)?.pool.openLink(on: context.eventLoop)
-            } else if let w = warmingUp {
-                warmingUp = (w.runtime, w.id, w.position - 1)
             }
-            responsesOwed -= 1
         }
         context.write(data, promise: promise)
     }
 
-    func read(context: ChannelHandlerContext) {
-        if readsHeld { readPending = true } else { context.read() }
-    }
+    func read(context: ChannelHandlerContext) { reads.read(context) }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
         exchange?.clientWritabilityChanged()
@@ -154,9 +150,6 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         exchange = nil
         context.fireErrorCaught(error)
     }
-
-    /// The last invocation target and the runtime it names: a client sends the same one again and again.
-    private var lastTarget: (path: String, runtime: String)?
 
     /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
     func invocation(_ head: HTTPRequest) -> (runtime: String, id: String)? {
@@ -171,25 +164,17 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     }
 
     /// Reads stop while the agent cannot take more of the request, and while pipelined requests wait.
-    func updateReads() {
-        readsHeld = !queued.isEmpty || (exchange?.agentIsFull ?? false)
-        if !readsHeld, readPending, let context {
-            readPending = false
-            context.read()
-        }
-    }
+    func updateReads() { reads.hold(!queued.isEmpty || (exchange?.agentIsFull ?? false), context) }
 
     /// The forwarded exchange is over; requests that queued behind it are handled now, in order.
     func exchangeEnded() {
         exchange = nil
         guard let context else { return }
-        var handedOn = false
+        let replaying = !queued.isEmpty
         while !queued.isEmpty, !(reading == .betweenRequests && exchange != nil) {
-            let part = queued.removeFirst()
-            handedOn = handedOn || reading != .forwarding
-            handle(part, context)
+            handle(queued.removeFirst(), context)
         }
-        if handedOn { context.fireChannelReadComplete() }
+        if replaying { context.fireChannelReadComplete() }
         exchange?.clientReadComplete()
         updateReads()
     }
@@ -214,6 +199,8 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     /// The exchange has completed or failed; parts still arriving from the client are dropped.
     private var over = false
     private var answeredBeforeRequestEnded = false
+    /// Failed before the response began, and AgentCore's error has been written.
+    private var errorAnswered = false
 
     /// Forwards `head` when it is an InvokeAgentRuntime this path can carry; nil hands it on.
     static func start(_ head: HTTPRequest, sessions: SessionManager, client: ChannelHandlerContext,
@@ -338,8 +325,6 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         forwarder.exchangeEnded()
     }
 
-    private var errorAnswered = false
-
     /// The agent failed the request. Mid-response the client can only learn it from the connection
     /// closing; before the response began it gets AgentCore's error, naming why the session ended if it did.
     private func agentFailed(_ error: any Error) {
@@ -364,9 +349,9 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
 
     private func answer(_ error: AgentCoreError) {
         guard client.channel.isActive else { return }
-        let head = HTTPResponse(status: .init(code: error.status),
-                                headerFields: [.xAmznErrorType: error.kind.rawValue, .contentType: "application/json",
-                                               .xAmznRequestID: requestID, .contentLength: String(error.body.count)])
+        var fields = DataPlane.errorHeaders(error, requestID: requestID)
+        fields[.contentLength] = String(error.body.count)
+        let head = HTTPResponse(status: .init(code: error.status), headerFields: fields)
         client.write(NIOAny(HTTPResponsePart.head(head)), promise: nil)
         client.write(NIOAny(HTTPResponsePart.body(ByteBuffer(bytes: error.body))), promise: nil)
         client.writeAndFlush(NIOAny(HTTPResponsePart.end(nil)), promise: nil)

@@ -1,12 +1,31 @@
 import Dispatch
 import Glibc
-import HTTPTypes
 import NIOCore
 import NIOHTTP1
-import NIOHTTPTypes
-import NIOHTTPTypesHTTP1
 import NIOPosix
 import Synchronization
+
+/// Back-pressure on a channel's reads: while held, a read the pipeline asks for is kept back (the bytes
+/// stay in the kernel's socket buffer) and issued once released.
+public struct ReadGate {
+    private var held = false
+    private var pending = false
+
+    public init() {}
+
+    /// For a handler's `read(context:)`.
+    public mutating func read(_ context: ChannelHandlerContext) {
+        if held { pending = true } else { context.read() }
+    }
+
+    public mutating func hold(_ hold: Bool, _ context: ChannelHandlerContext?) {
+        held = hold
+        if !hold, pending, let context {
+            pending = false
+            context.read()
+        }
+    }
+}
 
 /// Who an agent connection's response parts go to, for the length of one exchange. Called on the
 /// connection's event loop only.
@@ -21,7 +40,8 @@ public protocol AgentLinkSink: AnyObject {
 /// A keep-alive connection to an agent driven from a channel handler rather than a task: the gateway's
 /// warm path forwards parts between the client's channel and this one on the same event loop, with no
 /// task switch or queue between them. It speaks NIO's HTTP/1 types: the gateway builds the agent's head
-/// itself, so converting to HTTP types and back would be work for nothing. Everything but `channel` and `eventLoop` belongs to that loop.
+/// itself, so converting to HTTP types and back would be work for nothing. Everything but `eventLoop` and
+/// the atomics belongs to that loop.
 public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
     public typealias InboundIn = HTTPClientResponsePart
     public typealias OutboundIn = HTTPClientRequestPart
@@ -30,16 +50,16 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
     public let eventLoop: any EventLoop
     private var context: ChannelHandlerContext?
     private weak var sink: (any AgentLinkSink)?
-    private var readsHeld = false
-    private var readPending = false
+    private var reads = ReadGate()
     private let idleSince = Atomic<UInt64>(DispatchTime.now().uptimeNanoseconds)
     private let active = Atomic<Bool>(true)
     fileprivate var onClose: (@Sendable (AgentLink) -> Void)?
 
     init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
 
-    /// Reads grow up to 256 KiB (NIO's default stops at 64 KiB), so a large body crosses in a quarter of
-    /// the reads; a connection only grows its buffer while its reads keep filling it.
+    /// For both sides of a forwarded exchange: reads grow up to 256 KiB (NIO's default stops at 64 KiB), so
+    /// a large body crosses in a quarter of the reads; a connection only grows its buffer while its reads
+    /// keep filling it.
     public static let bodyReadAllocator = AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 256 << 10)
 
     var isActive: Bool { active.load(ordering: .relaxed) }
@@ -60,13 +80,7 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
     public func flush() { context?.flush() }
 
     /// Back-pressure: while held, the agent's bytes stay in the kernel's socket buffer.
-    public func holdReads(_ hold: Bool) {
-        readsHeld = hold
-        if !hold, readPending, let context {
-            readPending = false
-            context.read()
-        }
-    }
+    public func holdReads(_ hold: Bool) { reads.hold(hold, context) }
 
     /// Closes the connection from any thread; an attached sink hears `failed`.
     public func close() {
@@ -76,9 +90,7 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
 
     public func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
-    public func read(context: ChannelHandlerContext) {
-        if readsHeld { readPending = true } else { context.read() }
-    }
+    public func read(context: ChannelHandlerContext) { reads.read(context) }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard let sink else {

@@ -32,11 +32,7 @@ public struct RuntimeConfig: Equatable, Sendable {
     public var maxLifetime = CubicleAgentCore.Limits.defaultMaxLifetimeSeconds
     public var limits = Limits()
     /// Lowercased header names passed to the agent besides the contract's own.
-    public var requestHeaderAllowlist: [String] = [] {
-        didSet { requestHeaderAllowlistSet = Set(requestHeaderAllowlist) }
-    }
-    /// The same names as a set, made once rather than on every request.
-    public private(set) var requestHeaderAllowlistSet: Set<String> = []
+    public var requestHeaderAllowlist: Set<String> = []
     public var readOnlyMounts: [SandboxSpec.ReadOnlyMount] = []
     /// Sandboxes kept started and healthy before any session asks; the first invocation of a new session
     /// id claims one (never reused), and the pool refills in the background. Not counted in maxSessions.
@@ -173,7 +169,7 @@ public struct DaemonConfig: Equatable, Sendable {
         }
         if let n = try f.int("warmPool", 0...1000) { r.warmPool = n }
         if let list = try f.stringList("requestHeaderAllowlist") {
-            r.requestHeaderAllowlist = list.map { $0.lowercased() }
+            r.requestHeaderAllowlist = Set(list.map { $0.lowercased() })
         }
         if let mounts = f.node("readOnlyMounts") {
             guard case .sequence(let items) = mounts else { throw ConfigError("\(path).readOnlyMounts", "must be a list") }

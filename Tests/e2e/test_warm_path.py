@@ -39,6 +39,12 @@ def post(conn, runtime, sid, body, content_type="application/json", headers=None
     return conn.getresponse()
 
 
+def raw_request(sid, body, content_type="application/json"):
+    """An InvokeAgentRuntime as bytes, for tests that write to the socket themselves."""
+    return (f"POST {path_for('demo')} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{SESSION_HEADER}: {sid}\r\n\r\n").encode() + body
+
+
 def warm_connection(d, sid, runtime="demo", body=None):
     """A keep-alive connection whose next invocation of `sid` is forwarded on the event loop."""
     body = body or json.dumps({"prompt": "1+1"}).encode()
@@ -79,12 +85,29 @@ def test_warm_invocations_answer_as_the_task_path_does(daemon):
 def test_warm_request_ids_are_fresh_and_reach_the_agent(daemon):
     sid = new_session_id()
     conn = warm_connection(daemon, sid)
+    before = forwarded(daemon)
     ids = set()
     for _ in range(5):
         r = post(conn, "demo", sid, json.dumps({"prompt": "1+1"}).encode())
         r.read()
         ids.add(r.getheader("x-amzn-RequestId"))
+    assert forwarded(daemon) == before + 5
     assert len(ids) == 5
+
+
+def test_a_new_sessions_second_call_is_forwarded(daemon):
+    """The first call starts the session through a task; when its response ends, a link is opened on the
+    connection's loop, so the second call on that connection is forwarded."""
+    sid = new_session_id()
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    before = forwarded(daemon)
+    r = post(conn, "demo", sid, json.dumps({"prompt": "1+1"}).encode())
+    assert json.loads(r.read())["turn"] == 1
+    assert forwarded(daemon) == before
+    time.sleep(0.5)  # the link is opened in the background: an RPC to init and a connect
+    r = post(conn, "demo", sid, json.dumps({"prompt": "1+2"}).encode())
+    assert json.loads(r.read())["turn"] == 2
+    assert forwarded(daemon) == before + 1
 
 
 def test_warm_sse_arrives_event_by_event(daemon):
@@ -117,9 +140,7 @@ def test_warm_echo_of_64_mib_is_byte_exact_and_not_held(daemon):
     before, peak = rss(), [0]
     blob = os.urandom(1 << 20) * 64
     start = forwarded(daemon)
-    head = (f"POST {path_for('demo')} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
-            f"Content-Length: {len(blob)}\r\n{SESSION_HEADER}: {sid}\r\n\r\n").encode()
-    sender = threading.Thread(target=lambda: sock.sendall(head + blob))
+    sender = threading.Thread(target=lambda: sock.sendall(raw_request(sid, blob, "application/octet-stream")))
     sender.start()
     got = b""
     while b"\r\n\r\n" not in got:
@@ -146,13 +167,8 @@ def test_pipelined_requests_behind_a_forwarded_one_are_answered_in_order(daemon)
     """A client may send its next requests before the first is answered; a forwarded response must not
     interleave with the task path's (here a GET /ping and an invocation of another, cold session)."""
     sid, cold = new_session_id(), new_session_id()
-    warm_connection(daemon, sid).close()
     s = socket.create_connection(("127.0.0.1", daemon.port))
-    # Links are per event loop: warm this socket's own loop too.
-    def request(session, prompt):
-        body = json.dumps({"prompt": prompt}).encode()
-        return (f"POST {path_for('demo')} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{SESSION_HEADER}: {session}\r\n\r\n").encode() + body
+    request = lambda session, prompt: raw_request(session, json.dumps({"prompt": prompt}).encode())
     f = s.makefile("rb")
 
     def response():
@@ -237,31 +253,22 @@ def test_agent_exit_under_a_warm_request_is_a_424_naming_why(daemon):
     assert daemon.invoke_json({"prompt": "1+1"}, sid)["turn"] == 1, "the id starts over in a fresh sandbox"
 
 
-@pytest.mark.parametrize("mode", ["malformed", "endless-headers"])
-def test_agent_breaking_http_on_the_warm_path_is_a_424_and_the_session_goes_on(start_daemon, mode):
+@pytest.mark.parametrize("mode,breaks", [("malformed", "before"), ("endless-headers", "before"),
+                                          ("close-mid", "mid-body"), ("bad-chunk", "mid-body")])
+def test_agent_breaking_http_on_the_warm_path_fails_as_on_the_task_path(start_daemon, mode, breaks):
+    """Before the response began: a 424 and the session goes on. Mid-body: the client's stream is cut."""
     d = start_daemon(hostile_config())
     sid = new_session_id()
     conn = warm_connection(d, sid, runtime="hostile", body=json.dumps({"mode": "ok"}).encode())
     before = forwarded(d, "hostile")
     r = post(conn, "hostile", sid, json.dumps({"mode": mode}).encode())
-    payload = json.loads(r.read())
-    assert forwarded(d, "hostile") == before + 1
-    assert r.status == 424 and "did not answer" in payload["message"]
-    r = post(conn, "hostile", sid, json.dumps({"mode": "ok"}).encode())
-    assert json.loads(r.read())["answer"] == "fine"
-    still_serves(d)
-
-
-@pytest.mark.parametrize("mode", ["close-mid", "bad-chunk"])
-def test_agent_breaking_a_warm_response_mid_body_cuts_the_clients_stream(start_daemon, mode):
-    d = start_daemon(hostile_config())
-    sid = new_session_id()
-    conn = warm_connection(d, sid, runtime="hostile", body=json.dumps({"mode": "ok"}).encode())
-    before = forwarded(d, "hostile")
-    r = post(conn, "hostile", sid, json.dumps({"mode": mode}).encode())
-    assert r.status == 200
-    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
-        r.read()
+    if breaks == "before":
+        payload = json.loads(r.read())
+        assert r.status == 424 and "did not answer" in payload["message"]
+    else:
+        assert r.status == 200
+        with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+            r.read()
     assert forwarded(d, "hostile") == before + 1
     assert json.loads(d.invoke({"mode": "ok"}, sid, runtime="hostile")[1])["answer"] == "fine"
     still_serves(d)
