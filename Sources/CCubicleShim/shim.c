@@ -80,10 +80,10 @@ struct sandbox_child_args {
     int err_fd;
 };
 
-/* Runs on its own stack in the parent's address space (CLONE_VM, as posix_spawn does), so there is no
- * page-table copy to make and none to tear down at exec: only its stack and errno are written. */
-static int sandbox_child(void *arg) {
-    const struct sandbox_child_args *a = arg;
+/* The child's steps up to the point where it is init: sources opened, the parent's go awaited, cgroup
+ * joined, root in its namespace, descriptors placed and every other one CLOEXEC, signals default and
+ * unblocked. Returns the error pipe, moved above the placed descriptors. */
+static int sandbox_child_setup(const struct sandbox_child_args *a) {
     const cubicle_sandbox_spawn *spawn = a->spawn;
     int errfd = a->err_fd;
     reset_signals();
@@ -118,11 +118,19 @@ static int sandbox_child(void *arg) {
     errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3 + nall);
     if (errfd < 0) _exit(127);
     if (place_fds(all, nall, 3) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
-    /* Every descriptor we were not asked to pass closes at exec, whoever opened it. */
+    /* Every descriptor we were not asked to pass closes at exec (or below, for a fork), whoever opened it. */
     if (syscall(SYS_close_range, 3 + nall, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
         child_fail(errfd, CUBICLE_STEP_DUP_FDS);
     unblock_signals();
-    execve(spawn->path, spawn->argv, spawn->envp);
+    return errfd;
+}
+
+/* Runs on its own stack in the parent's address space (CLONE_VM, as posix_spawn does), so there is no
+ * page-table copy to make and none to tear down at exec: only its stack and errno are written. */
+static int sandbox_child(void *arg) {
+    const struct sandbox_child_args *a = arg;
+    int errfd = sandbox_child_setup(a);
+    execve(a->spawn->path, a->spawn->argv, a->spawn->envp);
     child_fail(errfd, CUBICLE_STEP_EXEC);
     return 127;
 }
@@ -169,9 +177,13 @@ int cubicle_netns_create(int host_netns_fd) {
     return fd;
 }
 
-pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
-                                cubicle_spawn_error *error) {
+/* Both ways to make a sandbox's init. exec: from the threaded daemon, a CLONE_VM child on its own stack
+ * that execs cubicle-init. fork: from the single-threaded fork server, a copy of it (CLONE_PARENT, so the
+ * daemon is the parent) that returns here as 0 and goes on to serve as init without an exec. */
+static pid_t sandbox_start(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                           cubicle_spawn_error *error, int fork, pid_t *unreaped) {
     error->step = CUBICLE_STEP_NONE; error->err = 0; error->index = -1;
+    if (unreaped) *unreaped = 0;
     int sync_pipe[2], err_pipe[2];
     if (pipe2(sync_pipe, O_CLOEXEC) < 0) {
         error->step = CUBICLE_STEP_PIPE; error->err = errno; return -1;
@@ -180,23 +192,40 @@ pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sand
         error->step = CUBICLE_STEP_PIPE; error->err = errno;
         close(sync_pipe[0]); close(sync_pipe[1]); return -1;
     }
-    void *stack = mmap(NULL, SANDBOX_CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (stack == MAP_FAILED) {
-        error->step = CUBICLE_STEP_CLONE; error->err = errno;
-        close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
-        return -1;
+    void *stack = NULL;
+    if (!fork) {
+        stack = mmap(NULL, SANDBOX_CHILD_STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED) {
+            error->step = CUBICLE_STEP_CLONE; error->err = errno;
+            close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
+            return -1;
+        }
     }
     struct sandbox_child_args args = {spawn, sync_pipe[0], err_pipe[1]};
     if (spawn->netns_fd >= 0 && setns(spawn->netns_fd, CLONE_NEWNET) < 0) {
         error->step = CUBICLE_STEP_SETNS_NET; error->err = errno;
         close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
-        munmap(stack, SANDBOX_CHILD_STACK);
+        if (stack) munmap(stack, SANDBOX_CHILD_STACK);
         return -1;
     }
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid_t pid = clone(sandbox_child, (char *)stack + SANDBOX_CHILD_STACK, spawn->namespaces | CLONE_VM | SIGCHLD, &args);
+    pid_t pid;
+    if (fork) {
+        /* A raw clone, as glibc's fork takes no namespace flags. The child's copy of glibc keeps the fork
+         * server's thread id in its thread block; init never signals threads by it (Chromium's zygote
+         * forks the same way). */
+        pid = (pid_t)syscall(SYS_clone, (unsigned long)(spawn->namespaces | CLONE_PARENT | SIGCHLD), NULL, NULL, NULL, NULL);
+        if (pid == 0) {
+            (void)sandbox_child_setup(&args);
+            /* Closes the error pipe too: the parent reads EOF, as it does at an exec. */
+            (void)syscall(SYS_close_range, 3 + spawn->nfds + spawn->nsources, ~0U, 0);
+            return 0;
+        }
+    } else {
+        pid = clone(sandbox_child, (char *)stack + SANDBOX_CHILD_STACK, spawn->namespaces | CLONE_VM | SIGCHLD, &args);
+    }
     int saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (spawn->netns_fd >= 0) return_to_host_netns(spawn->host_netns_fd);
@@ -204,7 +233,8 @@ pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sand
     close(err_pipe[1]);
     if (pid < 0) {
         error->step = CUBICLE_STEP_CLONE; error->err = saved;
-        close(sync_pipe[1]); close(err_pipe[0]); munmap(stack, SANDBOX_CHILD_STACK);
+        close(sync_pipe[1]); close(err_pipe[0]);
+        if (stack) munmap(stack, SANDBOX_CHILD_STACK);
         return -1;
     }
     int failed = 0;
@@ -221,15 +251,27 @@ pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sand
     if (failed) {
         close(err_pipe[0]);
     } else {
-        /* EOF means exec replaced the child's address space: it no longer runs on our stack. */
+        /* EOF means exec replaced the child's address space (it no longer runs on our stack), or the forked
+         * child finished its steps. */
         failed = read_exec_result(err_pipe[0], error) != 0;
     }
     if (failed) {
         kill(pid, SIGKILL);
-        reap(pid);
+        /* A forked child is the daemon's, not ours, to reap. */
+        if (fork) *unreaped = pid; else reap(pid);
     }
-    munmap(stack, SANDBOX_CHILD_STACK);
+    if (stack) munmap(stack, SANDBOX_CHILD_STACK);
     return failed ? -1 : pid;
+}
+
+pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                                cubicle_spawn_error *error) {
+    return sandbox_start(spawn, prepare, context, error, 0, NULL);
+}
+
+pid_t cubicle_sandbox_fork(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                           cubicle_spawn_error *error, pid_t *unreaped) {
+    return sandbox_start(spawn, prepare, context, error, 1, unreaped);
 }
 
 pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_error *error) {

@@ -22,7 +22,14 @@ public struct InitServer {
     var agentLogs: (Int32, Int32)?
     static let handledSignals: [Int32] = [SIGCHLD, SIGTERM, SIGINT, SIGHUP, SIGQUIT]
 
+    /// As the daemon starts it: one sandbox's init, or (`CUBICLE_INIT_FORK_SERVER` set) the fork server
+    /// that clones a new init for each sandbox.
     public static func main() -> Never {
+        if getenv(ForkReply.environmentKey) != nil { ForkServer.serve() }
+        serveSandbox()
+    }
+
+    static func serveSandbox() -> Never {
         var server = InitServer()
         server.run()
     }

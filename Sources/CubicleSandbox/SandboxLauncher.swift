@@ -15,11 +15,14 @@ public struct SandboxLauncher: Sendable {
     private let parentPrepared = Flag()
     /// nil when the host config asks for none or the pool could not start (launches then make their own).
     public let networkNamespaces: NetworkNamespacePool?
+    /// nil when the host config turns it off: every init is then exec'd by the launch that needs it.
+    public let forkServer: InitForkServer?
 
     public init(host: SandboxHostConfig, cpuPlacer: CPUPlacer = CPUPlacer()) {
         self.host = host
         self.cpuPlacer = cpuPlacer
         networkNamespaces = host.networkNamespacePool > 0 ? try? NetworkNamespacePool(size: host.networkNamespacePool) : nil
+        forkServer = host.initForkServer ? InitForkServer(initPath: host.initPath, timeoutMilliseconds: host.readyTimeoutMilliseconds) : nil
     }
 
     static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
@@ -167,8 +170,7 @@ public struct SandboxLauncher: Sendable {
             throw .system(error)
         }
 
-        // Clone; the child waits on us while we write its id maps (and, on v2, put it in its cgroup).
-        var failure = cubicle_spawn_error()
+        // Clone; the child waits while its id maps are written (and, on v2, it is put in its cgroup).
         let childFDs = [childSock, reconnectSock]
         let pooledNetwork = networkNamespaces?.take() ?? -1
         defer { if pooledNetwork >= 0 { close(pooledNetwork) } }
@@ -185,7 +187,42 @@ public struct SandboxLauncher: Sendable {
                 taskFiles.append(fd)
             }
         }
-        let preparation = ChildPreparation(idMap: "0 \(range.hostBase) \(range.size)\n", cgroup: taskFiles.isEmpty ? cgroup : nil)
+        let idMap = "0 \(range.hostBase) \(range.size)\n"
+        let forked: pid_t?
+        if let forkServer {
+            var procs: Int32 = -1
+            if cgroup.version == .v2 {
+                procs = open(cgroup.directories[0] + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
+                guard procs >= 0 else { throw .cgroup(CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open cgroup.procs")))) }
+            }
+            defer { if procs >= 0 { close(procs) } }
+            let request = ForkRequest(namespaces: namespaces, unshareCgroup: true, idMap: idMap, sources: sources.paths,
+                                      hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0)
+            forked = try forkServer.fork(request, fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
+        } else {
+            forked = nil
+        }
+        let pid: pid_t
+        if let forked {
+            pid = forked
+        } else {
+            pid = try exec(sources: sources, namespaces: namespaces, childFDs: childFDs, pooledNetwork: pooledNetwork,
+                           taskFiles: taskFiles, preparation: ChildPreparation(idMap: idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
+        }
+        rollback.add {
+            kill(pid, SIGKILL)
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+        }
+        phases.mark(forked == nil ? SpawnPhases.execStep : SpawnPhases.forkStep)
+        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cpus: limits.cpuSet ?? [], cgroup: cgroup,
+                       stateDirectory: stateDirectory, phases: phases)
+    }
+
+    /// init cloned from this (threaded) process and exec'd, when there is no fork server.
+    private func exec(sources: (mounts: [InitConfig.Mount], paths: [String]), namespaces: Int32, childFDs: [Int32], pooledNetwork: Int32,
+                      taskFiles: [Int32], preparation: ChildPreparation) throws(SandboxError) -> pid_t {
+        var failure = cubicle_spawn_error()
         let pid: pid_t = withCStrings([host.initPath]) { argv in
             // No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
             withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]) { envp in
@@ -213,14 +250,7 @@ public struct SandboxLauncher: Sendable {
             }
             throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
         }
-        rollback.add {
-            kill(pid, SIGKILL)
-            var status: Int32 = 0
-            _ = waitpid(pid, &status, 0)
-        }
-        phases.mark("clone, maps, exec")
-        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cpus: limits.cpuSet ?? [], cgroup: cgroup,
-                       stateDirectory: stateDirectory, phases: phases)
+        return pid
     }
 
     /// What the blocking half of a launch leaves for the async half.
@@ -393,6 +423,8 @@ final class HostSocketOwnership: @unchecked Sendable {
 /// Where spawn time goes, for the benchmark: host steps, then init's own steps from its ready (the same
 /// monotonic clock), each as the time since the previous mark.
 final class SpawnPhases: @unchecked Sendable {
+    static let execStep = "clone, maps, exec"
+    static let forkStep = "fork server clone, maps"
     private let start: UInt64
     private var marks: [(String, UInt64)] = []
 
@@ -402,7 +434,7 @@ final class SpawnPhases: @unchecked Sendable {
 
     func merged(initMarks: [UInt64]) -> [SpawnPhase] {
         var all = marks
-        if initMarks.count == 3, let exec = all.firstIndex(where: { $0.0 == "clone, maps, exec" }), all.count > exec + 1,
+        if initMarks.count == 3, let exec = all.firstIndex(where: { $0.0 == Self.execStep || $0.0 == Self.forkStep }), all.count > exec + 1,
            initMarks[0] <= initMarks[1], initMarks[1] <= initMarks[2], initMarks[2] <= all[exec + 1].1 {
             // init may be running before the host hears that exec succeeded: the exec step ends when init starts.
             all[exec].1 = min(all[exec].1, initMarks[0])

@@ -55,6 +55,9 @@ public struct SandboxHostConfig: Sendable {
     public var reconnectSeconds: Int64 = 0
     /// Mark the session cgroups' parent idle for the CPU scheduler, below the host's processes.
     public var sessionsYieldCPUToHost = false
+    /// Make each init by cloning a fork server (cubicle-init started once, `InitForkServer`) rather than by
+    /// exec'ing cubicle-init from the daemon. Falls back to exec when the init binary is not a fork server.
+    public var initForkServer = true
     /// Network namespaces kept ready for launches (`NetworkNamespacePool`); 0: each clone makes its own.
     public var networkNamespacePool = 0
 

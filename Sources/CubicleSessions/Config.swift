@@ -73,6 +73,9 @@ public struct DaemonConfig: Equatable, Sendable {
     public var sessionsYieldCPUToHost = false
     /// Network namespaces made ahead of time for new sandboxes; 0: each sandbox's clone makes its own.
     public var networkNamespacePool = 4
+    /// New sandboxes' inits are cloned from a fork server (cubicle-init started once) instead of each being
+    /// exec'd by cubicled; false: exec every time.
+    public var initForkServer = true
 
     public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
 
@@ -110,6 +113,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.int("restartGraceSeconds", 0...86_400) { config.restartGraceSeconds = v }
         if let v = try top.bool("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
         if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }
+        if let v = try top.bool("initForkServer") { config.initForkServer = v }
         config.seccompProfile = try top.string("seccompProfile")
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }

@@ -20,7 +20,7 @@ public actor SessionManager {
     }
 
     public nonisolated let config: DaemonConfig
-    let launcher: SandboxLauncher
+    public nonisolated let launcher: SandboxLauncher
     let seccompProgram: [UInt8]
     let group: any EventLoopGroup
     let clock: MonotonicClock

@@ -87,7 +87,11 @@ struct Cubicled: AsyncParsableCommand {
         hostConfig.reconnectSeconds = Int64(daemonConfig.restartGraceSeconds)
         hostConfig.sessionsYieldCPUToHost = daemonConfig.sessionsYieldCPUToHost
         hostConfig.networkNamespacePool = daemonConfig.networkNamespacePool
+        hostConfig.initForkServer = daemonConfig.initForkServer
         let launcher = SandboxLauncher(host: hostConfig)
+        if let forkServer = launcher.forkServer, !forkServer.start() {
+            logger.warning("sandboxes' inits will be exec'd one by one", metadata: ["reason": "\(forkServer.unavailableReason ?? "?")"])
+        }
         let group = MultiThreadedEventLoopGroup.singleton
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
         // Sessions a killed predecessor left running are served again before any request can arrive.
@@ -218,6 +222,7 @@ struct SessionsService: Service {
         let count = await manager.liveCount
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
+        manager.launcher.forkServer?.stop()
         try? Files.removeTree(stateDir + "/runtimes")
         try? Files.removeTree(stateDir + "/sandboxes")
         unlink(adminSocket)

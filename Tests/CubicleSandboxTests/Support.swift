@@ -40,7 +40,7 @@ final class TestHost: @unchecked Sendable {
     var sandboxes: [Sandbox] = []
 
     init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: Bool = false,
-         networkNamespacePool: Int = 0) throws {
+         networkNamespacePool: Int = 0, forkServer: Bool? = nil) throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         stateDirectory = "/tmp/cubicle-test-\(tag)"
         cgroupParent = "cubicle-test-\(tag)"
@@ -48,6 +48,8 @@ final class TestHost: @unchecked Sendable {
         config.uidRangeCount = uidRangeCount
         config.sessionsYieldCPUToHost = yieldCPUToHost
         config.networkNamespacePool = networkNamespacePool
+        // A stand-in init is no fork server; asking it to be one would only cost a failed handshake.
+        config.initForkServer = forkServer ?? (initPath == Paths.initBinary)
         // Tests get their own id space, so parallel tests' range exhaustion checks cannot collide.
         config.firstHostID = firstHostID ?? (2_000_000_000 - UInt32.random(in: 0..<2000) * 65536 * 8)
         self.config = config

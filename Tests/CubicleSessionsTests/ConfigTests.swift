@@ -44,6 +44,8 @@ import Testing
         #expect(!c.sessionsYieldCPUToHost, "sessions compete with host processes at normal weight unless configured")
         #expect(c.networkNamespacePool == 4)
         #expect(try DaemonConfig.parse(yaml: "networkNamespacePool: 0\nruntimes:\n  - {name: a, command: [/a]}").networkNamespacePool == 0)
+        #expect(c.initForkServer)
+        #expect(try DaemonConfig.parse(yaml: "initForkServer: false\nruntimes:\n  - {name: a, command: [/a]}").initForkServer == false)
         #expect(try DaemonConfig.parse(yaml: "sessionsYieldCPUToHost: true\nruntimes:\n  - {name: a, command: [/a]}").sessionsYieldCPUToHost)
     }
 
@@ -69,6 +71,7 @@ import Testing
         ("maxSessions: many\nruntimes:\n  - {name: a, command: [/a]}", "maxSessions"),
         ("sessionsYieldCPUToHost: sometimes\nruntimes:\n  - {name: a, command: [/a]}", "sessionsYieldCPUToHost"),
         ("networkNamespacePool: -1\nruntimes:\n  - {name: a, command: [/a]}", "networkNamespacePool"),
+        ("initForkServer: 3\nruntimes:\n  - {name: a, command: [/a]}", "initForkServer"),
         ("runtimes: {a: 1}", "runtimes"),
         ("runtimes:\n  - [unclosed", "(file)"),
         ("", "(file)"),

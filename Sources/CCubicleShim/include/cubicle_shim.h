@@ -80,6 +80,15 @@ typedef int (*cubicle_sandbox_prepare)(void *context, pid_t pid);
 pid_t cubicle_sandbox_spawn_run(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
                                 cubicle_spawn_error *error);
 
+/* The fork server's way (see Sources/CubicleInit/ForkServer.swift): the same steps from a single-threaded
+ * cubicle-init that clones itself instead of exec'ing, with CLONE_PARENT so the daemon is init's parent.
+ * Returns 0 in the child, which is then ready to serve as init (descriptors placed, the rest closed,
+ * signals default and unblocked); in the caller the child's pid, or -1 with *error set, in which case a
+ * child that was made has been killed and its pid is in *unreaped for the daemon to reap. path, argv and
+ * envp are not used. */
+pid_t cubicle_sandbox_fork(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_prepare prepare, void *context,
+                           cubicle_spawn_error *error, pid_t *unreaped);
+
 /* ---- Inside the sandbox: start the agent or a command with its final identity. ---- */
 
 typedef struct {
