@@ -29,9 +29,10 @@ public struct InitServer {
         serveSandbox()
     }
 
-    static func serveSandbox() -> Never {
+    /// `config`: given by the fork server, already parsed; nil: the first frame on the control socket.
+    static func serveSandbox(config: InitConfig? = nil) -> Never {
         var server = InitServer()
-        server.run()
+        server.run(given: config)
     }
 
     init() {
@@ -45,22 +46,25 @@ public struct InitServer {
         return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
-    mutating func run() -> Never {
-        let started = Self.monotonicNanoseconds()
-        let config: InitConfig
+    /// The first frame: the host queues configure before we exist; a large one may take more than one read.
+    mutating func receiveConfiguration() -> InitConfig {
         do {
-            // The host queues configure before we exist; a large one may still take more than one read.
             var first = try channel.receive()
             while first == nil { first = try channel.receive() }
             guard case (.notification(RPCMethod.configure, let params, _), _)? = first else {
                 fail(SystemError("first message is not \(RPCMethod.configure)", errno: EPROTO))
             }
-            config = try InitConfig(json: params)
+            return try InitConfig(json: params)
         } catch let e as RPCError {
             fail(SystemError("configure: \(e.message)", errno: EINVAL))
         } catch {
             fail(SystemError("configure: \(error)", errno: EPROTO))
         }
+    }
+
+    mutating func run(given: InitConfig?) -> Never {
+        let started = Self.monotonicNanoseconds()
+        let config = given ?? receiveConfiguration()
         let configured = Self.monotonicNanoseconds()
         do {
             try RootFilesystem(config: config).build()

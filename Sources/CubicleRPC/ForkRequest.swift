@@ -3,8 +3,10 @@
 /// with the Swift runtime loaded and its code paged in instead of paying for an exec (see
 /// `Sources/CubicleInit/ForkServer.swift`).
 ///
-/// A request is one SOCK_SEQPACKET message: this JSON, with the descriptors it counts attached in the
-/// order of `Descriptors`. The reply is `ForkReply`, 20 bytes.
+/// A request is one SOCK_SEQPACKET message: the length of this JSON (4 bytes, little-endian), the JSON, then
+/// init's configuration (the JSON of `InitConfig`), with the descriptors it counts attached in the order of
+/// `descriptorCount`. The reply is `ForkReply`, 20 bytes. The configuration travels as bytes so the server
+/// can tell it has parsed the same one before (every sandbox of a runtime has the same) without parsing it.
 public struct ForkRequest: Equatable, Sendable {
     public var namespaces: Int32
     public var unshareCgroup: Bool
@@ -28,6 +30,19 @@ public struct ForkRequest: Equatable, Sendable {
                 cgroupTaskFiles: Int, hasCgroupProcs: Bool) {
         (self.namespaces, self.unshareCgroup, self.idMap, self.sources) = (namespaces, unshareCgroup, idMap, sources)
         (self.hasNetworkNamespace, self.cgroupTaskFiles, self.hasCgroupProcs) = (hasNetworkNamespace, cgroupTaskFiles, hasCgroupProcs)
+    }
+
+    public static func message(request: [UInt8], configuration: [UInt8]) -> [UInt8] {
+        (0..<4).map { UInt8(truncatingIfNeeded: UInt32(request.count) >> ($0 * 8)) } + request + configuration
+    }
+
+    /// The request's JSON and the configuration's bytes; nil when the lengths do not add up.
+    public static func split(_ message: ArraySlice<UInt8>) -> (request: ArraySlice<UInt8>, configuration: ArraySlice<UInt8>)? {
+        guard message.count >= 4 else { return nil }
+        let start = message.startIndex
+        let n = (0..<4).reduce(0) { $0 | Int(message[start + $1]) << ($1 * 8) }
+        guard n <= message.count - 4 else { return nil }
+        return (message[(start + 4)..<(start + 4 + n)], message[(start + 4 + n)...])
     }
 
     /// How many descriptors come with the request: placed ones, the network namespace, tasks files, cgroup.procs.

@@ -58,9 +58,10 @@ public final class InitForkServer: @unchecked Sendable {
         }
     }
 
-    /// One init, made from `request` with `fds` (see `ForkRequest`). nil: no fork server, exec instead.
-    func fork(_ request: ForkRequest, fds: [Int32]) throws(SandboxError) -> pid_t? {
-        let payload = Array(request.json.text.utf8)
+    /// One init, made from `request` and init's `configuration` (its JSON) with `fds` (see `ForkRequest`).
+    /// nil: no fork server, exec instead.
+    func fork(_ request: ForkRequest, configuration: [UInt8], fds: [Int32]) throws(SandboxError) -> pid_t? {
+        let payload = ForkRequest.message(request: Array(request.json.text.utf8), configuration: configuration)
         return try state.withLock { (s: inout State) throws(SandboxError) -> pid_t? in
             // A server that died since the last request gets one restart for this one.
             for attempt in 0..<2 {

@@ -17,12 +17,24 @@ public struct SandboxLauncher: Sendable {
     public let networkNamespaces: NetworkNamespacePool?
     /// nil when the host config turns it off: every init is then exec'd by the launch that needs it.
     public let forkServer: InitForkServer?
+    /// Spare cgroups (v1 only); nil: each launch makes its own.
+    public let cgroupPool: CgroupPool?
 
     public init(host: SandboxHostConfig, cpuPlacer: CPUPlacer = CPUPlacer()) {
         self.host = host
         self.cpuPlacer = cpuPlacer
         networkNamespaces = host.networkNamespacePool > 0 ? try? NetworkNamespacePool(size: host.networkNamespacePool) : nil
         forkServer = host.initForkServer ? InitForkServer(initPath: host.initPath, timeoutMilliseconds: host.readyTimeoutMilliseconds) : nil
+        cgroupPool = host.cgroupVersion == .v1 && host.cgroupPool > 0
+            ? CgroupPool(root: host.cgroupRoot, parent: host.cgroupParent, size: host.cgroupPool) : nil
+    }
+
+    /// Ends what the launcher keeps ready (network namespaces, spare cgroups, the fork server); sandboxes
+    /// it made are not touched. For shutdown: the launcher makes nothing afterwards.
+    public func shutDown() {
+        networkNamespaces?.close()
+        cgroupPool?.close()
+        forkServer?.stop()
     }
 
     static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
@@ -132,10 +144,31 @@ public struct SandboxLauncher: Sendable {
             limits.cpuSet = cpus
             rollback.add { [cpuPlacer] in cpuPlacer.release(cpus) }
         }
-        do {
-            try cgroup.create()
-            rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
-            try cgroup.apply(limits)
+        // v1: the child moves itself into the cgroup through `tasks` files opened here (see the shim).
+        // v2 has no such door: cgroup.procs moves a whole thread group under the global lock.
+        var taskFiles: [Int32] = []
+        defer { taskFiles.forEach { _ = close($0) } }
+        do throws(CgroupError) {
+            if let spare = cgroupPool?.take(limits, as: cgroup) {
+                taskFiles = spare
+                rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
+                if let cpus = limits.cpuSet {
+                    var placement = CgroupLimits()
+                    placement.cpuSet = cpus
+                    try cgroup.apply(placement)
+                }
+            } else {
+                try cgroup.create()
+                rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
+                try cgroup.apply(limits)
+                if cgroup.version == .v1 {
+                    for directory in cgroup.directories {
+                        let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
+                        guard fd >= 0 else { throw CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open \(directory)/tasks"))) }
+                        taskFiles.append(fd)
+                    }
+                }
+            }
             try prepareParent()
         } catch {
             throw .cgroup(error)
@@ -152,7 +185,7 @@ public struct SandboxLauncher: Sendable {
         do { reconnectSock = try Descriptors.listenUnix(directory: stateDirectory, name: SandboxLauncher.controlSocketName) } catch { throw .system(error) }
         defer { close(reconnectSock) }
 
-        // Queued before the clone, so init finds its configuration waiting when it first reads.
+        // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
         var config = InitConfig()
         config.hostname = spec.hostname
         config.rootBytes = spec.rootBytes
@@ -164,29 +197,13 @@ public struct SandboxLauncher: Sendable {
         config.maxProcesses = spec.maxProcesses
         config.reconnectSeconds = host.reconnectSeconds
 
-        do {
-            try BlockingChannel(fd: hostSock).send(.notification(method: RPCMethod.configure, params: config.json, fds: 0))
-        } catch {
-            throw .system(error)
-        }
-
+        let configuration = config.json
         // Clone; the child waits while its id maps are written (and, on v2, it is put in its cgroup).
         let childFDs = [childSock, reconnectSock]
         let pooledNetwork = networkNamespaces?.take() ?? -1
         defer { if pooledNetwork >= 0 { close(pooledNetwork) } }
         let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewIPC | Self.cloneNewUTS
             | (pooledNetwork >= 0 ? 0 : Self.cloneNewNet)
-        // v1: the child moves itself into the cgroup through `tasks` files opened here (see the shim).
-        // v2 has no such door: cgroup.procs moves a whole thread group under the global lock.
-        var taskFiles: [Int32] = []
-        defer { taskFiles.forEach { _ = close($0) } }
-        if cgroup.version == .v1 {
-            for directory in cgroup.directories {
-                let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
-                guard fd >= 0 else { throw .cgroup(CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open \(directory)/tasks")))) }
-                taskFiles.append(fd)
-            }
-        }
         let idMap = "0 \(range.hostBase) \(range.size)\n"
         let forked: pid_t?
         if let forkServer {
@@ -198,7 +215,7 @@ public struct SandboxLauncher: Sendable {
             defer { if procs >= 0 { close(procs) } }
             let request = ForkRequest(namespaces: namespaces, unshareCgroup: true, idMap: idMap, sources: sources.paths,
                                       hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0)
-            forked = try forkServer.fork(request, fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
+            forked = try forkServer.fork(request, configuration: Array(configuration.text.utf8), fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
         } else {
             forked = nil
         }
@@ -206,6 +223,12 @@ public struct SandboxLauncher: Sendable {
         if let forked {
             pid = forked
         } else {
+            // Queued before the clone, so init finds its configuration waiting when it first reads.
+            do {
+                try BlockingChannel(fd: hostSock).send(.notification(method: RPCMethod.configure, params: configuration, fds: 0))
+            } catch {
+                throw .system(error)
+            }
             pid = try exec(sources: sources, namespaces: namespaces, childFDs: childFDs, pooledNetwork: pooledNetwork,
                            taskFiles: taskFiles, preparation: ChildPreparation(idMap: idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
         }

@@ -58,6 +58,8 @@ public struct SandboxHostConfig: Sendable {
     /// Make each init by cloning a fork server (cubicle-init started once, `InitForkServer`) rather than by
     /// exec'ing cubicle-init from the daemon. Falls back to exec when the init binary is not a fork server.
     public var initForkServer = true
+    /// Spare cgroups kept ready per set of limits (cgroup v1 only, `CgroupPool`); 0: each launch makes its own.
+    public var cgroupPool = 2
     /// Network namespaces kept ready for launches (`NetworkNamespacePool`); 0: each clone makes its own.
     public var networkNamespacePool = 0
 

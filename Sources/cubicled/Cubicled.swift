@@ -222,7 +222,7 @@ struct SessionsService: Service {
         let count = await manager.liveCount
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
-        manager.launcher.forkServer?.stop()
+        manager.launcher.shutDown()
         try? Files.removeTree(stateDir + "/runtimes")
         try? Files.removeTree(stateDir + "/sandboxes")
         unlink(adminSocket)

@@ -359,8 +359,10 @@ struct HostileInitTests {
             spec.hostname = "slow"
             var config = host.config
             config.readyTimeoutMilliseconds = 300
+            let launcher = SandboxLauncher(host: config)
+            defer { launcher.shutDown() }
             do {
-                _ = try await SandboxLauncher(host: config).launch(spec)
+                _ = try await launcher.launch(spec)
                 Issue.record("launch succeeded without ready")
             } catch SandboxError.initTimeout {}
             #expect(FailureTests.nothingLeft(host))
