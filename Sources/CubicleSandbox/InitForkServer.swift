@@ -71,13 +71,10 @@ public final class InitForkServer: @unchecked Sendable {
                 case .reply(let reply):
                     if reply.unreaped > 0 { Self.reap(reply.unreaped) }
                     if reply.pid > 0 { return reply.pid }
-                    if reply.step == Int32(CUBICLE_STEP_OPEN_SOURCE.rawValue), request.sources.indices.contains(Int(reply.index)) {
-                        throw .spawn(step: "open \(request.sources[Int(reply.index)])", errno: reply.errno)
-                    }
                     if reply.step == Int32(CUBICLE_STEP_PREPARE.rawValue) {
                         throw .spawn(step: "write id maps or join cgroup", errno: reply.errno)
                     }
-                    throw .spawn(step: SpawnStep.name(reply.step), errno: reply.errno)
+                    throw .childFailed(step: reply.step, errno: reply.errno, index: reply.index, sources: request.sources)
                 case .broken(let why):
                     Self.stop(server)
                     s.server = nil

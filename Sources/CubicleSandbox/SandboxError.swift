@@ -1,3 +1,4 @@
+import CCubicleShim
 import CubicleLinux
 import CubicleRPC
 
@@ -36,5 +37,16 @@ public enum SandboxError: Error, CustomStringConvertible, Sendable {
         case .protocolViolation(let why): "cubicle-init broke the control protocol: \(why)"
         case .ended(let why): "sandbox has ended: \(why)"
         }
+    }
+}
+
+extension SandboxError {
+    /// A child's failure before it became init (a step of the C shim), naming the bind source it could not
+    /// open when that was the step.
+    static func childFailed(step: Int32, errno: Int32, index: Int32, sources: [String]) -> SandboxError {
+        if step == Int32(CUBICLE_STEP_OPEN_SOURCE.rawValue), sources.indices.contains(Int(index)) {
+            return .spawn(step: "open \(sources[Int(index)])", errno: errno)
+        }
+        return .spawn(step: SpawnStep.name(step), errno: errno)
     }
 }

@@ -268,10 +268,7 @@ public struct SandboxLauncher: Sendable {
         }
         guard pid > 0 else {
             if let error = preparation.error { throw error }
-            if failure.step == Int32(CUBICLE_STEP_OPEN_SOURCE.rawValue), sources.paths.indices.contains(Int(failure.index)) {
-                throw .spawn(step: "open \(sources.paths[Int(failure.index)])", errno: failure.err)
-            }
-            throw .spawn(step: SpawnStep.name(failure.step), errno: failure.err)
+            throw .childFailed(step: failure.step, errno: failure.err, index: failure.index, sources: sources.paths)
         }
         return pid
     }
