@@ -17,7 +17,6 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -370,12 +369,6 @@ int cubicle_loopback_up(void) {
     close(s);
     errno = saved;
     return rc;
-}
-
-int cubicle_own_mounts_without_sys(void) {
-    if (unshare(CLONE_NEWNS) < 0) return -1;
-    if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0) return -1;
-    return umount2("/sys", MNT_DETACH);
 }
 
 int cubicle_pidfd_open(pid_t pid) {

@@ -21,11 +21,6 @@ enum ForkServer {
     static func serve() -> Never {
         // Whatever else the daemon let us inherit is not ours to hold.
         cubicle_close_from(socketFD + 1)
-        // Each clone's mount namespace starts as a copy of ours, and copying, making private and finally
-        // detaching the host's /sys with its cgroup, debug and tracing mounts (14 of 22 mounts here, more on
-        // most hosts) is work for every sandbox, which needs none of them. So we keep a namespace of our own
-        // without /sys: a slave of the host's, so a code directory mounted on the host later still shows.
-        _ = cubicle_own_mounts_without_sys()
         let hostNetwork = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)
         guard hostNetwork >= 0, (try? Descriptors.send(socketFD, ForkReply.hello[...], fds: [])) != nil else { exit(1) }
         var buffer = [UInt8](repeating: 0, count: ForkRequest.maxSize)

@@ -248,6 +248,23 @@ public struct Cgroup: Sendable {
         return true
     }
 
+    /// v1: this cgroup's `tasks` files, open for writing (the caller's to close), through which a child
+    /// moves itself in (see the shim); the kernel checks the opener's credentials. v2 has none: [].
+    func openTaskFiles() throws(CgroupError) -> [Int32] {
+        guard version == .v1 else { return [] }
+        var files: [Int32] = []
+        for directory in directories {
+            let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
+            guard fd >= 0 else {
+                let error = fail(.lastError("open \(directory)/tasks"))
+                files.forEach { _ = close($0) }
+                throw error
+            }
+            files.append(fd)
+        }
+        return files
+    }
+
     public func addProcess(_ pid: pid_t) throws(CgroupError) {
         do {
             for d in directories { try Files.write(d + "/cgroup.procs", String(pid)) }

@@ -137,22 +137,14 @@ public final class CgroupPool: @unchecked Sendable {
         var rng = SystemRandomNumberGenerator()
         let name = Self.prefix + Hex.encode((0..<8).map { _ in UInt8.random(in: 0...255, using: &rng) })
         let cgroup = Cgroup(version: .v1, root: root, path: "\(parent)/\(name)")
+        let files: [Int32]
         do {
             try cgroup.create()
             try cgroup.apply(limits)
+            files = try cgroup.openTaskFiles()
         } catch {
             try? cgroup.remove()
             return nil
-        }
-        var files: [Int32] = []
-        for directory in cgroup.directories {
-            let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
-            guard fd >= 0 else {
-                files.forEach { _ = Glibc.close($0) }
-                try? cgroup.remove()
-                return nil
-            }
-            files.append(fd)
         }
         return Spare(name: name, limits: limits, taskFiles: files)
     }

@@ -50,6 +50,8 @@ public struct SandboxLauncher: Sendable {
     }
 
     public static let controlSocketName = "control.sock"
+    /// No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
+    static let initEnvironment = ["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]
 
     static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
@@ -149,9 +151,9 @@ public struct SandboxLauncher: Sendable {
         var taskFiles: [Int32] = []
         defer { taskFiles.forEach { _ = close($0) } }
         do throws(CgroupError) {
+            rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
             if let spare = cgroupPool?.take(limits, as: cgroup) {
                 taskFiles = spare
-                rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
                 if let cpus = limits.cpuSet {
                     var placement = CgroupLimits()
                     placement.cpuSet = cpus
@@ -159,15 +161,8 @@ public struct SandboxLauncher: Sendable {
                 }
             } else {
                 try cgroup.create()
-                rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
                 try cgroup.apply(limits)
-                if cgroup.version == .v1 {
-                    for directory in cgroup.directories {
-                        let fd = open(directory + "/tasks", O_WRONLY | O_CLOEXEC)
-                        guard fd >= 0 else { throw CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open \(directory)/tasks"))) }
-                        taskFiles.append(fd)
-                    }
-                }
+                taskFiles = try cgroup.openTaskFiles()
             }
             try prepareParent()
         } catch {
@@ -247,8 +242,7 @@ public struct SandboxLauncher: Sendable {
                       taskFiles: [Int32], preparation: ChildPreparation) throws(SandboxError) -> pid_t {
         var failure = cubicle_spawn_error()
         let pid: pid_t = withCStrings([host.initPath]) { argv in
-            // No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
-            withCStrings(["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]) { envp in
+            withCStrings(Self.initEnvironment) { envp in
                 withCStrings(sources.paths) { paths in
                     childFDs.withUnsafeBufferPointer { fds in taskFiles.withUnsafeBufferPointer { taskFDs in
                         host.initPath.withCString { path in

@@ -56,6 +56,37 @@ struct ForkServerTests {
         }
     }
 
+    /// A code directory mounted on the host after the fork server started is what a sandbox sees, as with
+    /// an exec'd init: the server shares the host's mount namespace (a copy of its own would be stale where
+    /// the host's / is a private mount, as on this VM).
+    @Test func aDirectoryMountedAfterTheServerStartedIsSeen() async throws {
+        try await withHost({ try TestHost(forkServer: true) }) { host in
+            _ = try await host.launch()
+            #expect(host.launcher.forkServer?.serverPID != nil)
+
+            let late = "/tmp/cubicle-late-code-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            try Files.makeDirectories(late, mode: 0o755)
+            defer { umount2(late, Int32(MNT_DETACH)); rmdir(late) }
+            #expect(mount("tmpfs", late, "tmpfs", 0, "size=1m,mode=0755") == 0)
+            try Files.write(late + "/marker", "mounted later\n", flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
+            let s = try await host.launch { $0.codeDirectory = late }
+            let r = try await s.sh("cat /app/marker")
+            #expect(r.stdout == "mounted later\n", "\(r.stderr)")
+        }
+    }
+
+    /// The server reuses the configuration it parsed last only for the same bytes: sandboxes with other
+    /// settings, one after another from one server, each get their own.
+    @Test func eachLaunchGetsItsOwnConfiguration() async throws {
+        try await withHost({ try TestHost(forkServer: true) }) { host in
+            for name in ["alpha", "beta", "alpha", "gamma"] {
+                let s = try await host.launch { $0.hostname = name; $0.tmpBytes = name == "beta" ? 8 << 20 : 32 << 20 }
+                let r = try await s.sh("hostname; df -k /tmp | tail -1 | awk '{ print $2 }'")
+                #expect(r.stdout == "\(name)\n\(name == "beta" ? 8192 : 32768)\n")
+            }
+        }
+    }
+
     @Test func aKilledForkServerIsStartedAgain() async throws {
         try await withHost({ try TestHost(forkServer: true) }) { host in
             let first = try await host.launch()

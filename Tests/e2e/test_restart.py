@@ -21,6 +21,34 @@ def sandboxes(d):
     return sorted(os.listdir(os.path.join(d.state_dir, "sandboxes")))
 
 
+def fork_servers(daemon_pid):
+    """The daemon's init fork server: its child with the server's marker, in the host's pid namespace (the
+    inits it cloned carry the marker too, but each is in a pid namespace of its own)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                marked = b"CUBICLE_INIT_FORK_SERVER=1" in f.read().split(b"\0")
+            same_pid_ns = os.readlink(f"/proc/{name}/ns/pid") == os.readlink("/proc/self/ns/pid")
+        except OSError:
+            continue
+        if int(fields[1]) == daemon_pid and marked and same_pid_ns and fields[0] != "Z":
+            found.append(int(name))
+    return found
+
+
+def gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def test_sigkilled_cubicled_is_replaced_without_losing_sessions(start_daemon, tmp_path):
     leases = tmp_path / "leases"
     d = start_daemon(config(), extra_args=["--uid-lease-dir", str(leases)])
@@ -29,10 +57,18 @@ def test_sigkilled_cubicled_is_replaced_without_losing_sessions(start_daemon, tm
         assert d.invoke_json({"prompt": "2+5"}, sid)["turn"] == 1
     before = {sid: d.cubicle_json("inspect", sid) for sid in sessions}
     d.invoke_json({"prompt": "add 1"}, sessions[0])  # turn 2, answer 8: memory the agent must keep
+    servers = fork_servers(d.process.pid)
+    assert len(servers) == 1, "cubicled clones inits from one fork server"
 
     d.process.send_signal(signal.SIGKILL)
     d.process.wait()
     time.sleep(0.5)
+    # Its socket closed with the daemon, the fork server ends on its own; the sandboxes do not need it.
+    for _ in range(40):
+        if gone(servers[0]):
+            break
+        time.sleep(0.05)
+    assert gone(servers[0]), "the fork server outlived its daemon"
     for info in before.values():
         assert os.path.exists(f"/proc/{info['initPID']}"), "sandboxes outlive the daemon"
         assert os.path.exists(f"/proc/{info['agentHostPID']}")

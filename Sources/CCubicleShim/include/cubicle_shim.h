@@ -125,9 +125,6 @@ int cubicle_set_no_new_privs(void);
 int cubicle_pipe_cloexec(int fds[2]);
 void cubicle_close_from(int first_fd);
 int cubicle_pidfd_open(pid_t pid);
-/* The calling (single-threaded) process gets a mount namespace of its own, a slave of the current one,
- * with /sys and everything under it detached. */
-int cubicle_own_mounts_without_sys(void);
 /* Blocks the given signals and returns a CLOEXEC signalfd for them; read_signal returns the next signo, 0 when none. */
 int cubicle_signalfd(const int *signals, int count);
 int cubicle_read_signal(int fd);  /* pipe2(O_CLOEXEC), which Swift's Glibc does not export */
