@@ -21,6 +21,7 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -43,7 +44,7 @@ static void child_fail(int fd, int step) {
     _exit(127);
 }
 
-static void reset_signals(void) {
+void cubicle_default_signals(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = SIG_DFL;
@@ -83,10 +84,11 @@ struct sandbox_child_args {
 /* The child's steps up to the point where it is init: sources opened, the parent's go awaited, cgroup
  * joined, root in its namespace, descriptors placed and every other one CLOEXEC, signals default and
  * unblocked. Returns the error pipe, moved above the placed descriptors. */
-static int sandbox_child_setup(const struct sandbox_child_args *a) {
+static int sandbox_child_setup(const struct sandbox_child_args *a, int fork) {
     const cubicle_sandbox_spawn *spawn = a->spawn;
     int errfd = a->err_fd;
-    reset_signals();
+    /* A copy of the fork server has its dispositions, all default (it sets them so when it starts). */
+    if (!fork) cubicle_default_signals();
     int all[64];
     int nall = spawn->nfds + spawn->nsources;
     if (nall > 64) { errno = EMFILE; child_fail(errfd, CUBICLE_STEP_DUP_FDS); }
@@ -129,7 +131,7 @@ static int sandbox_child_setup(const struct sandbox_child_args *a) {
  * page-table copy to make and none to tear down at exec: only its stack and errno are written. */
 static int sandbox_child(void *arg) {
     const struct sandbox_child_args *a = arg;
-    int errfd = sandbox_child_setup(a);
+    int errfd = sandbox_child_setup(a, 0);
     execve(a->spawn->path, a->spawn->argv, a->spawn->envp);
     child_fail(errfd, CUBICLE_STEP_EXEC);
     return 127;
@@ -218,7 +220,7 @@ static pid_t sandbox_start(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_p
          * forks the same way). */
         pid = (pid_t)syscall(SYS_clone, (unsigned long)(spawn->namespaces | CLONE_PARENT | SIGCHLD), NULL, NULL, NULL, NULL);
         if (pid == 0) {
-            (void)sandbox_child_setup(&args);
+            (void)sandbox_child_setup(&args, 1);
             /* Closes the error pipe too: the parent reads EOF, as it does at an exec. */
             (void)syscall(SYS_close_range, 3 + spawn->nfds + spawn->nsources, ~0U, 0);
             return 0;
@@ -286,7 +288,7 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
     pid_t pid = (pid_t)syscall(SYS_clone, (unsigned long)SIGCHLD, NULL, NULL, NULL, NULL);
     if (pid == 0) {
         int errfd = err_pipe[1];
-        reset_signals();
+        cubicle_default_signals();
         if (s->new_session && setsid() < 0) child_fail(errfd, CUBICLE_STEP_SETSID);
         errfd = fcntl(errfd, F_DUPFD_CLOEXEC, 3);
         if (errfd < 0) _exit(127);
@@ -337,16 +339,34 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
     return pid;
 }
 
-int cubicle_mount_setattr_readonly(const char *path) {
+int cubicle_mount_setattr_readonly(const char *path, int nodev) {
     struct mount_attr attr;
     memset(&attr, 0, sizeof attr);
-    attr.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    attr.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | (nodev ? MOUNT_ATTR_NODEV : 0);
     return (int)syscall(SYS_mount_setattr, AT_FDCWD, path, AT_RECURSIVE | AT_SYMLINK_NOFOLLOW, &attr, sizeof attr);
 }
 
 int cubicle_mount_setattr_available(void) {
     /* An invalid flag: EINVAL where the call exists, ENOSYS where it does not. */
     return !(syscall(SYS_mount_setattr, -1, "", 0x80000000U, NULL, 0) < 0 && errno == ENOSYS);
+}
+
+int cubicle_file_identity_of(int dirfd, const char *path, cubicle_file_identity *out) {
+    struct statx st;
+    int flags = path[0] == 0 ? AT_EMPTY_PATH : 0;
+    if (syscall(SYS_statx, dirfd, path, flags, STATX_INO | 0x1000U /* STATX_MNT_ID */, &st) < 0) return -1;
+    out->dev = ((uint64_t)st.stx_dev_major << 32) | st.stx_dev_minor;
+    out->ino = st.stx_ino;
+    out->mnt_id = (st.stx_mask & 0x1000U) ? st.stx_mnt_id : 0;
+    return 0;
+}
+
+int cubicle_unshare_mounts(void) {
+    return unshare(CLONE_NEWNS);
+}
+
+int cubicle_enter_mounts(int ns_fd) {
+    return setns(ns_fd, CLONE_NEWNS);
 }
 
 int cubicle_pivot_root(const char *new_root, const char *put_old) {

@@ -21,10 +21,15 @@ enum ForkServer {
     static func serve() -> Never {
         // Whatever else the daemon let us inherit is not ours to hold.
         cubicle_close_from(socketFD + 1)
+        // Each clone inherits these; with none handled it need not reset 64 of them itself.
+        cubicle_default_signals()
         let hostNetwork = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)
-        guard hostNetwork >= 0, (try? Descriptors.send(socketFD, ForkReply.hello[...], fds: [])) != nil else { exit(1) }
+        let hostMounts = open("/proc/self/ns/mnt", O_RDONLY | O_CLOEXEC)
+        guard hostNetwork >= 0, hostMounts >= 0, (try? Descriptors.send(socketFD, ForkReply.hello[...], fds: [])) != nil else { exit(1) }
         var buffer = [UInt8](repeating: 0, count: ForkRequest.maxSize)
         var parsed = ParsedConfiguration()
+        var templates = TemplateStore(hostNamespace: hostMounts)
+
         while true {
             var fds: [Int32] = []
             let count: Int
@@ -36,13 +41,14 @@ enum ForkServer {
             }
             if count == 0 { exit(0) }
             // In the clone this does not return: it becomes init.
-            let reply = fork(buffer[0..<count], fds: fds, hostNetwork: hostNetwork, parsed: &parsed)
+            let reply = fork(buffer[0..<count], fds: fds, hostNetwork: hostNetwork, parsed: &parsed, templates: &templates)
             fds.forEach { close($0) }
             guard (try? Descriptors.send(socketFD, reply.bytes[...], fds: [])) != nil else { exit(1) }
         }
     }
 
-    static func fork(_ bytes: ArraySlice<UInt8>, fds: [Int32], hostNetwork: Int32, parsed: inout ParsedConfiguration) -> ForkReply {
+    static func fork(_ bytes: ArraySlice<UInt8>, fds: [Int32], hostNetwork: Int32, parsed: inout ParsedConfiguration,
+                     templates: inout TemplateStore) -> ForkReply {
         guard let (requestBytes, configurationBytes) = ForkRequest.split(bytes),
               let json = try? JSON.parse(Array(requestBytes)), let request = try? ForkRequest(json: json),
               let config = parsed.config(configurationBytes) else {
@@ -57,22 +63,33 @@ enum ForkServer {
         rest.removeFirst(request.cgroupTaskFiles)
         let preparation = ForkPreparation(idMap: request.idMap, cgroupProcs: request.hasCgroupProcs ? rest.removeFirst() : -1)
         let placed = Array(fds[0..<ForkRequest.placedCount])
+        // With a template the clone starts in a copy of its namespace and opens no sources; without one
+        // (it could not be built) the clone builds the whole tree as an exec'd init does.
+        let template = templates.template(configuration: configurationBytes, config: config, sources: request.sources)
+        let fromTemplate = template.map { cubicle_enter_mounts($0.namespace) == 0 } ?? false
+        defer {
+            if fromTemplate {
+                // Back in the host's namespace for the next template build and the sources' checks.
+                if cubicle_enter_mounts(templates.hostNamespace) != 0 { exit(1) }
+                _ = chdir("/")
+            }
+        }
         var failure = cubicle_spawn_error()
         var unreaped: pid_t = 0
-        let pid = withCStrings(request.sources) { sources in
+        let pid = withCStrings(fromTemplate ? [] : request.sources) { sources in
             placed.withUnsafeBufferPointer { placed in taskFiles.withUnsafeBufferPointer { tasks in
                 var spawn = cubicle_sandbox_spawn(path: nil, argv: nil, envp: nil, namespaces: request.namespaces,
                                                   unshare_cgroup: request.unshareCgroup ? 1 : 0,
                                                   fds: placed.baseAddress, nfds: Int32(placed.count),
                                                   sources: UnsafeRawPointer(sources).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
-                                                  nsources: Int32(request.sources.count), netns_fd: netns, host_netns_fd: hostNetwork,
+                                                  nsources: fromTemplate ? 0 : Int32(request.sources.count), netns_fd: netns, host_netns_fd: hostNetwork,
                                                   cgroup_task_fds: tasks.baseAddress, ncgroup_task_fds: Int32(tasks.count))
                 return withExtendedLifetime(preparation) {
                     cubicle_sandbox_fork(&spawn, ForkPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure, &unreaped)
                 }
             }}
         }
-        if pid == 0 { InitServer.serveSandbox(config: config) }
+        if pid == 0 { InitServer.serveSandbox(config: config, fromTemplate: fromTemplate) }
         if pid > 0 { return ForkReply(pid: pid) }
         let prepared = failure.step == Int32(CUBICLE_STEP_PREPARE.rawValue)
         return ForkReply(pid: -1, step: failure.step, errno: prepared ? preparation.errno : failure.err, index: failure.index, unreaped: unreaped)

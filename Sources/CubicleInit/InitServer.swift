@@ -30,9 +30,10 @@ public struct InitServer {
     }
 
     /// `config`: given by the fork server, already parsed; nil: the first frame on the control socket.
-    static func serveSandbox(config: InitConfig? = nil) -> Never {
+    /// `fromTemplate`: the clone starts in a copy of a template namespace (see `Template`).
+    static func serveSandbox(config: InitConfig? = nil, fromTemplate: Bool = false) -> Never {
         var server = InitServer()
-        server.run(given: config)
+        server.run(given: config, fromTemplate: fromTemplate)
     }
 
     init() {
@@ -62,12 +63,13 @@ public struct InitServer {
         }
     }
 
-    mutating func run(given: InitConfig?) -> Never {
+    mutating func run(given: InitConfig?, fromTemplate: Bool) -> Never {
         let started = Self.monotonicNanoseconds()
         let config = given ?? receiveConfiguration()
         let configured = Self.monotonicNanoseconds()
         do {
-            try RootFilesystem(config: config).build()
+            let filesystem = RootFilesystem(config: config)
+            if fromTemplate { try filesystem.buildFromTemplate() } else { try filesystem.build() }
         } catch {
             fail(error)
         }

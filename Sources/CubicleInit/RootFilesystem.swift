@@ -11,6 +11,12 @@ final class MadeDirectories {
 
 /// Builds the sandbox's filesystem inside the new mount namespace, then pivots into it.
 /// Runs before any thread exists and before the agent starts; every failure names its step.
+///
+/// The tree has two parts. The read-only part (host binds, the generated /etc files, /dev's nodes and
+/// links, the empty mount points) is the same for every sandbox of a runtime; the per-sandbox part (/proc,
+/// /dev/pts, /dev/shm, /tmp, the agent's home) is not. An exec'd init builds both. Under the fork server
+/// the read-only part is built once per runtime into a template mount namespace (`Template`), and each
+/// clone starts in a copy of it and adds only the per-sandbox mounts.
 struct RootFilesystem {
     let config: InitConfig
     /// Directories known to exist, so a deep tree costs one mkdir per directory rather than one per ancestor.
@@ -19,27 +25,70 @@ struct RootFilesystem {
     /// no bind source is looked up by path, so any existing world-traversable directory will do.
     let staging = "/tmp"
 
+    init(config: InitConfig) {
+        self.config = config
+    }
+
     /// runc's masked and read-only /proc paths.
     static let maskedPaths = ["/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
                               "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/proc/interrupts"]
     static let readOnlyPaths = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
     static let devices = ["null", "zero", "full", "random", "urandom", "tty"]
+    /// Empty directories of the read-only part that the per-sandbox part mounts on.
+    static let mountPoints = ["/proc", "/tmp", InitConfig.agentHome, "/dev/pts", "/dev/shm"]
 
+    /// The whole tree, for an exec'd init: sources are the descriptors the launch placed for it.
     func build() throws(SystemError) {
         try sys("make / private") { mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) }
         try mountTmpfs(staging, bytes: config.rootBytes, mode: "0755")
-        let oneCall = try mountFromHost()
-        try writeIdentityFiles()
-        for dir in ["/proc", "/dev", "/tmp", InitConfig.agentHome] { try mkdirs(staging + dir) }
-        // One call makes the root and every host bind under it read-only, nosuid and nodev, recursively;
-        // what is mounted after it (proc, dev, tmp, home) keeps its own flags.
-        if oneCall { try makeReadOnly(staging) }
-        try mountProc()
-        try mountDev()
-        try mountTmpfs(staging + "/tmp", bytes: config.tmpBytes, mode: "1777")
-        try mountTmpfs(staging + InitConfig.agentHome, bytes: config.homeBytes, mode: "0700",
+        let oneCall = try buildReadOnlyPart(at: staging) { InitConfig.firstSourceFD + Int32($0) }
+        try mountPerSandboxPart(at: staging)
+        try pivot(into: staging, rootIsReadOnly: oneCall)
+        try nameAndNetwork()
+    }
+
+    /// For a clone started in a copy of a template namespace: the template's tree bound to a new root (a
+    /// bind of our own, which pivot_root accepts where the template's locked copy is refused), then the
+    /// per-sandbox part, then the pivot, which drops the template's scaffolding with the old root.
+    func buildFromTemplate() throws(SystemError) {
+        let root = Template.newRoot
+        try sys("bind template root") { mount(Template.tree, root, nil, UInt(MS_BIND | MS_REC), nil) }
+        try mountPerSandboxPart(at: root)
+        try pivot(into: root, rootIsReadOnly: true)
+        try nameAndNetwork()
+    }
+
+    /// The read-only part under `root` (a fresh tmpfs): host binds from `sourceFD(index)`, identity files,
+    /// /dev's nodes and links, mount points. Returns whether it is read-only already (mount_setattr exists);
+    /// before Linux 5.12 each bind is remounted read-only on its own and the root at the pivot.
+    func buildReadOnlyPart(at root: String, sourceFD: (Int) -> Int32) throws(SystemError) -> Bool {
+        let oneCall = try mountFromHost(at: root, sourceFD: sourceFD)
+        try writeIdentityFiles(at: root)
+        for dir in Self.mountPoints where !dir.hasPrefix("/dev/") { try mkdirs(root + dir) }
+        try mkdirs(root + "/dev")
+        // One call makes the root and every bind under it read-only, nosuid and nodev, recursively; /dev,
+        // mounted after it, keeps its devices usable.
+        if oneCall { try makeReadOnly(root) }
+        try mountDevNodes(at: root + "/dev")
+        if oneCall { try makeReadOnly(root + "/dev", nodev: false) } else { try remountReadOnly(root + "/dev", extra: UInt(MS_NOSUID | MS_NOEXEC)) }
+        return oneCall
+    }
+
+    /// What each sandbox gets of its own: /proc of its pid namespace, a devpts instance, and writable tmpfs
+    /// for /dev/shm, /tmp and the agent's home. The mount points exist already (the tree may be read-only).
+    func mountPerSandboxPart(at root: String) throws(SystemError) {
+        // Files in /proc are masked with the tree's own /dev/null, read-only like the rest of it.
+        try mountProc(at: root + "/proc", devNull: root + "/dev/null")
+        try sys("mount devpts") {
+            mount("devpts", root + "/dev/pts", "devpts", UInt(MS_NOSUID | MS_NOEXEC), "newinstance,ptmxmode=0666,mode=0620")
+        }
+        try mountTmpfs(root + "/dev/shm", bytes: config.tmpBytes, mode: "1777", flags: Int(MS_NOEXEC))
+        try mountTmpfs(root + "/tmp", bytes: config.tmpBytes, mode: "1777")
+        try mountTmpfs(root + InitConfig.agentHome, bytes: config.homeBytes, mode: "0700",
                        extra: ",uid=\(config.agentUID),gid=\(config.agentGID)")
-        try pivot(rootIsReadOnly: oneCall)
+    }
+
+    private func nameAndNetwork() throws(SystemError) {
         try sys("sethostname") { config.hostname.withCString { sethostname($0, strlen($0)) } }
         try sys("loopback up") { cubicle_loopback_up() }
     }
@@ -50,12 +99,14 @@ struct RootFilesystem {
         for part in path.split(separator: "/") {
             current += "/" + part
             guard !made.paths.contains(current) else { continue }
-            if mkdir(current, 0o755) != 0 && errno != EEXIST { throw SystemError.lastError("mkdir \(current)") }
+            if mkdir(current, 0o755) != 0 && errno != EEXIST && !(errno == EROFS && Files.isDirectory(current)) {
+                throw SystemError.lastError("mkdir \(current)")
+            }
             made.paths.insert(current)
         }
     }
 
-    private func mountTmpfs(_ target: String, bytes: Int64, mode: String, extra: String = "", flags: Int = 0) throws(SystemError) {
+    func mountTmpfs(_ target: String, bytes: Int64, mode: String, extra: String = "", flags: Int = 0) throws(SystemError) {
         try mkdirs(target)
         let options = "size=\(bytes),mode=\(mode)\(extra)"
         try sys("mount tmpfs \(target)") {
@@ -65,10 +116,10 @@ struct RootFilesystem {
 
     /// Read-only, nosuid and nodev for the bind and every mount under it: a host /usr with /usr/local
     /// mounted apart must not bring a writable mount in with it.
-    private func makeReadOnly(_ target: String) throws(SystemError) {
-        if cubicle_mount_setattr_readonly(target) == 0 { return }
+    func makeReadOnly(_ target: String, nodev: Bool = true) throws(SystemError) {
+        if cubicle_mount_setattr_readonly(target, nodev ? 1 : 0) == 0 { return }
         guard errno == ENOSYS else { throw SystemError.lastError("make read-only \(target)") }
-        try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV))
+        try remountReadOnly(target, extra: UInt(MS_NOSUID | (nodev ? MS_NODEV : 0)))
     }
 
     /// Before Linux 5.12: a remount, which reaches only the top mount and must repeat the flags the kernel
@@ -97,13 +148,13 @@ struct RootFilesystem {
 
     /// Binds the host paths. Returns whether mount_setattr exists, so the caller can make them all
     /// read-only at once; without it (before 5.12) each bind is remounted read-only here.
-    private func mountFromHost() throws(SystemError) -> Bool {
+    private func mountFromHost(at root: String, sourceFD: (Int) -> Int32) throws(SystemError) -> Bool {
         let hasSetattr = cubicle_mount_setattr_available() != 0
         for m in config.mounts {
-            let target = staging + m.target
+            let target = root + m.target
             switch m.kind {
             case .bindReadOnly(let index, let directory):
-                let source = "/proc/self/fd/\(InitConfig.firstSourceFD + Int32(index))"
+                let source = "/proc/self/fd/\(sourceFD(index))"
                 try bind(source, target, directory: directory, step: "bind \(m.target)")
                 if !hasSetattr { try remountReadOnly(target, extra: UInt(MS_NOSUID | MS_NODEV)) }
             case .symlink(let destination):
@@ -114,48 +165,42 @@ struct RootFilesystem {
         return hasSetattr
     }
 
-    private func mountProc() throws(SystemError) {
-        let proc = staging + "/proc"
-        try mkdirs(proc)
+    private func mountProc(at proc: String, devNull: String) throws(SystemError) {
         try sys("mount proc") { mount("proc", proc, "proc", UInt(MS_NOSUID | MS_NODEV | MS_NOEXEC), nil) }
         for path in Self.maskedPaths {
-            let target = staging + path
+            let target = proc + path.dropFirst("/proc".count)
             var st = stat()
             guard lstat(target, &st) == 0 else { continue }
             if (st.st_mode & S_IFMT) == S_IFDIR {
                 try sys("mask \(path)") { mount("tmpfs", target, "tmpfs", UInt(MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC), "size=0") }
             } else {
-                try sys("mask \(path)") { mount("/dev/null", target, nil, UInt(MS_BIND), nil) }
+                try sys("mask \(path)") { mount(devNull, target, nil, UInt(MS_BIND), nil) }
             }
         }
         for path in Self.readOnlyPaths {
-            let target = staging + path
+            let target = proc + path.dropFirst("/proc".count)
             guard access(target, F_OK) == 0 else { continue }
             try sys("bind \(path)") { mount(target, target, nil, UInt(MS_BIND | MS_REC), nil) }
             try makeReadOnly(target)
         }
     }
 
-    private func mountDev() throws(SystemError) {
-        let dev = staging + "/dev"
+    /// /dev's own tmpfs with the few safe host devices bound in (a user namespace cannot mknod) and its
+    /// links; devpts and shm are per sandbox.
+    private func mountDevNodes(at dev: String) throws(SystemError) {
         try mountTmpfs(dev, bytes: 65536, mode: "0755", flags: Int(MS_NOEXEC))
-        // A user namespace cannot mknod, so the few safe devices are bound from the host.
         for name in Self.devices {
             try bind("/dev/" + name, dev + "/" + name, directory: false, step: "bind /dev/\(name)")
         }
-        try mkdirs(dev + "/pts")
-        try sys("mount devpts") {
-            mount("devpts", dev + "/pts", "devpts", UInt(MS_NOSUID | MS_NOEXEC), "newinstance,ptmxmode=0666,mode=0620")
-        }
+        for dir in ["pts", "shm"] { try mkdirs(dev + "/" + dir) }
         try sys("symlink /dev/ptmx") { symlink("pts/ptmx", dev + "/ptmx") }
-        try mountTmpfs(dev + "/shm", bytes: config.tmpBytes, mode: "1777", flags: Int(MS_NOEXEC))
         for (name, destination) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
             try sys("symlink /dev/\(name)") { symlink(destination, dev + "/" + name) }
         }
     }
 
-    private func writeIdentityFiles() throws(SystemError) {
-        let etc = staging + "/etc"
+    private func writeIdentityFiles(at root: String) throws(SystemError) {
+        let etc = root + "/etc"
         try mkdirs(etc)
         let u = config.agentUID, g = config.agentGID
         let user = InitConfig.agentUser, home = InitConfig.agentHome
@@ -165,8 +210,8 @@ struct RootFilesystem {
     }
 
     /// pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no host path reachable.
-    private func pivot(rootIsReadOnly: Bool) throws(SystemError) {
-        try sys("chdir new root") { chdir(staging) }
+    func pivot(into root: String, rootIsReadOnly: Bool) throws(SystemError) {
+        try sys("chdir new root") { chdir(root) }
         try sys("pivot_root") { cubicle_pivot_root(".", ".") }
         try sys("detach old root") { umount2(".", Int32(MNT_DETACH)) }
         try sys("chdir /") { chdir("/") }

@@ -63,7 +63,7 @@ public final class CgroupPool: @unchecked Sendable {
     }
 
     /// A spare made for `limits` renamed to `cgroup`, with its `tasks` files (the caller's to close); nil
-    /// when none is ready. Asks for more either way.
+    /// when none is ready. Either way it records the limits as wanted, for the next `refill()`.
     func take(_ limits: CgroupLimits, as cgroup: Cgroup) -> [Int32]? {
         let key = Self.key(limits)
         let spare = state.withLock { s -> Spare? in
@@ -73,7 +73,6 @@ public final class CgroupPool: @unchecked Sendable {
             guard let i = s.spares.firstIndex(where: { $0.limits == key }) else { return nil }
             return s.spares.remove(at: i)
         }
-        refill()
         guard let spare else { return nil }
         let from = Cgroup(version: .v1, root: root, path: "\(parent)/\(spare.name)").directories
         let to = cgroup.directories
@@ -100,7 +99,11 @@ public final class CgroupPool: @unchecked Sendable {
 
     public var readyCount: Int { state.withLock { $0.spares.count } }
 
-    private func refill() {
+    /// Makes spares for the wanted limits, on the pool's queue. The launcher asks once a launch is over:
+    /// cgroup mkdirs and writes take the cgroup lock that the launch's renames and joins wait for, and a
+    /// CPU (a spawn's fork step went from 1.0-1.1 ms to 0.7 ms, and the server's wake-up p90 from 0.8-1.1 ms
+    /// to 0.1 ms, once refills stopped overlapping it).
+    public func refill() {
         let start = state.withLock { s -> Bool in
             guard !s.refilling, !s.closed else { return false }
             s.refilling = true

@@ -47,12 +47,15 @@ public final class NetworkNamespacePool: Sendable {
         wake.signal()
     }
 
-    /// A namespace for one sandbox, the caller's to close; nil while the pool is empty.
+    /// A namespace for one sandbox, the caller's to close; nil while the pool is empty. The pool makes
+    /// no new one until `refill()`.
     public func take() -> Int32? {
-        let fd = state.withLock { $0.ready.popLast() }
-        if fd != nil { wake.signal() }
-        return fd
+        state.withLock { $0.ready.popLast() }
     }
+
+    /// Makes up what was taken, on the pool's thread. The launcher asks once a launch is over, not when
+    /// it takes: a namespace made during a spawn holds locks the spawn needs and the CPU it runs on.
+    public func refill() { wake.signal() }
 
     /// How many are ready now.
     public var readyCount: Int { state.withLock { $0.ready.count } }

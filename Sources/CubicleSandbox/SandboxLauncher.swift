@@ -98,6 +98,11 @@ public struct SandboxLauncher: Sendable {
         guard access(host.initPath, X_OK) == 0 else { throw .missingInit(host.initPath) }
         let id = Self.newID()
         let rollback = Rollback()
+        // What this launch takes from the pools is made up after it, not beside it (see `CgroupPool.refill`).
+        defer {
+            cgroupPool?.refill()
+            networkNamespaces?.refill()
+        }
         do {
             return try await launch(spec, id: id, start: start, rollback: rollback)
         } catch {
@@ -210,7 +215,7 @@ public struct SandboxLauncher: Sendable {
             defer { if procs >= 0 { close(procs) } }
             let request = ForkRequest(namespaces: namespaces, unshareCgroup: true, idMap: idMap, sources: sources.paths,
                                       hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0)
-            forked = try forkServer.fork(request, configuration: Array(configuration.text.utf8), fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
+            forked = try forkServer.fork(request, configuration: configuration.serialized(), fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
         } else {
             forked = nil
         }

@@ -54,7 +54,20 @@ class HAProxy:
         cfg.write_text(haproxy_config(self.port, self.stats_socket, servers))
         self.log = open(tmp_path / "haproxy.log", "wb")
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
-        self.wait_until(lambda: all(s == "UP" for s in self.server_status().values()), "every server UP")
+        # An empty status (the stats socket not up yet) is not "every server UP": waiting on it alone once
+        # let a test connect before haproxy listened.
+        self.wait_until(lambda: self.listening() and self.all_up(len(servers)), "listening with every server UP")
+
+    def all_up(self, count):
+        status = self.server_status()
+        return len(status) == count and all(s == "UP" for s in status.values())
+
+    def listening(self):
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
 
     def server_status(self):
         """{server name: UP/DOWN/...} from the stats socket."""

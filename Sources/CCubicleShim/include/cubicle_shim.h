@@ -117,10 +117,22 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *spawn, cubicle_spaw
 
 /* ---- Syscalls Swift cannot reach or should not make itself. ---- */
 int cubicle_pivot_root(const char *new_root, const char *put_old);
-/* mount_setattr(2): read-only, nosuid, nodev on the mount at path and every mount below it. ENOSYS before 5.12. */
-int cubicle_mount_setattr_readonly(const char *path);
+/* The mount namespace calls (Swift's Glibc leaves the _GNU_SOURCE ones out). Single-threaded callers only. */
+int cubicle_unshare_mounts(void);
+int cubicle_enter_mounts(int ns_fd);
+/* mount_setattr(2): read-only, nosuid and (with nodev) nodev on the mount at path and every mount below it.
+ * ENOSYS before 5.12. */
+int cubicle_mount_setattr_readonly(const char *path, int nodev);
 int cubicle_mount_setattr_available(void);
+/* What a path (or fd, with path "") names: device, inode and the mount it is reached through (0 where
+ * statx has no mount id, before 5.8). Follows symlinks, as open does. */
+typedef struct {
+    uint64_t dev, ino, mnt_id;
+} cubicle_file_identity;
+int cubicle_file_identity_of(int dirfd, const char *path, cubicle_file_identity *out);
 int cubicle_loopback_up(void);
+/* Every signal's disposition back to SIG_DFL (async-signal-safe). */
+void cubicle_default_signals(void);
 int cubicle_set_no_new_privs(void);
 int cubicle_pipe_cloexec(int fds[2]);
 void cubicle_close_from(int first_fd);
