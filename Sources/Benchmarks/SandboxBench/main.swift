@@ -71,10 +71,24 @@ func removeParent() {
     try? Files.removeTree(host.stateDirectory)
 }
 
+/// A failed launch or command ends the run without leaving its parent cgroup and state directory behind
+/// (a sandbox already made is torn down by its failure; an error thrown at top level would skip this).
+func orExit<T>(_ body: () async throws -> T) async -> T {
+    do {
+        return try await body()
+    } catch {
+        print("cubicle-sandbox-bench: \(error)")
+        removeParent()
+        exit(1)
+    }
+}
+
 if mode == "demo" {
-    let sb = try await launcher.launch(spec)
+    let sb = await orExit { try await launcher.launch(spec) }
     print("sandbox \(sb.id): init is host pid \(sb.initPID), ready in \(sb.spawnNanoseconds / 1000) us, host uids \(sb.uidRange.hostBase)..<\(sb.uidRange.hostBase + sb.uidRange.size)")
-    let p = try await sb.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "id; hostname; grep -E 'CapEff|NoNewPrivs|Seccomp' /proc/self/status; ls /"], env: ["PATH=/usr/bin:/bin"]), timeoutSeconds: 10)
+    let p = await orExit {
+        try await sb.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "id; hostname; grep -E 'CapEff|NoNewPrivs|Seccomp' /proc/self/status; ls /"], env: ["PATH=/usr/bin:/bin"]), timeoutSeconds: 10)
+    }
     var out: [UInt8] = []
     var buf = [UInt8](repeating: 0, count: 4096)
     while case let n = read(p.stdout, &buf, buf.count), n > 0 { out += buf[0..<n] }
@@ -93,11 +107,11 @@ func percentile(_ xs: [UInt64], _ p: Double) -> Double {
 }
 
 // Warm up caches (page cache for cubicle-init, libseccomp, dentries) before measuring either side.
-for _ in 0..<5 { _ = await (try await launcher.launch(spec)).teardown() }
+for _ in 0..<5 { _ = await (await orExit { try await launcher.launch(spec) }).teardown() }
 var spawn: [UInt64] = [], teardown: [UInt64] = []
 var phases: [String: [UInt64]] = [:], phaseOrder: [String] = []
 for _ in 0..<iterations {
-    let sb = try await launcher.launch(spec)
+    let sb = await orExit { try await launcher.launch(spec) }
     spawn.append(sb.spawnNanoseconds)
     for p in sb.spawnPhases {
         if phases[p.name] == nil { phaseOrder.append(p.name) }
@@ -107,7 +121,7 @@ for _ in 0..<iterations {
 }
 // Idle init memory: what one more sandbox costs in init's pages. Two are started so that init's text, which
 // every sandbox maps from the same file, shows as shared; the second one's private pages are its own cost.
-let idle = [try await launcher.launch(spec), try await launcher.launch(spec)]
+let idle = [await orExit { try await launcher.launch(spec) }, await orExit { try await launcher.launch(spec) }]
 try await Task.sleep(for: .milliseconds(200))
 let rollup = (try? Files.read("/proc/\(idle[1].initPID)/smaps_rollup")) ?? ""
 func kB(_ key: String) -> Double {
