@@ -71,7 +71,7 @@ struct ForkServerTests {
             try Files.write(late + "/marker", "mounted later\n", flags: O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644)
             let s = try await host.launch { $0.codeDirectory = late }
             let r = try await s.sh("cat /app/marker")
-            #expect(r.stdout == "mounted later\n", "\(r.stderr)")
+            #expect(r.stdout == "mounted later\n", "exit \(r.exit), stderr: \(r.stderr)")
         }
     }
 
