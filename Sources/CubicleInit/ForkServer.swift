@@ -65,7 +65,7 @@ enum ForkServer {
         let placed = Array(fds[0..<ForkRequest.placedCount])
         // With a template the clone starts in a copy of its namespace and opens no sources; without one
         // (it could not be built) the clone builds the whole tree as an exec'd init does.
-        let template = templates.template(configuration: configurationBytes, config: config, sources: request.sources)
+        let template = templates.template(config: config, sources: request.sources)
         let fromTemplate = template.map { cubicle_enter_mounts($0.namespace) == 0 } ?? false
         defer {
             if fromTemplate {

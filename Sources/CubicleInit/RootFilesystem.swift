@@ -34,8 +34,6 @@ struct RootFilesystem {
                               "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/proc/interrupts"]
     static let readOnlyPaths = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
     static let devices = ["null", "zero", "full", "random", "urandom", "tty"]
-    /// Empty directories of the read-only part that the per-sandbox part mounts on.
-    static let mountPoints = ["/proc", "/tmp", InitConfig.agentHome, "/dev/pts", "/dev/shm"]
 
     /// The whole tree, for an exec'd init: sources are the descriptors the launch placed for it.
     func build() throws(SystemError) {
@@ -64,8 +62,8 @@ struct RootFilesystem {
     func buildReadOnlyPart(at root: String, sourceFD: (Int) -> Int32) throws(SystemError) -> Bool {
         let oneCall = try mountFromHost(at: root, sourceFD: sourceFD)
         try writeIdentityFiles(at: root)
-        for dir in Self.mountPoints where !dir.hasPrefix("/dev/") { try mkdirs(root + dir) }
-        try mkdirs(root + "/dev")
+        // Where the per-sandbox part mounts (/dev's own pts and shm come with its tmpfs below).
+        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev"] { try mkdirs(root + dir) }
         // One call makes the root and every bind under it read-only, nosuid and nodev, recursively; /dev,
         // mounted after it, keeps its devices usable.
         if oneCall { try makeReadOnly(root) }

@@ -12,7 +12,8 @@ public struct ForkRequest: Equatable, Sendable {
     public var unshareCgroup: Bool
     /// uid_map and gid_map, written by the server while the child waits.
     public var idMap: String
-    /// Host paths the child opens O_PATH in its new mount namespace (init's bind sources).
+    /// init's bind sources: what the server builds the runtime's template from (and checks at each
+    /// request), or, without a template, what the child opens O_PATH in its new mount namespace.
     public var sources: [String]
     public var hasNetworkNamespace: Bool
     /// cgroup v1 `tasks` files the child writes "0" to.

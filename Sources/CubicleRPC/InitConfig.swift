@@ -1,9 +1,9 @@
 /// What cubicle-init needs to build a sandbox. Nothing here names a session: a sandbox can be built
 /// before any session exists (warm pools) and learns its session id from each request.
 public struct InitConfig: Equatable, Sendable {
-    /// One entry of the sandbox's filesystem taken from the host. The host opens every source itself
-    /// (O_PATH) and passes it as descriptor `InitConfig.firstSourceFD + sourceIndex`, so init never resolves
-    /// a host path and needs no access to the directories above it.
+    /// One entry of the sandbox's filesystem taken from the host. Each source is opened O_PATH while still
+    /// host root, before init's namespace could hide it: by the clone right after it starts (descriptor
+    /// `InitConfig.firstSourceFD + sourceIndex`), or by the fork server for a runtime's template.
     public struct Mount: Equatable, Sendable {
         public enum Kind: Equatable, Sendable {
             case bindReadOnly(sourceIndex: Int, directory: Bool)

@@ -81,6 +81,7 @@ struct TemplateTests {
                 umount -l /usr 2>/dev/null && echo usr-unmounted
                 umount -l /etc/hosts 2>/dev/null && echo hosts-unmounted
                 touch /cubicle-x 2>/dev/null && echo root-written
+                touch /dev/cubicle-x 2>/dev/null && echo dev-written
                 mount -o remount,bind,ro /tmp && echo tmp-remounted
                 """)
             #expect(status == 0, "\(output)")
