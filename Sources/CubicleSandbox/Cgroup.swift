@@ -248,6 +248,16 @@ public struct Cgroup: Sendable {
         return true
     }
 
+    /// Periods in which the CPU quota held this cgroup back (`nr_throttled` of `cpu.stat`, v1 and v2);
+    /// 0 where it cannot be read.
+    public func cpuThrottledPeriods() -> Int64 {
+        guard let text = try? Files.read(dir("cpu") + "/cpu.stat") else { return 0 }
+        for line in text.split(separator: "\n") where line.hasPrefix("nr_throttled ") {
+            return Int64(line.dropFirst("nr_throttled ".count)) ?? 0
+        }
+        return 0
+    }
+
     /// v1: this cgroup's `tasks` files, open for writing (the caller's to close), through which a child
     /// moves itself in (see the shim); the kernel checks the opener's credentials. v2 has none: [].
     func openTaskFiles() throws(CgroupError) -> [Int32] {

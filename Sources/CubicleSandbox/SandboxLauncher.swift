@@ -111,16 +111,20 @@ public struct SandboxLauncher: Sendable {
         }
     }
 
-    /// With `sessionsYieldCPUToHost` the parent of every session cgroup is idle for the CPU scheduler: a
-    /// session spinning on a CPU then delays cubicled, its clients and the rest of the host by a context
-    /// switch instead of a scheduler slice (a neighbour's invoke p99 beside a CPU hog went from 2.4-6.8x
-    /// to 0.8-1.1x its quiet baseline). Without it the parent is set back to normal, in case an earlier
-    /// daemon left it idle.
+    /// With the parent of every session cgroup idle for the CPU scheduler, a session spinning on a CPU
+    /// delays cubicled, its clients and the rest of the host by a context switch instead of a scheduler
+    /// tick. Otherwise the parent starts at normal weight, in case an earlier daemon left it idle.
     private func prepareParent() throws(CgroupError) {
         guard !parentPrepared.isSet else { return }
-        let parent = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent)
-        try parent.setCPUIdle(host.sessionsYieldCPUToHost)
+        try sessionsParent.setCPUIdle(host.sessionsYieldCPUToHost == .always)
         parentPrepared.set()
+    }
+
+    private var sessionsParent: Cgroup { Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent) }
+
+    /// For `SessionsCPUYield.whileThrottled`: puts sessions below (or back beside) the host's processes.
+    public func setSessionsBelowHost(_ below: Bool) throws(CgroupError) {
+        try sessionsParent.setCPUIdle(below)
     }
 
     /// The blocking half of a launch: host paths, uid range, state directory, cgroup, and init cloned and

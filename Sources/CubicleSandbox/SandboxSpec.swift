@@ -53,8 +53,8 @@ public struct SandboxHostConfig: Sendable {
     public var readyTimeoutMilliseconds = 10_000
     /// How long a sandbox outlives its daemon, waiting on its reconnect socket for a new one (0: not at all).
     public var reconnectSeconds: Int64 = 0
-    /// Mark the session cgroups' parent idle for the CPU scheduler, below the host's processes.
-    public var sessionsYieldCPUToHost = false
+    /// When the session cgroups' parent is idle for the CPU scheduler, below the host's processes.
+    public var sessionsYieldCPUToHost = SessionsCPUYield.whileThrottled
     /// Make each init by cloning a fork server (cubicle-init started once, `InitForkServer`) rather than by
     /// exec'ing cubicle-init from the daemon. Falls back to exec when the init binary is not a fork server.
     public var initForkServer = true
@@ -73,4 +73,19 @@ public struct SandboxHostConfig: Sendable {
     public var uidAllocator: UIDRangeAllocator {
         UIDRangeAllocator(directory: uidLeaseDirectory ?? stateDirectory + "/uid-ranges", firstHostID: firstHostID, count: uidRangeCount)
     }
+}
+
+/// When sessions' CPU time comes after the host's (`cpu.idle` on the parent of every session cgroup).
+public enum SessionsCPUYield: String, Sendable, Equatable {
+    /// Always: a neighbour, cubicled and its clients never wait behind a busy session, but a busy host
+    /// process also takes its CPUs from every session.
+    case always
+    /// Never: sessions and host processes at equal weight.
+    case never
+    /// While a session is being held at its CPU quota, and for a few seconds after (cubicled watches the
+    /// sessions' throttling). A session that has been throttled is owed CPU time when its quota comes back
+    /// and, at equal weight, runs ahead of whatever woke on its CPUs meanwhile, cubicled and its clients
+    /// included, until the next scheduler tick; below the host it cannot. Sessions that stay within their
+    /// quota keep equal weight, so a loaded host serves them as fast as before.
+    case whileThrottled
 }

@@ -66,11 +66,9 @@ public struct DaemonConfig: Equatable, Sendable {
     /// How long sandboxes outlive a cubicled that was killed, waiting for the next one to take them over.
     /// 0: a sandbox ends as soon as its daemon is gone.
     public var restartGraceSeconds = 60
-    /// Sessions' CPU time is scheduled below the host's own processes (cgroup `cpu.idle` on the parent
-    /// of every session cgroup), so cubicled and the host keep their latency while a session burns its
-    /// CPUs. Off by default: a session then also waits for any busy host process on its CPUs, which cost
-    /// about 30% of warm throughput with the load generator on the same 2 cores.
-    public var sessionsYieldCPUToHost = false
+    /// When sessions' CPU time is scheduled below the host's own processes (cgroup `cpu.idle` on the
+    /// parent of every session cgroup): `whileThrottled` (the default), `true` (always) or `false` (never).
+    public var sessionsYieldCPUToHost = SessionsCPUYield.whileThrottled
     /// Network namespaces made ahead of time for new sandboxes; 0: each sandbox's clone makes its own.
     public var networkNamespacePool = 4
     /// New sandboxes' inits are cloned from a fork server (cubicle-init started once) instead of each being
@@ -111,7 +109,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.double("initializationTimeoutSeconds", 0.1...3600) { config.initializationTimeoutSeconds = v }
         if let v = try top.double("clientIdleTimeoutSeconds", 0.1...3600) { config.clientIdleTimeoutSeconds = v }
         if let v = try top.int("restartGraceSeconds", 0...86_400) { config.restartGraceSeconds = v }
-        if let v = try top.bool("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
+        if let v = try top.cpuYield("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
         if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }
         if let v = try top.bool("initForkServer") { config.initForkServer = v }
         config.seccompProfile = try top.string("seccompProfile")
@@ -236,6 +234,13 @@ final class Fields {
         guard let n = node(key) else { return nil }
         guard let v = n.bool else { throw ConfigError(name(key), "must be true or false") }
         return v
+    }
+
+    func cpuYield(_ key: String) throws(ConfigError) -> SessionsCPUYield? {
+        guard let n = node(key) else { return nil }
+        if let v = n.bool { return v ? .always : .never }
+        if case .scalar(let s) = n, s.string == "whileThrottled" { return .whileThrottled }
+        throw ConfigError(name(key), "must be true, false or whileThrottled")
     }
 
     func double(_ key: String, _ range: ClosedRange<Double>) throws(ConfigError) -> Double? {

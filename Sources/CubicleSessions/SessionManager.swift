@@ -40,6 +40,7 @@ public actor SessionManager {
     private var starting: [Key: Task<Session, any Error>] = [:]
     private var ended: [SessionSummary] = []
     private var shuttingDown = false
+    nonisolated var liveIndexSessions: [Session] { liveIndex.withLock { Array($0.values) } }
     /// Operators' live event feed.
     public nonisolated let events = SessionEvents()
     private var endings: [Task<Void, Never>] = []

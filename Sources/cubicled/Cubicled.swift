@@ -217,6 +217,7 @@ struct SessionsService: Service {
 
     func run() async throws {
         await manager.startWarmPools()
+        manager.watchCPUThrottling()
         try? await gracefulShutdown()
         try? notify.stopping()
         let count = await manager.liveCount

@@ -74,6 +74,16 @@ struct CgroupV2Tests {
         #expect(try Files.read(root + "/cubicle/cpu.idle") == "0")
     }
 
+    @Test func readsThrottledPeriodsFromCPUStat() throws {
+        let root = try Self.fakeRoot()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let cg = Cgroup(version: .v2, root: root, path: "cubicle/sb-t")
+        try FileManager.default.createDirectory(atPath: root + "/cubicle/sb-t", withIntermediateDirectories: true)
+        #expect(cg.cpuThrottledPeriods() == 0, "no cpu.stat: nothing throttled")
+        Self.touch(root + "/cubicle/sb-t", ["cpu.stat": "usage_usec 5000\nuser_usec 4000\nsystem_usec 1000\nnr_periods 40\nnr_throttled 17\nthrottled_usec 90000\n"])
+        #expect(cg.cpuThrottledPeriods() == 17)
+    }
+
     @Test func readsUsageAndKillsWithCgroupKill() throws {
         let root = try Self.fakeRoot()
         defer { try? FileManager.default.removeItem(atPath: root) }

@@ -57,12 +57,12 @@ struct LimitsTests {
         }
     }
 
-    /// With `sessionsYieldCPUToHost` the sessions' parent is idle for the CPU scheduler: a session spinning
+    /// With `sessionsYieldCPUToHost: true` (or while a session is throttled) the sessions' parent is idle for the CPU scheduler: a session spinning
     /// on its CPU gets almost none of it while a host process wants that CPU (equal weights would split it
     /// in half). Measured as the session's CPU time against the host spinner's over the same window, so
     /// other tests' load, which slows both, cannot make it pass or fail.
     @Test func aBusySessionGivesWayToTheHostOnItsCPU() async throws {
-        try await withHost({ try TestHost(yieldCPUToHost: true) }) { host in
+        try await withHost({ try TestHost(yieldCPUToHost: .always) }) { host in
             let s = try await host.launch { $0.cpuCount = 1 }
             let cpu = try #require(s.cpus.first)
             #expect(try Files.read("\(host.config.cgroupRoot)/\(host.config.cgroupVersion == .v1 ? "cpu/" : "")\(host.cgroupParent)/cpu.idle").trimmingSpaces == "1")
@@ -95,10 +95,27 @@ struct LimitsTests {
         }
     }
 
-    @Test func sessionsCompeteWithTheHostAsEqualsByDefault() async throws {
-        try await withHost { host in
+    /// `sessionsYieldCPUToHost: false`, and `whileThrottled` until cubicled sees a session throttled:
+    /// sessions' parent is at normal weight.
+    @Test(arguments: [SessionsCPUYield.never, .whileThrottled])
+    func sessionsCompeteWithTheHostAsEquals(_ mode: SessionsCPUYield) async throws {
+        try await withHost({ try TestHost(yieldCPUToHost: mode) }) { host in
             _ = try await host.launch()
             #expect(try Files.read("\(host.config.cgroupRoot)/\(host.config.cgroupVersion == .v1 ? "cpu/" : "")\(host.cgroupParent)/cpu.idle").trimmingSpaces == "0")
+        }
+    }
+
+    /// What `whileThrottled` watches: a session spinning past a quarter-CPU quota is throttled, an idle one
+    /// is not.
+    @Test func aSessionAtItsCPUQuotaCountsThrottledPeriods() async throws {
+        try await withHost { host in
+            let busy = try await host.launch { $0.limits.cpuQuotaMicros = 2_500; $0.limits.cpuPeriodMicros = 10_000 }
+            let quiet = try await host.launch()
+            #expect(busy.cgroup.cpuThrottledPeriods() == 0)
+            _ = try await busy.sh("timeout 0.5 sh -c 'while :; do :; done'; true")
+            let throttled = busy.cgroup.cpuThrottledPeriods()
+            #expect(throttled > 5, "a spinner at a quarter of a CPU for 0.5 s: \(throttled) periods throttled")
+            #expect(quiet.cgroup.cpuThrottledPeriods() == 0)
         }
     }
 

@@ -39,7 +39,7 @@ final class TestHost: @unchecked Sendable {
     let codeDirectory: String
     var sandboxes: [Sandbox] = []
 
-    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: Bool = false,
+    init(initPath: String = Paths.initBinary, uidRangeCount: Int = 4096, firstHostID: UInt32? = nil, yieldCPUToHost: SessionsCPUYield = .never,
          networkNamespacePool: Int = 0, forkServer: Bool? = nil) throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         stateDirectory = "/tmp/cubicle-test-\(tag)"

@@ -1,4 +1,5 @@
 import CubicleAgentCore
+import CubicleSandbox
 import CubicleSessions
 import Testing
 
@@ -41,12 +42,14 @@ import Testing
         #expect(r.serverProtocol == .http)
         #expect(c.initializationTimeoutSeconds == 30)
         #expect(r.warmPool == 0, "no sandbox is started before it is asked for unless configured")
-        #expect(!c.sessionsYieldCPUToHost, "sessions compete with host processes at normal weight unless configured")
+        #expect(c.sessionsYieldCPUToHost == .whileThrottled, "sessions' CPU comes after the host's while one is throttled, unless configured")
         #expect(c.networkNamespacePool == 4)
         #expect(try DaemonConfig.parse(yaml: "networkNamespacePool: 0\nruntimes:\n  - {name: a, command: [/a]}").networkNamespacePool == 0)
         #expect(c.initForkServer)
         #expect(try DaemonConfig.parse(yaml: "initForkServer: false\nruntimes:\n  - {name: a, command: [/a]}").initForkServer == false)
-        #expect(try DaemonConfig.parse(yaml: "sessionsYieldCPUToHost: true\nruntimes:\n  - {name: a, command: [/a]}").sessionsYieldCPUToHost)
+        for (text, mode) in [("false", SessionsCPUYield.never), ("true", .always), ("whileThrottled", .whileThrottled)] {
+            #expect(try DaemonConfig.parse(yaml: "sessionsYieldCPUToHost: \(text)\nruntimes:\n  - {name: a, command: [/a]}").sessionsYieldCPUToHost == mode)
+        }
     }
 
     /// Each bad config is refused with the path of the field at fault.

@@ -54,12 +54,14 @@ def cpus(admin, session):
 
 
 def run_daemon(yield_cpu, hogs):
+    """yield_cpu None: the default config (sessions below the host for the CPU); True/False: set explicitly."""
     """One daemon; for each hog, the neighbour's latencies quiet and beside it."""
     work = tempfile.mkdtemp(prefix="cubicle-bench-")
     tag = uuid.uuid4().hex[:8]
     port = free_port()
     with open(f"{work}/c.yaml", "w") as f:
-        f.write(f"sessionsYieldCPUToHost: {'true' if yield_cpu else 'false'}\n")
+        if yield_cpu is not None:
+            f.write(f"sessionsYieldCPUToHost: {'true' if yield_cpu else 'false'}\n")
         f.write(CONFIG.replace("codeDirectory: " + os.environ["CUBICLE_PRODUCTS"], f"codeDirectory: {PRODUCTS}"))
     admin = f"{work}/admin.sock"
     d = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--config", f"{work}/c.yaml",
@@ -88,7 +90,7 @@ def run_daemon(yield_cpu, hogs):
             time.sleep(1.0)
             loud = latencies(port, neighbour, 1000)
             t.join()
-            name = hog + (", sessionsYieldCPUToHost" if yield_cpu else "")
+            name = hog + (", sessionsYieldCPUToHost: false" if yield_cpu is False else "")
             rows.append((name, sorted(quiet)[500], p99(quiet), sorted(loud)[500], p99(loud), cpus(admin, neighbour), cpus(admin, culprit)))
     finally:
         d.terminate()
@@ -100,15 +102,15 @@ def run_daemon(yield_cpu, hogs):
 def main():
     only = os.environ.get("CUBICLE_NOISY_HOGS")  # e.g. "cpu-hog" while working on one case
     hogs = [h for h in HOGS if not only or h in only.split(",")]
-    rows = run_daemon(False, hogs)
-    # The same CPU hog with the sessions' parent cgroup idle for the scheduler (off by default).
+    rows = run_daemon(None, hogs)
+    # The same CPU hog with sessions at the host's weight instead of below it.
     if "cpu-hog" in hogs:
-        rows += run_daemon(True, ["cpu-hog"])
+        rows += run_daemon(False, ["cpu-hog"])
     print("## Noisy neighbours\n")
     print("`python3 Tests/bench/noisy_bench.py .build/release` (run by `make bench`): a neighbour's warm invoke "
           "(1,000 quiet, then 1,000 while another session runs the hog at its limits: half a CPU on one core in 10 ms periods, "
           "64 pids, 128 MiB, 32 MiB /tmp). Goal: neighbour p99 within 2× its quiet baseline. The last row runs "
-          "the CPU hog again under a daemon with `sessionsYieldCPUToHost: true`.\n")
+          "the CPU hog again under a daemon with `sessionsYieldCPUToHost: false` (sessions at the host's weight).\n")
     print("| hog | neighbour / culprit CPUs | quiet p50 / p99 | with the hog p50 / p99 | p99 ratio | goal ≤ 2× |")
     print("|---|---|---|---|---|---|")
     for hog, q50, q99, l50, l99, ncpu, ccpu in rows:

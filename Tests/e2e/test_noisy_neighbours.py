@@ -100,3 +100,46 @@ def test_a_noisy_session_hurts_only_itself(start_daemon, hog):
         assert "No space left on device" in result["run"].stderr + result["run"].stdout
         assert os.statvfs("/tmp").f_bavail > 0, "the host's /tmp is not what filled"
     assert d.invoke_json({"prompt": "2*5"}, neighbour)["answer"] == 10
+
+
+def sessions_cpu_idle(d):
+    for base in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup"):
+        path = f"{base}/{d.cgroup_parent}/cpu.idle"
+        if os.path.exists(path):
+            with open(path) as f:
+                return f.read().strip()
+    return None
+
+
+def wait_for_cpu_idle(d, value, seconds):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sessions_cpu_idle(d) == value:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_throttled_session_puts_sessions_below_the_host_until_it_calms(start_daemon):
+    """The default `sessionsYieldCPUToHost: whileThrottled`: the sessions' parent cgroup is idle for the CPU
+    scheduler while a session spins at its quota, and back at normal weight some seconds after it stops."""
+    d = start_daemon(CONFIG)
+    culprit, neighbour = new_session_id(), new_session_id()
+    d.invoke({"prompt": "hi"}, culprit, runtime="culprit")
+    d.invoke({"prompt": "hi"}, neighbour)
+    if sessions_cpu_idle(d) is None:
+        pytest.skip("the kernel has no cpu.idle (before 5.15)")
+    assert sessions_cpu_idle(d) == "0", "equal weight while no session is throttled"
+    latencies(d.port, neighbour, 50)
+    assert sessions_cpu_idle(d) == "0", "a neighbour serving requests within its quota is not throttled"
+
+    hog = threading.Thread(target=d.cubicle, args=("exec", culprit, "--", "sh", "-c", "timeout 3 sh -c 'while :; do :; done'; true"),
+                           kwargs={"check": False, "timeout": 30})
+    started = time.monotonic()
+    hog.start()
+    assert wait_for_cpu_idle(d, "1", 3), "sessions go below the host while the culprit is held at its quota"
+    print(f"\nbelow the host {time.monotonic() - started:.2f} s after the hog started")
+    hog.join()
+    assert wait_for_cpu_idle(d, "0", 10), "and back beside it once no session has been throttled for a while"
+    with open(d.log_path, "rb") as f:
+        assert b"held at its CPU quota" in f.read()
