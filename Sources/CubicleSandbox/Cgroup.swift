@@ -250,12 +250,16 @@ public struct Cgroup: Sendable {
 
     /// Periods in which the CPU quota held this cgroup back (`nr_throttled` of `cpu.stat`, v1 and v2);
     /// 0 where it cannot be read.
-    public func cpuThrottledPeriods() -> Int64 {
-        guard let text = try? Files.read(dir("cpu") + "/cpu.stat") else { return 0 }
-        for line in text.split(separator: "\n") where line.hasPrefix("nr_throttled ") {
-            return Int64(line.dropFirst("nr_throttled ".count)) ?? 0
+    public func cpuThrottledPeriods() -> Int64 { Self.keyed(dir("cpu") + "/cpu.stat", "nr_throttled") ?? 0 }
+
+    /// The number after `key` in a file of "key value" lines (cpu.stat, memory.events, pids.events).
+    private static func keyed(_ file: String, _ key: String) -> Int64? {
+        guard let text = try? Files.read(file) else { return nil }
+        for line in text.split(separator: "\n") {
+            let parts = line.split(separator: " ")
+            if parts.count == 2, parts[0] == key { return Int64(parts[1]) }
         }
-        return 0
+        return nil
     }
 
     /// v1: this cgroup's `tasks` files, open for writing (the caller's to close), through which a child
@@ -292,14 +296,7 @@ public struct Cgroup: Sendable {
         func number(_ file: String) -> Int64? {
             (try? Files.read(file)).flatMap { Int64($0.trimmingSpaces) }
         }
-        func keyed(_ file: String, _ key: String) -> Int64? {
-            guard let text = try? Files.read(file) else { return nil }
-            for line in text.split(separator: "\n") {
-                let parts = line.split(separator: " ")
-                if parts.count == 2, parts[0] == key { return Int64(parts[1]) }
-            }
-            return nil
-        }
+        let keyed = Self.keyed
         var u = CgroupUsage()
         switch version {
         case .v2:

@@ -34,16 +34,10 @@ public final class NetworkNamespacePool: Sendable {
         guard hostNetworkFD >= 0 else { throw SystemError.lastError("open /proc/self/ns/net") }
         // The namespaces are made by unshare(2) on a thread of the pool's own, never on a shared one:
         // a thread between unshare and its way back is in the new namespace.
-        var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { context in
-            Unmanaged<NetworkNamespacePool>.fromOpaque(context!).takeRetainedValue().fill()
-            return nil
-        }, Unmanaged.passRetained(self).toOpaque())
-        guard rc == 0 else {
+        do { try startThread("network namespace pool's") { [self] in fill() } } catch {
             Glibc.close(hostNetworkFD)
-            throw SystemError("start the network namespace pool's thread", errno: rc)
+            throw error
         }
-        pthread_detach(thread)
         wake.signal()
     }
 

@@ -113,10 +113,15 @@ public struct SandboxLauncher: Sendable {
 
     /// With the parent of every session cgroup idle for the CPU scheduler, a session spinning on a CPU
     /// delays cubicled, its clients and the rest of the host by a context switch instead of a scheduler
-    /// tick. Otherwise the parent starts at normal weight, in case an earlier daemon left it idle.
+    /// tick. `never` sets it back to normal weight, in case an earlier daemon left it idle; under
+    /// `whileThrottled` it is the daemon's throttle watch that sets it, from its first look on.
     private func prepareParent() throws(CgroupError) {
         guard !parentPrepared.isSet else { return }
-        try sessionsParent.setCPUIdle(host.sessionsYieldCPUToHost == .always)
+        switch host.sessionsYieldCPUToHost {
+        case .always: try sessionsParent.setCPUIdle(true)
+        case .never: try sessionsParent.setCPUIdle(false)
+        case .whileThrottled: break
+        }
         parentPrepared.set()
     }
 

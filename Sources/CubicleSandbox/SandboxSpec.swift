@@ -76,7 +76,7 @@ public struct SandboxHostConfig: Sendable {
 }
 
 /// When sessions' CPU time comes after the host's (`cpu.idle` on the parent of every session cgroup).
-public enum SessionsCPUYield: String, Sendable, Equatable {
+public enum SessionsCPUYield: Sendable, Equatable {
     /// Always: a neighbour, cubicled and its clients never wait behind a busy session, but a busy host
     /// process also takes its CPUs from every session.
     case always

@@ -217,7 +217,9 @@ struct SessionsService: Service {
 
     func run() async throws {
         await manager.startWarmPools()
-        manager.watchCPUThrottling()
+        do { try manager.watchCPUThrottling() } catch {
+            logger.warning("sessions stay at the host's CPU weight even when throttled", metadata: ["error": "\(error)"])
+        }
         try? await gracefulShutdown()
         try? notify.stopping()
         let count = await manager.liveCount

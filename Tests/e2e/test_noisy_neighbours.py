@@ -7,6 +7,7 @@ assertion: Tests/bench/noisy_bench.py measures it in `make bench`, and this test
 import http.client
 import json
 import os
+import signal
 import threading
 import time
 import urllib.parse
@@ -143,3 +144,21 @@ def test_a_throttled_session_puts_sessions_below_the_host_until_it_calms(start_d
     assert wait_for_cpu_idle(d, "0", 10), "and back beside it once no session has been throttled for a while"
     with open(d.log_path, "rb") as f:
         assert b"held at its CPU quota" in f.read()
+
+
+def test_a_daemon_killed_while_sessions_were_below_the_host_is_undone_by_the_next(start_daemon):
+    """The parent's cpu.idle outlives a SIGKILLed cubicled; the next one, adopting only calm sessions and
+    launching none, sets it back to normal weight on its first look."""
+    d = start_daemon(CONFIG)
+    calm = new_session_id()
+    d.invoke({"prompt": "hi"}, calm)
+    if sessions_cpu_idle(d) is None:
+        pytest.skip("the kernel has no cpu.idle (before 5.15)")
+    d.process.send_signal(signal.SIGKILL)
+    d.process.wait()
+    base = "/sys/fs/cgroup/cpu" if os.path.exists(f"/sys/fs/cgroup/cpu/{d.cgroup_parent}") else "/sys/fs/cgroup"
+    with open(f"{base}/{d.cgroup_parent}/cpu.idle", "w") as f:
+        f.write("1")  # as a daemon killed while a hog ran would leave it
+    d.restart()
+    assert wait_for_cpu_idle(d, "0", 3), "the new daemon's watch sets the sessions back beside the host"
+    assert d.invoke_json({"prompt": "2*5"}, calm)["answer"] == 10, "the calm session was adopted"
