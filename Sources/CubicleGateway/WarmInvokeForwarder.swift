@@ -22,6 +22,7 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
             try channel.syncOptions?.setOption(.recvAllocator, value: AgentLink.bodyReadAllocator)
+            LoopbackCongestion.apply(to: channel)
             let sync = channel.pipeline.syncOperations
             // Hummingbird's HTTP1Channel set-up, limits included, with the forwarder added.
             var limits = NIOHTTPDecoderLimitConfiguration()

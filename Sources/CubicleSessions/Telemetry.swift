@@ -67,7 +67,11 @@ public enum Telemetry {
             duration: Metrics.Timer(label: "cubicle_invocation_duration_seconds", dimensions: [("runtime", runtime), ("status", String(status))]),
             received: Counter(label: "cubicle_invocation_bytes_received_total", dimensions: [("runtime", runtime)]),
             sent: Counter(label: "cubicle_invocation_bytes_sent_total", dimensions: [("runtime", runtime)]))
-        return handles.withLock { $0[key, default: h] }
+        return handles.withLock { stored in
+            if let raced = stored[key] { return raced }
+            stored[key] = h
+            return h
+        }
     }
 
     /// Live sessions by state, set just before each scrape.

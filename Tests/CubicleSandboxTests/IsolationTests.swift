@@ -149,6 +149,27 @@ struct IsolationTests {
         }
     }
 
+    /// The sandbox's loopback does not pace: BBR (this host's default) would make every hop between
+    /// cubicled and the agent cost timers. Pooled namespaces and ones made at the clone, by either init.
+    /// Tells nothing on a host whose default is already CUBIC (it says so).
+    @Test(arguments: [(0, false), (0, true), (2, false), (2, true)])
+    func loopbackDoesNotPace(pool: Int, forkServer: Bool) async throws {
+        let hostDefault = try Files.read("/proc/sys/net/ipv4/tcp_congestion_control").trimmingCharacters(in: .whitespacesAndNewlines)
+        let allowed = try Files.read("/proc/sys/net/ipv4/tcp_allowed_congestion_control").split(separator: " ")
+            .map { $0.trimmingCharacters(in: .whitespacesAndNewlines) }
+        let wanted = allowed.contains("cubic") ? "cubic" : "reno"
+        if hostDefault == wanted { print("loopbackDoesNotPace: the host's default is \(wanted) already; this run cannot tell") }
+        try await withHost({ try TestHost(networkNamespacePool: pool, forkServer: forkServer) }) { host in
+            if let pool = host.launcher.networkNamespaces {
+                for _ in 0..<100 where pool.readyCount < 1 { try await Task.sleep(for: .milliseconds(10)) }
+                try #require(pool.readyCount >= 1, "the pool made no namespace")
+            }
+            let s = try await host.launch()
+            let r = try await s.run(["/bin/cat", "/proc/sys/net/ipv4/tcp_congestion_control"])
+            #expect(r.stdout == wanted + "\n", "host default \(hostDefault); \(r.stderr)")
+        }
+    }
+
     @Test(arguments: pools) func twoSandboxesShareNothing(pool: Int) async throws {
         try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
             let a = try await host.launch()

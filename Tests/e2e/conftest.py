@@ -54,14 +54,14 @@ def cgroup_dirs(parent):
 
 
 class Daemon:
-    def __init__(self, tmp_path, config=None, extra_args=(), env=None, wait=True):
+    def __init__(self, tmp_path, config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1"):
         self.port = free_port()
         tag = uuid.uuid4().hex[:10]
         self.state_dir = f"/tmp/cubicle-e2e-{tag}"
         self.cgroup_parent = f"cubicle-e2e-{tag}"
         self.log_path = tmp_path / "cubicled.log"
         self.admin_socket = os.path.join(self.state_dir, "admin.sock")
-        args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"127.0.0.1:{self.port}", "--state-dir", self.state_dir,
+        args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"{listen_host}:{self.port}", "--state-dir", self.state_dir,
                 "--cgroup-parent", self.cgroup_parent, "--admin-socket", self.admin_socket,
                 "--log-level", "debug"]
         if config is not None:
@@ -186,13 +186,14 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(tmp_path):
-    """start_daemon(config_yaml=None, extra_args=(), env=None, wait=True) -> Daemon; stopped with SIGTERM at the end, which must leave nothing."""
+    """start_daemon(config_yaml=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1") -> Daemon; stopped
+    with SIGTERM at the end, which must leave nothing."""
     daemons = []
 
-    def start(config=None, extra_args=(), env=None, wait=True):
+    def start(config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1"):
         sub = tmp_path / f"d{len(daemons)}"
         sub.mkdir()
-        d = Daemon(sub, config, extra_args, env, wait)
+        d = Daemon(sub, config, extra_args, env, wait, listen_host)
         daemons.append(d)
         return d
 

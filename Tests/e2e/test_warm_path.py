@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -128,6 +129,55 @@ def test_warm_sse_arrives_event_by_event(daemon):
     assert [e.get("index") for e in events[:5]] == [0, 1, 2, 3, 4]
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
     assert sum(g > 0.15 for g in gaps) >= 4, f"events were held back and arrived together: {gaps}"
+
+
+def congestion_controls(ss_args, netns_pid=None):
+    """The congestion control of each established TCP socket `ss` lists (`ss -ti` prints it as a word)."""
+    known = set(open("/proc/sys/net/ipv4/tcp_available_congestion_control").read().split())
+    argv = (["nsenter", "-t", str(netns_pid), "-n"] if netns_pid else []) + ["ss", "-tinH", "state", "established"] + ss_args
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return [word for word in out.split() if word in known]
+
+
+def server_end(d, conn):
+    """The congestion control of cubicled's end of `conn`."""
+    here = conn.sock.getsockname()[1]
+    return congestion_controls([f"( sport = :{d.port} and dport = :{here} )"])
+
+
+@pytest.mark.parametrize("listen_host", ["0.0.0.0", "[::]"])
+def test_loopback_hops_do_not_pace_but_remote_clients_keep_the_hosts_choice(start_daemon, listen_host):
+    """BBR (this host's default) paces every connection with timers; on loopback that doubled cubicled's CPU
+    in a 100 MB echo. cubicled's end of a client connection from a loopback address (127/8, ::1, or 127/8
+    mapped into IPv6 on a dual-stack listener), and both ends of its link to the agent, use CUBIC (Reno where
+    CUBIC is not allowed); a client from another address keeps the host's default. Tells nothing on a host
+    whose default is CUBIC already (it prints so)."""
+    host_default = open("/proc/sys/net/ipv4/tcp_congestion_control").read().strip()
+    wanted = "cubic" if "cubic" in open("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read().split() else "reno"
+    if host_default == wanted:
+        print(f"the host's default is {wanted} already: this run cannot tell")
+    d = start_daemon(listen_host=listen_host)
+    sid = new_session_id()
+    conn = warm_connection(d, sid)
+    assert server_end(d, conn) == [wanted]
+    agent_side = congestion_controls([], netns_pid=d.cubicle_json("inspect", sid)["initPID"])
+    assert agent_side and set(agent_side) == {wanted}, agent_side  # both ends of each link, in the sandbox
+    others = []
+    if listen_host == "[::]":
+        others.append(("::1", wanted))
+    addresses = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
+    outside = next((line.split()[3].split("/")[0] for line in addresses.splitlines() if len(line.split()) > 3), None)
+    if outside:
+        others.append((outside, host_default))
+    else:
+        print("no global IPv4 address here: a client from another address is not checked")
+    for address, expected in others:
+        c = http.client.HTTPConnection(address, d.port, timeout=10)
+        c.request("GET", "/ping")
+        assert c.getresponse().status == 200
+        assert server_end(d, c) == [expected], address
+        c.close()
+    conn.close()
 
 
 def test_warm_echo_of_64_mib_is_byte_exact_and_not_held(daemon):

@@ -131,6 +131,7 @@ typedef struct {
 } cubicle_file_identity;
 int cubicle_file_identity_of(int dirfd, const char *path, cubicle_file_identity *out);
 int cubicle_loopback_up(void);
+int cubicle_netns_loopback_congestion_control(void);
 /* Every signal's disposition back to SIG_DFL (async-signal-safe). */
 void cubicle_default_signals(void);
 int cubicle_set_no_new_privs(void);
