@@ -78,11 +78,19 @@ public enum EventStream {
             while h < headersEnd {
                 let nameLength = Int(buffer[h]); h += 1
                 guard h + nameLength + 3 <= headersEnd else { throw DecodeError(message: "truncated header") }
-                let name = String(decoding: buffer[h..<h + nameLength], as: UTF8.self); h += nameLength
+                // Strict: a lenient decode would repair bad bytes into U+FFFD, and a header would not read
+                // back as the bytes that were sent (the event-stream fuzzer found it).
+                guard let name = String(validating: buffer[h..<h + nameLength], as: UTF8.self) else {
+                    throw DecodeError(message: "header name is not UTF-8")
+                }
+                h += nameLength
                 guard buffer[h] == 7 else { throw DecodeError(message: "header type \(buffer[h]) unsupported") }
                 let valueLength = Int(buffer[h + 1]) << 8 | Int(buffer[h + 2]); h += 3
                 guard h + valueLength <= headersEnd else { throw DecodeError(message: "truncated header value") }
-                headers.append((name, String(decoding: buffer[h..<h + valueLength], as: UTF8.self))); h += valueLength
+                guard let value = String(validating: buffer[h..<h + valueLength], as: UTF8.self) else {
+                    throw DecodeError(message: "header \(name) is not UTF-8")
+                }
+                headers.append((name, value)); h += valueLength
             }
             messages.append(Message(headers: headers, payload: Array(buffer[headersEnd..<offset + total - 4])))
             offset += total

@@ -161,6 +161,21 @@ import Testing
         #expect(throws: EventStream.DecodeError.self) { _ = try EventStream.decode(&prelude) }
     }
 
+    /// Bytes that are not UTF-8 in a header, under valid CRCs, are refused rather than repaired into
+    /// U+FFFD (a header would not read back as what was sent). Found by the event-stream fuzzer.
+    @Test(arguments: [true, false]) func headersThatAreNotUTF8AreRefused(inName: Bool) {
+        let bad: [UInt8] = [0x3A, 0x9D, 0x8E]
+        let name: [UInt8] = inName ? bad : Array(":event-type".utf8)
+        let value: [UInt8] = inName ? Array("chunk".utf8) : bad
+        let headers = [UInt8(name.count)] + name + [7, 0, UInt8(value.count)] + value
+        let payload = Array("{}".utf8)
+        func be32(_ v: Int) -> [UInt8] { [UInt8(v >> 24 & 0xFF), UInt8(v >> 16 & 0xFF), UInt8(v >> 8 & 0xFF), UInt8(v & 0xFF)] }
+        var bytes = be32(12 + headers.count + payload.count + 4) + be32(headers.count)
+        bytes += be32(Int(CRC32.checksum(bytes))) + headers + payload
+        bytes += be32(Int(CRC32.checksum(bytes)))
+        #expect(throws: EventStream.DecodeError.self) { _ = try EventStream.decode(&bytes) }
+    }
+
     @Test func exceptionMessage() {
         let m = EventStream.Message.exception(AgentCoreError(.runtimeClient, "agent gone"))
         #expect(m.headers.map(\.0) == [":message-type", ":exception-type", ":content-type"])
