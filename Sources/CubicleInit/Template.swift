@@ -54,7 +54,7 @@ struct Template {
         var fds: [Int32] = []
         defer { fds.forEach { _ = close($0) } }
         for (path, was) in zip(sources, identities) {
-            let fd = open(path, 0o10000000 /* O_PATH */ | O_CLOEXEC)
+            let fd = open(path, Descriptors.openPathOnly | O_CLOEXEC)
             guard fd >= 0 else { return nil }
             fds.append(fd)
             var id = cubicle_file_identity()

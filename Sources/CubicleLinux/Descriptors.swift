@@ -32,6 +32,9 @@ public enum DescriptorKind: Equatable, Sendable {
 }
 
 public enum Descriptors {
+    /// O_PATH, which Swift's Glibc leaves out with the other _GNU_SOURCE flags.
+    public static let openPathOnly: Int32 = 0o10000000
+
     public static func setNonBlocking(_ fd: Int32) throws(SystemError) {
         let flags = try sys("fcntl F_GETFL") { fcntl(fd, F_GETFL) }
         try sys("fcntl F_SETFL") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
@@ -78,7 +81,7 @@ public enum Descriptors {
 
     private static func withUnixAddress(directory: String, name: String,
                                         _ body: (UnsafePointer<sockaddr>, socklen_t) throws(SystemError) -> Void) throws(SystemError) {
-        let dirfd = open(directory, 0o10000000 /* O_PATH */ | O_DIRECTORY | O_CLOEXEC)
+        let dirfd = open(directory, openPathOnly | O_DIRECTORY | O_CLOEXEC)
         guard dirfd >= 0 else { throw .lastError("open \(directory)") }
         defer { close(dirfd) }
         try withUnixAddress(Array("/proc/self/fd/\(dirfd)/\(name)".utf8), naming: "socket \(name)", body)

@@ -39,7 +39,6 @@ public struct SandboxLauncher: Sendable {
 
     static let cloneNewUser: Int32 = 0x1000_0000, cloneNewPID: Int32 = 0x2000_0000, cloneNewNS: Int32 = 0x0002_0000
     static let cloneNewNet: Int32 = 0x4000_0000, cloneNewIPC: Int32 = 0x0800_0000, cloneNewUTS: Int32 = 0x0400_0000
-    static let oPath: Int32 = 0o10000000
 
     /// Undo list for a launch that fails part way, so a failure leaves nothing behind.
     final class Rollback: @unchecked Sendable {

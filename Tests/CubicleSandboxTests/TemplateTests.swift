@@ -52,6 +52,24 @@ struct TemplateTests {
         }
     }
 
+    /// The server keeps eight templates (`TemplateStore.capacity`, in cubicle-init), dropping the least
+    /// recently used: hostnames make them differ, and a reused template shows as the same root device.
+    @Test func eightTemplatesAreKeptAndTheLeastRecentlyUsedIsDropped() async throws {
+        try await withHost({ try TestHost(forkServer: true) }) { host in
+            func root(_ name: String) async throws -> String {
+                try await Self.rootDevice(try await host.launch { $0.hostname = name })
+            }
+            var first: [String: String] = [:]
+            for i in 0..<8 { first["t\(i)"] = try await root("t\(i)") }
+            #expect(Set(first.values).count == 8, "each configuration its own template: \(first)")
+            #expect(try await root("t0") == first["t0"], "t0 reused, and now the most recently used")
+            _ = try await root("t8")  // a ninth: t1, the least recently used, is dropped
+            #expect(try await root("t0") == first["t0"], "t0 kept")
+            #expect(try await root("t2") == first["t2"], "t2 kept")
+            #expect(try await root("t1") != first["t1"], "t1 dropped and built again")
+        }
+    }
+
     /// Runs `script` as root of the sandbox's user namespace, in its mount namespace: the rights init has
     /// there (the agent has none), more than any process inside ever holds.
     static func asNamespaceRoot(_ s: Sandbox, _ script: String) throws -> (status: Int32, output: String) {

@@ -54,8 +54,8 @@ def cpus(admin, session):
 
 
 def run_daemon(yield_cpu, hogs):
-    """yield_cpu None: the default config (sessions below the host for the CPU); True/False: set explicitly."""
-    """One daemon; for each hog, the neighbour's latencies quiet and beside it."""
+    """One daemon; for each hog, the neighbour's latencies quiet and beside it. yield_cpu None: the default
+    config (sessions below the host while one is throttled); True/False: sessionsYieldCPUToHost set so."""
     work = tempfile.mkdtemp(prefix="cubicle-bench-")
     tag = uuid.uuid4().hex[:8]
     port = free_port()

@@ -103,13 +103,21 @@ def test_a_noisy_session_hurts_only_itself(start_daemon, hog):
     assert d.invoke_json({"prompt": "2*5"}, neighbour)["answer"] == 10
 
 
-def sessions_cpu_idle(d):
+def sessions_cpu_idle_path(d):
+    """The sessions' parent cgroup's cpu.idle (v1 cpu controller or v2), None without one (before 5.15)."""
     for base in ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup"):
         path = f"{base}/{d.cgroup_parent}/cpu.idle"
         if os.path.exists(path):
-            with open(path) as f:
-                return f.read().strip()
+            return path
     return None
+
+
+def sessions_cpu_idle(d):
+    path = sessions_cpu_idle_path(d)
+    if path is None:
+        return None
+    with open(path) as f:
+        return f.read().strip()
 
 
 def wait_for_cpu_idle(d, value, seconds):
@@ -152,12 +160,12 @@ def test_a_daemon_killed_while_sessions_were_below_the_host_is_undone_by_the_nex
     d = start_daemon(CONFIG)
     calm = new_session_id()
     d.invoke({"prompt": "hi"}, calm)
-    if sessions_cpu_idle(d) is None:
+    path = sessions_cpu_idle_path(d)
+    if path is None:
         pytest.skip("the kernel has no cpu.idle (before 5.15)")
     d.process.send_signal(signal.SIGKILL)
     d.process.wait()
-    base = "/sys/fs/cgroup/cpu" if os.path.exists(f"/sys/fs/cgroup/cpu/{d.cgroup_parent}") else "/sys/fs/cgroup"
-    with open(f"{base}/{d.cgroup_parent}/cpu.idle", "w") as f:
+    with open(path, "w") as f:
         f.write("1")  # as a daemon killed while a hog ran would leave it
     d.restart()
     assert wait_for_cpu_idle(d, "0", 3), "the new daemon's watch sets the sessions back beside the host"
