@@ -3,9 +3,11 @@ import NIOCore
 
 /// A common host default, BBR, paces every connection; on loopback, where there is no link to share, that
 /// pacing only costs the sender CPU (timers and smaller segments) — in a 100 MB echo it doubled cubicled's
-/// CPU time. So a client connection from this host uses CUBIC (or Reno, which every kernel has), as the
-/// sandbox's own loopback does (`cubicle_netns_loopback_congestion_control`). Remote clients keep the
-/// host's choice.
+/// CPU time. So a client connection from this host uses CUBIC: the socket is in the host's namespace, where
+/// cubicled holds CAP_NET_ADMIN, so the kernel grants any available algorithm, allowed or not. Reno, which
+/// every kernel has, only where CUBIC is not built. The sandbox's loopback does the same within what a
+/// namespace may default to (`cubicle_netns_loopback_congestion_control`). Remote clients keep the host's
+/// choice.
 enum LoopbackCongestion {
     static func isLoopback(_ address: SocketAddress?) -> Bool {
         switch address {

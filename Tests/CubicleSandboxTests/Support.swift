@@ -75,6 +75,14 @@ final class TestHost: @unchecked Sendable {
         return s
     }
 
+    /// The sessions' parent's cpu.idle, or nil (printed, for `test`) on a kernel before 5.15, which has none.
+    func sessionsCPUIdlePath(test: String) -> String? {
+        let path = "\(config.cgroupRoot)/\(config.cgroupVersion == .v1 ? "cpu/" : "")\(cgroupParent)/cpu.idle"
+        if Files.exists(path) { return path }
+        print("\(test): skipped, this kernel's cgroups have no cpu.idle (before 5.15)")
+        return nil
+    }
+
     /// Tears down every sandbox and removes this host's cgroup parents and directories.
     func cleanUp() async {
         for s in sandboxes { _ = await s.teardown() }

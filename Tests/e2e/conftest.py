@@ -5,6 +5,8 @@ Each daemon gets its own port, state directory and cgroup parent, so tests run i
 """
 import json
 import os
+import random
+import re
 import signal
 import socket
 import subprocess
@@ -30,10 +32,18 @@ def pytest_collection_modifyitems(config, items):
         print("\nend-to-end tests skipped: not root")
 
 
-def free_port():
+def free_port(address="127.0.0.1"):
+    """A port free on `address` now. Another process may take it before the caller binds it, so servers that
+    can report their own port (cubicled) bind port 0 instead; a server that cannot (haproxy) is given an
+    address of its own as well (private_loopback_address), where nothing else binds."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
+
+
+def private_loopback_address():
+    """An address in 127/8 that no other test uses: every one of them is this host's, on lo."""
+    return f"127.{random.randrange(1, 255)}.{random.randrange(0, 256)}.{random.randrange(1, 255)}"
 
 
 def new_session_id():
@@ -54,31 +64,59 @@ def cgroup_dirs(parent):
 
 
 class Daemon:
-    def __init__(self, tmp_path, config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1"):
-        self.port = free_port()
+    def __init__(self, tmp_path, config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1", insecure_no_auth=False):
+        # Port 0: the kernel picks a free port at bind, and cubicled's "cubicled ready" line names it (a port
+        # found free beforehand could be taken by another test's connection before cubicled binds it).
+        self._port = None
+        self.listen_host = listen_host
         tag = uuid.uuid4().hex[:10]
         self.state_dir = f"/tmp/cubicle-e2e-{tag}"
         self.cgroup_parent = f"cubicle-e2e-{tag}"
         self.log_path = tmp_path / "cubicled.log"
         self.admin_socket = os.path.join(self.state_dir, "admin.sock")
-        args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"{listen_host}:{self.port}", "--state-dir", self.state_dir,
+        args = [os.path.join(PRODUCTS, "cubicled"), "--listen", f"{listen_host}:0", "--state-dir", self.state_dir,
                 "--cgroup-parent", self.cgroup_parent, "--admin-socket", self.admin_socket,
                 "--log-level", "debug"]
         if config is not None:
             path = tmp_path / "cubicle.yaml"
             path.write_text(config)
             args += ["--config", str(path)]
+        if insecure_no_auth:
+            args.append("--insecure-no-auth")
         args += list(extra_args)
         self.args, self.env = args, None if env is None else {**os.environ, **env}
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
         if wait:
             self.wait_ready()
+
+    @property
+    def port(self):
+        """The data-plane port, from cubicled's ready line (waits for it)."""
+        if self._port is None:
+            deadline = time.time() + 20
+            while self._port is None:
+                found = re.search(r"listen=\S*:(\d+) .*cubicled ready", self.log_text())
+                if found:
+                    self._port = int(found.group(1))
+                elif self.process.poll() is not None:
+                    raise RuntimeError(f"cubicled exited with {self.process.returncode} before listening:\n{self.log_text()}")
+                elif time.time() > deadline:
+                    raise RuntimeError("cubicled did not say it was ready:\n" + self.log_text())
+                else:
+                    time.sleep(0.02)
+        return self._port
+
+    @property
+    def endpoint(self):
+        reach = "127.0.0.1" if self.listen_host in ("0.0.0.0", "[::]") else self.listen_host
+        return f"http://{reach}:{self.port}"
 
     def restart(self):
         """Starts cubicled again with the same port, state, cgroup parent and config (after a kill)."""
         assert self.process.poll() is not None, "the previous cubicled still runs"
+        # The same port as before: clients of the killed daemon reconnect where they were.
+        self.args[self.args.index("--listen") + 1] = f"{self.listen_host}:{self.port}"
         self.log.close()
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
@@ -186,14 +224,15 @@ class Daemon:
 
 @pytest.fixture
 def start_daemon(tmp_path):
-    """start_daemon(config_yaml=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1") -> Daemon; stopped
+    """start_daemon(config_yaml=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1", insecure_no_auth=False)
+    -> Daemon; stopped
     with SIGTERM at the end, which must leave nothing."""
     daemons = []
 
-    def start(config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1"):
+    def start(config=None, extra_args=(), env=None, wait=True, listen_host="127.0.0.1", insecure_no_auth=False):
         sub = tmp_path / f"d{len(daemons)}"
         sub.mkdir()
-        d = Daemon(sub, config, extra_args, env, wait, listen_host)
+        d = Daemon(sub, config, extra_args, env, wait, listen_host, insecure_no_auth)
         daemons.append(d)
         return d
 

@@ -17,12 +17,12 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from conftest import ARN_PREFIX, free_port, new_session_id
+from conftest import ARN_PREFIX, free_port, new_session_id, private_loopback_address
 
 SESSIONS = 40
 
 
-def haproxy_config(port, stats_socket, servers):
+def haproxy_config(address, port, stats_socket, servers):
     lines = [
         "global",
         f"  stats socket {stats_socket} mode 600 level admin",
@@ -34,7 +34,7 @@ def haproxy_config(port, stats_socket, servers):
         "  retries 3",
         "  option redispatch",
         "frontend agentcore",
-        f"  bind 127.0.0.1:{port}",
+        f"  bind {address}:{port}",
         "  default_backend cubicled",
         "backend cubicled",
         "  balance hdr(X-Amzn-Bedrock-AgentCore-Runtime-Session-Id)",
@@ -48,10 +48,12 @@ def haproxy_config(port, stats_socket, servers):
 
 class HAProxy:
     def __init__(self, tmp_path, servers):
-        self.port = free_port()
+        # haproxy cannot report a port it picked, so it gets an address no other test binds.
+        self.address = private_loopback_address()
+        self.port = free_port(self.address)
         self.stats_socket = str(tmp_path / "haproxy.sock")
         cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(haproxy_config(self.port, self.stats_socket, servers))
+        cfg.write_text(haproxy_config(self.address, self.port, self.stats_socket, servers))
         self.log = open(tmp_path / "haproxy.log", "wb")
         self.process = subprocess.Popen(["haproxy", "-db", "-f", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT)
         # An empty status (the stats socket not up yet) is not "every server UP": waiting on it alone once
@@ -64,7 +66,7 @@ class HAProxy:
 
     def listening(self):
         try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            socket.create_connection((self.address, self.port), timeout=1).close()
             return True
         except OSError:
             return False
@@ -93,7 +95,7 @@ class HAProxy:
             time.sleep(0.05)
 
     def client(self):
-        return boto3.client("bedrock-agentcore", endpoint_url=f"http://127.0.0.1:{self.port}", region_name="us-east-1",
+        return boto3.client("bedrock-agentcore", endpoint_url=f"http://{self.address}:{self.port}", region_name="us-east-1",
                             aws_access_key_id="local", aws_secret_access_key="local",
                             config=Config(retries={"max_attempts": 1}, read_timeout=60))
 
