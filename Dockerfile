@@ -24,4 +24,7 @@ COPY --from=build /staging/ /
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 # The admin socket is /run/cubicle/admin.sock inside the container: `docker exec CONTAINER cubicle ps`.
-ENTRYPOINT ["/usr/local/bin/cubicled", "--listen", "0.0.0.0:8080"]
+# A published port must be reachable from outside the container's own namespace, and cubicled checks no
+# caller yet: --insecure-no-auth says so. Publish it on the host's loopback (-p 127.0.0.1:8080:8080) or put
+# an authenticating proxy in front (docs/security.md).
+ENTRYPOINT ["/usr/local/bin/cubicled", "--listen", "0.0.0.0:8080", "--insecure-no-auth"]

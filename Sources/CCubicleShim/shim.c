@@ -8,6 +8,7 @@
 #include <linux/close_range.h>
 #include <linux/filter.h>
 #include <linux/mount.h>
+#include <linux/openat2.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
 #include <pthread.h>
@@ -22,6 +23,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -312,6 +314,18 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
                 child_fail(errfd, CUBICLE_STEP_CAPBSET);
             }
         }
+        /* A dead init ends the session, so the agent and commands, which use the memory, are the OOM
+         * killer's choice before init: they raise their score to CUBICLE_CHILD_OOM_SCORE_ADJ. Raising
+         * one's own score needs no privilege (lowering below the floor a privileged writer set does), so
+         * this holds whether or not the host could also lower init's (SandboxLauncher).
+         * /proc/self is ours to write only while this copy of init is dumpable: init is not (its
+         * credentials changed), so its files belong to a root this namespace does not map. The
+         * credential changes below make it undumpable again. */
+        if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) child_fail(errfd, CUBICLE_STEP_OOM_SCORE_ADJ);
+        int oom = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (oom < 0 || write(oom, CUBICLE_CHILD_OOM_SCORE_ADJ, strlen(CUBICLE_CHILD_OOM_SCORE_ADJ)) < 0)
+            child_fail(errfd, CUBICLE_STEP_OOM_SCORE_ADJ);
+        close(oom);
         if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(errfd, CUBICLE_STEP_SETGROUPS);
         if (syscall(SYS_setresgid, s->gid, s->gid, s->gid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESGID);
         if (syscall(SYS_setresuid, s->uid, s->uid, s->uid) < 0) child_fail(errfd, CUBICLE_STEP_SETRESUID);
@@ -380,7 +394,8 @@ int cubicle_pivot_root(const char *new_root, const char *put_old) {
 
 /* BBR, a common host default, paces each connection with timers; on a loopback with no link to share
  * that only costs the sender CPU (it doubled cubicled's time in a 100 MB echo). A new namespace takes the
- * host's default, so its loopback is set to CUBIC, or Reno where CUBIC is not allowed in a namespace.
+ * host's default, so its loopback is set to CUBIC, or Reno where CUBIC is not allowed: a namespace other
+ * than the host's may only default to what tcp_allowed_congestion_control lists, whatever our capabilities.
  * Only the namespace of the calling thread is changed (/proc/sys/net follows it). */
 int cubicle_netns_loopback_congestion_control(void) {
     static const char *const names[] = {"cubic", "reno"};
@@ -416,6 +431,35 @@ int cubicle_loopback_up(void) {
 
 int cubicle_pidfd_open(pid_t pid) {
     return (int)syscall(SYS_pidfd_open, pid, 0);
+}
+
+int cubicle_pidfd_alive(int pidfd) {
+    return (int)syscall(SYS_pidfd_send_signal, pidfd, 0, NULL, 0);
+}
+
+int cubicle_fs_usage_of(int fd, cubicle_fs_usage *out) {
+    struct statfs fs;
+    if (fstatfs(fd, &fs) < 0) return -1;
+    out->type = (int64_t)fs.f_type;
+    out->used_bytes = (int64_t)(fs.f_blocks - fs.f_bfree) * (int64_t)fs.f_bsize;
+    out->used_inodes = (int64_t)fs.f_files - (int64_t)fs.f_ffree;
+    return 0;
+}
+
+int64_t cubicle_seek_data(int fd, int64_t from) {
+    return (int64_t)lseek(fd, (off_t)from, SEEK_DATA);
+}
+
+int64_t cubicle_seek_hole(int fd, int64_t from) {
+    return (int64_t)lseek(fd, (off_t)from, SEEK_HOLE);
+}
+
+int cubicle_open_in_root(int root_fd, const char *path, int flags) {
+    struct open_how how;
+    memset(&how, 0, sizeof how);
+    how.flags = (uint64_t)(flags | O_CLOEXEC);
+    how.resolve = RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    return (int)syscall(SYS_openat2, root_fd, path, &how, sizeof how);
 }
 
 void cubicle_close_from(int first_fd) {

@@ -73,6 +73,8 @@ public final class Sandbox: Sendable {
 
     let eventSink: AsyncStream<SandboxEvent>.Continuation
     let connection: InitConnection
+    /// Its writable tmpfs mounts, held from launch (or adoption) until teardown has wiped them.
+    let mounts: PinnedMounts
     let allocator: UIDRangeAllocator
     let state = Mutex(State())
     /// Touched only on `connection.queue`.
@@ -91,8 +93,9 @@ public final class Sandbox: Sendable {
     }
 
     init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange, stateDirectory: String,
-         spawnNanoseconds: UInt64, spawnPhases: [SpawnPhase], connection: InitConnection, allocator: UIDRangeAllocator,
+         spawnNanoseconds: UInt64, spawnPhases: [SpawnPhase], connection: InitConnection, mounts: PinnedMounts, allocator: UIDRangeAllocator,
          cpus: [Int], cpuPlacer: CPUPlacer, events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
+        self.mounts = mounts
         self.cpus = cpus
         self.cpuPlacer = cpuPlacer
         self.id = id
@@ -262,13 +265,13 @@ public final class Sandbox: Sendable {
     private func performTeardown(_ reason: SandboxEndReason) -> TeardownReport {
         let start = DispatchTime.now().uptimeNanoseconds
         var report = TeardownReport(reason: reason, finalUsage: cgroup.usage())
-        // Frozen first: init cannot react to anything below, so the tmpfs is still there to wipe.
-        do { try cgroup.freeze() } catch { report.leftovers.append("freeze: \(error)") }
-        let wiped = TmpfsWiper.wipe(initPID: initPID)
+        // Killed first, so nothing inside can write while the wipe runs; the pinned mounts outlive every
+        // process of the sandbox, and the wipe reaches them through nothing a pid could redirect.
+        do { try cgroup.killAll() } catch { report.leftovers.append("\(error)") }
+        let wiped = TmpfsWiper.wipe(mounts.take())
         report.wipedFiles = wiped.files
         report.wipedBytes = wiped.bytes
-        report.finalUsage = cgroup.usage()
-        do { try cgroup.killAll() } catch { report.leftovers.append("\(error)") }
+        if wiped.stoppedAtBudget { report.leftovers.append("wipe stopped at its budget (what the tmpfs said it used)") }
         connection.shutDown()
         reapInit()
         do { try cgroup.remove() } catch { report.leftovers.append("\(error)") }

@@ -131,6 +131,11 @@ public struct SandboxLauncher: Sendable {
         try sessionsParent.setCPUIdle(below)
     }
 
+    /// init's oom_score_adj where cubicled may lower it: below every process the session starts, so within
+    /// the session's memory limit the agent is chosen first, but not -1000, which would leave a session
+    /// whose agent lowered itself as far with no process the OOM killer may take.
+    static let initOOMScoreAdjustment = -999
+
     /// The blocking half of a launch: host paths, uid range, state directory, cgroup, and init cloned and
     /// exec'd with its configuration queued. Everything it makes is on `rollback`.
     private func startInit(_ spec: SandboxSpec, id: String, start: UInt64, rollback: Rollback) throws(SandboxError) -> Started {
@@ -245,6 +250,11 @@ public struct SandboxLauncher: Sendable {
             var status: Int32 = 0
             _ = waitpid(pid, &status, 0)
         }
+        // The OOM killer's last choice: a dead init ends the session, and the agent is what uses the memory.
+        // Every process init starts raises itself to 500 (the shim); lowering init's own score as well
+        // takes CAP_SYS_RESOURCE, which the host may have withheld from us (EACCES): then init keeps
+        // cubicled's score, still below its children's. init has started no child yet.
+        _ = try? Files.write("/proc/\(pid)/oom_score_adj", String(Self.initOOMScoreAdjustment))
         phases.mark(forked == nil ? SpawnPhases.execStep : SpawnPhases.forkStep)
         return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cpus: limits.cpuSet ?? [], cgroup: cgroup,
                        stateDirectory: stateDirectory, phases: phases)
@@ -325,10 +335,13 @@ public struct SandboxLauncher: Sendable {
         let initMarks = try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
 
         phases.mark("ready")
+        // init is our child and unreaped (nothing waits for it before watchInit), so its pid is its own here.
+        let mounts = PinnedMounts.pin(initPID: pid)
+        guard mounts.count > 0 else { throw .ended("no writable tmpfs of init's could be pinned for the wipe") }
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
                               spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
-                              spawnPhases: phases.merged(initMarks: initMarks), connection: connection,
+                              spawnPhases: phases.merged(initMarks: initMarks), connection: connection, mounts: mounts,
                               allocator: allocator, cpus: started.cpus, cpuPlacer: cpuPlacer, events: events, sink: sink)
         holder.sandbox = sandbox
         rollback.disarm()
@@ -363,9 +376,11 @@ extension SandboxLauncher {
         connection.start()
         let adoptedCPUs = cgroup.cpuSet().flatMap { $0.count < cpuPlacer.online.count ? $0 : nil } ?? []
         cpuPlacer.claim(adoptedCPUs)
+        // Not our child: checked to be in the sandbox's cgroup as well as unreaped while its mounts were opened.
+        let mounts = PinnedMounts.pin(initPID: pid, cgroup: cgroup)
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: facts.uidRange, stateDirectory: stateDirectory,
-                              spawnNanoseconds: 0, spawnPhases: [], connection: connection, allocator: host.uidAllocator,
+                              spawnNanoseconds: 0, spawnPhases: [], connection: connection, mounts: mounts, allocator: host.uidAllocator,
                               cpus: adoptedCPUs, cpuPlacer: cpuPlacer, events: events, sink: sink)
         holder.sandbox = sandbox
         sandbox.watchInit()

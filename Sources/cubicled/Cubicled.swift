@@ -54,12 +54,20 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
 
+    @Flag(name: .customLong("insecure-no-auth"), help: "Serve a --listen address other hosts can reach although the data plane checks no caller: anyone who can connect can invoke agents and run commands in any session whose id they know. Put an authenticating proxy in front.")
+    var insecureNoAuth = false
+
     func run() async throws {
         var logger = Logger(label: "cubicled")
         logger.logLevel = Logger.Level(rawValue: logLevel) ?? .info
-        guard geteuid() == 0 else { throw CleanExit.message("cubicled must run as root: it creates namespaces and cgroups") }
+        guard geteuid() == 0 else { throw StartupRefused("cubicled must run as root: it creates namespaces and cgroups") }
         guard let (host, port) = Self.parseAddress(listen) else {
             throw ValidationError("--listen must be HOST:PORT, was \(listen)")
+        }
+        // The data plane authenticates no one yet, and it runs shell commands in sessions: only this host's
+        // own users may reach it unless the operator says otherwise, in words that say what it costs.
+        if !insecureNoAuth && !Self.isLoopbackHost(host) {
+            throw StartupRefused("--listen \(listen) can be reached from other hosts, and cubicled checks no caller: anyone who can connect could invoke agents and run commands in any session whose id they know. Listen on 127.0.0.1 or ::1 behind an authenticating proxy, or pass --insecure-no-auth to serve it anyway.")
         }
         let exeDirectory = Self.executableDirectory()
         try Files.makeDirectories(stateDir, mode: 0o700)
@@ -68,8 +76,8 @@ struct Cubicled: AsyncParsableCommand {
         let daemonConfig: DaemonConfig
         if let config {
             let text: String
-            do { text = try Files.read(config) } catch { throw CleanExit.message("cannot read --config \(config): \(error)") }
-            do { daemonConfig = try DaemonConfig.parse(yaml: text) } catch { throw CleanExit.message("\(config): \(error)") }
+            do { text = try Files.read(config) } catch { throw StartupRefused("cannot read --config \(config): \(error)") }
+            do { daemonConfig = try DaemonConfig.parse(yaml: text) } catch { throw StartupRefused("\(config): \(error)") }
         } else {
             daemonConfig = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
         }
@@ -79,7 +87,7 @@ struct Cubicled: AsyncParsableCommand {
         var sessionsCgroup = cgroupParent
         if cgroupDelegated {
             do { sessionsCgroup = try Cgroup.adoptDelegatedSubtree(membership: try Files.read("/proc/self/cgroup")) }
-            catch { throw CleanExit.message("--cgroup-delegated: \(error)") }
+            catch { throw StartupRefused("--cgroup-delegated: \(error)") }
         }
         var hostConfig = SandboxHostConfig(initPath: initPath ?? exeDirectory + "/cubicle-init", stateDirectory: stateDir, cgroupParent: sessionsCgroup)
         hostConfig.firstHostID = firstHostUID
@@ -169,6 +177,19 @@ struct Cubicled: AsyncParsableCommand {
         return (host.isEmpty ? "0.0.0.0" : host, port)
     }
 
+    /// A numeric loopback address (127/8, ::1, or 127/8 mapped into IPv6) or `localhost`; a wildcard, any
+    /// other address or any other name is not, since a name may resolve to anything.
+    static func isLoopbackHost(_ host: String) -> Bool {
+        if host == "localhost" { return true }
+        var v4 = in_addr()
+        if inet_pton(AF_INET, host, &v4) == 1 { return UInt32(bigEndian: v4.s_addr) >> 24 == 127 }
+        var v6 = in6_addr()
+        guard inet_pton(AF_INET6, host, &v6) == 1 else { return false }
+        let b = withUnsafeBytes(of: v6) { Array($0) }
+        let zeros = b[0..<10].allSatisfy { $0 == 0 }
+        return (zeros && b[10..<15].allSatisfy { $0 == 0 } && b[15] == 1) || (zeros && b[10] == 0xff && b[11] == 0xff && b[12] == 127)
+    }
+
     static func executableDirectory() -> String {
         var buf = [CChar](repeating: 0, count: 4096)
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
@@ -186,7 +207,7 @@ struct Cubicled: AsyncParsableCommand {
             try Files.makeDirectories(directory, mode: 0o755)
             try Files.writeAtomically(directory + "/cubicle-demo-agent", bytes, mode: 0o755)
         } catch {
-            throw CleanExit.message("cannot install the demo agent from \(source): \(error)")
+            throw StartupRefused("cannot install the demo agent from \(source): \(error)")
         }
         return directory
     }
@@ -235,6 +256,13 @@ struct SessionsService: Service {
         }
         logger.notice("shutdown complete")
     }
+}
+
+/// Why cubicled will not start, said as itself (ArgumentParser prints it as `Error: …` and exits 1, so a
+/// service manager or script sees a failure; CleanExit would have exited 0).
+struct StartupRefused: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
 }
 
 /// Calls `whenAll` once, when the last of `expected` listeners reports that it accepts connections.

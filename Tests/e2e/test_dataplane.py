@@ -1,12 +1,15 @@
 """The AgentCore data plane through boto3, against a real cubicled and real sandboxes."""
 import json
+import os
+import subprocess
 import threading
+import uuid
 import time
 
 import botocore
 import pytest
 
-from conftest import ARN_PREFIX, new_session_id, short_lifecycle_config
+from conftest import ARN_PREFIX, PRODUCTS, new_session_id, short_lifecycle_config
 
 
 def test_tutorial_five_invocations(daemon):
@@ -297,3 +300,23 @@ def test_client_disconnect_cancels_agent_request(start_daemon):
     while "reason=idle_timeout" not in d.log_text() and time.time() < deadline:
         time.sleep(0.1)
     assert "reason=idle_timeout" in d.log_text(), "the 60 s stream still held the session busy"
+
+
+@pytest.mark.parametrize("listen_host", ["0.0.0.0", "[::]", "192.0.2.1", "example.org"])
+def test_a_listener_other_hosts_can_reach_needs_insecure_no_auth(tmp_path, listen_host):
+    """The data plane checks no caller yet and runs commands in sessions, so cubicled refuses to start on
+    anything but a loopback address unless --insecure-no-auth says the operator knows. It fails (exit 1,
+    so a service manager sees it) before it makes its state directory or binds anything, naming the flag."""
+    state = tmp_path / "state"
+    r = subprocess.run([os.path.join(PRODUCTS, "cubicled"), "--listen", f"{listen_host}:0", "--state-dir", str(state),
+                        "--admin-socket", str(tmp_path / "admin.sock"), "--cgroup-parent", f"cubicle-e2e-refused-{uuid.uuid4().hex[:8]}"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "--insecure-no-auth" in r.stderr and "checks no caller" in r.stderr, r.stderr
+    assert not state.exists() and not (tmp_path / "admin.sock").exists(), "refused before anything was made"
+
+
+@pytest.mark.parametrize("listen_host", ["127.0.0.2", "[::1]"])
+def test_loopback_listeners_need_no_flag(start_daemon, listen_host):
+    d = start_daemon(listen_host=listen_host)
+    assert d.process.poll() is None

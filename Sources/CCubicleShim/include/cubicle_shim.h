@@ -29,7 +29,11 @@ enum cubicle_step {
     CUBICLE_STEP_PREPARE = 19,
     CUBICLE_STEP_SETNS_NET = 20,
     CUBICLE_STEP_JOIN_CGROUP = 21,
+    CUBICLE_STEP_OOM_SCORE_ADJ = 22,
 };
+
+/* What every process init starts writes to its oom_score_adj (see cubicle_process_spawn_run). */
+#define CUBICLE_CHILD_OOM_SCORE_ADJ "500"
 
 typedef struct {
     int32_t step;
@@ -138,6 +142,20 @@ int cubicle_set_no_new_privs(void);
 int cubicle_pipe_cloexec(int fds[2]);
 void cubicle_close_from(int first_fd);
 int cubicle_pidfd_open(pid_t pid);
+/* 0 while the process behind pidfd has not been reaped (so its pid still names it), -1 (ESRCH) after. */
+int cubicle_pidfd_alive(int pidfd);
+/* openat2 with RESOLVE_IN_ROOT | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS: `path` resolved as if
+ * root_fd were /, never through a symlink, so a hostile tree cannot send the walk elsewhere. ENOSYS
+ * before 5.6. */
+int cubicle_open_in_root(int root_fd, const char *path, int flags);
+/* fstatfs, reduced to what the wiper needs: the filesystem's magic and what it holds. */
+typedef struct {
+    int64_t type, used_bytes, used_inodes;
+} cubicle_fs_usage;
+int cubicle_fs_usage_of(int fd, cubicle_fs_usage *out);
+/* lseek SEEK_DATA / SEEK_HOLE (the _GNU_SOURCE whences Swift's Glibc leaves out). */
+int64_t cubicle_seek_data(int fd, int64_t from);
+int64_t cubicle_seek_hole(int fd, int64_t from);
 /* Blocks the given signals and returns a CLOEXEC signalfd for them; read_signal returns the next signo, 0 when none. */
 int cubicle_signalfd(const int *signals, int count);
 int cubicle_read_signal(int fd);  /* pipe2(O_CLOEXEC), which Swift's Glibc does not export */
