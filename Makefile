@@ -18,10 +18,14 @@ sandbox-demo: build
 	.build/debug/cubicle-sandbox-bench demo $(CURDIR) $(CURDIR)/.build/debug
 
 # All tests. Those that need root (namespaces, cgroups, mounts) print why they skip when not root.
+# Suites that exhaust host-wide limits when a protection is missing (SERIAL_SUITES) run after the others,
+# alone, so a regression fails them and nothing beside them.
+SERIAL_SUITES = HostLimitTests
 test:
 	$(SWIFT) build --build-tests
 	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
-	$(SWIFT) test --skip-build
+	$(SWIFT) test --skip-build --skip '$(SERIAL_SUITES)'
+	$(SWIFT) test --skip-build --filter '$(SERIAL_SUITES)'
 	for t in $(FUZZ_TARGETS); do .build/debug/cubicle-fuzz-$$t Tests/Fuzz/corpus/$$t || exit 1; done
 	$(MAKE) fuzz FUZZ_SECONDS=20
 	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e

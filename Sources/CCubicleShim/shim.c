@@ -10,6 +10,7 @@
 #include <linux/mount.h>
 #include <linux/openat2.h>
 #include <linux/seccomp.h>
+#include <linux/securebits.h>
 #include <net/if.h>
 #include <pthread.h>
 #include <sched.h>
@@ -89,6 +90,13 @@ struct sandbox_child_args {
 static int sandbox_child_setup(const struct sandbox_child_args *a, int fork) {
     const cubicle_sandbox_spawn *spawn = a->spawn;
     int errfd = a->err_fd;
+    /* The parent's thread kept its capabilities through a changed effective uid for the clone; nothing in
+     * the sandbox keeps that. The child holds CAP_SETPCAP in its new user namespace. */
+    if (spawn->userns_owner != 0) {
+        int bits = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+        if (bits < 0 || prctl(PR_SET_SECUREBITS, bits & ~SECBIT_NO_SETUID_FIXUP, 0, 0, 0) < 0)
+            child_fail(errfd, CUBICLE_STEP_USERNS_OWNER);
+    }
     /* A copy of the fork server has its dispositions, all default (it sets them so when it starts). */
     if (!fork) cubicle_default_signals();
     int all[64];
@@ -161,6 +169,35 @@ static void reap(pid_t pid) {
 
 enum { SANDBOX_CHILD_STACK = 64 * 1024 };
 
+/* The calling thread's securebits before become_userns_owner, plus one (so 0 means nothing to undo). */
+static int become_userns_owner(uint32_t owner) {
+    int bits = prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+    if (bits < 0) return -1;
+    /* Without the fixup an effective uid other than 0 would empty the effective capability set; kept, the
+     * clone stays privileged (Debian's unprivileged_userns_clone and AppArmor's userns restriction do not
+     * apply to it) and the child opens bind sources as root would. Raw syscalls: they change this thread
+     * alone, where glibc's wrappers would change every thread of the daemon. */
+    if (prctl(PR_SET_SECUREBITS, bits | SECBIT_NO_SETUID_FIXUP, 0, 0, 0) < 0) return -1;
+    if (syscall(SYS_setresuid, -1, owner, -1) < 0) {
+        int saved = errno;
+        (void)prctl(PR_SET_SECUREBITS, bits, 0, 0, 0);
+        errno = saved;
+        return -1;
+    }
+    (void)syscall(SYS_setfsuid, 0);
+    return bits + 1;
+}
+
+static void stop_being_userns_owner(int owned) {
+    /* Back to euid 0, which the saved uid allows; setfsuid follows the effective uid. A thread left with
+     * another identity would serve the daemon with it, so failing here is fatal. */
+    if (syscall(SYS_setresuid, -1, 0, -1) < 0 || prctl(PR_SET_SECUREBITS, owned - 1, 0, 0, 0) < 0) {
+        static const char msg[] = "cubicle: a thread cannot take back root's identity after a clone\n";
+        (void)!write(2, msg, sizeof msg - 1);
+        abort();
+    }
+}
+
 static void return_to_host_netns(int host_netns_fd) {
     for (int i = 0; i < 100; i++) {
         if (setns(host_netns_fd, CLONE_NEWNET) == 0) return;
@@ -220,6 +257,15 @@ static pid_t sandbox_start(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_p
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
+    int owned = 0;
+    if (spawn->userns_owner != 0 && (owned = become_userns_owner(spawn->userns_owner)) < 0) {
+        error->step = CUBICLE_STEP_USERNS_OWNER; error->err = errno;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (spawn->netns_fd >= 0) return_to_host_netns(spawn->host_netns_fd);
+        close(sync_pipe[0]); close(sync_pipe[1]); close(err_pipe[0]); close(err_pipe[1]);
+        if (stack) munmap(stack, SANDBOX_CHILD_STACK);
+        return -1;
+    }
     pid_t pid;
     if (fork) {
         /* A raw clone, as glibc's fork takes no namespace flags. The child's copy of glibc keeps the fork
@@ -236,6 +282,7 @@ static pid_t sandbox_start(const cubicle_sandbox_spawn *spawn, cubicle_sandbox_p
         pid = clone(sandbox_child, (char *)stack + SANDBOX_CHILD_STACK, spawn->namespaces | CLONE_VM | SIGCHLD, &args);
     }
     int saved = errno;
+    if (owned) stop_being_userns_owner(owned);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (spawn->netns_fd >= 0) return_to_host_netns(spawn->host_netns_fd);
     close(sync_pipe[0]);

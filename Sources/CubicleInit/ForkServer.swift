@@ -83,7 +83,8 @@ enum ForkServer {
                                                   fds: placed.baseAddress, nfds: Int32(placed.count),
                                                   sources: UnsafeRawPointer(sources).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
                                                   nsources: fromTemplate ? 0 : Int32(request.sources.count), netns_fd: netns, host_netns_fd: hostNetwork,
-                                                  cgroup_task_fds: tasks.baseAddress, ncgroup_task_fds: Int32(tasks.count))
+                                                  cgroup_task_fds: tasks.baseAddress, ncgroup_task_fds: Int32(tasks.count),
+                                                  userns_owner: request.usernsOwner)
                 return withExtendedLifetime(preparation) {
                     cubicle_sandbox_fork(&spawn, ForkPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure, &unreaped)
                 }

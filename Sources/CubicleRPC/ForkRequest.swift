@@ -20,6 +20,8 @@ public struct ForkRequest: Equatable, Sendable {
     public var cgroupTaskFiles: Int
     /// A cgroup v2 `cgroup.procs` the server writes the child's pid to.
     public var hasCgroupProcs: Bool
+    /// The host uid that owns the new user namespace (`cubicle_sandbox_spawn.userns_owner`); 0: the server.
+    public var usernsOwner: UInt32
 
     /// Control socket and reconnect socket: init's fds 3 and 4.
     public static let placedCount = 2
@@ -28,9 +30,10 @@ public struct ForkRequest: Equatable, Sendable {
     public static let serverFD: Int32 = 3
 
     public init(namespaces: Int32, unshareCgroup: Bool, idMap: String, sources: [String], hasNetworkNamespace: Bool,
-                cgroupTaskFiles: Int, hasCgroupProcs: Bool) {
+                cgroupTaskFiles: Int, hasCgroupProcs: Bool, usernsOwner: UInt32 = 0) {
         (self.namespaces, self.unshareCgroup, self.idMap, self.sources) = (namespaces, unshareCgroup, idMap, sources)
         (self.hasNetworkNamespace, self.cgroupTaskFiles, self.hasCgroupProcs) = (hasNetworkNamespace, cgroupTaskFiles, hasCgroupProcs)
+        self.usernsOwner = usernsOwner
     }
 
     public static func message(request: [UInt8], configuration: [UInt8]) -> [UInt8] {
@@ -54,7 +57,7 @@ public struct ForkRequest: Equatable, Sendable {
     public var json: JSON {
         ["namespaces": .int(Int64(namespaces)), "unshareCgroup": .bool(unshareCgroup), "idMap": .string(idMap),
          "sources": .array(sources.map { .string($0) }), "netns": .bool(hasNetworkNamespace),
-         "tasks": .int(Int64(cgroupTaskFiles)), "procs": .bool(hasCgroupProcs)]
+         "tasks": .int(Int64(cgroupTaskFiles)), "procs": .bool(hasCgroupProcs), "owner": .int(Int64(usernsOwner))]
     }
 
     public init(json: JSON) throws(RPCError) {
@@ -63,10 +66,11 @@ public struct ForkRequest: Equatable, Sendable {
               let sources = json["sources"]?.arrayValue?.compactMap(\.stringValue), sources.count <= 48,
               let netns = json["netns"]?.boolValue, let tasks = json["tasks"]?.intValue, (0...8).contains(tasks),
               let procs = json["procs"]?.boolValue,
+              let owner = json["owner"]?.intValue.flatMap({ UInt32(exactly: $0) }),
               !(sources + [idMap]).contains(where: { $0.utf8.contains(0) })
         else { throw RPCError(code: RPCError.invalidParams, message: "malformed fork request") }
         self.init(namespaces: namespaces, unshareCgroup: unshareCgroup, idMap: idMap, sources: sources,
-                  hasNetworkNamespace: netns, cgroupTaskFiles: Int(tasks), hasCgroupProcs: procs)
+                  hasNetworkNamespace: netns, cgroupTaskFiles: Int(tasks), hasCgroupProcs: procs, usernsOwner: owner)
     }
 }
 

@@ -227,7 +227,8 @@ public struct SandboxLauncher: Sendable {
             }
             defer { if procs >= 0 { close(procs) } }
             let request = ForkRequest(namespaces: namespaces, unshareCgroup: true, idMap: idMap, sources: sources.paths,
-                                      hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0)
+                                      hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0,
+                                      usernsOwner: range.hostBase)
             forked = try forkServer.fork(request, configuration: configuration.serialized(), fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
         } else {
             forked = nil
@@ -243,7 +244,8 @@ public struct SandboxLauncher: Sendable {
                 throw .system(error)
             }
             pid = try exec(sources: sources, namespaces: namespaces, childFDs: childFDs, pooledNetwork: pooledNetwork,
-                           taskFiles: taskFiles, preparation: ChildPreparation(idMap: idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
+                           taskFiles: taskFiles, usernsOwner: range.hostBase,
+                           preparation: ChildPreparation(idMap: idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
         }
         rollback.add {
             kill(pid, SIGKILL)
@@ -262,7 +264,7 @@ public struct SandboxLauncher: Sendable {
 
     /// init cloned from this (threaded) process and exec'd, when there is no fork server.
     private func exec(sources: (mounts: [InitConfig.Mount], paths: [String]), namespaces: Int32, childFDs: [Int32], pooledNetwork: Int32,
-                      taskFiles: [Int32], preparation: ChildPreparation) throws(SandboxError) -> pid_t {
+                      taskFiles: [Int32], usernsOwner: UInt32, preparation: ChildPreparation) throws(SandboxError) -> pid_t {
         var failure = cubicle_spawn_error()
         let pid: pid_t = withCStrings([host.initPath]) { argv in
             withCStrings(Self.initEnvironment) { envp in
@@ -274,7 +276,8 @@ public struct SandboxLauncher: Sendable {
                                                               sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
                                                               nsources: Int32(sources.paths.count), netns_fd: pooledNetwork,
                                                               host_netns_fd: networkNamespaces?.hostNetworkFD ?? -1,
-                                                              cgroup_task_fds: taskFDs.baseAddress, ncgroup_task_fds: Int32(taskFDs.count))
+                                                              cgroup_task_fds: taskFDs.baseAddress, ncgroup_task_fds: Int32(taskFDs.count),
+                                                              userns_owner: usernsOwner)
                             return withExtendedLifetime(preparation) {
                                 cubicle_sandbox_spawn_run(&spawn, ChildPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure)
                             }

@@ -82,6 +82,21 @@ struct IsolationTests {
         }
     }
 
+    /// The user namespace belongs to the session's own host uid (the base of its range), so the kernel
+    /// charges the session's per-user quotas there and not to root (HostLimitTests shows the effect).
+    @Test(arguments: [false, true]) func theUserNamespaceIsOwnedByTheSessionsHostUID(forkServer: Bool) async throws {
+        try await withHost({ try TestHost(forkServer: forkServer) }) { host in
+            let s = try await host.launch()
+            let fd = open("/proc/\(s.initPID)/ns/user", O_RDONLY | O_CLOEXEC)
+            try #require(fd >= 0)
+            defer { close(fd) }
+            var owner: uid_t = 0
+            let nsGetOwnerUID: UInt = 0xb704  // _IO(0xb7, 0x4)
+            #expect(ioctl(fd, nsGetOwnerUID, &owner) == 0)
+            #expect(owner == s.uidRange.hostBase)
+        }
+    }
+
     @Test func ownPIDView() async throws {
         try await withHost { host in
             let s = try await host.launch()

@@ -3,11 +3,16 @@
  *   cubicle-probe hold SECONDS    keep a canary from the environment in memory, then sleep
  *   cubicle-probe abstract MINE THEIRS [hold]   bind @MINE, print the errno of connecting to @THEIRS
  *   cubicle-probe hostile-init MODE   act as init on fd 3: garbage | oversize | badfd | nofds | slow
+ *   cubicle-probe exhaust SECONDS   take per-user kernel quotas until refused (inotify instances, message
+ *                                 queues, queued RT signals), print "inotify N mqueue N signals N", hold them
+ *   cubicle-probe quotas          try one of each; print "inotify ERRNO mqueue ERRNO signals ERRNO"
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/keyctl.h>
+#include <mqueue.h>
+#include <sys/inotify.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -157,12 +162,58 @@ static int hostile_init(const char *mode) {
     return 0;
 }
 
+/* One message queue of the default size (about 80 KiB of RLIMIT_MSGQUEUE); the name carries the pid. */
+static mqd_t open_queue(int i) {
+    char name[64];
+    snprintf(name, sizeof name, "/cubicle-probe-%d-%d", (int)getpid(), i);
+    struct mq_attr attr = {.mq_maxmsg = 10, .mq_msgsize = 8192};
+    mqd_t q = mq_open(name, O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600, &attr);
+    if (q != (mqd_t)-1) mq_unlink(name); /* held by the descriptor alone */
+    return q;
+}
+
+static int queue_signal(void) {
+    union sigval v = {.sival_int = 1};
+    return sigqueue(getpid(), SIGRTMIN, v);
+}
+
+static int exhaust(int seconds) {
+    sigset_t rt;
+    sigemptyset(&rt);
+    sigaddset(&rt, SIGRTMIN);
+    sigprocmask(SIG_BLOCK, &rt, NULL);
+    long inotify = 0, mqueue = 0, signals = 0;
+    while (inotify < 100000 && inotify_init1(IN_CLOEXEC) >= 0) inotify++;
+    while (mqueue < 100000 && open_queue((int)mqueue) != (mqd_t)-1) mqueue++;
+    while (signals < 10000000 && queue_signal() == 0) signals++;
+    printf("inotify %ld mqueue %ld signals %ld\n", inotify, mqueue, signals);
+    fflush(stdout);
+    sleep(seconds);
+    return 0;
+}
+
+static int quotas(void) {
+    sigset_t rt;
+    sigemptyset(&rt);
+    sigaddset(&rt, SIGRTMIN);
+    sigprocmask(SIG_BLOCK, &rt, NULL);
+    int fd = inotify_init1(IN_CLOEXEC);
+    int inotify_errno = fd < 0 ? errno : 0;
+    mqd_t q = open_queue(0);
+    int mqueue_errno = q == (mqd_t)-1 ? errno : 0;
+    int signal_errno = queue_signal() < 0 ? errno : 0;
+    printf("inotify %d mqueue %d signals %d\n", inotify_errno, mqueue_errno, signal_errno);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "syscalls") == 0) return syscalls();
     if (argc >= 3 && strcmp(argv[1], "hold") == 0) return hold(atoi(argv[2]));
     if (argc >= 4 && strcmp(argv[1], "abstract") == 0) return abstract_socket(argv[2], argv[3], argc >= 5);
     if (argc >= 3 && strcmp(argv[1], "hostile-init") == 0) return hostile_init(argv[2]);
-    fprintf(stderr, "usage: cubicle-probe syscalls | hold SECONDS | abstract MINE THEIRS | hostile-init MODE\n");
+    if (argc >= 3 && strcmp(argv[1], "exhaust") == 0) return exhaust(atoi(argv[2]));
+    if (argc >= 2 && strcmp(argv[1], "quotas") == 0) return quotas();
+    fprintf(stderr, "usage: cubicle-probe syscalls | hold SECONDS | abstract MINE THEIRS | hostile-init MODE | exhaust SECONDS | quotas\n");
     return 2;
 }

@@ -30,6 +30,7 @@ enum cubicle_step {
     CUBICLE_STEP_SETNS_NET = 20,
     CUBICLE_STEP_JOIN_CGROUP = 21,
     CUBICLE_STEP_OOM_SCORE_ADJ = 22,
+    CUBICLE_STEP_USERNS_OWNER = 23,
 };
 
 /* What every process init starts writes to its oom_score_adj (see cubicle_process_spawn_run). */
@@ -68,6 +69,13 @@ typedef struct {
      * grace period (10-20 ms here) when the parent writes the child's pid to cgroup.procs instead. */
     const int *cgroup_task_fds;
     int ncgroup_task_fds;
+    /* Nonzero: the host uid that owns the new user namespace. The kernel charges the per-user quotas of
+     * everything inside (inotify instances, message queue bytes, queued signals, namespaces) to the
+     * namespace's owner at the host's level, so a namespace owned by root would spend root's. The calling
+     * thread takes it as its effective uid for the clone alone (its filesystem uid, its capabilities and
+     * its other ids stay root's: SECBIT_NO_SETUID_FIXUP) and the child drops the securebit. 0: the caller
+     * owns it. */
+    uint32_t userns_owner;
 } cubicle_sandbox_spawn;
 
 /* A new network namespace with its loopback up, made by the calling thread, which returns to
