@@ -219,6 +219,11 @@ public struct Cgroup: Sendable {
                     try writeIfPresent(dir("memory") + "/memory.swappiness", "0")
                     try Files.write(dir("memory") + "/memory.limit_in_bytes", String(m))
                     try writeIfPresent(dir("memory") + "/memory.memsw.limit_in_bytes", String(m))
+                    // v1 charges TCP socket buffers to a cgroup only once this is written (v2 always does):
+                    // without it a session's loopback socket pairs buffer gigabytes outside its limit and
+                    // push the host past its TCP memory pressure threshold. A counter of its own, so a
+                    // session may hold up to its memory limit in socket buffers besides its memory.
+                    try writeIfPresent(dir("memory") + "/memory.kmem.tcp.limit_in_bytes", String(m))
                 }
                 if let q = limits.cpuQuotaMicros {
                     try Files.write(dir("cpu") + "/cpu.cfs_period_us", String(limits.cpuPeriodMicros))

@@ -50,3 +50,41 @@ struct HostLimitTests {
         }
     }
 }
+
+extension HostLimitTests {
+    /// Loopback TCP pairs that nobody reads buffer up to tcp_rmem + tcp_wmem each. The session's socket
+    /// memory is charged to its cgroup (v2 always; v1 once memory.kmem.tcp.limit_in_bytes is set, which
+    /// the launcher does), so sends stop short of twice its limit instead of buffering gigabytes of host
+    /// memory. Runs alone: without the protection it drives the host's TCP memory towards pressure.
+    @Test func socketBuffersAreChargedToTheSession() async throws {
+        try await withHost { host in
+            let limit = 64 << 20
+            let s = try await host.launch { $0.limits.memoryBytes = Int64(limit) }
+            let script = """
+                import socket
+                total, pairs = 0, []
+                listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(128)
+                while len(pairs) < 96 and total < 512 << 20:
+                    a = socket.create_connection(listener.getsockname()); b, _ = listener.accept()
+                    a.setblocking(False); pairs.append((a, b))
+                    chunk = b"x" * 65536
+                    while True:
+                        try:
+                            n = a.send(chunk)
+                        except (BlockingIOError, OSError):
+                            break
+                        total += n
+                print(total)
+                """
+            let r = try await s.run(["/usr/bin/python3", "-c", script], timeoutSeconds: 120)
+            let buffered = Int(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+            print("socketBuffersAreChargedToTheSession: \(buffered >> 20) MiB buffered under a \(limit >> 20) MiB limit")
+            #expect(buffered > 0, "stdout \(r.stdout) stderr \(r.stderr)")
+            #expect(buffered < 2 * limit, "\(buffered >> 20) MiB buffered by a session limited to \(limit >> 20) MiB")
+            if host.config.cgroupVersion == .v1 {
+                let tcpLimit = try Files.read(s.cgroup.directories.first { $0.contains("/memory/") }! + "/memory.kmem.tcp.limit_in_bytes")
+                #expect(Int(tcpLimit.trimmingSpaces) == limit)
+            }
+        }
+    }
+}
