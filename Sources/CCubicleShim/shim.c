@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -208,17 +209,55 @@ static void return_to_host_netns(int host_netns_fd) {
     abort();
 }
 
-int cubicle_netns_create(int host_netns_fd) {
-    if (unshare(CLONE_NEWNET) < 0) return -1;
-    int fd = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
-    int saved = errno;
-    if (fd >= 0 && cubicle_loopback_up() < 0) {
-        saved = errno;
-        close(fd);
-        fd = -1;
-    }
-    if (fd >= 0) cubicle_netns_loopback_congestion_control();
-    return_to_host_netns(host_netns_fd);
+/* The child of cubicle_netns_create: in its own user and network namespaces, it brings loopback up, sets
+ * the congestion control, says so on the pipe and waits until the parent has opened its namespace. */
+struct netns_child_args { int ready[2]; int release[2]; };
+
+static int netns_child(void *arg) {
+    struct netns_child_args *a = arg;
+    close(a->release[1]);  /* so the parent's close is our EOF */
+    close(a->ready[0]);
+    char status = cubicle_loopback_up() == 0 ? 0 : (char)errno;
+    if (status == 0) (void)cubicle_netns_loopback_congestion_control();
+    if (write(a->ready[1], &status, 1) != 1) _exit(1);
+    char go;
+    (void)!read(a->release[0], &go, 1);
+    _exit(0);
+}
+
+int cubicle_netns_create(void) {
+    /* Made by a child in a user namespace of its own (owned by us, so we hold every capability over it),
+     * not by unshare on this thread: the kernel broadcasts untagged uevents (host device activity) to
+     * every network namespace owned by the host's user namespace, and a sandbox given one of those could
+     * listen to them. A CLONE_VM child on a small stack, as posix_spawn does: no page tables to copy. */
+    struct netns_child_args a;
+    if (pipe2(a.ready, O_CLOEXEC) < 0) return -1;
+    if (pipe2(a.release, O_CLOEXEC) < 0) { int e = errno; close(a.ready[0]); close(a.ready[1]); errno = e; return -1; }
+    enum { STACK = 64 * 1024 };
+    void *stack = mmap(NULL, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    int fd = -1, saved = 0;
+    pid_t pid = -1;
+    if (stack == MAP_FAILED) { saved = errno; goto out; }
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = clone(netns_child, (char *)stack + STACK, CLONE_VM | CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD, &a);
+    saved = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0) goto out;
+    char status = 1;
+    ssize_t n;
+    do { n = read(a.ready[0], &status, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1) { saved = EPROTO; goto out; }
+    if (status != 0) { saved = status; goto out; }
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/ns/net", (int)pid);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) saved = errno;
+out:
+    close(a.ready[0]); close(a.ready[1]); close(a.release[0]); close(a.release[1]);  /* releases the child */
+    if (pid > 0) reap(pid);
+    if (stack != MAP_FAILED) munmap(stack, STACK);
     errno = saved;
     return fd;
 }

@@ -130,7 +130,7 @@ public final class InitForkServer: @unchecked Sendable {
         posix_spawnattr_setsigdefault(&attributes, &all)
         posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         var pid: pid_t = 0
-        let rc = withCStrings([initPath]) { argv in
+        let rc = withCStrings(SandboxLauncher.initArguments) { argv in
             withCStrings(SandboxLauncher.initEnvironment + ["\(ForkReply.environmentKey)=1"]) { envp in
                 posix_spawn(&pid, initPath, &actions, &attributes, argv, envp)
             }

@@ -12,9 +12,11 @@ import Synchronization
 /// periods, which put 10-20 ms into one spawn in twenty. Made on the pool's own thread, that wait lands
 /// there instead.
 ///
-/// A pooled namespace belongs to the host's user namespace, not the sandbox's, so nothing inside can
-/// reconfigure it (no CAP_NET_ADMIN over it); the sandbox gets a fresh one all the same, used by nobody
-/// before. An empty pool costs nothing but speed: the launch asks clone for a new namespace as before.
+/// A pooled namespace belongs to a user namespace of its own that root on the host made (so the launching
+/// thread may enter it), not to the sandbox's, so nothing inside can reconfigure it (no CAP_NET_ADMIN over
+/// it); and not to the host's either, to which the kernel broadcasts host device uevents. The sandbox gets
+/// a fresh one all the same, used by nobody before. An empty pool costs nothing but speed: the launch asks
+/// clone for a new namespace as before.
 public final class NetworkNamespacePool: Sendable {
     private struct State {
         var ready: [Int32] = []
@@ -32,8 +34,8 @@ public final class NetworkNamespacePool: Sendable {
         self.size = size
         hostNetworkFD = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)
         guard hostNetworkFD >= 0 else { throw SystemError.lastError("open /proc/self/ns/net") }
-        // The namespaces are made by unshare(2) on a thread of the pool's own, never on a shared one:
-        // a thread between unshare and its way back is in the new namespace.
+        // Made (by a short-lived child each, cubicle_netns_create) on a thread of the pool's own, so the
+        // wait for a namespace lands there and not on a launch or a request.
         do { try startThread("network namespace pool's") { [self] in fill() } } catch {
             Glibc.close(hostNetworkFD)
             throw error
@@ -73,7 +75,7 @@ public final class NetworkNamespacePool: Sendable {
                     return
                 }
                 guard count < size else { break }
-                let fd = cubicle_netns_create(hostNetworkFD)
+                let fd = cubicle_netns_create()
                 // Out of namespaces or not allowed to make them: launches make their own until a take
                 // wakes the pool again.
                 guard fd >= 0 else { break }

@@ -51,6 +51,9 @@ public struct SandboxLauncher: Sendable {
     public static let controlSocketName = "control.sock"
     /// No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
     static let initEnvironment = ["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]
+    /// init's argv (and the fork server's, whose clones show its command line): no host path, which a
+    /// sandbox reads in /proc/1/cmdline.
+    static let initArguments = ["cubicle-init"]
 
     static func newID() -> String {
         var rng = SystemRandomNumberGenerator()
@@ -266,7 +269,7 @@ public struct SandboxLauncher: Sendable {
     private func exec(sources: (mounts: [InitConfig.Mount], paths: [String]), namespaces: Int32, childFDs: [Int32], pooledNetwork: Int32,
                       taskFiles: [Int32], usernsOwner: UInt32, preparation: ChildPreparation) throws(SandboxError) -> pid_t {
         var failure = cubicle_spawn_error()
-        let pid: pid_t = withCStrings([host.initPath]) { argv in
+        let pid: pid_t = withCStrings(Self.initArguments) { argv in
             withCStrings(Self.initEnvironment) { envp in
                 withCStrings(sources.paths) { paths in
                     childFDs.withUnsafeBufferPointer { fds in taskFiles.withUnsafeBufferPointer { taskFDs in

@@ -97,15 +97,16 @@ struct IsolationTests {
         }
     }
 
-    @Test func ownPIDView() async throws {
-        try await withHost { host in
+    @Test(arguments: [false, true]) func ownPIDView(forkServer: Bool) async throws {
+        try await withHost({ try TestHost(forkServer: forkServer) }) { host in
             let s = try await host.launch()
-            let r = try await s.sh("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; cat /proc/1/cmdline | tr '\\0' ' '")
+            let r = try await s.sh("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '")
             let pids = r.stdout.split(separator: " ").compactMap { Int($0) }
             #expect(pids.first == 1)
             // init, sh and the pipeline's own four commands; a host PID view would show hundreds.
             #expect(pids.count <= 6, "sees processes beyond its own: \(pids)")
-            #expect(r.stdout.contains("cubicle-init"))
+            // argv[0] only: cubicle-init's host path is not the sandbox's to read.
+            #expect(r.stdout.split(separator: "\n").last == "cubicle-init ", "\(r.stdout)")
         }
     }
 
@@ -182,6 +183,56 @@ struct IsolationTests {
             let s = try await host.launch()
             let r = try await s.run(["/bin/cat", "/proc/sys/net/ipv4/tcp_congestion_control"])
             #expect(r.stdout == wanted + "\n", "host default \(hostDefault); \(r.stderr)")
+        }
+    }
+
+    /// Listens for kernel uevents (NETLINK_KOBJECT_UEVENT, which needs no privilege) for `seconds` after
+    /// saying "listening"; prints "got ACTION@DEVPATH" for the first, or "none".
+    static let ueventListener = """
+        import socket, sys
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)
+        s.bind((0, 1))
+        s.settimeout(float(sys.argv[1]))
+        print("listening", flush=True)
+        try:
+            print("got", s.recv(65536).split(b"\\0")[0].decode(), flush=True)
+        except socket.timeout:
+            print("none", flush=True)
+        """
+
+    /// The kernel broadcasts untagged uevents (host device activity) to every network namespace owned by
+    /// the host's user namespace. A sandbox's namespace, pooled or its own, is not one of them: a uevent
+    /// the host triggers (a "change" on /dev/null's device, which does nothing else) reaches a listener on
+    /// the host and none in the sandbox.
+    @Test(arguments: pools) func hostUeventsDoNotReachTheSandbox(pool: Int) async throws {
+        try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
+            if let pool = host.launcher.networkNamespaces {
+                for _ in 0..<100 where pool.readyCount < 1 { try await Task.sleep(for: .milliseconds(10)) }
+                try #require(pool.readyCount >= 1, "the pool made no namespace")
+            }
+            let s = try await host.launch()
+            let inside = try await s.startAgent(ProcessParams(argv: ["/usr/bin/python3", "-c", Self.ueventListener, "3"], env: sandboxEnv))
+            close(inside.stderr)
+            let outside = Process()
+            outside.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+            outside.arguments = ["-c", Self.ueventListener, "3"]
+            let outsideOut = Pipe()
+            outside.standardOutput = outsideOut
+            try outside.run()
+            func firstLine(_ fd: Int32) -> String {
+                var line = [UInt8](), byte: UInt8 = 0
+                while read(fd, &byte, 1) == 1 && byte != 10 { line.append(byte) }
+                return String(decoding: line, as: UTF8.self)
+            }
+            #expect(firstLine(inside.stdout) == "listening")
+            #expect(firstLine(outsideOut.fileHandleForReading.fileDescriptor) == "listening")
+            try Files.write("/sys/devices/virtual/mem/null/uevent", "change")
+            let hostSaw = firstLine(outsideOut.fileHandleForReading.fileDescriptor)
+            outside.waitUntilExit()
+            #expect(hostSaw.hasPrefix("got "), "the host's own listener heard nothing, so this run cannot tell: \(hostSaw)")
+            let sandboxSaw = firstLine(inside.stdout)
+            close(inside.stdout)
+            #expect(sandboxSaw == "none", "a host uevent reached the sandbox: \(sandboxSaw)")
         }
     }
 

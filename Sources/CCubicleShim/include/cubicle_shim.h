@@ -78,9 +78,10 @@ typedef struct {
     uint32_t userns_owner;
 } cubicle_sandbox_spawn;
 
-/* A new network namespace with its loopback up, made by the calling thread, which returns to
- * host_netns_fd (aborting the process if it cannot). Returns an fd for it, or -1 with errno. */
-int cubicle_netns_create(int host_netns_fd);
+/* A new network namespace with its loopback up and its congestion control set, owned by a user namespace
+ * of its own (so no host uevent reaches it) that the caller holds every capability in. Returns an fd for
+ * it, or -1 with errno. */
+int cubicle_netns_create(void);
 
 /* Called in the parent while the child waits: write the id maps and, unless the child joins its cgroup
  * through cgroup_task_fds, put it there. Nonzero aborts the spawn. */
