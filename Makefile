@@ -28,7 +28,8 @@ test:
 	$(SWIFT) test --skip-build --filter '$(SERIAL_SUITES)'
 	for t in $(FUZZ_TARGETS); do .build/debug/cubicle-fuzz-$$t Tests/Fuzz/corpus/$$t || exit 1; done
 	$(MAKE) fuzz FUZZ_SECONDS=20
-	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") Tests/e2e
+	python3 -m pytest -q $(shell python3 -c 'import xdist' 2>/dev/null && echo "-n 4") -m "not serial" Tests/e2e
+	python3 -m pytest -q -m serial Tests/e2e
 
 # libFuzzer on the RPC frame decoder, the event-stream codec and the request validators, each for
 # FUZZ_SECONDS, from the seed corpus in Tests/Fuzz/corpus (what they find new stays in .build/fuzz-corpus;

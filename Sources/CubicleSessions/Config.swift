@@ -17,6 +17,9 @@ public struct RuntimeConfig: Equatable, Sendable {
         /// CPUs the session may use (cgroup quota); AWS gives a session 2 vCPUs.
         public var cpus: Double = 2
         public var pids = 1024
+        /// Descriptors each process may hold (RLIMIT_NOFILE). What a whole session may hold is bounded by
+        /// its memory (FileBudget), which cubicled makes sure the host's file table can back.
+        public var openFiles = 4096
         /// Size of the session's writable /tmp.
         public var tmpfsBytes: Int64 = 512 << 20
         public init() {}
@@ -41,6 +44,15 @@ public struct RuntimeConfig: Equatable, Sendable {
     public init(name: String, command: [String]) {
         self.name = name
         self.command = command
+    }
+}
+
+extension DaemonConfig {
+    /// The sessions the host's file table must be able to back: `maxSessions` live ones and every warm
+    /// pool's sandboxes, each as large as the largest runtime allows (FileBudget).
+    public var fileBudget: (sessions: Int, limits: [FileBudget.Session]) {
+        (maxSessions + runtimes.reduce(0) { $0 + $1.warmPool },
+         runtimes.map { FileBudget.Session(memoryBytes: $0.limits.memoryBytes, pids: Int64($0.limits.pids), openFiles: Int64($0.limits.openFiles)) })
     }
 }
 
@@ -166,6 +178,7 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = try lf.bytes("memory", (16 << 20)...(1 << 40)) { r.limits.memoryBytes = v }
             if let v = try lf.double("cpus", 0.01...1024) { r.limits.cpus = v }
             if let v = try lf.int("pids", 8...1_000_000) { r.limits.pids = v }
+            if let v = try lf.int("openFiles", 64...1_048_576) { r.limits.openFiles = v }
             if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
             try lf.rejectUnknown()
         }

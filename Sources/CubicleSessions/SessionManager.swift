@@ -323,6 +323,7 @@ public actor SessionManager {
         spec.limits.cpuPeriodMicros = period
         spec.tmpBytes = runtime.limits.tmpfsBytes
         spec.maxProcesses = UInt64(runtime.limits.pids)
+        spec.maxOpenFiles = UInt64(runtime.limits.openFiles)
         spec.cpuCount = Int(runtime.limits.cpus.rounded(.up))
         return spec
     }

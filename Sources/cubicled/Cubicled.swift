@@ -81,6 +81,16 @@ struct Cubicled: AsyncParsableCommand {
         } else {
             daemonConfig = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
         }
+        // Sessions must run out of their own limits before the host runs out of file handles.
+        let budget = daemonConfig.fileBudget
+        do {
+            if let raised = try FileBudget.ensure(maxSessions: budget.sessions, sessions: budget.limits) {
+                logger.notice("raised fs.file-max so sessions hit their own limits before the host's file table",
+                              metadata: ["from": "\(raised.from)", "to": "\(raised.to)", "sessions": "\(budget.sessions)"])
+            }
+        } catch {
+            throw StartupRefused("fs.file-max is too low for \(budget.sessions) sessions of these runtimes and cannot be raised (\(error)): one session could fill the host's file table. Raise it (sysctl fs.file-max), or lower maxSessions or the runtimes' memory limits.")
+        }
         let profile = try daemonConfig.seccompProfile.map { try SeccompProfile.load(path: $0) } ?? SeccompProfile.embeddedDefault
         let seccompProgram = try profile.compile()
 

@@ -88,3 +88,58 @@ extension HostLimitTests {
         }
     }
 }
+
+extension HostLimitTests {
+    static func fileNumbers() throws -> (allocated: Int64, max: Int64) {
+        let nr = try Files.read("/proc/sys/fs/file-nr").split(whereSeparator: { $0 == "\t" || $0 == " " || $0 == "\n" })
+        return (Int64(nr[0])!, Int64(try Files.read("/proc/sys/fs/file-max").trimmingSpaces)!)
+    }
+
+    /// Whether an unprivileged host user (nobody) can open a file now: root may exceed file-max
+    /// (CAP_SYS_ADMIN), every other user gets ENFILE once the table is full.
+    static func anUnprivilegedUserCanOpenAFile() throws -> Bool {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+        p.arguments = ["--reuid", "65534", "--regid", "65534", "--clear-groups", "/bin/cat", "/dev/null"]
+        try p.run()
+        p.waitUntilExit()
+        return p.terminationStatus == 0
+    }
+
+    /// On a host whose file table one session could fill (file-max set here to what the host holds plus
+    /// 400,000), the budget raises file-max to back two sessions of these limits; then a session that opens
+    /// every descriptor its 32 processes may hold (524,288) runs into its own limits (EMFILE), and a host
+    /// user can still open a file. Without the budget the session reaches ENFILE and so does the host
+    /// user. file-max is put back afterwards.
+    @Test func aSessionRunsOutOfItsOwnDescriptorsBeforeTheHostsFileTable() async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else {
+            print("aSessionRunsOutOfItsOwnDescriptorsBeforeTheHostsFileTable: skipped, no /usr/bin/setpriv (util-linux) to open a file as a host user")
+            return
+        }
+        let saved = try Self.fileNumbers().max
+        defer { try? Files.write("/proc/sys/fs/file-max", String(saved)) }
+        try Files.write("/proc/sys/fs/file-max", String(try Self.fileNumbers().allocated + 400_000))
+        // init, the probe and its 32 children fit in the pids limit.
+        let session = FileBudget.Session(memoryBytes: 512 << 20, pids: 40, openFiles: 16384)
+        let raised = try FileBudget.ensure(maxSessions: 2, sessions: [session])
+        #expect(raised != nil && raised!.to >= 2 * FileBudget.ceiling(session, maxMapCount: 65530), "\(String(describing: raised))")
+        try await withHost { host in
+            let s = try await host.launch {
+                $0.limits.memoryBytes = session.memoryBytes
+                $0.limits.pids = session.pids
+                $0.maxOpenFiles = UInt64(session.openFiles)
+            }
+            let agent = try await s.startAgent(ProcessParams(argv: ["/app/cubicle-probe", "files", "32", "60"], env: sandboxEnv))
+            close(agent.stderr)
+            var line = [UInt8](), byte: UInt8 = 0
+            while read(agent.stdout, &byte, 1) == 1 && byte != 10 { line.append(byte) }
+            close(agent.stdout)
+            let words = String(decoding: line, as: UTF8.self).split(separator: " ")
+            let opened = words.count == 4 ? Int64(words[1]) ?? 0 : 0
+            print("aSessionRunsOutOfItsOwnDescriptorsBeforeTheHostsFileTable: the session opened \(opened), stopped by errno \(words.last ?? "?")")
+            #expect(opened > 400_000, "\(words)")
+            #expect(words.last.map { Int32($0) } == EMFILE, "the session's processes stop at their own limit: \(words)")
+            #expect(try Self.anUnprivilegedUserCanOpenAFile(), "a host user gets ENFILE")
+        }
+    }
+}

@@ -1,4 +1,5 @@
 import CubicleAgentCore
+import Foundation
 import CubicleSandbox
 import CubicleSessions
 import Testing
@@ -16,7 +17,7 @@ import Testing
             environmentVariables: {MODEL: stub, LOG_LEVEL: debug}
             protocol: MCP
             lifecycle: {idleRuntimeSessionTimeout: 2, maxLifetime: 10}
-            limits: {memory: 256MiB, cpus: 0.5, pids: 64, tmpfs: 32M}
+            limits: {memory: 256MiB, cpus: 0.5, pids: 64, tmpfs: 32M, openFiles: 1024}
             requestHeaderAllowlist: [X-Team]
             readOnlyMounts:
               - {source: /opt/venv}
@@ -33,6 +34,40 @@ import Testing
         #expect(r.requestHeaderAllowlist == ["x-team"])
         #expect(r.readOnlyMounts.first?.target == "/opt/venv")
         #expect(r.warmPool == 3)
+        #expect(r.limits.openFiles == 1024)
+        // maxSessions live sessions and every warm pool's sandboxes, each up to the runtime's limits.
+        #expect(c.fileBudget.sessions == 8)
+        #expect(c.fileBudget.limits == [FileBudget.Session(memoryBytes: 256 << 20, pids: 64, openFiles: 1024)])
+    }
+
+    /// A session holds what its memory backs (256 bytes a file) or what its processes' descriptors and
+    /// mappings allow, whichever is less; the host's file table must hold the host's use, a reserve and
+    /// maxSessions of the largest; overflow saturates.
+    /// ensure() against a fake /proc/sys: raised to what is needed when lower, left alone when not.
+    @Test func fileBudgetRaisesFileMaxOnlyWhenLow() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("cubicle-procsys-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try FileManager.default.createDirectory(atPath: root + "/fs", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: root + "/vm", withIntermediateDirectories: true)
+        try "3000\t0\t9223372036854775807\n".write(toFile: root + "/fs/file-nr", atomically: false, encoding: .utf8)
+        try "65530\n".write(toFile: root + "/vm/max_map_count", atomically: false, encoding: .utf8)
+        try "100000\n".write(toFile: root + "/fs/file-max", atomically: false, encoding: .utf8)
+        let session = FileBudget.Session(memoryBytes: 64 << 20, pids: 8, openFiles: 256)
+        let needed = 3000 + FileBudget.hostReserve + 3 * FileBudget.ceiling(session, maxMapCount: 65530)
+        #expect(try FileBudget.ensure(maxSessions: 3, sessions: [session], procSys: root) == FileBudget.Raised(from: 100000, to: needed))
+        #expect(try String(contentsOfFile: root + "/fs/file-max", encoding: .utf8) == String(needed))
+        #expect(try FileBudget.ensure(maxSessions: 3, sessions: [session], procSys: root) == nil)
+    }
+
+    @Test func fileBudgetArithmetic() {
+        let small = FileBudget.Session(memoryBytes: 256 << 20, pids: 4, openFiles: 1024)
+        #expect(FileBudget.ceiling(small, maxMapCount: 65530) == 4 * (1024 + 65530))
+        let large = FileBudget.Session(memoryBytes: 2 << 30, pids: 1024, openFiles: 4096)
+        #expect(FileBudget.ceiling(large, maxMapCount: 65530) == (2 << 30) / 256)
+        #expect(FileBudget.required(hostFiles: 5000, maxSessions: 10, sessions: [small, large], maxMapCount: 65530)
+                == 5000 + FileBudget.hostReserve + 10 * ((2 << 30) / 256))
+        let huge = FileBudget.Session(memoryBytes: Int64.max, pids: Int64.max, openFiles: Int64.max)
+        #expect(FileBudget.required(hostFiles: 1, maxSessions: 1000, sessions: [huge], maxMapCount: 65530) == Int64.max)
     }
 
     @Test func defaultsMirrorAWS() throws {

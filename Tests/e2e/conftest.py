@@ -24,6 +24,10 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 ARN_PREFIX = "arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "serial: changes host-wide settings; run alone, after the parallel tests")
+
+
 def pytest_collection_modifyitems(config, items):
     if os.geteuid() != 0:
         skip = pytest.mark.skip(reason="end-to-end tests start cubicled, which needs root (namespaces, cgroups)")

@@ -6,6 +6,8 @@
  *   cubicle-probe exhaust SECONDS   take per-user kernel quotas until refused (inotify instances, message
  *                                 queues, queued RT signals), print "inotify N mqueue N signals N", hold them
  *   cubicle-probe quotas          try one of each; print "inotify ERRNO mqueue ERRNO signals ERRNO"
+ *   cubicle-probe files PROCS SECONDS   PROCS processes each open /dev/null until refused; print
+ *                                 "files TOTAL errno E" (E: the last refusal's), hold them
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -13,6 +15,7 @@
 #include <linux/keyctl.h>
 #include <mqueue.h>
 #include <sys/inotify.h>
+#include <sys/wait.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -206,6 +209,36 @@ static int quotas(void) {
     return 0;
 }
 
+static int files(int procs, int seconds) {
+    int report[2];
+    if (pipe(report) < 0) return 1;
+    int children = 0;
+    for (int i = 0; i < procs; i++) {
+        pid_t pid = fork();
+        if (pid < 0) break;
+        children++;
+        if (pid == 0) {
+            long n = 0;
+            while (open("/dev/null", O_RDONLY) >= 0) n++;
+            long result[2] = {n, errno};
+            (void)!write(report[1], result, sizeof result);
+            sleep(seconds);
+            _exit(0);
+        }
+    }
+    close(report[1]);
+    long total = 0, last = 0, result[2];
+    while (read(report[0], result, sizeof result) == (ssize_t)sizeof result) {
+        total += result[0];
+        last = result[1];
+        if (--children == 0) break;
+    }
+    printf("files %ld errno %ld\n", total, last);
+    fflush(stdout);
+    sleep(seconds);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "syscalls") == 0) return syscalls();
@@ -214,6 +247,7 @@ int main(int argc, char **argv) {
     if (argc >= 3 && strcmp(argv[1], "hostile-init") == 0) return hostile_init(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "exhaust") == 0) return exhaust(atoi(argv[2]));
     if (argc >= 2 && strcmp(argv[1], "quotas") == 0) return quotas();
-    fprintf(stderr, "usage: cubicle-probe syscalls | hold SECONDS | abstract MINE THEIRS | hostile-init MODE | exhaust SECONDS | quotas\n");
+    if (argc >= 4 && strcmp(argv[1], "files") == 0) return files(atoi(argv[2]), atoi(argv[3]));
+    fprintf(stderr, "usage: cubicle-probe syscalls | hold SECONDS | abstract MINE THEIRS | hostile-init MODE | exhaust SECONDS | quotas | files PROCS SECONDS\n");
     return 2;
 }
