@@ -463,6 +463,7 @@ int cubicle_file_identity_of(int dirfd, const char *path, cubicle_file_identity 
     out->dev = ((uint64_t)st.stx_dev_major << 32) | st.stx_dev_minor;
     out->ino = st.stx_ino;
     out->mnt_id = (st.stx_mask & 0x1000U) ? st.stx_mnt_id : 0;
+    out->mount_root = (st.stx_attributes_mask & 0x2000U /* STATX_ATTR_MOUNT_ROOT */) ? ((st.stx_attributes & 0x2000U) != 0) : -1;
     return 0;
 }
 

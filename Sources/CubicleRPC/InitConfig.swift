@@ -38,6 +38,9 @@ public struct InitConfig: Equatable, Sendable {
     public static let firstSourceFD: Int32 = 5
     public static let agentUser = "agent"
     public static let agentHome = "/home/agent"
+    /// The sandbox's writable tmpfs mounts, which init mounts (RootFilesystem.mountPerSandboxPart) and the
+    /// host wipes at teardown (PinnedMounts); everything else in the tree is read-only.
+    public static let writableMounts = ["/dev/shm", "/tmp", agentHome]
 
     public init() {}
 

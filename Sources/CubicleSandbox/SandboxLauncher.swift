@@ -344,6 +344,7 @@ public struct SandboxLauncher: Sendable {
         // init is our child and unreaped (nothing waits for it before watchInit), so its pid is its own here.
         let mounts = PinnedMounts.pin(initPID: pid)
         guard mounts.count > 0 else { throw .ended("no writable tmpfs of init's could be pinned for the wipe") }
+        phases.mark("mounts pinned")
         let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
                               spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,

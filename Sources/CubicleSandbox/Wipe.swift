@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CCubicleShim
 import CubicleLinux
+import CubicleRPC
 import Synchronization
 
 /// Descriptors of the roots of a sandbox's writable tmpfs mounts, opened while its init was known to be
@@ -24,12 +25,13 @@ final class PinnedMounts: Sendable {
 
     static let tmpfsMagic: Int64 = 0x0102_1994
 
-    /// Opens each writable tmpfs mount of init's mount namespace, then checks through a pidfd that init
-    /// had not been reaped by then, so its pid named it for every open. With `cgroup`, also that the
-    /// process is in it (an adopted init is not our child: a pid from the state directory may have been
-    /// reaped and reused before this daemon started). Mount points are resolved inside init's root and
-    /// never through a symlink, and each descriptor must be the root of the mount mountinfo listed, on a
-    /// tmpfs. Empty if any of that fails.
+    /// Opens each of the sandbox's writable tmpfs mounts (`InitConfig.writableMounts`) in init's mount
+    /// namespace, then checks through a pidfd that init had not been reaped by then, so its pid named it for
+    /// every open. With `cgroup`, also that the process is in it (an adopted init is not our child: a pid
+    /// from the state directory may have been reaped and reused before this daemon started). Mount points
+    /// are resolved inside init's root and never through a symlink, and each descriptor must be the root
+    /// of a mount, on a tmpfs. Empty if any of that fails. (mountinfo is not read: on the launch path its
+    /// formatting and parsing cost more than the opens.)
     static func pin(initPID: pid_t, cgroup: Cgroup? = nil) -> PinnedMounts {
         let pidfd = cubicle_pidfd_open(initPID)
         guard pidfd >= 0 else { return PinnedMounts([]) }
@@ -38,19 +40,17 @@ final class PinnedMounts: Sendable {
         guard root >= 0 else { return PinnedMounts([]) }
         defer { close(root) }
         var fds: [Int32] = []
-        if let info = try? Files.read("/proc/\(initPID)/mountinfo") {
-            for mount in writableTmpfsMounts(info) {
-                let fd = cubicle_open_in_root(root, mount.point, O_RDONLY | O_DIRECTORY)
-                guard fd >= 0 else { continue }
-                var identity = cubicle_file_identity()
-                var fs = cubicle_fs_usage()
-                guard cubicle_file_identity_of(fd, "", &identity) == 0, identity.mnt_id == 0 || identity.mnt_id == mount.id,
-                      cubicle_fs_usage_of(fd, &fs) == 0, fs.type == tmpfsMagic else {
-                    close(fd)
-                    continue
-                }
-                fds.append(fd)
+        for point in InitConfig.writableMounts {
+            let fd = cubicle_open_in_root(root, point, O_RDONLY | O_DIRECTORY)
+            guard fd >= 0 else { continue }
+            var identity = cubicle_file_identity()
+            var fs = cubicle_fs_usage()
+            guard cubicle_file_identity_of(fd, "", &identity) == 0, identity.mount_root != 0,
+                  cubicle_fs_usage_of(fd, &fs) == 0, fs.type == tmpfsMagic else {
+                close(fd)
+                continue
             }
+            fds.append(fd)
         }
         let member = cgroup.map { isMember(initPID, of: $0) } ?? true
         guard member, cubicle_pidfd_alive(pidfd) == 0 else {
@@ -58,20 +58,6 @@ final class PinnedMounts: Sendable {
             return PinnedMounts([])
         }
         return PinnedMounts(fds)
-    }
-
-    struct MountLine: Equatable { var id: UInt64; var point: String }
-
-    /// The tmpfs mounts mounted read-write at the root of their filesystem, from mountinfo's text.
-    static func writableTmpfsMounts(_ info: String) -> [MountLine] {
-        info.split(separator: "\n").compactMap { line in
-            let halves = line.split(separator: " - ", maxSplits: 1)
-            guard halves.count == 2 else { return nil }
-            let left = halves[0].split(separator: " "), right = halves[1].split(separator: " ")
-            guard left.count >= 6, right.count >= 1, right[0] == "tmpfs", left[3] == "/",
-                  left[5].split(separator: ",").contains("rw"), let id = UInt64(left[0]) else { return nil }
-            return MountLine(id: id, point: String(left[4]).replacingOctalEscapes())
-        }
     }
 
     private static func isMember(_ pid: pid_t, of cgroup: Cgroup) -> Bool {
@@ -163,25 +149,5 @@ enum TmpfsWiper {
             position = offset
         }
         return written
-    }
-}
-
-extension String {
-    /// mountinfo escapes space, tab, newline and backslash as \ooo.
-    func replacingOctalEscapes() -> String {
-        guard contains("\\") else { return self }
-        var out: [UInt8] = []
-        let u = Array(utf8)
-        var i = 0
-        while i < u.count {
-            if u[i] == 0x5C, i + 3 < u.count, let v = UInt8(String(decoding: u[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-                out.append(v)
-                i += 4
-            } else {
-                out.append(u[i])
-                i += 1
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
     }
 }

@@ -99,11 +99,11 @@ struct WipeTests {
             let s = try await host.launch()
             let victim = Process()
             victim.executableURL = URL(fileURLWithPath: "/usr/bin/unshare")
-            victim.arguments = ["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /mnt && echo data > /mnt/mine && exec sleep 30"]
+            victim.arguments = ["-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /tmp && echo data > /tmp/mine && exec sleep 30"]
             try victim.run()
             defer { kill(victim.processIdentifier, SIGKILL); victim.waitUntilExit() }
             let pid = victim.processIdentifier
-            for _ in 0..<200 where !(((try? Files.read("/proc/\(pid)/mountinfo")) ?? "").contains(" /mnt ") && ((try? Files.read("/proc/\(pid)/comm")) ?? "") == "sleep\n") {
+            for _ in 0..<200 where !(((try? Files.read("/proc/\(pid)/mountinfo")) ?? "").contains(" /tmp rw") && ((try? Files.read("/proc/\(pid)/comm")) ?? "") == "sleep\n") {
                 try await Task.sleep(for: .milliseconds(10))
             }
             #expect(PinnedMounts.pin(initPID: pid).count >= 1, "the victim has a writable tmpfs: without the cgroup check it would be pinned")

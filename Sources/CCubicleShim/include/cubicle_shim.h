@@ -141,6 +141,7 @@ int cubicle_mount_setattr_available(void);
  * statx has no mount id, before 5.8). Follows symlinks, as open does. */
 typedef struct {
     uint64_t dev, ino, mnt_id;
+    int32_t mount_root;  /* 1: the root of its mount, 0: not, -1: the kernel does not say (before 5.8) */
 } cubicle_file_identity;
 int cubicle_file_identity_of(int dirfd, const char *path, cubicle_file_identity *out);
 int cubicle_loopback_up(void);
