@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CCubicleShim
 import CubicleLinux
 @testable import CubicleSandbox
 import Foundation
@@ -8,7 +9,8 @@ import Testing
 
 /// The fork server's template of a runtime's read-only tree (`Sources/CubicleInit/Template.swift`): built
 /// once, reused while its sources are unchanged, built again when the host changes one, and locked inside.
-@Suite(.enabled(if: isRoot, rootReason))
+@Suite(.enabled(if: isRoot, rootReason),
+       .enabled(if: cubicle_mount_setattr_available() != 0, "needs mount_setattr (Linux 5.12): without it the fork server builds no template"))
 struct TemplateTests {
     /// A tmpfs root's device number: sandboxes made from one template share its (read-only) root.
     static func rootDevice(_ s: Sandbox) async throws -> String {
