@@ -88,8 +88,12 @@ public struct InitServer {
             close(InitConfig.reconnectFD)
         }
         let built = Self.monotonicNanoseconds()
-        send(.notification(method: RPCMethod.ready, params: ["pid": .int(Int64(getpid())), "timings": [.int(started), .int(configured), .int(built)]], fds: 0))
+        notify(.ready(timings: [started, configured, built].map { UInt64(clamping: $0) }))
         loop()
+    }
+
+    mutating func notify(_ notification: InitNotification) {
+        send(.notification(method: notification.method, params: notification.params, fds: 0))
     }
 
     mutating func send(_ message: RPCMessage, fds: [Int32] = []) {
@@ -114,7 +118,8 @@ public struct InitServer {
     }
 
     func fail(_ error: SystemError) -> Never {
-        try? channel.send(.notification(method: RPCMethod.failed, params: ["step": .string(error.step), "errno": .int(Int64(error.errno))], fds: 0))
+        let failed = InitNotification.failed(step: error.step, errno: error.errno)
+        try? channel.send(.notification(method: failed.method, params: failed.params, fds: 0))
         exit(2)
     }
 
@@ -185,20 +190,16 @@ public struct InitServer {
             let pid = waitpid(-1, &status, WNOHANG)
             if pid <= 0 { return }
             guard let child = supervisor!.children.removeValue(forKey: pid) else { continue }  // an orphan we adopted
-            let exited = status & 0x7f == 0
-            var params: [String: JSON] = ["pid": .int(Int64(pid))]
-            params["exitCode"] = exited ? .int(Int64((status >> 8) & 0xff)) : .null
-            params["signal"] = exited ? .null : .int(Int64(status & 0x7f))
+            let exit = ProcessExit(pid: pid, waitStatus: status)
             switch child.role {
             case .agent:
                 supervisor!.agentPID = nil
                 if let (out, err) = agentLogs { close(out); close(err); agentLogs = nil }
                 // With no daemon to tell, a sandbox whose agent is gone has nothing left to keep.
                 if orphanedUntil != nil { exitAll(status: 0) }
-                send(.notification(method: RPCMethod.agentExited, params: .object(params), fds: 0))
+                notify(.agentExited(exit))
             case .command:
-                params["timedOut"] = .bool(child.timedOut)
-                send(.notification(method: RPCMethod.commandExited, params: .object(params), fds: 0))
+                notify(.commandExited(exit, timedOut: child.timedOut))
             }
         }
     }
@@ -232,33 +233,17 @@ public struct InitServer {
     }
 
     mutating func dispatch(_ method: String, _ params: JSON) throws(RPCError) -> (JSON, [Int32]) {
-        switch method {
-        case RPCMethod.startAgent:
+        switch try InitRequest(method: method, params: params) {
+        case .startAgent(let process):
             guard supervisor!.agentPID == nil else { throw RPCError(code: RPCError.failed, message: "agent already running") }
-            return try start(ProcessParams(json: params), role: .agent)
-        case RPCMethod.runCommand:
-            let timeout = params["timeoutSeconds"]?.intValue ?? 300
-            guard timeout > 0, timeout <= 86400 else { throw RPCError(code: RPCError.invalidParams, message: "timeoutSeconds out of range") }
-            return try start(ProcessParams(json: params), role: .command(deadline: now() + timeout * 1000))
-        case RPCMethod.connect:
-            guard let port = params["port"]?.intValue, port > 0, port < 65536 else {
-                throw RPCError(code: RPCError.invalidParams, message: "port must be 1..65535")
-            }
-            return ([:], [try connect(port: UInt16(port))])
-        case RPCMethod.signal:
-            guard let signo = params["signal"]?.intValue, signo > 0, signo < 65 else {
-                throw RPCError(code: RPCError.invalidParams, message: "signal must be 1..64")
-            }
-            let target: pid_t?
-            if params["target"] == "agent" { target = supervisor!.agentPID } else { target = params["target"]?.intValue.map { pid_t(truncatingIfNeeded: $0) } }
-            guard let target, supervisor!.children[target] != nil else {
-                throw RPCError(code: RPCError.invalidParams, message: "no such process")
-            }
-            kill(target, Int32(signo))
-            return ([:], [])
-        case RPCMethod.status:
-            return (["agentPID": supervisor!.agentPID.map { .int(Int64($0)) } ?? .null], [])
-        case RPCMethod.agentLogs:
+            return try start(process, role: .agent)
+        case .runCommand(let process, let timeout):
+            return try start(process, role: .command(deadline: now() + Int64(timeout) * 1000))
+        case .connect(let port):
+            return (InitReply.none.json, [try connect(port: port)])
+        case .status:
+            return (InitReply.status(agentPID: supervisor!.agentPID).json, [])
+        case .agentLogs:
             guard supervisor!.agentPID != nil, let (out, err) = agentLogs else {
                 throw RPCError(code: RPCError.failed, message: "no agent running")
             }
@@ -267,12 +252,7 @@ public struct InitServer {
                 copies.filter { $0 >= 0 }.forEach { close($0) }
                 throw RPCError(code: RPCError.failed, message: "dup", step: "dup", errno: errno)
             }
-            return ([:], copies)
-        case RPCMethod.shutdown:
-            let grace = params["graceMilliseconds"]?.intValue ?? 2000
-            shutdown(graceMilliseconds: max(0, min(grace, 60_000)))
-        default:
-            throw RPCError(code: RPCError.methodNotFound, message: "unknown method \(method)")
+            return (InitReply.none.json, copies)
         }
     }
 
@@ -282,7 +262,7 @@ public struct InitServer {
             if case .agent = role, reconnectFD >= 0 {
                 agentLogs = (fcntl(out, F_DUPFD_CLOEXEC, 0), fcntl(err, F_DUPFD_CLOEXEC, 0))
             }
-            return (["pid": .int(Int64(pid))], [out, err])
+            return (InitReply.started(pid: pid).json, [out, err])
         } catch {
             throw RPCError(code: RPCError.failed, message: "could not start \(params.argv[0])", step: error.step, errno: error.errno)
         }
@@ -304,18 +284,5 @@ public struct InitServer {
             throw RPCError(code: RPCError.failed, message: "connect to port \(port)", step: "connect", errno: e)
         }
         return fd
-    }
-
-    /// SIGTERM to everything, a grace period while reaping, then SIGKILL; init exits last.
-    mutating func shutdown(graceMilliseconds: Int64) -> Never {
-        kill(-1, SIGTERM)
-        let deadline = now() + graceMilliseconds
-        while now() < deadline {
-            var status: Int32 = 0
-            let pid = waitpid(-1, &status, WNOHANG)
-            if pid < 0 && errno == ECHILD { break }
-            if pid == 0 { usleep(2000) }
-        }
-        exitAll(status: 0)
     }
 }

@@ -120,23 +120,16 @@ public enum RPCDecodeError: Error, Equatable, Sendable, CustomStringConvertible 
     }
 }
 
-/// Method and notification names; one place, so host and init cannot drift.
+/// Method and notification names; one place, so host and init cannot drift. The shapes that go with them
+/// are `InitRequest`, `InitReply` and `InitNotification` (InitProtocol.swift); the first frame is
+/// `InitConfig`.
 public enum RPCMethod {
     /// host -> init, first frame: the sandbox to build (`InitConfig`). Answered by the `ready` notification.
     public static let configure = "sandbox.configure"
-    /// host -> init: start the agent (`ProcessParams`); result {pid}, fds [stdout, stderr] read ends.
     public static let startAgent = "agent.start"
-    /// host -> init: {port}; result {}, fds [a TCP socket connected to 127.0.0.1:port inside the sandbox].
     public static let connect = "agent.connect"
-    /// host -> init: `ProcessParams` + {timeoutSeconds}; result {pid}, fds [stdout, stderr]; then `commandExited`.
     public static let runCommand = "command.run"
-    /// host -> init: {target: "agent" | pid, signal}.
-    public static let signal = "process.signal"
-    /// host -> init: {graceMilliseconds}; init stops everything and exits.
-    public static let shutdown = "sandbox.shutdown"
-    /// What a daemon that reconnected needs to know: the agent's pid, or null once it has exited.
     public static let status = "sandbox.status"
-    /// The read ends of the agent's stdout and stderr again, for a daemon that reconnected.
     public static let agentLogs = "agent.logs"
 
     /// init -> host notifications.

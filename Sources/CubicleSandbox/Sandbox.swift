@@ -129,53 +129,56 @@ public final class Sandbox: Sendable {
     private static let isPipe: @Sendable (DescriptorKind) -> Bool = { $0 == .readablePipe }
     private static let isTCP: @Sendable (DescriptorKind) -> Bool = { if case .streamSocket(let d) = $0 { d == AF_INET || d == AF_INET6 } else { false } }
 
-    private func call(_ method: String, _ params: JSON) async throws(SandboxError) -> InitConnection.Reply {
+    /// Sends `request` and checks what comes back: a reply of the request's shape with the descriptors it
+    /// must carry, each of the right kind. Anything else ends the sandbox.
+    private func call(_ request: InitRequest, descriptors kinds: [(DescriptorKind) -> Bool]) async throws(SandboxError) -> (InitReply, [Int32]) {
+        let raw: InitConnection.Reply
         do {
-            return try await connection.call(method, params)
+            raw = try await connection.call(request.method, request.params)
         } catch let e as SandboxError {
             throw e
         } catch {
             throw .ended("\(error)")
         }
+        try expect(raw.fds, kinds, what: request.method)
+        do {
+            return (try InitReply(json: raw.value, for: request), raw.fds)
+        } catch {
+            raw.fds.forEach { close($0) }
+            end(.protocolViolation("\(error)"))
+            throw .protocolViolation("\(error)")
+        }
     }
-
-    private static func pid(_ value: JSON) -> Int32? { value["pid"]?.intValue.flatMap { Int32(exactly: $0) } }
 
     /// For a daemon that reconnected: the agent's pid inside, or nil once it has exited.
     public func agentStatus() async throws(SandboxError) -> pid_t? {
-        let reply = try await call(RPCMethod.status, [:])
-        try expect(reply.fds, [], what: RPCMethod.status)
-        return Self.pid(["pid": reply.value["agentPID"] ?? .null])
+        guard case (.status(let pid), _) = try await call(.status, descriptors: []) else { return nil }
+        return pid
     }
 
     /// For a daemon that reconnected: the read ends of the running agent's stdout and stderr.
     public func agentLogs() async throws(SandboxError) -> (stdout: Int32, stderr: Int32) {
-        let reply = try await call(RPCMethod.agentLogs, [:])
-        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: RPCMethod.agentLogs)
-        return (reply.fds[0], reply.fds[1])
+        let (_, fds) = try await call(.agentLogs, descriptors: [Self.isPipe, Self.isPipe])
+        return (fds[0], fds[1])
     }
 
     public func startAgent(_ params: ProcessParams) async throws(SandboxError) -> StartedProcess {
-        let reply = try await call(RPCMethod.startAgent, params.json)
-        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: "agent.start")
-        guard let pid = Self.pid(reply.value) else { end(.protocolViolation("agent.start without pid")); throw .protocolViolation("agent.start without pid") }
-        return StartedProcess(pid: pid, stdout: reply.fds[0], stderr: reply.fds[1])
+        try await started(.startAgent(params))
     }
 
     /// A TCP connection to 127.0.0.1:port inside the sandbox's network namespace, opened by init.
     public func connect(port: UInt16) async throws(SandboxError) -> Int32 {
-        let reply = try await call(RPCMethod.connect, ["port": .int(Int64(port))])
-        try expect(reply.fds, [Self.isTCP], what: "agent.connect")
-        return reply.fds[0]
+        try await call(.connect(port: port), descriptors: [Self.isTCP]).1[0]
     }
 
     public func runCommand(_ params: ProcessParams, timeoutSeconds: Int) async throws(SandboxError) -> StartedProcess {
-        var json = params.json
-        if case .object(var o) = json { o["timeoutSeconds"] = .int(Int64(timeoutSeconds)); json = .object(o) }
-        let reply = try await call(RPCMethod.runCommand, json)
-        try expect(reply.fds, [Self.isPipe, Self.isPipe], what: "command.run")
-        guard let pid = Self.pid(reply.value) else { end(.protocolViolation("command.run without pid")); throw .protocolViolation("command.run without pid") }
-        return StartedProcess(pid: pid, stdout: reply.fds[0], stderr: reply.fds[1])
+        try await started(.runCommand(params, timeoutSeconds: timeoutSeconds))
+    }
+
+    private func started(_ request: InitRequest) async throws(SandboxError) -> StartedProcess {
+        let (reply, fds) = try await call(request, descriptors: [Self.isPipe, Self.isPipe])
+        guard case .started(let pid) = reply else { fds.forEach { close($0) }; throw .protocolViolation("\(request.method): not started") }
+        return StartedProcess(pid: pid, stdout: fds[0], stderr: fds[1])
     }
 
     /// Waits for a command's `command.exited`; returns at once if it already came.
@@ -191,33 +194,25 @@ public final class Sandbox: Sendable {
         }
     }
 
-    public func signalAgent(_ signal: Int32) async throws(SandboxError) {
-        _ = try await call(RPCMethod.signal, ["target": "agent", "signal": .int(Int64(signal))])
-    }
-
     // MARK: - Notifications and endings
 
     func handleNotification(_ method: String, _ params: JSON) {
-        switch method {
-        case RPCMethod.agentExited:
-            guard let pid = Self.pid(params) else { return }
-            eventSink.yield(.agentExited(pid: pid, exitCode: params["exitCode"]?.intValue.map { Int32(clamping: $0) },
-                                         signal: params["signal"]?.intValue.map { Int32(clamping: $0) }))
-        case RPCMethod.commandExited:
-            guard let pid = Self.pid(params) else { return }
-            let exit = CommandExit(pid: pid, exitCode: params["exitCode"]?.intValue.map { Int32(clamping: $0) },
-                                   signal: params["signal"]?.intValue.map { Int32(clamping: $0) },
-                                   timedOut: params["timedOut"]?.boolValue ?? false)
+        // ready/failed after start are harmless repeats; a malformed notification changes nothing.
+        switch try? InitNotification(method: method, params: params) {
+        case .agentExited(let e)?:
+            eventSink.yield(.agentExited(pid: e.pid, exitCode: e.exitCode, signal: e.signal))
+        case .commandExited(let e, let timedOut)?:
+            let exit = CommandExit(pid: e.pid, exitCode: e.exitCode, signal: e.signal, timedOut: timedOut)
             let waiter: CheckedContinuation<CommandExit, Never>? = state.withLock { s in
-                if let w = s.commandWaiters.removeValue(forKey: pid) { return w }
+                if let w = s.commandWaiters.removeValue(forKey: e.pid) { return w }
                 // Bounded: a hostile init cannot grow this past a few thousand entries.
-                if s.commandExits.count < 4096 { s.commandExits[pid] = exit }
+                if s.commandExits.count < 4096 { s.commandExits[e.pid] = exit }
                 return nil
             }
             waiter?.resume(returning: exit)
             eventSink.yield(.commandExited(exit))
         default:
-            break  // ready/failed after start are harmless repeats
+            break
         }
     }
 

@@ -551,13 +551,12 @@ final class StartupWaiter: @unchecked Sendable {
 
     /// True while start-up is being decided, so start-up notifications are not passed on.
     func deliver(_ method: String, _ params: JSON) -> Bool {
-        switch method {
-        case RPCMethod.ready:
+        switch try? InitNotification(method: method, params: params) {
+        case .ready(let timings)?:
             // init's own CLOCK_MONOTONIC marks: main entered, configured, filesystem built.
-            finish(.success(params["timings"]?.arrayValue?.compactMap { $0.intValue }.map { UInt64(clamping: $0) } ?? []))
-        case RPCMethod.failed:
-            finish(.failure(.initFailed(step: params["step"]?.stringValue.map { String($0.prefix(200)) } ?? "unknown",
-                                        errno: Int32(clamping: params["errno"]?.intValue ?? 0))))
+            finish(.success(timings))
+        case .failed(let step, let errno)?:
+            finish(.failure(.initFailed(step: step, errno: errno)))
         default: return !state.withLock { $0.done }
         }
         return true
