@@ -48,17 +48,12 @@ public struct SandboxLauncher: Sendable {
         func disarm() { steps.removeAll() }
     }
 
-    public static let controlSocketName = "control.sock"
     /// No backtracer: init's stdio is /dev/null, and looking for swift-backtrace costs its start-up.
     static let initEnvironment = ["PATH=/usr/local/bin:/usr/bin:/bin", "SWIFT_BACKTRACE=enable=no"]
     /// init's argv (and the fork server's, whose clones show its command line): no host path, which a
     /// sandbox reads in /proc/1/cmdline.
     static let initArguments = ["cubicle-init"]
 
-    static func newID() -> String {
-        var rng = SystemRandomNumberGenerator()
-        return "sb-" + Hex.encode((0..<8).map { _ in UInt8.random(in: 0...255, using: &rng) })
-    }
 
     /// Every host source init binds, and what each becomes inside. The child opens them (see the shim).
     func sources(_ spec: SandboxSpec) throws(SandboxError) -> (mounts: [InitConfig.Mount], paths: [String]) {
@@ -98,7 +93,7 @@ public struct SandboxLauncher: Sendable {
     public func launch(_ spec: SandboxSpec) async throws(SandboxError) -> Sandbox {
         let start = DispatchTime.now().uptimeNanoseconds
         guard access(host.initPath, X_OK) == 0 else { throw .missingInit(host.initPath) }
-        let id = Self.newID()
+        let id = StateDirectory.newSandboxID()
         let rollback = Rollback()
         // What this launch takes from the pools is made up after it, not beside it (see `CgroupPool.refill`).
         defer {
@@ -151,9 +146,10 @@ public struct SandboxLauncher: Sendable {
         rollback.add { allocator.release(range) }
         phases.mark("uid range")
 
-        let stateDirectory = "\(host.stateDirectory)/sandboxes/\(id)"
+        let directory = host.state.sandbox(id)
+        let stateDirectory = directory.path
         do {
-            try Files.makeDirectories(host.stateDirectory + "/sandboxes", mode: 0o700)
+            try Files.makeDirectories(host.state.sandboxes, mode: 0o700)
             try sys("mkdir \(stateDirectory)") { mkdir(stateDirectory, 0o700) }
         } catch {
             throw .system(error)
@@ -161,7 +157,7 @@ public struct SandboxLauncher: Sendable {
         rollback.add { try? Files.removeTree(stateDirectory) }
         phases.mark("state directory")
 
-        let cgroup = Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+        let cgroup = host.cgroup(forSandbox: id)
         var limits = spec.limits
         if let n = spec.cpuCount, let cpus = cpuPlacer.take(n) {
             limits.cpuSet = cpus
@@ -198,7 +194,7 @@ public struct SandboxLauncher: Sendable {
         defer { close(childSock) }
         // Where a restarted daemon reaches this init again; init holds the only listening descriptor.
         let reconnectSock: Int32
-        do { reconnectSock = try Descriptors.listenUnix(directory: stateDirectory, name: SandboxLauncher.controlSocketName) } catch { throw .system(error) }
+        do { reconnectSock = try Descriptors.listenUnix(directory: stateDirectory, name: SandboxDirectory.controlSocketName) } catch { throw .system(error) }
         defer { close(reconnectSock) }
 
         // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
@@ -364,11 +360,11 @@ extension SandboxLauncher {
     /// init over the reconnect socket. Returns it with the agent's pid inside (nil if the agent has exited).
     public func adopt(stateDirectory: String) async throws(SandboxError) -> (sandbox: Sandbox, agentPID: pid_t?) {
         guard let facts = SandboxFacts(readingFrom: stateDirectory, cgroupRoot: host.cgroupRoot) else {
-            throw .ended("no readable, complete \(SandboxFacts.fileName)")
+            throw .ended("no readable, complete sandbox facts in \(stateDirectory)")
         }
         let (id, pid, cgroup) = (facts.id, facts.initPID, facts.cgroup)
         let fd: Int32
-        do { fd = try Descriptors.connectUnix(directory: stateDirectory, name: Self.controlSocketName) } catch { throw .system(error) }
+        do { fd = try Descriptors.connectUnix(directory: stateDirectory, name: SandboxDirectory.controlSocketName) } catch { throw .system(error) }
         let holder = SandboxHolder()
         let connection = InitConnection(
             fd: fd, label: id,
@@ -412,9 +408,8 @@ extension SandboxLauncher {
         var left: [String] = []
         let facts = SandboxFacts(readingFrom: stateDirectory, cgroupRoot: host.cgroupRoot)
         // Killed before init was ready, so before the facts were written: the names follow from the id.
-        let name = stateDirectory.split(separator: "/").last.map(String.init)
-        if let id = facts?.id ?? name.flatMap({ $0.hasPrefix("sb-") ? $0 : nil }) {
-            let cgroup = facts?.cgroup ?? Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: "\(host.cgroupParent)/\(id)")
+        if let id = facts?.id ?? SandboxDirectory(path: stateDirectory)?.id {
+            let cgroup = facts?.cgroup ?? host.cgroup(forSandbox: id)
             if cgroup.exists {
                 do { try cgroup.killAll(); try cgroup.remove() } catch { left.append("\(error)") }
             }
@@ -431,7 +426,6 @@ extension SandboxLauncher {
 /// What a sandbox's state directory records about it (`sandbox.json`), so that a daemon that did not launch
 /// it can reach it again, or clean up after it.
 struct SandboxFacts {
-    static let fileName = "sandbox.json"
 
     var id: String
     var initPID: pid_t
@@ -444,8 +438,8 @@ struct SandboxFacts {
 
     /// nil when the file is missing, unreadable or incomplete.
     init?(readingFrom stateDirectory: String, cgroupRoot: String) {
-        guard let facts = try? JSON.parse(try Files.read(stateDirectory + "/" + Self.fileName)),
-              let id = facts["id"]?.stringValue, id.hasPrefix("sb-"),
+        guard let directory = SandboxDirectory(path: stateDirectory), let facts = try? JSON.parse(try Files.read(directory.facts)),
+              let id = facts["id"]?.stringValue, id == directory.id,
               let pid = facts["initPID"]?.intValue.flatMap({ pid_t(exactly: $0) }), pid > 1,
               let path = facts["cgroup"]?.stringValue, let version = facts["cgroupVersion"]?.stringValue.flatMap(Cgroup.Version.init(rawValue:)),
               let base = facts["uidBase"]?.intValue.flatMap({ UInt32(exactly: $0) }), let size = facts["uidSize"]?.intValue.flatMap({ UInt32(exactly: $0) }),
@@ -459,7 +453,8 @@ struct SandboxFacts {
         let json: JSON = ["id": .string(id), "initPID": .int(Int64(initPID)), "cgroup": .string(cgroup.path),
                           "cgroupVersion": .string(cgroup.version.rawValue), "uidBase": .int(Int64(uidRange.hostBase)),
                           "uidSize": .int(Int64(uidRange.size)), "uidSlot": .int(Int64(uidRange.slot))]
-        try? Files.writeAtomically(stateDirectory + "/" + Self.fileName, json.text, durable: false)
+        guard let directory = SandboxDirectory(path: stateDirectory) else { return }
+        try? Files.writeAtomically(directory.facts, json.text, durable: false)
     }
 }
 

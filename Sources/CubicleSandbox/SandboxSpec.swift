@@ -39,8 +39,9 @@ public struct SandboxSpec: Sendable {
 /// Where a sandbox's host-side pieces live, and the program that becomes its PID 1.
 public struct SandboxHostConfig: Sendable {
     public var initPath: String
-    /// State for every sandbox of this daemon: `<stateDirectory>/sandboxes/<id>`, uid range leases.
+    /// State for every sandbox of this daemon (`StateDirectory` lays it out).
     public var stateDirectory: String
+    public var state: StateDirectory { StateDirectory(stateDirectory) }
     public var cgroupRoot = "/sys/fs/cgroup"
     public var cgroupVersion: Cgroup.Version
     /// Sandbox cgroups are made under this path of each hierarchy.
@@ -71,7 +72,12 @@ public struct SandboxHostConfig: Sendable {
     }
 
     public var uidAllocator: UIDRangeAllocator {
-        UIDRangeAllocator(directory: uidLeaseDirectory ?? stateDirectory + "/uid-ranges", firstHostID: firstHostID, count: uidRangeCount)
+        UIDRangeAllocator(directory: uidLeaseDirectory ?? state.uidLeases, firstHostID: firstHostID, count: uidRangeCount)
+    }
+
+    /// A sandbox's cgroup: `<cgroupParent>/<id>` in each hierarchy.
+    public func cgroup(forSandbox id: String) -> Cgroup {
+        Cgroup(version: cgroupVersion, root: cgroupRoot, path: "\(cgroupParent)/\(id)")
     }
 }
 

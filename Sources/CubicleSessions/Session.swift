@@ -47,14 +47,13 @@ public final class Session: Sendable {
         state = Mutex((Self.freshLifecycle(runtime, now: clock() - age), nil, 0, nil, 0, 0, id == nil))
     }
 
-    static let ownershipFile = "session.json"
-
     /// Beside the sandbox's own facts, what a restarted daemon needs to take this session over.
     func recordOwnership() {
         let (id, created) = identity.withLock { $0 }
         let facts: JSON = ["session": .string(id), "runtime": .string(runtime.name), "created": .int(Int64(created)),
                            "agentPID": .int(Int64(agentPID))]
-        try? Files.writeAtomically(sandbox.stateDirectory + "/" + Self.ownershipFile, facts.text, durable: false)
+        guard let directory = SandboxDirectory(path: sandbox.stateDirectory) else { return }
+        try? Files.writeAtomically(directory.sessionRecord, facts.text, durable: false)
     }
 
     private static func freshLifecycle(_ runtime: RuntimeConfig, now: Double) -> Lifecycle {

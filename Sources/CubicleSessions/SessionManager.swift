@@ -248,13 +248,12 @@ public actor SessionManager {
     /// (a warm sandbox, a half-built one, a dead init, a runtime no longer configured) is removed. Runs
     /// before the listeners start, so no request can race it.
     public func adoptLeftovers() async -> (adopted: [String], removed: Int) {
-        let directory = launcher.host.stateDirectory + "/sandboxes"
-        let names = ((try? Files.listDirectory(directory)) ?? []).filter { $0.hasPrefix("sb-") }.sorted()
+        let state = launcher.host.state
         var adopted: [String] = []
         var removed = 0
-        for name in names {
-            let path = directory + "/" + name
-            if let session = await adoptOne(path) {
+        for name in state.sandboxIDs() {
+            let path = state.sandbox(name).path
+            if let session = await adoptOne(state.sandbox(name)) {
                 setLive(Key(runtime: session.runtime.name, id: session.id), session)
                 adopted.append(session.id)
             } else {
@@ -266,8 +265,9 @@ public actor SessionManager {
         return (adopted, removed)
     }
 
-    private func adoptOne(_ path: String) async -> Session? {
-        guard let facts = try? JSON.parse(try Files.read(path + "/" + Session.ownershipFile)),
+    private func adoptOne(_ directory: SandboxDirectory) async -> Session? {
+        let path = directory.path
+        guard let facts = try? JSON.parse(try Files.read(directory.sessionRecord)),
               let id = facts["session"]?.stringValue, (try? Validate.sessionID(id)) != nil,
               let runtime = facts["runtime"]?.stringValue.flatMap({ config.runtime(named: $0) }),
               let created = facts["created"]?.intValue, live[Key(runtime: runtime.name, id: id)] == nil else { return nil }

@@ -211,7 +211,7 @@ struct Cubicled: AsyncParsableCommand {
     /// sandboxes see nothing else of the build.
     static func installDemoAgent(from exeDirectory: String, stateDir: String) throws -> String {
         let source = exeDirectory + "/cubicle-demo-agent"
-        let directory = stateDir + "/runtimes/demo"
+        let directory = StateDirectory(stateDir).runtime("demo")
         do {
             let bytes = try Files.readBytes(source, limit: 256 << 20)
             try Files.makeDirectories(directory, mode: 0o755)
@@ -257,10 +257,8 @@ struct SessionsService: Service {
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
         manager.launcher.shutDown()
-        try? Files.removeTree(stateDir + "/runtimes")
-        try? Files.removeTree(stateDir + "/sandboxes")
         unlink(adminSocket)
-        rmdir(stateDir)  // only if nothing else lives there
+        StateDirectory(stateDir).removeAll()  // the root only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {
             rmdir(directory)
         }
