@@ -8,7 +8,6 @@ let staticExecutable: [LinkerSetting] = [.unsafeFlags(["-static-executable"])]
 
 let package = Package(
     name: "cubicle",
-    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "cubicled", targets: ["cubicled"]),
         .executable(name: "cubicle-init", targets: ["cubicle-init"]),

@@ -14,7 +14,7 @@ import Synchronization
 ///
 /// v1 only: v2 cgroups cannot be renamed, and a v2 cgroup is one directory. A spare holds no process and
 /// belongs to no session; `close()` removes the spares, and a new pool removes the ones a killed daemon left.
-public final class CgroupPool: @unchecked Sendable {
+public final class CgroupPool: Sendable {
     struct Spare {
         var name: String
         var limits: CgroupLimits

@@ -126,7 +126,7 @@ public final class InitConnection: @unchecked Sendable {
         }
     }
 
-    public func shutDown() {
+    public func shutdown() {
         queue.sync { shut(.closedByHost) }
     }
 

@@ -267,7 +267,7 @@ public final class Sandbox: Sendable {
         report.wipedFiles = wiped.files
         report.wipedBytes = wiped.bytes
         if wiped.stoppedAtBudget { report.leftovers.append("wipe stopped at its budget (what the tmpfs said it used)") }
-        connection.shutDown()
+        connection.shutdown()
         reapInit()
         do { try cgroup.remove() } catch { report.leftovers.append("\(error)") }
         allocator.release(uidRange)

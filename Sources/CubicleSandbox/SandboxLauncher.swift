@@ -31,7 +31,7 @@ public struct SandboxLauncher: Sendable {
 
     /// Ends what the launcher keeps ready (network namespaces, spare cgroups, the fork server); sandboxes
     /// it made are not touched. For shutdown: the launcher makes nothing afterwards.
-    public func shutDown() {
+    public func shutdown() {
         networkNamespaces?.close()
         cgroupPool?.close()
         forkServer?.stop()
@@ -332,7 +332,7 @@ public struct SandboxLauncher: Sendable {
                 }
             })
         started.hostSockOwned.owned = false
-        rollback.add { connection.shutDown() }
+        rollback.add { connection.shutdown() }
         connection.start()
         let initMarks = try await startup.wait(timeoutMilliseconds: host.readyTimeoutMilliseconds, queue: connection.queue)
 
@@ -529,7 +529,7 @@ final class ChildPreparation {
 }
 
 /// Lets the connection's callbacks reach the sandbox, which exists only after init is ready.
-final class SandboxHolder: @unchecked Sendable {
+final class SandboxHolder: Sendable {
     private struct Weak { weak var sandbox: Sandbox? }
     /// Weak: the sandbox owns its connection, whose callbacks hold this; a strong reference here would be a
     /// cycle that kept every ended sandbox (and its connection) in memory for the daemon's life.
@@ -541,7 +541,7 @@ final class SandboxHolder: @unchecked Sendable {
 }
 
 /// Resolves once: init's `ready`, its `failed` with a step and errno, a closed channel, or a timeout.
-final class StartupWaiter: @unchecked Sendable {
+final class StartupWaiter: Sendable {
     private let state = Mutex<(done: Bool, result: Result<[UInt64], SandboxError>?, waiter: CheckedContinuation<[UInt64], Error>?)>((false, nil, nil))
 
     /// True while start-up is being decided, so start-up notifications are not passed on.

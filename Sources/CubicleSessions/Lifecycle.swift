@@ -1,4 +1,4 @@
-/// Why a session ended (DESIGN.md "Session lifecycle").
+/// Why a session ended: stopped by a client or an operator, a lifecycle rule, the agent or its sandbox, or the daemon.
 public enum EndReason: Equatable, Sendable, CustomStringConvertible {
     case stopped
     case idleTimeout

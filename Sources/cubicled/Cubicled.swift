@@ -256,7 +256,7 @@ struct SessionsService: Service {
         let count = await manager.liveCount
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
-        manager.launcher.shutDown()
+        manager.launcher.shutdown()
         unlink(adminSocket)
         StateDirectory(stateDir).removeAll()  // the root only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {

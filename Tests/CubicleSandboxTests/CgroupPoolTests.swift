@@ -41,7 +41,7 @@ struct CgroupPoolTests {
             _ = try await host.launch { $0.limits.pids = 64 }
             try await Self.waitForSpares(host, 4)
             #expect(pool.readyCount == 4)
-            host.launcher.shutDown()
+            host.launcher.shutdown()
             #expect(Self.spares(host).isEmpty, "shutdown removes the spares")
         }
     }

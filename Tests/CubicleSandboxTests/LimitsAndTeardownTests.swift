@@ -390,7 +390,7 @@ struct HostileInitTests {
             var config = host.config
             config.readyTimeoutMilliseconds = 300
             let launcher = SandboxLauncher(host: config)
-            defer { launcher.shutDown() }
+            defer { launcher.shutdown() }
             do {
                 _ = try await launcher.launch(spec)
                 Issue.record("launch succeeded without ready")

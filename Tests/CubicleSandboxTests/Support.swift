@@ -86,7 +86,7 @@ final class TestHost: @unchecked Sendable {
     /// Tears down every sandbox and removes this host's cgroup parents and directories.
     func cleanUp() async {
         for s in sandboxes { _ = await s.teardown() }
-        launcher.shutDown()
+        launcher.shutdown()
         for d in Cgroup(version: config.cgroupVersion, root: config.cgroupRoot, path: cgroupParent).directories {
             rmdir(d)
         }

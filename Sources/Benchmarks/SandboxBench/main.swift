@@ -66,7 +66,7 @@ let launcher = SandboxLauncher(host: host)
 let spec = SandboxSpec(seccompProgram: program)
 
 func removeParent() {
-    launcher.shutDown()
+    launcher.shutdown()
     for d in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories { rmdir(d) }
     try? Files.removeTree(host.stateDirectory)
 }
