@@ -210,19 +210,19 @@ static void return_to_host_netns(int host_netns_fd) {
 }
 
 /* The child of cubicle_netns_create: in its own user and network namespaces, it brings loopback up, sets
- * the congestion control, says so on the pipe and waits until the parent has opened its namespace. */
-struct netns_child_args { int ready[2]; int release[2]; };
+ * the congestion control, says so on the pipe and waits to be killed once the parent has opened its
+ * namespace. Nothing it waits for is an end of file: another child cloned meanwhile (by any thread) holds
+ * copies of this one's pipes until it execs or dies, so an EOF could be held back indefinitely. */
+struct netns_child_args { int ready[2]; pid_t parent; };
 
 static int netns_child(void *arg) {
     struct netns_child_args *a = arg;
-    close(a->release[1]);  /* so the parent's close is our EOF */
-    close(a->ready[0]);
+    /* The parent's thread is long-lived; if it (or the process) dies first, so does this child. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0 || getppid() != a->parent) _exit(1);
     char status = cubicle_loopback_up() == 0 ? 0 : (char)errno;
     if (status == 0) (void)cubicle_netns_loopback_congestion_control();
     if (write(a->ready[1], &status, 1) != 1) _exit(1);
-    char go;
-    (void)!read(a->release[0], &go, 1);
-    _exit(0);
+    for (;;) pause();
 }
 
 int cubicle_netns_create(void) {
@@ -231,11 +231,11 @@ int cubicle_netns_create(void) {
      * every network namespace owned by the host's user namespace, and a sandbox given one of those could
      * listen to them. A CLONE_VM child on a small stack, as posix_spawn does: no page tables to copy. */
     struct netns_child_args a;
+    a.parent = getpid();
     if (pipe2(a.ready, O_CLOEXEC) < 0) return -1;
-    if (pipe2(a.release, O_CLOEXEC) < 0) { int e = errno; close(a.ready[0]); close(a.ready[1]); errno = e; return -1; }
     enum { STACK = 64 * 1024 };
     void *stack = mmap(NULL, STACK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    int fd = -1, saved = 0;
+    int fd = -1, saved = 0, write_end_open = 1;
     pid_t pid = -1;
     if (stack == MAP_FAILED) { saved = errno; goto out; }
     sigset_t all, old;
@@ -245,6 +245,11 @@ int cubicle_netns_create(void) {
     saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) goto out;
+    saved = 0;
+    /* Ours closed, so a child that dies before writing is an EOF here (once no other clone holds a copy).
+     * `a` is the child's memory too (CLONE_VM): it is not written after the clone. */
+    close(a.ready[1]);
+    write_end_open = 0;
     char status = 1;
     ssize_t n;
     do { n = read(a.ready[0], &status, 1); } while (n < 0 && errno == EINTR);
@@ -255,8 +260,9 @@ int cubicle_netns_create(void) {
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) saved = errno;
 out:
-    close(a.ready[0]); close(a.ready[1]); close(a.release[0]); close(a.release[1]);  /* releases the child */
-    if (pid > 0) reap(pid);
+    close(a.ready[0]);
+    if (write_end_open) close(a.ready[1]);
+    if (pid > 0) { kill(pid, SIGKILL); reap(pid); }
     if (stack != MAP_FAILED) munmap(stack, STACK);
     errno = saved;
     return fd;
