@@ -101,7 +101,7 @@ public struct DataPlane: HTTPResponder {
         let id = try sessionID(request)
         let declaredLength = request.headers[.contentLength].flatMap { Int($0) }
         try Validate.payloadLength(declaredLength)
-        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
+        let session = try await sessions.session(runtime: runtime, sessionID: id)
         let inFlight = InFlight(session)
 
         let head = Self.agentRequestHead(request.headers, session: session, sessionID: id, requestID: requestID, declaredLength: declaredLength)
@@ -233,7 +233,7 @@ public struct DataPlane: HTTPResponder {
     private func stop(_ request: Request, runtime: String) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
         _ = try await Self.collect(request.body, limit: 64 << 10)
-        try await sessions.stop(runtime: runtime, sessionID: id)
+        do { try await sessions.stop(runtime: runtime, sessionID: id) } catch { throw AgentCoreError(error) }
         return Response(status: .ok, headers: [.contentType: "application/json", .agentCoreSessionID: id],
                         body: .init(byteBuffer: ByteBuffer(string: "{}")))
     }
@@ -244,8 +244,9 @@ public struct DataPlane: HTTPResponder {
         let id = try sessionID(request)
         let body = try await Self.collect(request.body, limit: 256 << 10)
         let command = try CommandRequest(body: body)
-        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
-        let events = try await session.runCommand(command, group: group)
+        let session = try await sessions.session(runtime: runtime, sessionID: id)
+        let events: AsyncThrowingChannel<CommandEvent, any Error>
+        do { events = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
         var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
         for name in AgentCoreHeader.trace { if let n = HTTPField.Name(name), let v = request.headers[n] { headers[n] = v } }
         return Response(status: .ok, headers: headers, body: ResponseBody { writer in
@@ -260,7 +261,7 @@ public struct DataPlane: HTTPResponder {
 
     private func agentCard(_ request: Request, runtime: String, requestID: String) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
-        let session = try await sessions.acquire(runtime: runtime, sessionID: id)
+        let session = try await sessions.session(runtime: runtime, sessionID: id)
         guard session.runtime.serverProtocol == .a2a else {
             throw AgentCoreError(.validation, "GetAgentCard is only for A2A runtimes; \(runtime) serves \(session.runtime.serverProtocol.rawValue)")
         }

@@ -195,7 +195,7 @@ public struct AdminAPI: HTTPResponder {
         do {
             output = try await session.runCommand(command, group: group)
         } catch {
-            throw Failure(.badGateway, error.message)
+            throw Failure(.badGateway, error.description)
         }
         return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: ResponseBody { writer in
             for try await event in output {

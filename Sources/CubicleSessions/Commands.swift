@@ -7,7 +7,7 @@ import NIOCore
 extension Session {
     /// Runs `sh -c command` in the session with the agent's identity, environment and filesystem, and
     /// streams its output as InvokeAgentRuntimeCommand events: start, deltas, stop.
-    public func runCommand(_ request: CommandRequest, group: any EventLoopGroup) async throws(AgentCoreError) -> AsyncThrowingChannel<CommandEvent, any Error> {
+    public func runCommand(_ request: CommandRequest, group: any EventLoopGroup) async throws(SessionError) -> AsyncThrowingChannel<CommandEvent, any Error> {
         commandStarted()
         let process: StartedProcess
         do {
@@ -16,7 +16,7 @@ extension Session {
                 timeoutSeconds: request.timeoutSeconds)
         } catch {
             commandEnded()
-            throw AgentCoreError(.runtimeClient, "Command could not start: \(error)")
+            throw .couldNotStart("Command could not start: \(error)")
         }
         let events = AsyncThrowingChannel<CommandEvent, any Error>()
         let sandbox = self.sandbox

@@ -69,7 +69,7 @@ public actor SessionManager {
     /// The live session for `id`, created (exactly once, however many calls race) when there is none.
     /// The session for an invocation: a live one straight from the index, without a hop to the actor;
     /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox.
-    public nonisolated func acquire(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
+    public nonisolated func acquire(runtime name: String, sessionID: String) async throws(SessionError) -> Session {
         if let s = liveSession(runtime: name, sessionID: sessionID) { return s }
         return try await acquireOrStart(runtime: name, sessionID: sessionID)
     }
@@ -80,20 +80,16 @@ public actor SessionManager {
         return s
     }
 
-    private func acquireOrStart(runtime name: String, sessionID: String) async throws(AgentCoreError) -> Session {
-        guard let runtime = config.runtime(named: name) else {
-            throw AgentCoreError(.resourceNotFound, "Runtime \(name) not found")
-        }
+    private func acquireOrStart(runtime name: String, sessionID: String) async throws(SessionError) -> Session {
+        guard let runtime = config.runtime(named: name) else { throw .runtimeNotFound(name) }
         let key = Key(runtime: name, id: sessionID)
         if let s = live[key], s.isLive { return s }
         let task: Task<Session, any Error>
         if let t = starting[key] {
             task = t
         } else {
-            guard !shuttingDown else { throw AgentCoreError(.throttling, "cubicled is shutting down") }
-            guard live.count + starting.count < config.maxSessions else {
-                throw AgentCoreError(.serviceQuotaExceeded, "Live session quota of \(config.maxSessions) reached; stop a session or wait for one to end")
-            }
+            guard !shuttingDown else { throw .shuttingDown }
+            guard live.count + starting.count < config.maxSessions else { throw .quotaReached(config.maxSessions) }
             if let session = claimWarm(runtime, as: sessionID) {
                 setLive(key, session)
                 return session
@@ -108,23 +104,21 @@ public actor SessionManager {
                 setLive(key, session)
             }
             return session
-        } catch let e as AgentCoreError {
+        } catch let e as SessionError {
             if starting[key] == task { starting[key] = nil }
             throw e
         } catch {
             if starting[key] == task { starting[key] = nil }
-            throw AgentCoreError(.internalServer, "\(error)")
+            throw .unexpected("\(error)")
         }
     }
 
     /// StopRuntimeSession: ends a live session at once and waits until nothing of it remains.
-    public func stop(runtime name: String, sessionID: String) async throws(AgentCoreError) {
-        guard config.runtime(named: name) != nil else { throw AgentCoreError(.resourceNotFound, "Runtime \(name) not found") }
+    public func stop(runtime name: String, sessionID: String) async throws(SessionError) {
+        guard config.runtime(named: name) != nil else { throw .runtimeNotFound(name) }
         let key = Key(runtime: name, id: sessionID)
         if live[key] == nil, let t = starting[key] { _ = try? await t.value }
-        guard let s = live[key], s.isLive else {
-            throw AgentCoreError(.resourceNotFound, "Session \(sessionID) not found or already ended")
-        }
+        guard let s = live[key], s.isLive else { throw .sessionNotFound(sessionID) }
         _ = await end(s, .stopped)
     }
 
@@ -336,7 +330,7 @@ public actor SessionManager {
             sandbox = try await launcher.launch(await spec(for: runtime))
         } catch {
             logger.error("session start failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
-            throw AgentCoreError(.runtimeClient, "Session could not start: \(error)")
+            throw SessionError.couldNotStart("Session could not start: \(error)")
         }
         let port = runtime.serverProtocol.port
         let pool = AgentPool(group: group) { try await sandbox.connect(port: port) }
@@ -347,7 +341,7 @@ public actor SessionManager {
                                                                  cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath))
         } catch {
             _ = await sandbox.teardown()
-            throw AgentCoreError(.runtimeClient, "Agent could not start: \(error)")
+            throw SessionError.couldNotStart("Agent could not start: \(error)")
         }
         let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
@@ -380,13 +374,13 @@ public actor SessionManager {
         var delay: UInt64 = 500_000
         while true {
             if let exit = session.state.withLock({ $0.agentExit }) {
-                throw AgentCoreError(.runtimeClient, "Agent exited during initialization (\(EndReason.agentExited(code: exit.code, signal: exit.signal)))")
+                throw SessionError.couldNotStart("Agent exited during initialization (\(EndReason.agentExited(code: exit.code, signal: exit.signal)))")
             }
-            if !session.sandbox.isRunning { throw AgentCoreError(.runtimeClient, "Sandbox ended during initialization") }
+            if !session.sandbox.isRunning { throw SessionError.couldNotStart("Sandbox ended during initialization") }
             if (try? await ping(session, timeout: max(0.05, min(2, deadline - clock())))) != nil { return }
             guard clock() < deadline else {
-                throw initializationSeconds == Double(Limits.initializationSeconds) ? AgentCoreError.initializationTimeout
-                    : AgentCoreError(.runtimeClient, "Runtime initialization time exceeded. Please make sure that initialization completes in \(Int(initializationSeconds))s.")
+                throw SessionError.initializationTimedOut(seconds: Int(initializationSeconds),
+                                                          isAWSDefault: initializationSeconds == Double(Limits.initializationSeconds))
             }
             try? await Task.sleep(nanoseconds: delay)
             delay = min(delay * 2, 50_000_000)
