@@ -92,19 +92,30 @@ public final class Sandbox: Sendable {
         var initStatus: Int32?
     }
 
-    init(id: String, initPID: pid_t, cgroup: Cgroup, uidRange: UIDRange, stateDirectory: String,
-         spawnNanoseconds: UInt64, spawnPhases: [SpawnPhase], connection: InitConnection, mounts: PinnedMounts, allocator: UIDRangeAllocator,
-         cpus: [Int], cpuPlacer: CPUPlacer, events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
+    /// What a launch or an adoption learnt about the sandbox.
+    struct Facts {
+        var id: String
+        var initPID: pid_t
+        var cgroup: Cgroup
+        var uidRange: UIDRange
+        var stateDirectory: String
+        var cpus: [Int]
+        var spawnNanoseconds: UInt64
+        var spawnPhases: [SpawnPhase]
+    }
+
+    init(_ facts: Facts, connection: InitConnection, mounts: PinnedMounts, allocator: UIDRangeAllocator,
+         cpuPlacer: CPUPlacer, events: AsyncStream<SandboxEvent>, sink: AsyncStream<SandboxEvent>.Continuation) {
         self.mounts = mounts
-        self.cpus = cpus
+        self.cpus = facts.cpus
         self.cpuPlacer = cpuPlacer
-        self.id = id
-        self.initPID = initPID
-        self.cgroup = cgroup
-        self.uidRange = uidRange
-        self.stateDirectory = stateDirectory
-        self.spawnNanoseconds = spawnNanoseconds
-        self.spawnPhases = spawnPhases
+        self.id = facts.id
+        self.initPID = facts.initPID
+        self.cgroup = facts.cgroup
+        self.uidRange = facts.uidRange
+        self.stateDirectory = facts.stateDirectory
+        self.spawnNanoseconds = facts.spawnNanoseconds
+        self.spawnPhases = facts.spawnPhases
         self.connection = connection
         self.allocator = allocator
         self.events = events

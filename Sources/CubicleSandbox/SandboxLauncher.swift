@@ -316,21 +316,8 @@ public struct SandboxLauncher: Sendable {
 
         // Wait for init's ready or failed.
         let startup = StartupWaiter()
-        let holder = SandboxHolder()
-        let connection = InitConnection(
-            fd: hostSock, label: id,
-            onNotification: { method, params in
-                if startup.deliver(method, params) { return }
-                holder.sandbox?.handleNotification(method, params)
-            },
-            onClose: { reason in
-                startup.fail(.ended(InitConnection.describe(reason)))
-                switch reason {
-                case .violation(let why): holder.sandbox?.end(.protocolViolation(why))
-                case .eof: holder.sandbox?.end(.controlChannelClosed)
-                case .closedByHost: break
-                }
-            })
+        let link = InitLink(fd: hostSock, label: id, startup: startup)
+        let connection = link.connection
         started.hostSockOwned.owned = false
         rollback.add { connection.shutdown() }
         connection.start()
@@ -341,14 +328,11 @@ public struct SandboxLauncher: Sendable {
         let mounts = PinnedMounts.pin(initPID: pid)
         guard mounts.count > 0 else { throw .ended("no writable tmpfs of init's could be pinned for the wipe") }
         phases.mark("mounts pinned")
-        let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
-                              spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
-                              spawnPhases: phases.merged(initMarks: initMarks), connection: connection, mounts: mounts,
-                              allocator: allocator, cpus: started.cpus, cpuPlacer: cpuPlacer, events: events, sink: sink)
-        holder.sandbox = sandbox
+        let sandbox = link.attach(Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
+                                                cpus: started.cpus, spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
+                                                spawnPhases: phases.merged(initMarks: initMarks)),
+                                  mounts: mounts, allocator: allocator, cpuPlacer: cpuPlacer)
         rollback.disarm()
-        sandbox.watchInit()
         // Facts a restarted daemon needs to find this sandbox again.
         SandboxFacts(id: id, initPID: pid, cgroup: cgroup, uidRange: range).write(to: stateDirectory)
         return sandbox
@@ -365,28 +349,15 @@ extension SandboxLauncher {
         let (id, pid, cgroup) = (facts.id, facts.initPID, facts.cgroup)
         let fd: Int32
         do { fd = try Descriptors.connectUnix(directory: stateDirectory, name: SandboxDirectory.controlSocketName) } catch { throw .system(error) }
-        let holder = SandboxHolder()
-        let connection = InitConnection(
-            fd: fd, label: id,
-            onNotification: { method, params in holder.sandbox?.handleNotification(method, params) },
-            onClose: { reason in
-                switch reason {
-                case .violation(let why): holder.sandbox?.end(.protocolViolation(why))
-                case .eof: holder.sandbox?.end(.controlChannelClosed)
-                case .closedByHost: break
-                }
-            })
-        connection.start()
+        let link = InitLink(fd: fd, label: id, startup: nil)
+        link.connection.start()
         let adoptedCPUs = cgroup.cpuSet().flatMap { $0.count < cpuPlacer.online.count ? $0 : nil } ?? []
         cpuPlacer.claim(adoptedCPUs)
         // Not our child: checked to be in the sandbox's cgroup as well as unreaped while its mounts were opened.
         let mounts = PinnedMounts.pin(initPID: pid, cgroup: cgroup)
-        let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
-        let sandbox = Sandbox(id: id, initPID: pid, cgroup: cgroup, uidRange: facts.uidRange, stateDirectory: stateDirectory,
-                              spawnNanoseconds: 0, spawnPhases: [], connection: connection, mounts: mounts, allocator: host.uidAllocator,
-                              cpus: adoptedCPUs, cpuPlacer: cpuPlacer, events: events, sink: sink)
-        holder.sandbox = sandbox
-        sandbox.watchInit()
+        let sandbox = link.attach(Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: facts.uidRange, stateDirectory: stateDirectory,
+                                                cpus: adoptedCPUs, spawnNanoseconds: 0, spawnPhases: []),
+                                  mounts: mounts, allocator: host.uidAllocator, cpuPlacer: cpuPlacer)
         do {
             return (sandbox, try await sandbox.agentStatus())
         } catch {
@@ -525,6 +496,41 @@ final class ChildPreparation {
             return -1
         }
         return 0
+    }
+}
+
+/// The one way a sandbox is wired to its init's control channel, for a launch and an adoption alike.
+/// Notifications go to start-up first while a launch waits for init's ready, then to the sandbox once it
+/// exists; a channel that closes or breaks the protocol ends the sandbox (and fails a start-up).
+final class InitLink: Sendable {
+    let connection: InitConnection
+    private let holder = SandboxHolder()
+
+    init(fd: Int32, label: String, startup: StartupWaiter?) {
+        let holder = self.holder
+        connection = InitConnection(
+            fd: fd, label: label,
+            onNotification: { method, params in
+                if let startup, startup.deliver(method, params) { return }
+                holder.sandbox?.handleNotification(method, params)
+            },
+            onClose: { reason in
+                startup?.fail(.ended(InitConnection.describe(reason)))
+                switch reason {
+                case .violation(let why): holder.sandbox?.end(.protocolViolation(why))
+                case .eof: holder.sandbox?.end(.controlChannelClosed)
+                case .closedByHost: break
+                }
+            })
+    }
+
+    /// The sandbox on this link, watched from now on (its init's exit ends it).
+    func attach(_ facts: Sandbox.Facts, mounts: PinnedMounts, allocator: UIDRangeAllocator, cpuPlacer: CPUPlacer) -> Sandbox {
+        let (events, sink) = AsyncStream<SandboxEvent>.makeStream(bufferingPolicy: .bufferingNewest(1024))
+        let sandbox = Sandbox(facts, connection: connection, mounts: mounts, allocator: allocator, cpuPlacer: cpuPlacer, events: events, sink: sink)
+        holder.sandbox = sandbox
+        sandbox.watchInit()
+        return sandbox
     }
 }
 
