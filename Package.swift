@@ -95,7 +95,9 @@ let package = Package(
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
         .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
-        .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore"]),
+        .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
+                                                           .product(name: "NIOPosix", package: "swift-nio"),
+                                                           .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
 )

@@ -1,0 +1,100 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleLinux
+import CubicleSandbox
+import CubicleSessions
+import Foundation
+import Logging
+import NIOPosix
+import Testing
+
+/// The session registry against real sandboxes and the demo agent: racing first calls make one sandbox,
+/// the quota and unknown names are its own typed errors, a new session claims a warm sandbox.
+@Suite(.enabled(if: getuid() == 0, "needs root: the registry launches real sandboxes"))
+struct RegistryTests {
+    /// The built products (cubicle-init, the demo agent) beside the test bundle.
+    static let products: String = {
+        var dir = URL(fileURLWithPath: (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]).deletingLastPathComponent()
+        while dir.path != "/" && !FileManager.default.fileExists(atPath: dir.appendingPathComponent("cubicle-init").path) { dir = dir.deletingLastPathComponent() }
+        return dir.path
+    }()
+
+    /// A registry of its own (state directory, cgroup parent, uid ids), ended and removed afterwards.
+    static func withRegistry(maxSessions: Int = 10, warmPool: Int = 0, _ body: (SessionManager) async throws -> Void) async throws {
+        let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-registry-\(tag)", cgroupParent: "cubicle-registry-\(tag)")
+        host.firstHostID = 1_900_000_000 - UInt32.random(in: 0..<1000) * 65536 * 16
+        host.uidRangeCount = 16
+        let config = try DaemonConfig.parse(yaml: """
+            maxSessions: \(maxSessions)
+            lifecycleMinimumSeconds: 1
+            healthPollSeconds: 0.2
+            runtimes:
+              - name: demo
+                command: [/app/cubicle-demo-agent]
+                codeDirectory: \(products)
+                limits: {memory: 256MiB}
+                warmPool: \(warmPool)
+            """)
+        let launcher = SandboxLauncher(host: host)
+        let manager = SessionManager(config: config, launcher: launcher, seccompProgram: try SeccompProfile.embeddedDefault.compile(),
+                                     group: MultiThreadedEventLoopGroup.singleton, logger: Logger(label: "registry-test"))
+        func cleanUp() async {
+            await manager.shutdown()
+            launcher.shutdown()
+            for d in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories { rmdir(d) }
+            try? Files.removeTree(host.stateDirectory)
+        }
+        do { try await body(manager) } catch { await cleanUp(); throw error }
+        await cleanUp()
+    }
+
+    static func sessionID() -> String { "registry-" + UUID().uuidString }
+
+    @Test func racingFirstCallsMakeOneSandbox() async throws {
+        try await Self.withRegistry { manager in
+            let id = Self.sessionID()
+            let sessions = try await withThrowingTaskGroup(of: Session.self) { group in
+                for _ in 0..<8 { group.addTask { try await manager.acquire(runtime: "demo", sessionID: id) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(Set(sessions.map { ObjectIdentifier($0) }).count == 1)
+            #expect(manager.launcher.host.state.sandboxIDs() == [sessions[0].sandbox.id])
+            #expect(await manager.liveCount == 1)
+        }
+    }
+
+    @Test func theQuotaAndUnknownNamesAreTypedErrors() async throws {
+        try await Self.withRegistry(maxSessions: 2) { manager in
+            _ = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            _ = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            await #expect(throws: SessionError.quotaReached(2)) { try await manager.acquire(runtime: "demo", sessionID: Self.sessionID()) }
+            await #expect(throws: SessionError.runtimeNotFound("other")) { try await manager.acquire(runtime: "other", sessionID: Self.sessionID()) }
+            let unknown = Self.sessionID()
+            await #expect(throws: SessionError.sessionNotFound(unknown)) { try await manager.stop(runtime: "demo", sessionID: unknown) }
+            #expect(await manager.liveCount == 2, "refusals start nothing")
+        }
+    }
+
+    @Test func aNewSessionClaimsAWarmSandboxAndThePoolRefills() async throws {
+        try await Self.withRegistry(warmPool: 1) { manager in
+            await manager.startWarmPools()
+            var warm: [Session] = []
+            for _ in 0..<200 {
+                warm = await manager.warmSessions
+                if !warm.isEmpty { break }
+                try await Task.sleep(for: .milliseconds(25))
+            }
+            let waiting = try #require(warm.first, "no warm sandbox within 5 s")
+            let session = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            #expect(session.sandbox.id == waiting.sandbox.id, "the first call took the warm sandbox")
+            var refilled = false
+            for _ in 0..<200 where !refilled {
+                refilled = await manager.warmSessions.contains { $0.sandbox.id != waiting.sandbox.id }
+                if !refilled { try await Task.sleep(for: .milliseconds(25)) }
+            }
+            #expect(refilled, "the pool made another")
+        }
+    }
+}
