@@ -31,6 +31,28 @@ public final class Session: Sendable {
                       reportedOOMKills: Int64, reportedPidsLimitHits: Int64, warm: Bool)>
     /// Resolves once teardown has finished.
     let done = OneShot<SessionSummary>()
+    /// The session's own tasks (log drains, the watch on its sandbox's events, its lifecycle), owned by one
+    /// task: ending the session cancels it, and it finishes once the last of them has.
+    private let supervision = Mutex<Task<Void, Never>?>(nil)
+    /// Resolved when the lifecycle may run (a starting session is healthy), or failed when it never will.
+    let lifecycleMayStart = OneShot<Void>()
+
+    func supervise(_ jobs: [@Sendable () async -> Void]) {
+        let task = Task {
+            await withDiscardingTaskGroup { group in
+                for job in jobs { group.addTask { await job() } }
+            }
+        }
+        supervision.withLock { $0 = task }
+    }
+
+    func stopSupervising() {
+        lifecycleMayStart.resolve(.failure(CancellationError()))
+        supervision.withLock { $0?.cancel() }
+    }
+
+    /// Returns once every task the session started has ended.
+    public func supervisionEnded() async { await supervision.withLock { $0 }?.value }
 
     /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
     /// from when it was really created.

@@ -289,10 +289,7 @@ public actor SessionManager {
                               createdUnixTime: Int(created))
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
-        Task { await session.logs.drain(fd: logs.stdout, stream: "stdout", group: group) }
-        Task { await session.logs.drain(fd: logs.stderr, stream: "stderr", group: group) }
-        Task { await self.watchEvents(session) }
-        Task { await self.superviseLifecycle(session) }
+        supervise(session, stdout: logs.stdout, stderr: logs.stderr)
         Telemetry.sessionStarted(runtime: runtime.name)
         events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
         logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
@@ -350,9 +347,7 @@ public actor SessionManager {
             Telemetry.sessionStarted(runtime: runtime.name)
             events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
         }
-        Task { await session.logs.drain(fd: started.stdout, stream: "stdout", group: group) }
-        Task { await session.logs.drain(fd: started.stderr, stream: "stderr", group: group) }
-        Task { await self.watchEvents(session) }
+        supervise(session, stdout: started.stdout, stderr: started.stderr, lifecycleAfterStart: true)
         do {
             try await waitUntilHealthy(session)
         } catch {
@@ -365,8 +360,24 @@ public actor SessionManager {
         logger.info(sessionID == nil ? "warm sandbox ready" : "session ready",
                     metadata: ["session": "\(sessionID ?? "-")", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
                                "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
-        Task { await self.superviseLifecycle(session) }
+        session.lifecycleMayStart.resolve(.success(()))
         return session
+    }
+
+    /// The session's tasks, owned by it (`Session.supervise`): its agent's stdout and stderr into its log,
+    /// the watch on its sandbox's events, and its lifecycle (for a starting session, once it is healthy).
+    private nonisolated func supervise(_ session: Session, stdout: Int32, stderr: Int32, lifecycleAfterStart: Bool = false) {
+        let group = self.group
+        if !lifecycleAfterStart { session.lifecycleMayStart.resolve(.success(())) }
+        session.supervise([
+            { await session.logs.drain(fd: stdout, stream: "stdout", group: group) },
+            { await session.logs.drain(fd: stderr, stream: "stderr", group: group) },
+            { await self.watchEvents(session) },
+            {
+                guard (try? await session.lifecycleMayStart.value) != nil else { return }
+                await self.superviseLifecycle(session)
+            },
+        ])
     }
 
     private nonisolated func waitUntilHealthy(_ session: Session) async throws {
@@ -415,9 +426,9 @@ public actor SessionManager {
             case .agentExited(let pid, let code, let signal) where pid == session.agentPID:
                 session.state.withLock { $0.agentExit = (code, signal) }
                 let oom = signal == SIGKILL && session.sandbox.cgroup.usage().oomKills > 0
-                Task { _ = await self.end(session, oom ? .outOfMemory : .agentExited(code: code, signal: signal)) }
+                _ = await self.end(session, oom ? .outOfMemory : .agentExited(code: code, signal: signal))
             case .ended(let reason) where reason != .stopped:
-                Task { _ = await self.end(session, .sandboxFailed(reason.description)) }
+                _ = await self.end(session, .sandboxFailed(reason.description))
             default:
                 break
             }
@@ -484,6 +495,8 @@ public actor SessionManager {
         let report = await session.sandbox.end(.stopped).value
         session.state.withLock { $0.lifecycle.ended() }
         session.logs.close()
+        // Not awaited: end may be called from one of those tasks.
+        session.stopSupervising()
         var summary = session.summary
         summary.usage = report.finalUsage
         Telemetry.tornDown(nanoseconds: report.nanoseconds)

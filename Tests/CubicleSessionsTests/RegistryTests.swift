@@ -21,7 +21,8 @@ struct RegistryTests {
     }()
 
     /// A registry of its own (state directory, cgroup parent, uid ids), ended and removed afterwards.
-    static func withRegistry(maxSessions: Int = 10, warmPool: Int = 0, _ body: (SessionManager) async throws -> Void) async throws {
+    static func withRegistry(maxSessions: Int = 10, warmPool: Int = 0, healthPollSeconds: Double = 0.2,
+                             _ body: (SessionManager) async throws -> Void) async throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-registry-\(tag)", cgroupParent: "cubicle-registry-\(tag)")
         host.firstHostID = 1_900_000_000 - UInt32.random(in: 0..<1000) * 65536 * 16
@@ -29,7 +30,7 @@ struct RegistryTests {
         let config = try DaemonConfig.parse(yaml: """
             maxSessions: \(maxSessions)
             lifecycleMinimumSeconds: 1
-            healthPollSeconds: 0.2
+            healthPollSeconds: \(healthPollSeconds)
             runtimes:
               - name: demo
                 command: [/app/cubicle-demo-agent]
@@ -62,6 +63,30 @@ struct RegistryTests {
             #expect(Set(sessions.map { ObjectIdentifier($0) }).count == 1)
             #expect(manager.launcher.host.state.sandboxIDs() == [sessions[0].sandbox.id])
             #expect(await manager.liveCount == 1)
+        }
+    }
+
+    /// Every task a session started (log drains, the event watch, the lifecycle with its /ping polls and
+    /// sleeps) has ended once the session has: stopped by a client, or its agent gone. The lifecycle sleeps
+    /// 30 s between polls here, so only its cancellation ends it within the 10 s allowed.
+    @Test(arguments: ["stop", "agent exit"]) func aSessionsTasksEndWithIt(how: String) async throws {
+        try await Self.withRegistry(healthPollSeconds: 30) { manager in
+            let id = Self.sessionID()
+            let session = try await manager.acquire(runtime: "demo", sessionID: id)
+            if how == "stop" {
+                try await manager.stop(runtime: "demo", sessionID: id)
+            } else {
+                // The agent: every process of the sandbox but init.
+                for pid in session.sandbox.cgroup.processes() where pid != session.sandbox.initPID { kill(pid, SIGKILL) }
+            }
+            let ended = await withTaskGroup(of: Bool.self) { group in
+                group.addTask { await session.supervisionEnded(); return true }
+                group.addTask { try? await Task.sleep(for: .seconds(10)); return false }
+                defer { group.cancelAll() }
+                return await group.next() ?? false
+            }
+            #expect(ended, "the session's tasks outlived it")
+            #expect(!session.isLive)
         }
     }
 
