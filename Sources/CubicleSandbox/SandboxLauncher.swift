@@ -257,8 +257,10 @@ public struct SandboxLauncher: Sendable {
         // cubicled's score, still below its children's. init has started no child yet.
         _ = try? Files.write("/proc/\(pid)/oom_score_adj", String(Self.initOOMScoreAdjustment))
         phases.mark(forked == nil ? SpawnPhases.execStep : SpawnPhases.forkStep)
-        return Started(pid: pid, hostSock: hostSock, hostSockOwned: hostSockOwned, range: range, cpus: limits.cpuSet ?? [], cgroup: cgroup,
-                       stateDirectory: stateDirectory, phases: phases)
+        // The spawn figures are filled in once init is ready.
+        return Started(facts: Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
+                                            cpus: limits.cpuSet ?? [], spawnNanoseconds: 0, spawnPhases: []),
+                       hostSock: hostSock, hostSockOwned: hostSockOwned, phases: phases)
     }
 
     /// init cloned from this (threaded) process and exec'd, when there is no fork server.
@@ -294,13 +296,9 @@ public struct SandboxLauncher: Sendable {
 
     /// What the blocking half of a launch leaves for the async half.
     private struct Started: @unchecked Sendable {
-        var pid: pid_t
+        var facts: Sandbox.Facts
         var hostSock: Int32
         var hostSockOwned: HostSocketOwnership
-        var range: UIDRange
-        var cpus: [Int]
-        var cgroup: Cgroup
-        var stateDirectory: String
         var phases: SpawnPhases
     }
 
@@ -310,8 +308,8 @@ public struct SandboxLauncher: Sendable {
         let started = try await BlockingWork.run { () throws(SandboxError) -> Started in
             try self.startInit(spec, id: id, start: start, rollback: rollback)
         }
-        let (pid, hostSock, range, cgroup, stateDirectory, phases) =
-            (started.pid, started.hostSock, started.range, started.cgroup, started.stateDirectory, started.phases)
+        var facts = started.facts
+        let (pid, hostSock, phases) = (facts.initPID, started.hostSock, started.phases)
         let allocator = host.uidAllocator
 
         // Wait for init's ready or failed.
@@ -328,13 +326,12 @@ public struct SandboxLauncher: Sendable {
         let mounts = PinnedMounts.pin(initPID: pid)
         guard mounts.count > 0 else { throw .ended("no writable tmpfs of init's could be pinned for the wipe") }
         phases.mark("mounts pinned")
-        let sandbox = link.attach(Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
-                                                cpus: started.cpus, spawnNanoseconds: DispatchTime.now().uptimeNanoseconds - start,
-                                                spawnPhases: phases.merged(initMarks: initMarks)),
-                                  mounts: mounts, allocator: allocator, cpuPlacer: cpuPlacer)
+        facts.spawnNanoseconds = DispatchTime.now().uptimeNanoseconds - start
+        facts.spawnPhases = phases.merged(initMarks: initMarks)
+        let sandbox = link.attach(facts, mounts: mounts, allocator: allocator, cpuPlacer: cpuPlacer)
         rollback.disarm()
         // Facts a restarted daemon needs to find this sandbox again.
-        SandboxFacts(id: id, initPID: pid, cgroup: cgroup, uidRange: range).write(to: stateDirectory)
+        SandboxFacts(id: id, initPID: pid, cgroup: facts.cgroup, uidRange: facts.uidRange).write(to: facts.stateDirectory)
         return sandbox
     }
 }
