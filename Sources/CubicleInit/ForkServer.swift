@@ -127,8 +127,7 @@ final class ForkPreparation {
     static let run: cubicle_sandbox_prepare = { context, pid in
         let me = Unmanaged<ForkPreparation>.fromOpaque(context!).takeUnretainedValue()
         do throws(SystemError) {
-            try Files.write("/proc/\(pid)/uid_map", me.idMap)
-            try Files.write("/proc/\(pid)/gid_map", me.idMap)
+            try IDMaps.write(me.idMap, to: pid)
             if me.cgroupProcs >= 0 { try Files.writeAll(me.cgroupProcs, Array("\(pid)".utf8), step: "cgroup.procs") }
         } catch {
             me.errno = error.errno

@@ -118,3 +118,12 @@ public enum Files {
         return names
     }
 }
+
+/// A child's id maps, written by its parent while it waits (both spawn paths: the daemon's exec'd init and
+/// the fork server's clone). The same map for users and groups: the sandbox's 0..size-1 onto its host range.
+public enum IDMaps {
+    public static func write(_ map: String, to pid: pid_t) throws(SystemError) {
+        try Files.write("/proc/\(pid)/uid_map", map)
+        try Files.write("/proc/\(pid)/gid_map", map)
+    }
+}

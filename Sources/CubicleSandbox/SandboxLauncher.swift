@@ -482,8 +482,7 @@ final class ChildPreparation {
     static let run: cubicle_sandbox_prepare = { context, pid in
         let me = Unmanaged<ChildPreparation>.fromOpaque(context!).takeUnretainedValue()
         do throws(SystemError) {
-            try Files.write("/proc/\(pid)/uid_map", me.idMap)
-            try Files.write("/proc/\(pid)/gid_map", me.idMap)
+            try IDMaps.write(me.idMap, to: pid)
         } catch {
             me.error = .system(error)
             return -1
