@@ -8,7 +8,13 @@ import NIOCore
 /// every kernel has, only where CUBIC is not built. The sandbox's loopback does the same within what a
 /// namespace may default to (`cubicle_netns_loopback_congestion_control`). Remote clients keep the host's
 /// choice.
-enum LoopbackCongestion {
+public enum LoopbackCongestion {
+    /// A numeric loopback address (127/8, ::1, or 127/8 mapped into IPv6) or `localhost`; a wildcard, any
+    /// other address or any other name is not, since a name may resolve to anything. For `--listen`.
+    public static func isLoopback(host: String) -> Bool {
+        host == "localhost" || isLoopback(try? SocketAddress(ipAddress: host, port: 0))
+    }
+
     static func isLoopback(_ address: SocketAddress?) -> Bool {
         switch address {
         case .v4(let a):

@@ -320,31 +320,6 @@ public struct Cgroup: Sendable {
         return u
     }
 
-    /// Stops every process in place (v1 freezer, v2 cgroup.freeze) and waits until the kernel says frozen.
-    public func freeze(timeoutMilliseconds: Int = 2000) throws(CgroupError) {
-        do {
-            switch version {
-            case .v1:
-                let freezer = dir("freezer") + "/freezer.state"
-                try Files.write(freezer, "FROZEN")
-                var spins = 0
-                while (try? Files.read(freezer))?.trimmingSpaces != "FROZEN" && spins < timeoutMilliseconds * 2 {
-                    usleep(500)
-                    spins += 1
-                }
-            case .v2:
-                try Files.write(dir("") + "/cgroup.freeze", "1")
-                var spins = 0
-                while !((try? Files.read(dir("") + "/cgroup.events")) ?? "").contains("frozen 1") && spins < timeoutMilliseconds * 2 {
-                    usleep(500)
-                    spins += 1
-                }
-            }
-        } catch {
-            throw fail(error)
-        }
-    }
-
     /// Kills every process in the cgroup and waits until it is empty. Nothing can fork its way out:
     /// v2 kills the whole cgroup atomically; v1 freezes it first, so the set we SIGKILL is the full set.
     public func killAll(timeoutMilliseconds: Int = 5000) throws(CgroupError) {

@@ -27,6 +27,7 @@ public struct SandboxLauncher: Sendable {
         forkServer = host.initForkServer ? InitForkServer(initPath: host.initPath, timeoutMilliseconds: host.readyTimeoutMilliseconds) : nil
         cgroupPool = host.cgroupVersion == .v1 && host.cgroupPool > 0
             ? CgroupPool(root: host.cgroupRoot, parent: host.cgroupParent, size: host.cgroupPool) : nil
+        lowersInitOOMScore = Capabilities.effective(Capabilities.sysResource)
     }
 
     /// Ends what the launcher keeps ready (network namespaces, spare cgroups, the fork server); sandboxes
@@ -128,6 +129,10 @@ public struct SandboxLauncher: Sendable {
     public func setSessionsBelowHost(_ below: Bool) throws(CgroupError) {
         try sessionsParent.setCPUIdle(below)
     }
+
+    /// Whether cubicled holds CAP_SYS_RESOURCE, without which lowering init's oom_score_adj fails (EACCES):
+    /// learnt once, so a host that withholds it pays no failing write per launch.
+    let lowersInitOOMScore: Bool
 
     /// init's oom_score_adj where cubicled may lower it: below every process the session starts, so within
     /// the session's memory limit the agent is chosen first, but not -1000, which would leave a session
@@ -253,9 +258,9 @@ public struct SandboxLauncher: Sendable {
         }
         // The OOM killer's last choice: a dead init ends the session, and the agent is what uses the memory.
         // Every process init starts raises itself to 500 (the shim); lowering init's own score as well
-        // takes CAP_SYS_RESOURCE, which the host may have withheld from us (EACCES): then init keeps
-        // cubicled's score, still below its children's. init has started no child yet.
-        _ = try? Files.write("/proc/\(pid)/oom_score_adj", String(Self.initOOMScoreAdjustment))
+        // takes CAP_SYS_RESOURCE, which the host may have withheld from us: then init keeps cubicled's
+        // score, still below its children's. init has started no child yet.
+        if lowersInitOOMScore { _ = try? Files.write("/proc/\(pid)/oom_score_adj", String(Self.initOOMScoreAdjustment)) }
         phases.mark(forked == nil ? SpawnPhases.execStep : SpawnPhases.forkStep)
         // The spawn figures are filled in once init is ready.
         return Started(facts: Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,

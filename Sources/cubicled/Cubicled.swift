@@ -66,7 +66,7 @@ struct Cubicled: AsyncParsableCommand {
         }
         // The data plane authenticates no one yet, and it runs shell commands in sessions: only this host's
         // own users may reach it unless the operator says otherwise, in words that say what it costs.
-        if !insecureNoAuth && !Self.isLoopbackHost(host) {
+        if !insecureNoAuth && !LoopbackCongestion.isLoopback(host: host) {
             throw StartupRefused("--listen \(listen) can be reached from other hosts, and cubicled checks no caller: anyone who can connect could invoke agents and run commands in any session whose id they know. Listen on 127.0.0.1 or ::1 behind an authenticating proxy, or pass --insecure-no-auth to serve it anyway.")
         }
         let exeDirectory = Self.executableDirectory()
@@ -185,19 +185,6 @@ struct Cubicled: AsyncParsableCommand {
         var host = String(text[..<colon])
         if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
         return (host.isEmpty ? "0.0.0.0" : host, port)
-    }
-
-    /// A numeric loopback address (127/8, ::1, or 127/8 mapped into IPv6) or `localhost`; a wildcard, any
-    /// other address or any other name is not, since a name may resolve to anything.
-    static func isLoopbackHost(_ host: String) -> Bool {
-        if host == "localhost" { return true }
-        var v4 = in_addr()
-        if inet_pton(AF_INET, host, &v4) == 1 { return UInt32(bigEndian: v4.s_addr) >> 24 == 127 }
-        var v6 = in6_addr()
-        guard inet_pton(AF_INET6, host, &v6) == 1 else { return false }
-        let b = withUnsafeBytes(of: v6) { Array($0) }
-        let zeros = b[0..<10].allSatisfy { $0 == 0 }
-        return (zeros && b[10..<15].allSatisfy { $0 == 0 } && b[15] == 1) || (zeros && b[10] == 0xff && b[11] == 0xff && b[12] == 127)
     }
 
     static func executableDirectory() -> String {

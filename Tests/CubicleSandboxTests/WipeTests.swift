@@ -46,6 +46,25 @@ struct WipeTests {
         }
     }
 
+    /// How the mounts to wipe are opened in init's root: a symlink (a hostile init could replace a mount
+    /// point with one to a host path) is refused, and `..` cannot climb out of the root.
+    @Test func mountPointsAreResolvedInsideTheRootWithoutSymlinks() throws {
+        let root = "/tmp/cubicle-openroot-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try Files.makeDirectories(root + "/home/agent", mode: 0o755)
+        defer { try? Files.removeTree(root) }
+        #expect(symlink("/etc", root + "/tmp") == 0)
+        let rootFD = open(root, Descriptors.openPathOnly | O_DIRECTORY | O_CLOEXEC)
+        try #require(rootFD >= 0)
+        defer { close(rootFD) }
+        #expect(cubicle_open_in_root(rootFD, "/tmp", O_RDONLY | O_DIRECTORY) < 0 && errno == ELOOP, "a symlinked mount point is followed")
+        let home = cubicle_open_in_root(rootFD, "/../../../home/agent", O_RDONLY | O_DIRECTORY)
+        #expect(home >= 0, "errno \(errno)")
+        var inside = stat(), expected = stat()
+        #expect(fstat(home, &inside) == 0 && stat(root + "/home/agent", &expected) == 0 && inside.st_ino == expected.st_ino,
+                "`..` stays at the root")
+        close(home)
+    }
+
     /// A 1 TiB sparse file holding one page costs one page: zeros go over allocated extents only, so the
     /// wipe allocates nothing outside the session's cgroup (the old wiper wrote from offset 0 until the
     /// tmpfs was full, from cubicled's own cgroup).
@@ -120,9 +139,7 @@ struct WipeTests {
         try await withHost { host in
             let s = try await host.launch { $0.limits.memoryBytes = 64 << 20; $0.tmpBytes = 256 << 20 }
             let own = try Files.read("/proc/self/oom_score_adj").trimmingSpaces
-            let hasSysResource = try Files.read("/proc/self/status").split(separator: "\n")
-                .first { $0.hasPrefix("CapEff:") }.flatMap { UInt64($0.split(separator: "\t").last ?? "", radix: 16) }
-                .map { $0 & (1 << 24) != 0 } ?? false
+            let hasSysResource = Capabilities.effective(Capabilities.sysResource)
             let initScore = try Files.read("/proc/\(s.initPID)/oom_score_adj").trimmingSpaces
             #expect(initScore == (hasSysResource ? String(SandboxLauncher.initOOMScoreAdjustment) : own), "CAP_SYS_RESOURCE: \(hasSysResource)")
             if !hasSysResource { print("initIsNotTheOOMKillersChoice: no CAP_SYS_RESOURCE here, init keeps this process's score \(own)") }
