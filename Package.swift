@@ -43,21 +43,28 @@ let package = Package(
                 resources: [.embedInCode("Resources/default-seccomp.json")]),
         // The AgentCore wire formats: routes, validation, error shapes, the event stream. No I/O.
         .target(name: "CubicleAgentCore", dependencies: ["CubicleJSON"]),
-        .target(name: "CubicleSessions", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux",
+        // The one transport to an agent inside a sandbox: keep-alive HTTP/1.1 links driven on event loops,
+        // with an async exchange over the same links for callers in tasks.
+        .target(name: "CubicleAgentLink", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
-            .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
-            .product(name: "HTTPTypes", package: "swift-http-types"),
+        ]),
+        // The session registry, one supervisor per session, lifecycles, warm pools, adoption. NIO only for the
+        // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
+        .target(name: "CubicleSessions", dependencies: [
+            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Yams", package: "Yams"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "CubicleGateway", dependencies: [
-            "CubicleSessions", "CubicleAgentCore",
+            "CubicleSessions", "CubicleAgentCore", "CubicleAgentLink",
+            .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+            .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             .product(name: "Metrics", package: "swift-metrics"),
@@ -98,6 +105,11 @@ let package = Package(
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
                                                            .product(name: "NIOPosix", package: "swift-nio"),
                                                            .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "CubicleAgentLinkTests", dependencies: ["CubicleAgentLink",
+                                                            .product(name: "NIOPosix", package: "swift-nio")]),
+        .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
+                                                          .product(name: "NIOEmbedded", package: "swift-nio"),
+                                                          .product(name: "NIOHTTPTypes", package: "swift-nio-extras")]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
 )

@@ -1,4 +1,5 @@
 import CubicleAgentCore
+import CubicleAgentLink
 import CubicleSessions
 import Dispatch
 import HTTPTypes
@@ -12,7 +13,8 @@ import NIOHTTPTypesHTTP1
 
 /// The data plane's HTTP/1 connections: Hummingbird's own pipeline with `WarmInvokeForwarder` placed after
 /// its connection-state handler, so idle timeouts, keep-alive and graceful shutdown see every request,
-/// forwarded or not.
+/// forwarded or not. Hummingbird's `additionalChannelHandlers` go before that handler, where a forwarded
+/// request would be closed under by an idle timeout or a graceful shutdown, hence this copy of its set-up.
 struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
     typealias Value = NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>
     let responder: HTTPChannelHandler.Responder
@@ -32,7 +34,7 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
                                                  withDecoderLimitConfiguration: limits)
             try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
-            try sync.addHandler(WarmInvokeForwarder(sessions: sessions))
+            try sync.addHandler(WarmInvokeForwarder { runtime, id in sessions.liveSession(runtime: runtime, sessionID: id) })
             return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
         }
     }
@@ -62,7 +64,10 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
 
     private enum Reading { case betweenRequests, passingOn, forwarding }
 
-    private let sessions: SessionManager
+    /// A live session by runtime and id, without a hop to the registry actor: the forwarder runs on the
+    /// event loop, and a task switch per request is what the warm road exists to avoid.
+    typealias Lookup = @Sendable (_ runtime: String, _ sessionID: String) -> (any InvocationTarget)?
+    private let lookup: Lookup
     private var context: ChannelHandlerContext?
     private var reading = Reading.betweenRequests
     /// Requests handed on whose responses have not ended; a forwarded response must not interleave with them.
@@ -77,7 +82,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     /// The last invocation target and the runtime it names: a client sends the same one again and again.
     private var lastTarget: (path: String, runtime: String)?
 
-    init(sessions: SessionManager) { self.sessions = sessions }
+    init(lookup: @escaping Lookup) { self.lookup = lookup }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -103,7 +108,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         switch reading {
         case .betweenRequests:
             if case .head(let head) = part, responsesOwed == 0,
-               let forwarded = ForwardedInvoke.start(head, sessions: sessions, client: context, forwarder: self) {
+               let forwarded = ForwardedInvoke.start(head, lookup: lookup, client: context, forwarder: self) {
                 exchange = forwarded
                 reading = .forwarding
                 return
@@ -133,7 +138,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
             responsesOwed -= 1
             if responsesOwed == 0, let (runtime, id) = warmingUp {
                 warmingUp = nil
-                sessions.liveSession(runtime: runtime, sessionID: id)?.pool.openLink(on: context.eventLoop)
+                lookup(runtime, id)?.agent.warm(on: context.eventLoop)
             }
         }
         context.write(data, promise: promise)
@@ -182,20 +187,15 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
 }
 
 /// One forwarded invocation: the client's request parts go to the agent link, the agent's response parts
-/// to the client, both on the client's event loop.
+/// to the client, both on the client's event loop. What is sent and answered is `Invocation`'s.
 final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private let forwarder: WarmInvokeForwarder
     private let client: ChannelHandlerContext
     private let link: AgentLink
-    private let session: Session
-    private let inFlight: InFlight
-    private let sessionID: String
-    private let requestID: String
-    private let requestHeaders: HTTPFields
-    private let started: UInt64
+    private let invocation: Invocation
     private var requestDone = false
-    /// The agent's status, and whether its connection may carry another request.
-    private var responseHead: (status: HTTPResponse.Status, keepAlive: Bool)?
+    /// Whether the agent's connection may carry another request, once its head has come.
+    private var responseKeepAlive: Bool?
     private var responseDone = false
     /// The exchange has completed or failed; parts still arriving from the client are dropped.
     private var over = false
@@ -203,8 +203,8 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     /// Failed before the response began, and AgentCore's error has been written.
     private var errorAnswered = false
 
-    /// Forwards `head` when it is an InvokeAgentRuntime this path can carry; nil hands it on.
-    static func start(_ head: HTTPRequest, sessions: SessionManager, client: ChannelHandlerContext,
+    /// Forwards `head` when it is an InvokeAgentRuntime this road can carry; nil hands it on.
+    static func start(_ head: HTTPRequest, lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext,
                       forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
         let started = DispatchTime.now().uptimeNanoseconds
         let fields = head.headerFields
@@ -212,33 +212,28 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
               let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
               let (runtime, id) = forwarder.invocation(head),
-              let session = sessions.liveSession(runtime: runtime, sessionID: id) else { return nil }
-        guard let link = session.pool.takeLink(on: client.eventLoop) else {
-            session.pool.openLink(on: client.eventLoop)
+              let target = lookup(runtime, id) else { return nil }
+        guard let link = target.agent.take(on: client.eventLoop) else {
+            target.agent.warm(on: client.eventLoop)
             return nil
         }
-        let requestID = RequestID.make()
         Telemetry.forwardedOnEventLoop(runtime: runtime)
-        let forwarded = ForwardedInvoke(forwarder: forwarder, client: client, link: link, session: session, sessionID: id,
-                                        requestID: requestID, requestHeaders: fields, started: started)
+        let invocation = Invocation(target: target, sessionID: id, requestID: RequestID.make(), requestHeaders: fields, started: started)
+        let forwarded = ForwardedInvoke(forwarder: forwarder, client: client, link: link, invocation: invocation)
         link.attach(forwarded)
         // Not flushed: the body usually came in the same read, and goes out in the same write.
-        link.write(.head(DataPlane.agentRequestHeadHTTP1(fields, session: session, sessionID: id, requestID: requestID, declaredLength: length)))
+        link.write(.head(invocation.agentHead(declaredLength: length)))
         return forwarded
     }
 
-    private init(forwarder: WarmInvokeForwarder, client: ChannelHandlerContext, link: AgentLink, session: Session, sessionID: String,
-                 requestID: String, requestHeaders: HTTPFields, started: UInt64) {
+    private init(forwarder: WarmInvokeForwarder, client: ChannelHandlerContext, link: AgentLink, invocation: Invocation) {
         self.forwarder = forwarder
         self.client = client
         self.link = link
-        self.session = session
-        self.inFlight = InFlight(session)
-        self.sessionID = sessionID
-        self.requestID = requestID
-        self.requestHeaders = requestHeaders
-        self.started = started
+        self.invocation = invocation
     }
+
+    private var inFlight: InFlight { invocation.inFlight }
 
     /// The request is not finished and the agent's socket buffer is full.
     var agentIsFull: Bool { !over && !requestDone && !link.isWritable }
@@ -285,24 +280,21 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         switch part {
         case .head(let head):
             guard head.status.code >= 200 else { return }
-            guard head.status.code <= 999 else { return agentFailed(AgentClientError("agent sent status \(head.status.code)")) }
-            guard responseHead == nil else { return agentFailed(AgentClientError("agent sent a second response head")) }
-            let status = HTTPResponse.Status(code: Int(head.status.code), reasonPhrase: head.status.reasonPhrase)
-            responseHead = (status, head.isKeepAlive)
-            inFlight.attach(status: status.code, abort: {})
-            var headers = DataPlane.responseHeaders(contentType: head.headers.first(name: "content-type"),
-                                                    returned: head.headers.lazy.map { ($0.name.lowercased(), $0.name, $0.value) },
-                                                    requestHeaders: requestHeaders, sessionID: sessionID)
-            if let length = head.headers.first(name: "content-length") { headers[.contentLength] = length }
-            headers[.xAmznRequestID] = requestID
-            client.write(NIOAny(HTTPResponsePart.head(HTTPResponse(status: status, headerFields: headers))), promise: nil)
+            guard responseKeepAlive == nil else { return agentFailed(AgentLinkError("agent sent a second response head")) }
+            let client: (status: HTTPResponse.Status, fields: HTTPFields)
+            do { client = try invocation.clientHead(head) } catch { return agentFailed(error) }
+            responseKeepAlive = head.isKeepAlive
+            inFlight.attach(status: client.status.code, abort: {})
+            var fields = client.fields
+            if let length = head.headers.first(name: "content-length") { fields[.contentLength] = length }
+            self.client.write(NIOAny(HTTPResponsePart.head(HTTPResponse(status: client.status, headerFields: fields))), promise: nil)
         case .body(let buffer):
-            guard responseHead != nil else { return agentFailed(AgentClientError("agent sent a body before its response head")) }
+            guard responseKeepAlive != nil else { return agentFailed(AgentLinkError("agent sent a body before its response head")) }
             inFlight.sent(buffer.readableBytes)
             client.write(NIOAny(HTTPResponsePart.body(buffer)), promise: nil)
             if !client.channel.isWritable { link.holdReads(true) }
         case .end:
-            guard responseHead != nil else { return agentFailed(AgentClientError("agent ended a response it never began")) }
+            guard responseKeepAlive != nil else { return agentFailed(AgentLinkError("agent ended a response it never began")) }
             client.writeAndFlush(NIOAny(HTTPResponsePart.end(nil)), promise: nil)
             responseDone = true
             answeredBeforeRequestEnded = !requestDone
@@ -321,8 +313,8 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         over = true
         inFlight.complete()
         link.detach()
-        let reusable = !answeredBeforeRequestEnded && responseHead?.keepAlive == true
-        if reusable { session.pool.giveBack(link) } else { link.close() }
+        let reusable = !answeredBeforeRequestEnded && responseKeepAlive == true
+        if reusable { invocation.target.agent.giveBack(link) } else { link.close() }
         forwarder.exchangeEnded()
     }
 
@@ -334,23 +326,23 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         link.detach()
         link.close()
         inFlight.abort()
-        if responseHead != nil {
-            // What has come of the response goes out first, as on the task path.
+        if responseKeepAlive != nil {
+            // What has come of the response goes out first, as on the task road.
             client.flush()
             client.close(promise: nil)
             return
         }
-        let session = self.session, loop = client.eventLoop, started = self.started
-        Task {
-            let failure = await DataPlane.agentDidNotAnswer(session, error)
-            DataPlane.countRefusal(runtime: session.runtime.name, status: failure.status, started: started)
-            loop.execute { self.answer(failure) }
+        let invocation = self.invocation
+        // The cause may take a moment to be known (init reports the agent's exit after the link closes).
+        client.eventLoop.makeFutureWithTask { await invocation.failure(error) }.assumeIsolated().whenSuccess { failure in
+            Invocation.countRefusal(runtime: invocation.target.runtime.name, status: failure.status, started: invocation.started)
+            self.answer(failure)
         }
     }
 
     private func answer(_ error: AgentCoreError) {
         guard client.channel.isActive else { return }
-        var fields = DataPlane.errorHeaders(error, requestID: requestID)
+        var fields = Invocation.errorHeaders(error, requestID: invocation.requestID)
         fields[.contentLength] = String(error.body.count)
         let head = HTTPResponse(status: .init(code: error.status), headerFields: fields)
         client.write(NIOAny(HTTPResponsePart.head(head)), promise: nil)

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleAgentLink
 import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
@@ -20,7 +21,8 @@ public final class Session: Sendable {
     public var createdUnixTime: Int { identity.withLock { $0.created } }
     public let runtime: RuntimeConfig
     public let sandbox: Sandbox
-    public let pool: AgentPool
+    /// The one way to the agent: links for the gateway's forwarder, exchanges for everything else.
+    public let agent: AgentTransport
     public let logs = LogRing()
     public let agentPID: Int32
     let clock: MonotonicClock
@@ -56,13 +58,13 @@ public final class Session: Sendable {
 
     /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
     /// from when it was really created.
-    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, pool: AgentPool, agentPID: Int32, clock: @escaping MonotonicClock,
+    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, agent: AgentTransport, agentPID: Int32, clock: @escaping MonotonicClock,
          createdUnixTime: Int? = nil) {
         let nowUnix = Int(time(nil))
         self.identity = Mutex((id ?? "", createdUnixTime ?? nowUnix))
         self.runtime = runtime
         self.sandbox = sandbox
-        self.pool = pool
+        self.agent = agent
         self.agentPID = agentPID
         self.clock = clock
         let age = Double(max(0, nowUnix - (createdUnixTime ?? nowUnix)))

@@ -2,10 +2,10 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleAgentLink
 import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
-import HTTPTypes
 import Logging
 import NIOCore
 import Synchronization
@@ -284,8 +284,8 @@ public actor SessionManager {
             return nil
         }
         let port = runtime.serverProtocol.port
-        let pool = AgentPool(group: group) { try await sandbox.connect(port: port) }
-        let session = Session(id: id, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: agentPID, clock: clock,
+        let agent = AgentTransport(group: group) { try await sandbox.connect(port: port) }
+        let session = Session(id: id, runtime: runtime, sandbox: sandbox, agent: agent, agentPID: agentPID, clock: clock,
                               createdUnixTime: Int(created))
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
@@ -330,7 +330,7 @@ public actor SessionManager {
             throw SessionError.couldNotStart("Session could not start: \(error)")
         }
         let port = runtime.serverProtocol.port
-        let pool = AgentPool(group: group) { try await sandbox.connect(port: port) }
+        let agent = AgentTransport(group: group) { try await sandbox.connect(port: port) }
         let started: StartedProcess
         let env = Session.environment(for: runtime)
         do {
@@ -340,7 +340,7 @@ public actor SessionManager {
             _ = await sandbox.teardown()
             throw SessionError.couldNotStart("Agent could not start: \(error)")
         }
-        let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, pool: pool, agentPID: started.pid, clock: clock)
+        let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, agent: agent, agentPID: started.pid, clock: clock)
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
         if sessionID != nil {
             session.recordOwnership()
@@ -406,14 +406,13 @@ public actor SessionManager {
             close(fd)
             return false
         }
-        let head = HTTPRequest(method: .get, scheme: nil, authority: "localhost", path: path)
-        let (response, body) = try await session.pool.fetch(head, timeoutSeconds: timeout)
-        guard response.status == .ok else { throw AgentClientError("/ping answered \(response.status.code)") }
-        let status = (try? JSON.parse(body))?["status"]?.stringValue ?? "Healthy"
-        let busy = status == "HealthyBusy"
+        let (status, body) = try await session.agent.fetch(path: path, timeoutSeconds: timeout)
+        guard status == 200 else { throw AgentLinkError("\(path) answered \(status)") }
+        let health = (try? JSON.parse(body))?["status"]?.stringValue ?? "Healthy"
+        let busy = health == "HealthyBusy"
         let now = clock()
         session.state.withLock { s in
-            s.lastPing = String(status.prefix(32))
+            s.lastPing = String(health.prefix(32))
             s.pingFailures = 0
             s.lifecycle.pinged(busy: busy, now: now)
         }
@@ -491,7 +490,7 @@ public actor SessionManager {
     public nonisolated func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
         let (first, wasWarm) = session.state.withLock { ($0.lifecycle.stop(reason), $0.warm) }
         guard first else { return (try? await session.done.value) ?? session.summary }
-        session.pool.close()
+        session.agent.close()
         let report = await session.sandbox.end(.stopped).value
         session.state.withLock { $0.lifecycle.ended() }
         session.logs.close()

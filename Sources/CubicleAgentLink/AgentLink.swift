@@ -1,9 +1,14 @@
 import Dispatch
-import Glibc
 import NIOCore
 import NIOHTTP1
-import NIOPosix
 import Synchronization
+
+/// Why an exchange with an agent failed on the agent's side: it closed, or broke HTTP.
+public struct AgentLinkError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
 
 /// Back-pressure on a channel's reads: while held, a read the pipeline asks for is kept back (the bytes
 /// stay in the kernel's socket buffer) and issued once released.
@@ -27,8 +32,8 @@ public struct ReadGate {
     }
 }
 
-/// Who an agent connection's response parts go to, for the length of one exchange. Called on the
-/// connection's event loop only.
+/// Who an agent connection's response parts go to, for the length of one exchange: the gateway's
+/// forwarder, or a `TaskExchange` for a caller in a task. Called on the connection's event loop only.
 public protocol AgentLinkSink: AnyObject {
     func agentLink(_ link: AgentLink, received part: HTTPClientResponsePart)
     func agentLinkReadComplete(_ link: AgentLink)
@@ -37,11 +42,12 @@ public protocol AgentLinkSink: AnyObject {
     func agentLink(_ link: AgentLink, failed error: any Error)
 }
 
-/// A keep-alive connection to an agent driven from a channel handler rather than a task: the gateway's
-/// warm path forwards parts between the client's channel and this one on the same event loop, with no
-/// task switch or queue between them. It speaks NIO's HTTP/1 types: the gateway builds the agent's head
-/// itself, so converting to HTTP types and back would be work for nothing. Everything but `eventLoop` and
-/// the atomics belongs to that loop.
+/// The one kind of connection to an agent: a keep-alive HTTP/1.1 connection over a socket init connected
+/// inside the sandbox, driven from a channel handler rather than a task. The gateway's warm path forwards
+/// parts between the client's channel and this one on the same event loop, with no task switch or queue
+/// between them; callers in tasks use it through `AgentTransport.send`, which attaches a `TaskExchange`.
+/// It speaks NIO's HTTP/1 types: the gateway builds the agent's head itself, so converting to HTTP types
+/// and back would be work for nothing. Everything but `eventLoop` and the atomics belongs to that loop.
 public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
     public typealias InboundIn = HTTPClientResponsePart
     public typealias OutboundIn = HTTPClientRequestPart
@@ -49,11 +55,13 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
 
     public let eventLoop: any EventLoop
     private var context: ChannelHandlerContext?
-    private weak var sink: (any AgentLinkSink)?
+    /// Held strongly while attached: an exchange lives as long as its link is busy with it. Cleared by
+    /// `detach`, a failure or the close, so the cycle always breaks.
+    private var sink: (any AgentLinkSink)?
     private var reads = ReadGate()
     private let idleSince = Atomic<UInt64>(DispatchTime.now().uptimeNanoseconds)
     private let active = Atomic<Bool>(true)
-    fileprivate var onClose: (@Sendable (AgentLink) -> Void)?
+    var onClose: (@Sendable (AgentLink) -> Void)?
 
     init(eventLoop: any EventLoop) { self.eventLoop = eventLoop }
 
@@ -121,89 +129,9 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
         self.context = nil
         if let sink {
             self.sink = nil
-            sink.agentLink(self, failed: AgentClientError("agent closed the connection"))
+            sink.agentLink(self, failed: AgentLinkError("agent closed the connection"))
         }
         onClose?(self)
         onClose = nil
-    }
-}
-
-/// A session's `AgentLink`s: idle ones by event loop, and every open one, so ending the session closes
-/// those in use too.
-final class AgentLinks: Sendable {
-    private struct State {
-        var idle: [AgentLink] = []
-        var open: [ObjectIdentifier: AgentLink] = [:]
-        var opening: Set<ObjectIdentifier> = []
-        var closed = false
-    }
-    private let state = Mutex(State())
-
-    func take(on loop: any EventLoop) -> AgentLink? {
-        let (found, stale) = state.withLock { s -> (AgentLink?, [AgentLink]) in
-            var stale: [AgentLink] = []
-            var found: AgentLink?
-            s.idle.removeAll { link in
-                guard found == nil, link.eventLoop === loop else { return false }
-                if link.isActive && link.idleNanoseconds < AgentPool.maxIdleNanoseconds { found = link } else { stale.append(link) }
-                return true
-            }
-            return (found, stale)
-        }
-        stale.forEach { $0.close() }
-        return found
-    }
-
-    func giveBack(_ link: AgentLink) {
-        let keep = state.withLock { s -> Bool in
-            guard !s.closed, link.isActive, s.idle.count < AgentPool.maxIdleConnections else { return false }
-            s.idle.append(link)
-            return true
-        }
-        if !keep { link.close() }
-    }
-
-    /// Opens one link on `loop` in the background unless one is already being opened there.
-    func open(on loop: any EventLoop, connector: @escaping AgentPool.Connector) {
-        let key = ObjectIdentifier(loop)
-        guard state.withLock({ s in !s.closed && s.opening.insert(key).inserted }) else { return }
-        Task {
-            defer { self.state.withLock { _ = $0.opening.remove(key) } }
-            guard let fd = try? await connector() else { return }
-            let link = AgentLink(eventLoop: loop)
-            link.onClose = { [weak self] l in self?.state.withLock { _ = $0.open.removeValue(forKey: ObjectIdentifier(l)) } }
-            let channel: any Channel
-            do {
-                channel = try await ClientBootstrap(group: loop)
-                    .channelOption(.socketOption(.tcp_nodelay), value: 1)
-                    .channelOption(.recvAllocator, value: AgentLink.bodyReadAllocator)
-                    .channelInitializer { channel in
-                        channel.eventLoop.makeCompletedFuture {
-                            try channel.pipeline.syncOperations.addHTTPClientHandlers()
-                            try channel.pipeline.syncOperations.addHandler(link)
-                        }
-                    }
-                    .withConnectedSocket(fd).get()
-            } catch {
-                Glibc.close(fd)
-                return
-            }
-            let admitted = self.state.withLock { s -> Bool in
-                guard !s.closed, link.isActive else { return false }
-                s.open[ObjectIdentifier(link)] = link
-                return true
-            }
-            guard admitted else { channel.close(promise: nil); return }
-            self.giveBack(link)
-        }
-    }
-
-    func close() {
-        let all = state.withLock { s -> [AgentLink] in
-            s.closed = true
-            s.idle = []
-            return Array(s.open.values)
-        }
-        all.forEach { $0.close() }
     }
 }

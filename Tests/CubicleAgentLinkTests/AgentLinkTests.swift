@@ -1,7 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
-import CubicleSessions
+@testable import CubicleAgentLink
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
@@ -11,29 +11,93 @@ import Testing
 
 /// Agent links over a socketpair whose other end the test plays as the agent: no sandbox, no root.
 @Suite struct AgentLinkTests {
-    /// The agent's ends of the sockets the pool connected, in order.
+    /// The agent's ends of the sockets the transport connected, in order.
     final class FakeAgent: Sendable {
         let ends = Mutex<[Int32]>([])
-        var connector: AgentPool.Connector {
+        var connector: AgentTransport.Connector {
             { [self] in
                 var fds: [Int32] = [0, 0]
-                guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw AgentClientError("socketpair") }
+                guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw AgentLinkError("socketpair") }
                 ends.withLock { $0.append(fds[1]) }
                 return fds[0]
             }
         }
         func end(_ i: Int) -> Int32? { ends.withLock { $0.count > i ? $0[i] : nil } }
 
-        func readRequest(_ fd: Int32) -> String {
+        /// The agent's blocking reads run on a thread of their own: on the tests' cooperative pool, a few of
+        /// them blocked at once would starve the tasks that are to send what they wait for.
+        static let readers: NIOThreadPool = {
+            let pool = NIOThreadPool(numberOfThreads: 16)
+            pool.start()
+            return pool
+        }()
+        func blocking<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+            try! await Self.readers.runIfActive(work)
+        }
+
+        func readRequest(_ fd: Int32) async -> String { await blocking { self.readRequestBlocking(fd) } }
+        func read(_ fd: Int32, atLeast bytes: Int) async -> [UInt8] { await blocking { self.readBlocking(fd, atLeast: bytes) } }
+        func closedByPeer(_ fd: Int32) async -> Bool { await blocking { self.closedByPeerBlocking(fd) } }
+
+        /// read(2), again after a signal: the sandbox tests running beside these end children, and SIGCHLD
+        /// lands on whichever thread it likes.
+        static func readRetrying(_ fd: Int32, _ buf: inout [UInt8]) -> Int {
+            while true {
+                let n = Glibc.read(fd, &buf, buf.count)
+                if n < 0 && errno == EINTR { continue }
+                return n
+            }
+        }
+
+        private func readRequestBlocking(_ fd: Int32) -> String {
             var got: [UInt8] = []
             var buf = [UInt8](repeating: 0, count: 4096)
             while !String(decoding: got, as: UTF8.self).contains("\r\n\r\n") {
-                let n = read(fd, &buf, buf.count)
+                let n = Self.readRetrying(fd, &buf)
                 if n <= 0 { break }
                 got += buf[0..<n]
             }
             return String(decoding: got, as: UTF8.self)
         }
+
+        /// Reads until `bytes` bytes have come (head and body together), or the peer closes.
+        private func readBlocking(_ fd: Int32, atLeast bytes: Int) -> [UInt8] {
+            var got: [UInt8] = []
+            var buf = [UInt8](repeating: 0, count: 65536)
+            while got.count < bytes {
+                let n = Self.readRetrying(fd, &buf)
+                if n <= 0 { break }
+                got += buf[0..<n]
+            }
+            return got
+        }
+
+        /// The socket the transport connected `i`-th, once it has.
+        func waitForEnd(_ i: Int) async throws -> Int32 {
+            for _ in 0..<1000 {
+                if let fd = end(i) { return fd }
+                try await Task.sleep(nanoseconds: 2_000_000)
+            }
+            throw AgentLinkError("the transport connected no socket \(i)")
+        }
+
+        /// Whether the transport closed its end within two seconds (unread bytes are discarded on the way).
+        private func closedByPeerBlocking(_ fd: Int32) -> Bool {
+            var buf = [UInt8](repeating: 0, count: 65536)
+            for _ in 0..<200 {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let ready = poll(&p, 1, 10)
+                if ready < 0 && errno == EINTR { continue }
+                guard ready >= 0 else { return false }
+                if p.revents != 0 {
+                    let n = Self.readRetrying(fd, &buf)
+                    if n <= 0 { return true }
+                }
+            }
+            return false
+        }
+
+        var count: Int { ends.withLock { $0.count } }
 
         func write(_ fd: Int32, _ text: String) { _ = Array(text.utf8).withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } }
         func closeAll() { ends.withLock { $0.forEach { close($0) }; $0 = [] } }
@@ -75,23 +139,23 @@ import Testing
         }
     }
 
-    func waitForLink(_ pool: AgentPool, on loop: any EventLoop) async throws -> AgentLink {
+    func waitForLink(_ transport: AgentTransport, on loop: any EventLoop) async throws -> AgentLink {
         for _ in 0..<500 {
-            if let link = pool.takeLink(on: loop) { return link }
+            if let link = transport.take(on: loop) { return link }
             try await Task.sleep(nanoseconds: 2_000_000)
         }
-        throw AgentClientError("no link was opened")
+        throw AgentLinkError("no link was opened")
     }
 
     @Test func aLinkIsOpenedPerLoopAndReusedAfterAnExchange() async throws {
         try await withGroup(threads: 2) { group, agent in
-            let pool = AgentPool(group: group, connector: agent.connector)
-            defer { pool.close() }
+            let transport = AgentTransport(group: group, maxIdleNanoseconds: 60_000_000_000, connector: agent.connector)
+            defer { transport.close() }
             let loop = group.next(), other = group.next()
             #expect(loop !== other)
-            pool.openLink(on: loop)
-            let link = try await waitForLink(pool, on: loop)
-            #expect(pool.takeLink(on: other) == nil, "a link serves only its own loop")
+            transport.warm(on: loop)
+            let link = try await waitForLink(transport, on: loop)
+            #expect(transport.take(on: other) == nil, "a link serves only its own loop")
 
             let sink = RecordingSink()
             try await loop.submit {
@@ -102,7 +166,7 @@ import Testing
                 link.flush()
             }.get()
             let fd = try #require(agent.end(0))
-            let request = agent.readRequest(fd)
+            let request = await agent.readRequest(fd)
             #expect(request.hasPrefix("POST /invocations HTTP/1.1\r\n"))
             agent.write(fd, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
             try await eventually(on: loop) { sink.parts.count >= 3 }
@@ -110,45 +174,45 @@ import Testing
         #expect(parts == ["head 200", "body hi", "end"])
 
             try await loop.submit { link.detach() }.get()
-            pool.giveBack(link)
-            #expect(pool.takeLink(on: loop) === link, "a link whose exchange ended is taken again")
+            transport.giveBack(link)
+            #expect(transport.take(on: loop) === link, "a link whose exchange ended is taken again")
         }
     }
 
     @Test func endingTheSessionClosesLinksInUseAndTheirSinkHearsIt() async throws {
         try await withGroup(threads: 1) { group, agent in
-            let pool = AgentPool(group: group, connector: agent.connector)
+            let transport = AgentTransport(group: group, connector: agent.connector)
             let loop = group.next()
-            pool.openLink(on: loop)
-            let link = try await waitForLink(pool, on: loop)
+            transport.warm(on: loop)
+            let link = try await waitForLink(transport, on: loop)
             let sink = RecordingSink()
             try await loop.submit { link.attach(sink) }.get()
-            pool.close()
+            transport.close()
             try await eventually(on: loop) { sink.failure != nil }
             let heard = try await loop.submit { sink.failure != nil }.get()
             #expect(heard, "the link's sink heard it close")
-            pool.openLink(on: loop)
+            transport.warm(on: loop)
             try await Task.sleep(nanoseconds: 50_000_000)
-            #expect(pool.takeLink(on: loop) == nil, "a closed pool opens no more links")
+            #expect(transport.take(on: loop) == nil, "a closed transport opens no more links")
         }
     }
 
     @Test func anIdleAgentThatSpeaksUpLosesItsLink() async throws {
         try await withGroup(threads: 1) { group, agent in
-            let pool = AgentPool(group: group, connector: agent.connector)
-            defer { pool.close() }
+            let transport = AgentTransport(group: group, connector: agent.connector)
+            defer { transport.close() }
             let loop = group.next()
-            pool.openLink(on: loop)
-            let link = try await waitForLink(pool, on: loop)
-            pool.giveBack(link)
+            transport.warm(on: loop)
+            let link = try await waitForLink(transport, on: loop)
+            transport.giveBack(link)
             // Unasked-for bytes would otherwise be read as the next request's response.
             agent.write(try #require(agent.end(0)), "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
             var taken: AgentLink? = link
             for _ in 0..<500 {
                 try await Task.sleep(nanoseconds: 2_000_000)
-                taken = pool.takeLink(on: loop)
+                taken = transport.take(on: loop)
                 if taken == nil { break }
-                pool.giveBack(taken!)
+                transport.giveBack(taken!)
             }
             #expect(taken == nil)
         }
