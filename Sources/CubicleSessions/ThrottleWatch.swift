@@ -52,21 +52,21 @@ extension SessionManager {
     }
 
     private nonisolated func lookAtThrottling(_ watch: inout ThrottleWatch, online: Int) {
-        let throttleable = liveIndexSessions.filter {
+        let throttleable = liveSessionsNow.filter {
             $0.runtime.limits.cpus < Double($0.sandbox.cpus.isEmpty ? online : $0.sandbox.cpus.count)
         }
         let throttled = Dictionary(throttleable.map { ($0.sandbox.cgroup.path, $0.sandbox.cgroup.cpuThrottledPeriods()) },
                                    uniquingKeysWith: max)
         let before = watch.sessionsBelowHost
-        guard let below = watch.observe(throttled, at: clock()) else { return }
+        guard let below = watch.observe(throttled, at: supervisor.clock()) else { return }
         do {
             try launcher.setSessionsBelowHost(below)
             if below || before != nil {
-                logger.info(below ? "sessions' CPU below the host's: a session is held at its CPU quota"
+                supervisor.logger.info(below ? "sessions' CPU below the host's: a session is held at its CPU quota"
                                   : "sessions' CPU back beside the host's: no session throttled lately")
             }
         } catch {
-            logger.warning("could not change the sessions' CPU weight", metadata: ["error": "\(error)"])
+            supervisor.logger.warning("could not change the sessions' CPU weight", metadata: ["error": "\(error)"])
         }
     }
 }

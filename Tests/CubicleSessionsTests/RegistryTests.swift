@@ -112,8 +112,16 @@ struct RegistryTests {
                 try await Task.sleep(for: .milliseconds(25))
             }
             let waiting = try #require(warm.first, "no warm sandbox within 5 s")
-            let session = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            // Racing first calls for one id share one claim: one session, the warm sandbox.
+            let id = Self.sessionID()
+            let sessions = try await withThrowingTaskGroup(of: Session.self) { group in
+                for _ in 0..<8 { group.addTask { try await manager.acquire(runtime: "demo", sessionID: id) } }
+                return try await group.reduce(into: []) { $0.append($1) }
+            }
+            #expect(Set(sessions.map { ObjectIdentifier($0) }).count == 1)
+            let session = sessions[0]
             #expect(session.sandbox.id == waiting.sandbox.id, "the first call took the warm sandbox")
+            #expect(session.id == id && !session.isWarm)
             var refilled = false
             for _ in 0..<200 where !refilled {
                 refilled = await manager.warmSessions.contains { $0.sandbox.id != waiting.sandbox.id }

@@ -1,0 +1,63 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleAgentCore
+import CubicleLinux
+import CubicleRPC
+import CubicleSandbox
+
+/// Taking over from a cubicled that died: each sandbox it left whose session record names a configured
+/// runtime and a live agent is reconnected through its reconnect socket and served again under its id;
+/// anything else (a warm sandbox, a half-built one, a dead init, a runtime no longer configured) is removed.
+struct Adoption {
+    let supervisor: SessionSupervisor
+
+    /// Every sandbox in the state directory, adopted or removed. `isLive` says whether a key is already served.
+    func takeOver(isLive: (SessionKey) -> Bool) async -> (sessions: [Session], removed: Int) {
+        let launcher = supervisor.launcher, logger = supervisor.logger
+        var sessions: [Session] = []
+        var removed = 0
+        for name in launcher.host.state.sandboxIDs() {
+            let directory = launcher.host.state.sandbox(name)
+            if let session = await adopt(directory, isLive: isLive) {
+                sessions.append(session)
+            } else {
+                let left = await launcher.removeLeftovers(stateDirectory: directory.path)
+                if !left.isEmpty { logger.error("could not remove a dead sandbox", metadata: ["sandbox": "\(name)", "left": "\(left)"]) }
+                removed += 1
+            }
+        }
+        return (sessions, removed)
+    }
+
+    private func adopt(_ directory: SandboxDirectory, isLive: (SessionKey) -> Bool) async -> Session? {
+        let config = supervisor.config
+        guard let facts = try? JSON.parse(try Files.read(directory.sessionRecord)),
+              let id = facts["session"]?.stringValue, (try? Validate.sessionID(id)) != nil,
+              let runtime = facts["runtime"]?.stringValue.flatMap({ config.runtime(named: $0) }),
+              let created = facts["created"]?.intValue, !isLive(SessionKey(runtime: runtime.name, id: id)) else { return nil }
+        let sandbox: Sandbox
+        let agentPID: pid_t
+        do {
+            let found = try await supervisor.launcher.adopt(stateDirectory: directory.path)
+            guard let pid = found.agentPID else {
+                _ = await found.sandbox.teardown()
+                return nil
+            }
+            (sandbox, agentPID) = (found.sandbox, pid)
+        } catch {
+            supervisor.logger.warning("sandbox could not be adopted", metadata: ["path": "\(directory.path)", "error": "\(error)"])
+            return nil
+        }
+        let logs: (stdout: Int32, stderr: Int32)
+        do { logs = try await sandbox.agentLogs() } catch {
+            _ = await sandbox.teardown()
+            return nil
+        }
+        let session = supervisor.resume(sandbox, id: id, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs)
+        supervisor.events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
+        supervisor.logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
+                                                                                        "sandbox": "\(sandbox.id)"])
+        return session
+    }
+}

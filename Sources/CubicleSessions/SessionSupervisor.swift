@@ -1,0 +1,296 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CubicleAgentCore
+import CubicleAgentLink
+import CubicleLinux
+import CubicleRPC
+import CubicleSandbox
+import Logging
+import NIOCore
+import Synchronization
+
+/// What happens to one session from its sandbox's start to its end: the launch, the agent's start and
+/// /ping protocol, and the session's own tasks (its agent's logs, the watch on its sandbox's events, health
+/// polling and the lifecycle rules), which run in the task group the `Session` holds, so ending the session
+/// cancels every one of them. It keeps no registry state: an ending is reported to whoever set `onEnded`.
+struct SessionSupervisor: Sendable {
+    let config: DaemonConfig
+    let launcher: SandboxLauncher
+    let seccompProgram: [UInt8]
+    let group: any EventLoopGroup
+    let clock: MonotonicClock
+    let logger: Logger
+    let events: SessionEvents
+    let endings = Endings()
+
+    /// Where a supervisor reports ended sessions: the registry, set once it exists.
+    final class Endings: Sendable {
+        typealias Handler = @Sendable (_ session: Session, _ summary: SessionSummary, _ wasWarm: Bool) async -> Void
+        private let handler = Mutex<Handler?>(nil)
+        func set(_ h: @escaping Handler) { handler.withLock { $0 = h } }
+        func report(_ session: Session, _ summary: SessionSummary, wasWarm: Bool) async {
+            await handler.withLock { $0 }?(session, summary, wasWarm)
+        }
+    }
+
+    // MARK: - Start
+
+    /// Starts a sandbox and its agent and waits until the agent is healthy. Without a session id it is a
+    /// warm sandbox for the runtime's pool.
+    func start(_ runtime: RuntimeConfig, sessionID: String?) async throws -> Session {
+        let sandbox: Sandbox
+        do {
+            sandbox = try await launcher.launch(runtime.sandboxSpec(seccompProgram: seccompProgram))
+        } catch {
+            logger.error("session start failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
+            throw SessionError.couldNotStart("Session could not start: \(error)")
+        }
+        let started: StartedProcess
+        do {
+            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: Session.environment(for: runtime),
+                                                                 cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath))
+        } catch {
+            _ = await sandbox.teardown()
+            throw SessionError.couldNotStart("Agent could not start: \(error)")
+        }
+        let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime),
+                              agentPID: started.pid, clock: clock)
+        Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
+        if sessionID != nil {
+            session.recordOwnership()
+            Telemetry.sessionStarted(runtime: runtime.name)
+            events.publish("created", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(started.pid))])
+        }
+        supervise(session, stdout: started.stdout, stderr: started.stderr, lifecycleAfterStart: true)
+        do {
+            try await waitUntilHealthy(session)
+        } catch {
+            _ = await end(session, .startFailed("\(error)"))
+            throw error
+        }
+        let now = clock()
+        session.state.withLock { $0.lifecycle.ready(now: now) }
+        if sessionID != nil { events.publish("ready", session: session) }
+        logger.info(sessionID == nil ? "warm sandbox ready" : "session ready",
+                    metadata: ["session": "\(sessionID ?? "-")", "runtime": "\(runtime.name)", "sandbox": "\(sandbox.id)",
+                               "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
+        session.lifecycleMayStart.resolve(.success(()))
+        return session
+    }
+
+    /// A session for a sandbox a previous cubicled left running, served again under its id from now on.
+    func resume(_ sandbox: Sandbox, id: String, runtime: RuntimeConfig, agentPID: Int32, created: Int,
+                logs: (stdout: Int32, stderr: Int32)) -> Session {
+        let session = Session(id: id, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime), agentPID: agentPID,
+                              clock: clock, createdUnixTime: created)
+        let now = clock()
+        session.state.withLock { $0.lifecycle.ready(now: now) }
+        supervise(session, stdout: logs.stdout, stderr: logs.stderr)
+        Telemetry.sessionStarted(runtime: runtime.name)
+        return session
+    }
+
+    private func transport(to sandbox: Sandbox, _ runtime: RuntimeConfig) -> AgentTransport {
+        let port = runtime.serverProtocol.port
+        return AgentTransport(group: group) { try await sandbox.connect(port: port) }
+    }
+
+    /// The session's tasks, owned by it (`Session.supervise`): its agent's stdout and stderr into its log,
+    /// the watch on its sandbox's events, and its lifecycle (for a starting session, once it is healthy).
+    private func supervise(_ session: Session, stdout: Int32, stderr: Int32, lifecycleAfterStart: Bool = false) {
+        let group = self.group
+        if !lifecycleAfterStart { session.lifecycleMayStart.resolve(.success(())) }
+        session.supervise([
+            { await session.logs.drain(fd: stdout, stream: "stdout", group: group) },
+            { await session.logs.drain(fd: stderr, stream: "stderr", group: group) },
+            { await self.watchEvents(session) },
+            {
+                guard (try? await session.lifecycleMayStart.value) != nil else { return }
+                await self.superviseLifecycle(session)
+            },
+        ])
+    }
+
+    // MARK: - Health
+
+    private func waitUntilHealthy(_ session: Session) async throws {
+        let seconds = config.initializationTimeoutSeconds
+        let deadline = clock() + seconds
+        var delay: UInt64 = 500_000
+        while true {
+            if let exit = session.state.withLock({ $0.agentExit }) {
+                throw SessionError.couldNotStart("Agent exited during initialization (\(EndReason.agentExited(code: exit.code, signal: exit.signal)))")
+            }
+            if !session.sandbox.isRunning { throw SessionError.couldNotStart("Sandbox ended during initialization") }
+            if (try? await ping(session, timeout: max(0.05, min(2, deadline - clock())))) != nil { return }
+            guard clock() < deadline else {
+                throw SessionError.initializationTimedOut(seconds: Int(seconds), isAWSDefault: seconds == Double(Limits.initializationSeconds))
+            }
+            try? await Task.sleep(nanoseconds: delay)
+            delay = min(delay * 2, 50_000_000)
+        }
+    }
+
+    /// GET /ping; returns whether the agent says HealthyBusy. MCP and A2A agents have no /ping: a
+    /// connection accepted on their port is their health.
+    private func ping(_ session: Session, timeout: Double) async throws -> Bool {
+        guard let path = session.runtime.serverProtocol.pingPath else {
+            let fd = try await session.sandbox.connect(port: session.runtime.serverProtocol.port)
+            close(fd)
+            return false
+        }
+        let (status, body) = try await session.agent.fetch(path: path, timeoutSeconds: timeout)
+        guard status == 200 else { throw AgentLinkError("\(path) answered \(status)") }
+        let health = (try? JSON.parse(body))?["status"]?.stringValue ?? "Healthy"
+        let busy = health == "HealthyBusy"
+        let now = clock()
+        session.state.withLock { s in
+            s.lastPing = String(health.prefix(32))
+            s.pingFailures = 0
+            s.lifecycle.pinged(busy: busy, now: now)
+        }
+        return busy
+    }
+
+    // MARK: - Watching
+
+    private func watchEvents(_ session: Session) async {
+        for await event in session.sandbox.events {
+            switch event {
+            case .agentExited(let pid, let code, let signal) where pid == session.agentPID:
+                session.state.withLock { $0.agentExit = (code, signal) }
+                let oom = signal == SIGKILL && session.sandbox.cgroup.usage().oomKills > 0
+                _ = await end(session, oom ? .outOfMemory : .agentExited(code: code, signal: signal))
+            case .ended(let reason) where reason != .stopped:
+                _ = await end(session, .sandboxFailed(reason.description))
+            default:
+                break
+            }
+        }
+    }
+
+    /// OOM kills and refused forks since the last look, as events and counters. The cgroup counts them;
+    /// the session remembers how many it has reported.
+    private func reportLimits(_ session: Session, _ usage: CgroupUsage) {
+        let (oom, pids) = session.state.withLock { s -> (Int64, Int64) in
+            defer { s.reportedOOMKills = usage.oomKills; s.reportedPidsLimitHits = usage.pidsLimitHits }
+            return (usage.oomKills - s.reportedOOMKills, usage.pidsLimitHits - s.reportedPidsLimitHits)
+        }
+        if oom > 0 {
+            Telemetry.oomKills(runtime: session.runtime.name, count: Int(oom))
+            events.publish("oom_kill", session: session, ["count": .int(oom), "total": .int(usage.oomKills)])
+        }
+        if pids > 0 {
+            Telemetry.limitHits(runtime: session.runtime.name, limit: "pids", count: Int(pids))
+            events.publish("limit_hit", session: session, ["limit": "pids", "count": .int(pids), "total": .int(usage.pidsLimitHits)])
+        }
+    }
+
+    /// Polls /ping and applies the idle and max-lifetime rules until the session ends.
+    private func superviseLifecycle(_ session: Session) async {
+        // A warm sandbox is pinged more often than the transport's idle limit, so its link to the agent
+        // stays open and the claiming session's first request does not wait for a new one.
+        func period() -> Double { session.isWarm ? min(config.healthPollSeconds, 1) : config.healthPollSeconds }
+        var nextPing = clock() + period()
+        while session.isLive {
+            let now = clock()
+            // A warm sandbox is kept until claimed; its lifecycle starts then. Health checks still run.
+            if !session.isWarm, let reason = session.lifecycle.expiry(now: now) {
+                _ = await end(session, reason)
+                return
+            }
+            if now >= nextPing {
+                nextPing = now + period()
+                reportLimits(session, session.sandbox.cgroup.usage())
+                do {
+                    _ = try await ping(session, timeout: max(1, config.healthPollSeconds * 2))
+                } catch {
+                    let failures = session.state.withLock { s -> Int in s.pingFailures += 1; return s.pingFailures }
+                    if failures >= config.unhealthyAfterFailures {
+                        _ = await end(session, .unhealthy("\(failures) health checks failed; last: \(error)"))
+                        return
+                    }
+                }
+                continue
+            }
+            let wake = session.isWarm ? nextPing : min(nextPing, session.lifecycle.nextDeadline)
+            try? await Task.sleep(nanoseconds: UInt64(max(0.001, min(wake - clock(), 60)) * 1e9))
+        }
+    }
+
+    // MARK: - End
+
+    /// Ends a session for `reason` (the first reason given wins) and returns what is kept of it, once the
+    /// sandbox is torn down and the registry has heard.
+    @discardableResult
+    func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
+        let (first, wasWarm) = session.state.withLock { ($0.lifecycle.stop(reason), $0.warm) }
+        guard first else { return (try? await session.done.value) ?? session.summary }
+        session.agent.close()
+        let report = await session.sandbox.end(.stopped).value
+        session.state.withLock { $0.lifecycle.ended() }
+        session.logs.close()
+        // Not awaited: end may be called from one of those tasks.
+        session.stopSupervising()
+        var summary = session.summary
+        summary.usage = report.finalUsage
+        Telemetry.tornDown(nanoseconds: report.nanoseconds)
+        if wasWarm {
+            // Never anyone's session: nothing to list or count as ended, only the pool to refill.
+            logger.info("warm sandbox ended", metadata: ["sandbox": "\(session.sandbox.id)", "reason": "\(summary.endReason?.description ?? "?")"])
+            await endings.report(session, summary, wasWarm: true)
+            session.done.resolve(.success(summary))
+            return summary
+        }
+        Telemetry.sessionEnded(runtime: session.runtime.name, reason: summary.endReason?.name ?? "unknown")
+        reportLimits(session, summary.usage)
+        events.publish("ended", session: session, ["reason": .string(summary.endReason?.name ?? "unknown"),
+                                                   "detail": .string(summary.endReason?.description ?? "")])
+        summary.endedUnixTime = Int(time(nil))
+        summary.teardownLeftovers = report.leftovers
+        if !report.leftovers.isEmpty {
+            logger.error("teardown left something behind", metadata: ["session": "\(session.id)", "leftovers": "\(report.leftovers)"])
+        }
+        logger.info("session ended", metadata: ["session": "\(session.id)", "reason": "\(summary.endReason?.name ?? "?")",
+                                                 "detail": "\(summary.endReason?.description ?? "?")",
+                                                 "teardown_us": "\(report.nanoseconds / 1000)"])
+        await endings.report(session, summary, wasWarm: false)
+        session.done.resolve(.success(summary))
+        return summary
+    }
+}
+
+extension RuntimeConfig {
+    /// The sandbox a session of this runtime gets.
+    func sandboxSpec(seccompProgram: [UInt8]) -> SandboxSpec {
+        var spec = SandboxSpec(seccompProgram: seccompProgram)
+        spec.codeDirectory = codeDirectory
+        spec.readOnlyMounts = readOnlyMounts
+        // A session runs on as many CPUs as its quota rounds up to (cpuCount below, like a VM's vCPUs), and
+        // its quota comes in 10 ms periods rather than the kernel's 100 ms, so a session at its limit holds
+        // its core for 5 ms at a time, not 50. noisy_bench: a 4-thread CPU hog at half a CPU took a
+        // neighbour's p99 to 5x its quiet baseline with neither; with both, 1 to 4x (the rest is host threads
+        // waiting behind the hog on its core). The smallest quota is 1 ms, hence 100 ms below a tenth of a CPU.
+        let period: Int64 = limits.cpus >= 0.1 ? 10_000 : 100_000
+        spec.limits = CgroupLimits(memoryBytes: limits.memoryBytes, cpuQuotaMicros: Int64(limits.cpus * Double(period)), pids: Int64(limits.pids))
+        spec.limits.cpuPeriodMicros = period
+        spec.tmpBytes = limits.tmpfsBytes
+        spec.maxProcesses = UInt64(limits.pids)
+        spec.maxOpenFiles = UInt64(limits.openFiles)
+        spec.cpuCount = Int(limits.cpus.rounded(.up))
+        return spec
+    }
+}
+
+extension Session {
+    static func environment(for runtime: RuntimeConfig) -> [String] {
+        var env = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=\(InitConfig.agentHome)", "LANG=C.UTF-8",
+                   "AGENTCORE_RUNTIME_NAME=\(runtime.name)"]
+        for (k, v) in runtime.environment.sorted(by: { $0.key < $1.key }) {
+            env.removeAll { $0.hasPrefix(k + "=") }
+            env.append("\(k)=\(v)")
+        }
+        return env
+    }
+}
