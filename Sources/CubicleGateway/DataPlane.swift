@@ -175,14 +175,12 @@ public struct DataPlane: HTTPResponder {
         let body = try await Self.collect(request.body, limit: 256 << 10)
         let command = try CommandRequest(body: body)
         let session = try await sessions.session(runtime: runtime, sessionID: id)
-        let events: AsyncThrowingChannel<CommandEvent, any Error>
-        do { events = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
+        let running: RunningCommand
+        do { running = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
         var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
         for name in AgentCoreHeader.trace { if let n = HTTPField.Name(name), let v = request.headers[n] { headers[n] = v } }
         return Response(status: .ok, headers: headers, body: ResponseBody { writer in
-            for try await event in events {
-                try await writer.write(ByteBuffer(bytes: event.message.encoded()))
-            }
+            try await running.stream { event in try await writer.write(ByteBuffer(bytes: event.message.encoded())) }
             try await writer.finish(nil)
         })
     }

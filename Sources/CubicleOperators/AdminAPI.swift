@@ -191,14 +191,14 @@ public struct AdminAPI: HTTPResponder {
         do { command = try CommandRequest(body: body.readBytes(length: body.readableBytes) ?? []) } catch {
             throw Failure(.badRequest, error.message)
         }
-        let output: AsyncThrowingChannel<CommandEvent, any Error>
+        let running: RunningCommand
         do {
-            output = try await session.runCommand(command, group: group)
+            running = try await session.runCommand(command, group: group)
         } catch {
             throw Failure(.badGateway, error.description)
         }
         return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: ResponseBody { writer in
-            for try await event in output {
+            try await running.stream { event in
                 let line: JSON? = switch event {
                 case .start: nil
                 case .stdout(let text): ["stdout": .string(text)]

@@ -213,6 +213,30 @@ def test_command_timeout(daemon):
     assert time.monotonic() - start < 20
 
 
+def test_a_client_gone_mid_command_does_not_keep_its_session_busy(start_daemon):
+    """A command's output is streamed by the request that asked for it: when that client goes away the
+    stream ends with it, its output pipes close, and once the command has exited (here at once, of SIGPIPE;
+    its timeout bounds any other) the session is idle again and ends by its idle timeout. Before, the output
+    waited for a reader that had left, and the session stayed busy until its max lifetime."""
+    d = start_daemon(short_lifecycle_config(idle=2))
+    sid = new_session_id()
+    d.invoke_json({"prompt": "2+5"}, sid)
+    r = d.client().invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid,
+                                                body={"command": "yes", "timeout": 3})
+    events = iter(r["stream"])
+    assert next(events)["chunk"] == {"contentStart": {}}
+    assert "contentDelta" in next(events)["chunk"]
+    r["stream"].close()
+    # 3 s of command, 2 s of idle timeout, then the next invoke finds a fresh sandbox.
+    def rows():
+        return [row for row in d.cubicle_json("ps", "--all")["sessions"] if row["id"] == sid]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not any(row["state"] == "ended" for row in rows()):
+        time.sleep(0.5)
+    ended = [row for row in rows() if row["state"] == "ended"]
+    assert ended and ended[-1]["endReason"] == "idle_timeout", rows()
+
+
 def test_idle_timeout_ends_idle_session_not_busy_one(start_daemon):
     d = start_daemon(short_lifecycle_config(idle=2))
     idle, busy = new_session_id(), new_session_id()
