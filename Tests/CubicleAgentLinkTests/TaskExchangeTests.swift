@@ -22,6 +22,19 @@ extension AgentLinkTests {
         return text
     }
 
+    /// A bodiless POST sent in a task of its own over a transport of its own; `body` gets the task and the
+    /// agent's end of the connection, the request already read from it.
+    func withBodilessSend(_ body: (FakeAgent, Task<AgentResponse, any Error>, Int32) async throws -> Void) async throws {
+        try await withGroup(threads: 1) { group, agent in
+            let transport = AgentTransport(group: group, connector: agent.connector)
+            defer { transport.close() }
+            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
+            let fd = try await agent.waitForEnd(0)
+            _ = await agent.read(fd, atLeast: 1)
+            try await body(agent, response, fd)
+        }
+    }
+
     @Test(arguments: [true, false])
     func sendWritesTheRequestReadsTheResponseAndKeepsTheLinkWhileFresh(fresh: Bool) async throws {
         try await withGroup(threads: 2) { group, agent in
@@ -75,12 +88,7 @@ extension AgentLinkTests {
     }
 
     @Test func abortingMidResponseClosesTheAgentsConnection() async throws {
-        try await withGroup(threads: 1) { group, agent in
-            let transport = AgentTransport(group: group, connector: agent.connector)
-            defer { transport.close() }
-            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
-            let fd = try await agent.waitForEnd(0)
-            _ = await agent.read(fd, atLeast: 1)
+        try await withBodilessSend { agent, response, fd in
             agent.write(fd, "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst")
             let answered = try await response.value
             var parts = answered.body.makeAsyncIterator()
@@ -92,24 +100,14 @@ extension AgentLinkTests {
     }
 
     @Test func anAgentThatClosesBeforeAnsweringFailsTheSend() async throws {
-        try await withGroup(threads: 1) { group, agent in
-            let transport = AgentTransport(group: group, connector: agent.connector)
-            defer { transport.close() }
-            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
-            let fd = try await agent.waitForEnd(0)
-            _ = await agent.read(fd, atLeast: 1)
+        try await withBodilessSend { agent, response, fd in
             agent.closeAll()
             await #expect(throws: AgentLinkError.self) { _ = try await response.value }
         }
     }
 
     @Test func aBrokenResponseFailsTheSend() async throws {
-        try await withGroup(threads: 1) { group, agent in
-            let transport = AgentTransport(group: group, connector: agent.connector)
-            defer { transport.close() }
-            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
-            let fd = try await agent.waitForEnd(0)
-            _ = await agent.read(fd, atLeast: 1)
+        try await withBodilessSend { agent, response, fd in
             agent.write(fd, "HTTP/1.1 200 OK\r\nContent-Length: zz\r\n\r\n")
             await #expect(throws: (any Error).self) { _ = try await response.value }
             #expect(await agent.closedByPeer(fd))
@@ -130,12 +128,7 @@ extension AgentLinkTests {
     }
 
     @Test func aCancelledSendClosesItsLink() async throws {
-        try await withGroup(threads: 1) { group, agent in
-            let transport = AgentTransport(group: group, connector: agent.connector)
-            defer { transport.close() }
-            let task = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
-            let fd = try await agent.waitForEnd(0)
-            _ = await agent.read(fd, atLeast: 1)
+        try await withBodilessSend { agent, task, fd in
             task.cancel()
             await #expect(throws: (any Error).self) { _ = try await task.value }
             #expect(await agent.closedByPeer(fd))
