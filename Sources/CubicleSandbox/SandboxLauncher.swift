@@ -163,34 +163,8 @@ public struct SandboxLauncher: Sendable {
         phases.mark("state directory")
 
         let cgroup = host.cgroup(forSandbox: id)
-        var limits = spec.limits
-        if let n = spec.cpuCount, let cpus = cpuPlacer.take(n) {
-            limits.cpuSet = cpus
-            rollback.add { [cpuPlacer] in cpuPlacer.release(cpus) }
-        }
-        // v1: the child moves itself into the cgroup through `tasks` files opened here (see the shim).
-        // v2 has no such door: cgroup.procs moves a whole thread group under the global lock.
-        var taskFiles: [Int32] = []
+        let (limits, taskFiles) = try placeInCgroup(cgroup, spec, rollback: rollback)
         defer { taskFiles.forEach { _ = close($0) } }
-        do throws(CgroupError) {
-            rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
-            if let spare = cgroupPool?.take(limits, as: cgroup) {
-                taskFiles = spare
-                if let cpus = limits.cpuSet {
-                    var placement = CgroupLimits()
-                    placement.cpuSet = cpus
-                    try cgroup.apply(placement)
-                }
-            } else {
-                try cgroup.create()
-                try cgroup.apply(limits)
-                taskFiles = try cgroup.openTaskFiles()
-            }
-            try prepareParent()
-        } catch {
-            throw .cgroup(error)
-        }
-
         phases.mark("cgroup")
         let (hostSock, childSock): (Int32, Int32)
         do { (hostSock, childSock) = try Descriptors.socketPair() } catch { throw .system(error) }
@@ -202,41 +176,16 @@ public struct SandboxLauncher: Sendable {
         do { reconnectSock = try Descriptors.listenUnix(directory: stateDirectory, name: SandboxDirectory.controlSocketName) } catch { throw .system(error) }
         defer { close(reconnectSock) }
 
-        // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
-        var config = InitConfig()
-        config.hostname = spec.hostname
-        config.rootBytes = spec.rootBytes
-        config.tmpBytes = spec.tmpBytes
-        config.homeBytes = spec.homeBytes
-        config.mounts = sources.mounts
-        config.seccompProgram = spec.seccompProgram
-        config.maxOpenFiles = spec.maxOpenFiles
-        config.maxProcesses = spec.maxProcesses
-        config.reconnectSeconds = host.reconnectSeconds
-
-        let configuration = config.json
         // Clone; the child waits while its id maps are written (and, on v2, it is put in its cgroup).
-        let childFDs = [childSock, reconnectSock]
         let pooledNetwork = networkNamespaces?.take() ?? -1
         defer { if pooledNetwork >= 0 { close(pooledNetwork) } }
-        let namespaces = Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewIPC | Self.cloneNewUTS
-            | (pooledNetwork >= 0 ? 0 : Self.cloneNewNet)
-        let idMap = "0 \(range.hostBase) \(range.size)\n"
-        let forked: pid_t?
-        if let forkServer {
-            var procs: Int32 = -1
-            if cgroup.version == .v2 {
-                procs = open(cgroup.directories[0] + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
-                guard procs >= 0 else { throw .cgroup(CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open cgroup.procs")))) }
-            }
-            defer { if procs >= 0 { close(procs) } }
-            let request = ForkRequest(namespaces: namespaces, unshareCgroup: true, idMap: idMap, sources: sources.paths,
-                                      hasNetworkNamespace: pooledNetwork >= 0, cgroupTaskFiles: taskFiles.count, hasCgroupProcs: procs >= 0,
-                                      usernsOwner: range.hostBase)
-            forked = try forkServer.fork(request, configuration: configuration.serialized(), fds: childFDs + (pooledNetwork >= 0 ? [pooledNetwork] : []) + taskFiles + (procs >= 0 ? [procs] : []))
-        } else {
-            forked = nil
-        }
+        let child = InitChild(namespaces: Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewIPC | Self.cloneNewUTS
+                                  | (pooledNetwork >= 0 ? 0 : Self.cloneNewNet),
+                              idMap: "0 \(range.hostBase) \(range.size)\n", sources: sources.paths, placed: [childSock, reconnectSock],
+                              network: pooledNetwork, taskFiles: taskFiles, usernsOwner: range.hostBase)
+        // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
+        let configuration = spec.initConfig(mounts: sources.mounts, reconnectSeconds: host.reconnectSeconds).json
+        let forked = try forkServer.flatMap { server throws(SandboxError) in try fork(child, via: server, cgroup: cgroup, configuration: configuration) }
         let pid: pid_t
         if let forked {
             pid = forked
@@ -247,9 +196,7 @@ public struct SandboxLauncher: Sendable {
             } catch {
                 throw .system(error)
             }
-            pid = try exec(sources: sources, namespaces: namespaces, childFDs: childFDs, pooledNetwork: pooledNetwork,
-                           taskFiles: taskFiles, usernsOwner: range.hostBase,
-                           preparation: ChildPreparation(idMap: idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
+            pid = try exec(child, preparation: ChildPreparation(idMap: child.idMap, cgroup: taskFiles.isEmpty ? cgroup : nil))
         }
         rollback.add {
             kill(pid, SIGKILL)
@@ -268,22 +215,69 @@ public struct SandboxLauncher: Sendable {
                        hostSock: hostSock, hostSockOwned: hostSockOwned, phases: phases)
     }
 
+    /// The sandbox's cgroup made (or a spare taken) with the spec's limits and CPUs; on v1, the `tasks`
+    /// files the child moves itself in through (see the shim). v2 has no such door: cgroup.procs moves a
+    /// whole thread group under the global lock, so the fork server or the preparation writes it.
+    private func placeInCgroup(_ cgroup: Cgroup, _ spec: SandboxSpec, rollback: Rollback) throws(SandboxError) -> (CgroupLimits, [Int32]) {
+        var limits = spec.limits
+        if let n = spec.cpuCount, let cpus = cpuPlacer.take(n) {
+            limits.cpuSet = cpus
+            rollback.add { [cpuPlacer] in cpuPlacer.release(cpus) }
+        }
+        var taskFiles: [Int32] = []
+        do throws(CgroupError) {
+            rollback.add { try? cgroup.killAll(); try? cgroup.remove() }
+            if let spare = cgroupPool?.take(limits, as: cgroup) {
+                taskFiles = spare
+                if let cpus = limits.cpuSet {
+                    var placement = CgroupLimits()
+                    placement.cpuSet = cpus
+                    try cgroup.apply(placement)
+                }
+            } else {
+                try cgroup.create()
+                try cgroup.apply(limits)
+                taskFiles = try cgroup.openTaskFiles()
+            }
+            try prepareParent()
+        } catch {
+            taskFiles.forEach { _ = close($0) }
+            throw .cgroup(error)
+        }
+        return (limits, taskFiles)
+    }
+
+    /// init cloned by the fork server from its runtime's template; nil when there is no server to ask.
+    private func fork(_ child: InitChild, via server: InitForkServer, cgroup: Cgroup, configuration: JSON) throws(SandboxError) -> pid_t? {
+        var procs: Int32 = -1
+        if cgroup.version == .v2 {
+            procs = open(cgroup.directories[0] + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
+            guard procs >= 0 else { throw .cgroup(CgroupError(cgroup: cgroup.path, reason: .system(.lastError("open cgroup.procs")))) }
+        }
+        defer { if procs >= 0 { close(procs) } }
+        let request = ForkRequest(namespaces: child.namespaces, unshareCgroup: true, idMap: child.idMap, sources: child.sources,
+                                  hasNetworkNamespace: child.network >= 0, cgroupTaskFiles: child.taskFiles.count, hasCgroupProcs: procs >= 0,
+                                  usernsOwner: child.usernsOwner)
+        // In the order the server places them: init's sockets, the network namespace, tasks files, cgroup.procs.
+        let fds = child.placed + (child.network >= 0 ? [child.network] : []) + child.taskFiles + (procs >= 0 ? [procs] : [])
+        return try server.fork(request, configuration: configuration.serialized(), fds: fds)
+    }
+
     /// init cloned from this (threaded) process and exec'd, when there is no fork server.
-    private func exec(sources: (mounts: [InitConfig.Mount], paths: [String]), namespaces: Int32, childFDs: [Int32], pooledNetwork: Int32,
-                      taskFiles: [Int32], usernsOwner: UInt32, preparation: ChildPreparation) throws(SandboxError) -> pid_t {
+    private func exec(_ child: InitChild, preparation: ChildPreparation) throws(SandboxError) -> pid_t {
         var failure = cubicle_spawn_error()
         let pid: pid_t = withCStrings(Self.initArguments) { argv in
             withCStrings(Self.initEnvironment) { envp in
-                withCStrings(sources.paths) { paths in
-                    childFDs.withUnsafeBufferPointer { fds in taskFiles.withUnsafeBufferPointer { taskFDs in
+                withCStrings(child.sources) { paths in
+                    child.placed.withUnsafeBufferPointer { fds in child.taskFiles.withUnsafeBufferPointer { taskFDs in
                         host.initPath.withCString { path in
-                            var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: namespaces,
+                            var spawn = cubicle_sandbox_spawn(path: path, argv: argv, envp: envp, namespaces: child.namespaces,
                                                               unshare_cgroup: 1, fds: fds.baseAddress, nfds: Int32(fds.count),
                                                               sources: UnsafeRawPointer(paths).assumingMemoryBound(to: UnsafePointer<CChar>?.self),
-                                                              nsources: Int32(sources.paths.count), netns_fd: pooledNetwork,
+                                                              nsources: Int32(child.sources.count), netns_fd: child.network,
                                                               host_netns_fd: networkNamespaces?.hostNetworkFD ?? -1,
                                                               cgroup_task_fds: taskFDs.baseAddress, ncgroup_task_fds: Int32(taskFDs.count),
-                                                              userns_owner: usernsOwner)
+                                                              userns_owner: child.usernsOwner)
                             return withExtendedLifetime(preparation) {
                                 cubicle_sandbox_spawn_run(&spawn, ChildPreparation.run, Unmanaged.passUnretained(preparation).toOpaque(), &failure)
                             }
@@ -294,9 +288,25 @@ public struct SandboxLauncher: Sendable {
         }
         guard pid > 0 else {
             if let error = preparation.error { throw error }
-            throw .childFailed(step: failure.step, errno: failure.err, index: failure.index, sources: sources.paths)
+            throw .childFailed(step: failure.step, errno: failure.err, index: failure.index, sources: child.sources)
         }
         return pid
+    }
+
+    /// A new init as both ways of starting one need it: its namespaces, id map and bind sources, and the
+    /// descriptors it is given. The fork server gets it as a `ForkRequest`, an exec as the shim's spawn.
+    private struct InitChild {
+        var namespaces: Int32
+        /// uid_map and gid_map, written while the child waits.
+        var idMap: String
+        var sources: [String]
+        /// init's control and reconnect sockets, its fds 3 and 4.
+        var placed: [Int32]
+        /// A pooled network namespace to join; -1 for a new one.
+        var network: Int32
+        /// cgroup v1 `tasks` files the child writes itself into.
+        var taskFiles: [Int32]
+        var usernsOwner: UInt32
     }
 
     /// What the blocking half of a launch leaves for the async half.

@@ -95,3 +95,20 @@ public enum SessionsCPUYield: Sendable, Equatable {
     /// quota keep equal weight, so a loaded host serves them as fast as before.
     case whileThrottled
 }
+
+extension SandboxSpec {
+    /// What init is told of this sandbox: the filesystem to build, its limits, its seccomp program.
+    func initConfig(mounts: [InitConfig.Mount], reconnectSeconds: Int64) -> InitConfig {
+        var config = InitConfig()
+        config.hostname = hostname
+        config.rootBytes = rootBytes
+        config.tmpBytes = tmpBytes
+        config.homeBytes = homeBytes
+        config.mounts = mounts
+        config.seccompProgram = seccompProgram
+        config.maxOpenFiles = maxOpenFiles
+        config.maxProcesses = maxProcesses
+        config.reconnectSeconds = reconnectSeconds
+        return config
+    }
+}
