@@ -152,11 +152,15 @@ public final class Session: Sendable {
         public var idleSeconds: Double
     }
 
-    public var summary: SessionSummary {
+    /// What operators see now; its usage read from the cgroup.
+    public var summary: SessionSummary { summary(usage: sandbox.cgroup.usage()) }
+
+    /// The same with `usage` given: an ended session's cgroup is gone, and its teardown kept the last figures.
+    func summary(usage: CgroupUsage) -> SessionSummary {
         let (lc, ping, warm) = state.withLock { ($0.lifecycle, $0.lastPing, $0.warm) }
         return SessionSummary(id: id, runtime: runtime.name, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
                               createdUnixTime: createdUnixTime, invocations: lc.invocations, lastPing: ping,
-                              initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: sandbox.cgroup.usage())
+                              initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: usage)
     }
 }
 

@@ -233,8 +233,7 @@ struct SessionSupervisor: Sendable {
         session.logs.close()
         // Not awaited: end may be called from one of those tasks.
         session.stopSupervising()
-        var summary = session.summary
-        summary.usage = report.finalUsage
+        var summary = session.summary(usage: report.finalUsage)
         Telemetry.tornDown(nanoseconds: report.nanoseconds)
         if wasWarm {
             // Never anyone's session: nothing to list or count as ended, only the pool to refill.
