@@ -50,19 +50,23 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
+        // Runtime definitions: the YAML config today; versions, endpoints and their store with the control plane.
+        .target(name: "CubicleRuntimes", dependencies: [
+            "CubicleSandbox", "CubicleAgentCore",
+            .product(name: "Yams", package: "Yams"),
+        ]),
         // The session registry, one supervisor per session, lifecycles, warm pools, adoption. NIO only for the
         // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
         .target(name: "CubicleSessions", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             .product(name: "Logging", package: "swift-log"),
-            .product(name: "Yams", package: "Yams"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
         .target(name: "CubicleGateway", dependencies: [
-            "CubicleSessions", "CubicleAgentCore", "CubicleAgentLink",
+            "CubicleSessions", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
             .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
             .product(name: "Hummingbird", package: "hummingbird"),
@@ -72,7 +76,7 @@ let package = Package(
         ]),
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
-            "CubicleSessions", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
+            "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),
@@ -83,7 +87,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions", "CubicleOperators",
+            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -102,12 +106,12 @@ let package = Package(
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
         .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
-        .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
+        .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
                                                            .product(name: "NIOPosix", package: "swift-nio"),
                                                            .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "CubicleAgentLinkTests", dependencies: ["CubicleAgentLink",
                                                             .product(name: "NIOPosix", package: "swift-nio")]),
-        .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
+        .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleRuntimes", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),
                                                           .product(name: "NIOHTTPTypes", package: "swift-nio-extras")]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),

@@ -1,5 +1,6 @@
 import CubicleAgentCore
 import CubicleAgentLink
+import CubicleRuntimes
 import CubicleSessions
 import Dispatch
 import HTTPTypes

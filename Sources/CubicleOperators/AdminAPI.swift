@@ -1,14 +1,15 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleJSON
 import CubicleLinux
+import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
 import HTTPTypes
 import Hummingbird
-import AsyncAlgorithms
 import NIOCore
 
 /// Keeps the connection's channel so each request can ask the kernel who is on the other end.

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CubicleJSON
 import CubicleLinux
+import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
 

@@ -5,6 +5,7 @@ import CubicleAgentCore
 import CubicleAgentLink
 import CubicleLinux
 import CubicleRPC
+import CubicleRuntimes
 import CubicleSandbox
 import Dispatch
 import Synchronization

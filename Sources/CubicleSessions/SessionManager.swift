@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleRuntimes
 import CubicleSandbox
 import Logging
 import NIOCore

@@ -1,4 +1,5 @@
 import CubicleLinux
+import CubicleRuntimes
 import CubicleSandbox
 import Glibc
 

@@ -1,3 +1,5 @@
+import CubicleRuntimes
+
 /// Per runtime with `warmPool: N`: healthy sandboxes started ahead, nobody's yet, each claimed by the next
 /// new session of that runtime and replaced a moment later. Every task it starts (the starts, the delayed
 /// refills) is its own and ends by `shutdown`.

@@ -3,8 +3,9 @@ import Glibc
 #endif
 import ArgumentParser
 import CubicleGateway
-import CubicleOperators
 import CubicleLinux
+import CubicleOperators
+import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
 import Hummingbird

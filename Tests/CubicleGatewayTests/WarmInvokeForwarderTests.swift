@@ -1,6 +1,7 @@
-@testable import CubicleAgentLink
 import CubicleAgentCore
+@testable import CubicleAgentLink
 @testable import CubicleGateway
+import CubicleRuntimes
 import CubicleSessions
 import HTTPTypes
 import NIOCore

@@ -1,7 +1,8 @@
 import CubicleAgentCore
-import Foundation
+import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
+import Foundation
 import Testing
 
 @Suite struct ConfigTests {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleLinux
+import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
 import Foundation
