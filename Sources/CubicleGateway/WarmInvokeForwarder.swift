@@ -327,9 +327,13 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         link.close()
         inFlight.abort()
         if responseKeepAlive != nil {
-            // What has come of the response goes out first, as on the task road.
-            client.flush()
-            client.close(promise: nil)
+            // What has come of the response goes out first, as on the task road: the close waits for the
+            // writes before it (an empty part completes in order and frames nothing). Closing at once drops
+            // what the client's socket has not taken yet, bytes the agent did send.
+            let written = client.eventLoop.makePromise(of: Void.self)
+            client.writeAndFlush(NIOAny(HTTPResponsePart.body(ByteBuffer())), promise: written)
+            let channel = client.channel
+            written.futureResult.whenComplete { _ in channel.close(promise: nil) }
             return
         }
         let invocation = self.invocation

@@ -160,7 +160,8 @@ import Testing
         try agent.writeInbound(ByteBuffer(string: "HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"))
         _ = try agent.close().wait()
         h.loop.run()
-        let got = try h.clientGot()
+        // An empty part orders the close after the writes before it; it frames nothing.
+        let got = try h.clientGot().filter { if case .body(let b) = $0 { return b.readableBytes > 0 } else { return true } }
         #expect(got.count == 2, "the head and what came of the body went out")
         #expect(!h.client.isActive, "a client can only learn of a broken response from the connection closing")
         #expect(h.session.busy.withLock { $0 } == (1, 1))
