@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CubicleAgentCore
 import CubicleLinux
 import CubicleRuntimes
 import CubicleSandbox
@@ -22,7 +23,7 @@ struct RegistryTests {
     }()
 
     /// A registry of its own (state directory, cgroup parent, uid ids), ended and removed afterwards.
-    static func withRegistry(maxSessions: Int = 10, warmPool: Int = 0, healthPollSeconds: Double = 0.2,
+    static func withRegistry(maxSessions: Int = 10, warmPool: Int = 0, healthPollSeconds: Double = 0.2, limits: String = "{memory: 256MiB}",
                              _ body: (SessionManager) async throws -> Void) async throws {
         let tag = "\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: "/tmp/cubicle-registry-\(tag)", cgroupParent: "cubicle-registry-\(tag)")
@@ -36,7 +37,7 @@ struct RegistryTests {
               - name: demo
                 command: [/app/cubicle-demo-agent]
                 codeDirectory: \(products)
-                limits: {memory: 256MiB}
+                limits: \(limits)
                 warmPool: \(warmPool)
             """)
         let launcher = SandboxLauncher(host: host)
@@ -129,6 +130,25 @@ struct RegistryTests {
                 if !refilled { try await Task.sleep(for: .milliseconds(25)) }
             }
             #expect(refilled, "the pool made another")
+        }
+    }
+
+    /// A runtime's limits reach its sessions as the kernel enforces them: the descriptor and process limits
+    /// a command in the session sees are the runtime's, not the host's defaults.
+    @Test func aRuntimesLimitsAreTheSessionsRlimits() async throws {
+        try await Self.withRegistry(limits: "{memory: 256MiB, openFiles: 777, pids: 99}") { manager in
+            let session = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            let running = try await session.runCommand(CommandRequest(command: "cat /proc/self/limits", timeoutSeconds: 10),
+                                                       group: MultiThreadedEventLoopGroup.singleton)
+            var out = ""
+            try await running.stream { if case .stdout(let text) = $0 { out += text } }
+            // "Max open files  777  777  files": the soft limit after the name.
+            func soft(_ name: String) -> String? {
+                out.split(separator: "\n").first { $0.hasPrefix(name) }
+                    .map { $0.dropFirst(name.count).split(separator: " ").first.map(String.init) ?? "" }
+            }
+            #expect(soft("Max open files") == "777", "\(out)")
+            #expect(soft("Max processes") == "99", "\(out)")
         }
     }
 }
