@@ -51,6 +51,9 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
+        // Per-session networking: the egress policy as a pure value today; links, nftables, the session DNS and
+        // the metadata endpoint with PUBLIC sessions.
+        .target(name: "CubicleNetwork"),
         // Runtime definitions: the YAML config today; versions, endpoints and their store with the control plane.
         .target(name: "CubicleRuntimes", dependencies: [
             "CubicleSandbox", "CubicleAgentCore",
@@ -115,6 +118,7 @@ let package = Package(
         .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleRuntimes", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),
                                                           .product(name: "NIOHTTPTypes", package: "swift-nio-extras")]),
+        .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
 )
