@@ -69,7 +69,7 @@ public struct DataPlane: HTTPResponder {
     /// Prometheus text: everything Telemetry records, with live sessions by state counted now.
     private func metrics() async -> Response {
         var counts: [String: Int] = [:]
-        for s in await sessions.liveSessions { counts[s.lifecycle.state.name, default: 0] += 1 }
+        for s in sessions.liveSessions { counts[s.lifecycle.state.name, default: 0] += 1 }
         Telemetry.liveSessions(counts)
         var bytes: [UInt8] = []
         prometheus.emit(into: &bytes)

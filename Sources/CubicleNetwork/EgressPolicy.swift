@@ -1,56 +1,25 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// An IPv4 or IPv6 address, as a value: v4 in the low 32 bits of a v4 case, v6 as 128 bits.
 public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
     case v4(UInt32)
     case v6(UInt128)
 
-    /// Dotted quad or RFC 4291 text (with `::` and an embedded dotted quad); nil for anything else.
+    /// Dotted quad or RFC 4291 text (with `::` and an embedded dotted quad), as libc's inet_pton reads it:
+    /// the parser every other tool on the host uses, which refuses leading zeros ("010" is octal to some
+    /// resolvers) and anything around the address.
     public init?(_ text: some StringProtocol) {
-        if let v4 = Self.parseV4(Substring(text)) { self = .v4(v4); return }
-        if let v6 = Self.parseV6(Substring(text)) { self = .v6(v6); return }
-        return nil
-    }
-
-    static func parseV4(_ text: Substring) -> UInt32? {
-        let parts = text.split(separator: ".", omittingEmptySubsequences: false)
-        guard parts.count == 4 else { return nil }
-        var value: UInt32 = 0
-        for p in parts {
-            // No leading zeros: "010" is octal to some resolvers and decimal to others.
-            guard (1...3).contains(p.count), p.allSatisfy { $0.isASCII && $0.isNumber }, p == "0" || p.first != "0",
-                  let octet = UInt32(p), octet <= 255 else { return nil }
-            value = value << 8 | octet
+        let string = String(text)
+        var v4 = in_addr()
+        if inet_pton(AF_INET, string, &v4) == 1 {
+            self = .v4(UInt32(bigEndian: v4.s_addr))
+            return
         }
-        return value
-    }
-
-    static func parseV6(_ text: Substring) -> UInt128? {
-        guard text.count >= 2, text.count <= 45 else { return nil }
-        let halves = text.split(separator: "::", maxSplits: 2, omittingEmptySubsequences: false)
-        guard halves.count <= 2 else { return nil }
-        func groups(_ s: Substring, allowV4Tail: Bool) -> [UInt16]? {
-            if s.isEmpty { return [] }
-            var out: [UInt16] = []
-            let pieces = s.split(separator: ":", omittingEmptySubsequences: false)
-            for (i, piece) in pieces.enumerated() {
-                if allowV4Tail, i == pieces.count - 1, piece.contains("."), let v4 = parseV4(piece) {
-                    out += [UInt16(v4 >> 16), UInt16(v4 & 0xFFFF)]
-                    continue
-                }
-                guard (1...4).contains(piece.count), piece.allSatisfy { $0.isASCII && $0.isHexDigit }, let g = UInt16(piece, radix: 16) else { return nil }
-                out.append(g)
-            }
-            return out
-        }
-        let all: [UInt16]
-        if halves.count == 2 {
-            guard let head = groups(halves[0], allowV4Tail: false), let tail = groups(halves[1], allowV4Tail: true),
-                  head.count + tail.count <= 7 else { return nil }
-            all = head + [UInt16](repeating: 0, count: 8 - head.count - tail.count) + tail
-        } else {
-            guard let g = groups(text, allowV4Tail: true), g.count == 8 else { return nil }
-            all = g
-        }
-        return all.reduce(UInt128(0)) { $0 << 16 | UInt128($1) }
+        var v6 = in6_addr()
+        guard inet_pton(AF_INET6, string, &v6) == 1 else { return nil }
+        self = .v6(withUnsafeBytes(of: &v6) { $0.reduce(UInt128(0)) { $0 << 8 | UInt128($1) } })
     }
 
     public var description: String {

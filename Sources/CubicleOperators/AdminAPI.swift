@@ -140,7 +140,7 @@ public struct AdminAPI: HTTPResponder {
     }
 
     private func list(all: Bool) async throws -> Response {
-        var rows = await sessions.liveSessions.map { OperatorJSON.summary($0.summary, timeline: $0.timeline) }
+        var rows = sessions.liveSessions.map { OperatorJSON.summary($0.summary, timeline: $0.timeline) }
         if all { rows += await sessions.endedSessions.map { OperatorJSON.summary($0, timeline: nil) } }
         // Warm sandboxes are nobody's session yet: listed apart, so scripts reading `sessions` see only sessions.
         let warm = await sessions.warmSessions.map { OperatorJSON.summary($0.summary, timeline: nil) }

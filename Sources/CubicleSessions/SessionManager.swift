@@ -40,7 +40,8 @@ public actor SessionManager {
         }
     }
 
-    public var liveSessions: [Session] { index.all }
+    /// Every live session, from any thread (operators, /metrics, the CPU throttle watch): the index is the record.
+    public nonisolated var liveSessions: [Session] { index.all }
     public var warmSessions: [Session] { get async { await pools.sessions } }
     public var endedSessions: [SessionSummary] { Array(ended.dropFirst(max(expiredCount(), ended.count - Self.endedKept))) }
 
@@ -175,7 +176,4 @@ public actor SessionManager {
         for s in sessions { index.insert(s, for: SessionKey(runtime: s.runtime.name, id: s.id)) }
         return (sessions.map(\.id), removed)
     }
-
-    /// Every live session, from any thread: for the CPU throttle watch.
-    nonisolated var liveSessionsNow: [Session] { index.all }
 }

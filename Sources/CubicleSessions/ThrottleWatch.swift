@@ -53,7 +53,7 @@ extension SessionManager {
     }
 
     private nonisolated func lookAtThrottling(_ watch: inout ThrottleWatch, online: Int) {
-        let throttleable = liveSessionsNow.filter {
+        let throttleable = liveSessions.filter {
             $0.runtime.limits.cpus < Double($0.sandbox.cpus.isEmpty ? online : $0.sandbox.cpus.count)
         }
         let throttled = Dictionary(throttleable.map { ($0.sandbox.cgroup.path, $0.sandbox.cgroup.cpuThrottledPeriods()) },
