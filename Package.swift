@@ -53,16 +53,23 @@ let package = Package(
         ]),
         // Per-session networking: the egress policy as a pure value today; links, nftables, the session DNS and
         // the metadata endpoint with PUBLIC sessions.
-        .target(name: "CubicleNetwork"),
+        .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
+        .target(name: "CubicleNetwork", dependencies: [
+            "CCubicleShim", "CubicleLinux", "CNftables",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // Runtime definitions: the YAML config today; versions, endpoints and their store with the control plane.
         .target(name: "CubicleRuntimes", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleNetwork",
             .product(name: "Yams", package: "Yams"),
         ]),
         // The session registry, one supervisor per session, lifecycles, warm pools, adoption. NIO only for the
         // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
         .target(name: "CubicleSessions", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes", "CubicleNetwork",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
@@ -80,7 +87,7 @@ let package = Package(
         ]),
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
-            "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
+            "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),
@@ -91,7 +98,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators",
+            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleNetwork",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

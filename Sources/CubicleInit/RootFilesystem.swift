@@ -205,6 +205,9 @@ struct RootFilesystem {
         try Files.write(etc + "/passwd", "root:x:0:0:root:/root:/bin/sh\n\(user):x:\(u):\(g):\(user):\(home):/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
         try Files.write(etc + "/group", "root:x:0:\n\(user):x:\(g):\nnogroup:x:65534:\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
         try Files.write(etc + "/hostname", config.hostname + "\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
+        if let nameserver = config.nameserver {
+            try Files.write(etc + "/resolv.conf", "nameserver \(nameserver)\noptions timeout:2 attempts:2\n", flags: O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC)
+        }
     }
 
     /// pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no host path reachable.

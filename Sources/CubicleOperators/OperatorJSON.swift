@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CubicleJSON
 import CubicleLinux
+import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
@@ -64,7 +65,27 @@ enum OperatorJSON {
             "maxLifetimeSeconds": .int(Int64(session.runtime.maxLifetime)),
         ]
         o["spawnMicroseconds"] = .int(Int64(sandbox.spawnNanoseconds / 1000))
+        o["network"] = network(session)
         return .object(o)
+    }
+
+    /// The session's network mode and, for PUBLIC, its link, address, policy and bytes through the link
+    /// (the host end's counters: what the host end sent is what the session received).
+    static func network(_ session: Session) -> JSON {
+        let runtime = session.runtime
+        var n: [String: JSON] = ["mode": .string(runtime.networkMode.rawValue)]
+        guard let link = session.link else { return .object(n) }
+        func counter(_ name: String) -> JSON {
+            (try? Files.read("/sys/class/net/\(link.name)/statistics/\(name)")).flatMap { Int64($0.filter { !$0.isWhitespace }) }.map { .int($0) } ?? .null
+        }
+        n["link"] = .string(link.name)
+        n["address"] = .string(link.address.description)
+        n["egress"] = ["allow": .array(runtime.egress.allow.map { .string($0.description) }),
+                       "deny": .array(runtime.egress.deny.map { .string($0.description) })]
+        n["roleArn"] = runtime.roleArn.map { .string($0) } ?? .null
+        n["bytesIn"] = counter("tx_bytes")
+        n["bytesOut"] = counter("rx_bytes")
+        return .object(n)
     }
 
     /// The host pid of init's child whose pid inside the sandbox is `inside` (NSpid's last field).

@@ -29,6 +29,8 @@ public struct InitConfig: Equatable, Sendable {
     /// How long the sandbox outlives its daemon: after the control channel closes, init waits this long for
     /// a new daemon to connect to the reconnect socket before it ends the sandbox. 0: end at once.
     public var reconnectSeconds: Int64 = 0
+    /// Written as /etc/resolv.conf's only nameserver; nil: the host's resolv.conf is bound in.
+    public var nameserver: String?
 
     public static let codePath = "/app"
     /// fd 3 is the control socket; fd 4 a listening socket in the host's state directory where a restarted
@@ -64,6 +66,7 @@ public struct InitConfig: Equatable, Sendable {
             "maxOpenFiles": .int(Int64(maxOpenFiles)),
             "maxProcesses": .int(Int64(maxProcesses)),
             "reconnectSeconds": .int(reconnectSeconds),
+            "nameserver": nameserver.map { .string($0) } ?? .null,
         ]
     }
 
@@ -96,6 +99,13 @@ public struct InitConfig: Equatable, Sendable {
         maxOpenFiles = try field("maxOpenFiles") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         maxProcesses = try field("maxProcesses") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         reconnectSeconds = min(max(json["reconnectSeconds"]?.intValue ?? 0, 0), 86_400)
+        // A dotted IPv4 address and nothing else: it is written into a file other programs parse.
+        if let n = json["nameserver"]?.stringValue {
+            guard n.utf8.count <= 15, n.utf8.allSatisfy({ $0 == UInt8(ascii: ".") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }) else {
+                throw RPCError(code: RPCError.invalidParams, message: "config field nameserver is not an IPv4 address")
+            }
+            nameserver = n
+        }
         guard seccompProgram.count % 8 == 0, seccompProgram.count / 8 <= 4096 else {
             throw RPCError(code: RPCError.invalidParams, message: "seccomp program is not whole instructions")
         }

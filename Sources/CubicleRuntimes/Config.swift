@@ -1,4 +1,5 @@
 import CubicleAgentCore
+import CubicleNetwork
 import CubicleSandbox
 import Yams
 
@@ -40,6 +41,17 @@ public struct RuntimeConfig: Equatable, Sendable {
     /// Sandboxes kept started and healthy before any session asks; the first invocation of a new session
     /// id claims one (never reused), and the pool refills in the background. Not counted in maxSessions.
     public var warmPool = 0
+    /// AgentCore's `networkConfiguration.networkMode`: SANDBOX (loopback only, the default) or PUBLIC.
+    public var networkMode = NetworkMode.sandbox
+    /// Where a PUBLIC session may connect (`egress: {allow, deny}`).
+    public var egress = EgressPolicy()
+    /// The role whose credentials a PUBLIC session's metadata endpoint serves (`roleCredentials` maps it).
+    public var roleArn: String?
+
+    public enum NetworkMode: String, Equatable, Sendable {
+        case sandbox = "SANDBOX"
+        case `public` = "PUBLIC"
+    }
 
     public init(name: String, command: [String]) {
         self.name = name
@@ -83,6 +95,10 @@ public struct DaemonConfig: Equatable, Sendable {
     public var sessionsYieldCPUToHost = SessionsCPUYield.whileThrottled
     /// Network namespaces made ahead of time for new sandboxes; 0: each sandbox's clone makes its own.
     public var networkNamespacePool = 4
+    /// The region sessions are told they run in (AWS_REGION), as AgentCore's runtime tells them.
+    public var region = "us-east-1"
+    /// Where each role's credentials come from, for runtimes that name a `roleArn`.
+    public var roleCredentials: [RoleCredentialSource] = []
     /// New sandboxes' inits are cloned from a fork server (cubicle-init started once) instead of each being
     /// exec'd by cubicled; false: exec every time.
     public var initForkServer = true
@@ -125,15 +141,48 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }
         if let v = try top.bool("initForkServer") { config.initForkServer = v }
         config.seccompProfile = try top.string("seccompProfile")
+        if let region = try top.string("region") {
+            guard !region.isEmpty, region.utf8.count <= 32, region.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "-" }), region.unicodeScalars.allSatisfy(\.isASCII) else {
+                throw ConfigError("region", "must be a region name such as us-east-1")
+            }
+            config.region = region
+        }
+        if let list = top.node("roleCredentials") {
+            guard case .sequence(let items) = list else { throw ConfigError("roleCredentials", "must be a list") }
+            for (i, item) in items.enumerated() {
+                let path = "roleCredentials[\(i)]"
+                let f = try Fields(item, path: path)
+                guard let arn = try f.string("roleArn"), Self.isRoleArn(arn) else { throw ConfigError("\(path).roleArn", "must be an IAM role ARN, arn:aws:iam::ACCOUNT:role/NAME") }
+                guard let file = try f.string("sharedCredentialsFile"), file.hasPrefix("/") else {
+                    throw ConfigError("\(path).sharedCredentialsFile", "is required: an absolute path to an AWS shared-credentials file only root can read")
+                }
+                let profile = try f.string("profile") ?? "default"
+                try f.rejectUnknown()
+                guard !config.roleCredentials.contains(where: { $0.roleArn == arn }) else { throw ConfigError("\(path).roleArn", "\(arn) is mapped twice") }
+                config.roleCredentials.append(RoleCredentialSource(roleArn: arn, profile: profile, sharedCredentialsFile: file))
+            }
+        }
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }
         for (i, item) in items.enumerated() {
             let runtime = try parseRuntime(item, path: "runtimes[\(i)]", minimum: config.lifecycleMinimumSeconds)
             guard config.runtime(named: runtime.name) == nil else { throw ConfigError("runtimes[\(i)].name", "duplicate runtime name \(runtime.name)") }
+            if let arn = runtime.roleArn, !config.roleCredentials.contains(where: { $0.roleArn == arn }) {
+                throw ConfigError("runtimes[\(i)].roleArn", "\(arn) has no entry in roleCredentials: say where its credentials come from")
+            }
             config.runtimes.append(runtime)
         }
         try top.rejectUnknown()
         return config
+    }
+
+    /// arn:aws:iam::123456789012:role/NAME (a path allowed), as CreateAgentRuntime's roleArn pattern has it.
+    static func isRoleArn(_ s: String) -> Bool {
+        let parts = s.split(separator: ":", maxSplits: 5, omittingEmptySubsequences: false)
+        guard parts.count == 6, parts[0] == "arn", parts[1].hasPrefix("aws"), parts[2] == "iam", parts[3].isEmpty,
+              parts[4].count == 12, parts[4].allSatisfy(\.isNumber), parts[5].hasPrefix("role/"), s.utf8.count <= 2048 else { return false }
+        let name = parts[5].dropFirst(5)
+        return !name.isEmpty && name.allSatisfy { $0.isLetter || $0.isNumber || "+=,.@-_/".contains($0) } && name.unicodeScalars.allSatisfy(\.isASCII)
     }
 
     static func parseRuntime(_ node: Node, path: String, minimum: Int) throws(ConfigError) -> RuntimeConfig {
@@ -183,6 +232,35 @@ public struct DaemonConfig: Equatable, Sendable {
             try lf.rejectUnknown()
         }
         if let n = try f.int("warmPool", 0...1000) { r.warmPool = n }
+        if let nc = f.node("networkConfiguration") {
+            let nf = try Fields(nc, path: "\(path).networkConfiguration")
+            if let mode = try nf.string("networkMode") {
+                guard let m = RuntimeConfig.NetworkMode(rawValue: mode) else {
+                    throw ConfigError("\(path).networkConfiguration.networkMode", "must be SANDBOX or PUBLIC (was \(mode))")
+                }
+                r.networkMode = m
+            }
+            try nf.rejectUnknown()
+        }
+        if let e = f.node("egress") {
+            let ef = try Fields(e, path: "\(path).egress")
+            for (key, keyPath) in [("allow", \EgressPolicy.allow), ("deny", \EgressPolicy.deny)] {
+                guard let list = try ef.stringList(key) else { continue }
+                for (j, text) in list.enumerated() {
+                    guard let entry = EgressPolicy.Entry(text) else {
+                        throw ConfigError("\(path).egress.\(key)[\(j)]", "\(text) is neither a CIDR (10.0.0.0/8, 2001:db8::/32) nor a DNS name (api.example.com, *.example.com)")
+                    }
+                    r.egress[keyPath: keyPath].append(entry)
+                }
+            }
+            try ef.rejectUnknown()
+            guard r.networkMode == .public else { throw ConfigError("\(path).egress", "applies to PUBLIC runtimes only: set networkConfiguration.networkMode: PUBLIC") }
+        }
+        if let arn = try f.string("roleArn") {
+            guard isRoleArn(arn) else { throw ConfigError("\(path).roleArn", "must be an IAM role ARN, arn:aws:iam::ACCOUNT:role/NAME") }
+            guard r.networkMode == .public else { throw ConfigError("\(path).roleArn", "is served by the metadata endpoint of PUBLIC sessions: set networkConfiguration.networkMode: PUBLIC") }
+            r.roleArn = arn
+        }
         if let list = try f.stringList("requestHeaderAllowlist") {
             r.requestHeaderAllowlist = Set(list.map { $0.lowercased() })
         }

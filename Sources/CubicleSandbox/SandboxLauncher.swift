@@ -76,7 +76,8 @@ public struct SandboxLauncher: Sendable {
                 add(path, target: path)
             }
         }
-        for path in SandboxSpec.etcPaths where Files.exists(path) {
+        // A session with a DNS of its own gets a resolv.conf naming it, written by init, not the host's.
+        for path in SandboxSpec.etcPaths where Files.exists(path) && !(spec.nameserver != nil && path == "/etc/resolv.conf") {
             add(path, target: path)
         }
         if let code = spec.codeDirectory {
@@ -177,8 +178,8 @@ public struct SandboxLauncher: Sendable {
         defer { close(reconnectSock) }
 
         // Clone; the child waits while its id maps are written (and, on v2, it is put in its cgroup).
-        let pooledNetwork = networkNamespaces?.take() ?? -1
-        defer { if pooledNetwork >= 0 { close(pooledNetwork) } }
+        let pooledNetwork = spec.networkNamespaceFD ?? networkNamespaces?.take() ?? -1
+        defer { if pooledNetwork >= 0 && spec.networkNamespaceFD == nil { close(pooledNetwork) } }
         let child = InitChild(namespaces: Self.cloneNewUser | Self.cloneNewPID | Self.cloneNewNS | Self.cloneNewIPC | Self.cloneNewUTS
                                   | (pooledNetwork >= 0 ? 0 : Self.cloneNewNet),
                               idMap: "0 \(range.hostBase) \(range.size)\n", sources: sources.paths, placed: [childSock, reconnectSock],

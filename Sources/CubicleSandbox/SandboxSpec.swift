@@ -21,6 +21,11 @@ public struct SandboxSpec: Sendable {
     public var homeBytes: Int64 = 64 << 20
     public var maxOpenFiles: UInt64 = 4096
     public var maxProcesses: UInt64 = 4096
+    /// A network namespace made ahead of time with the sandbox's link in it (a PUBLIC session's, from
+    /// CubicleNetwork), joined instead of a pooled or new one; the caller's to close after the launch.
+    public var networkNamespaceFD: Int32?
+    /// The resolver the sandbox's /etc/resolv.conf names instead of the host's file (a PUBLIC session's DNS).
+    public var nameserver: String?
     /// From `SeccompProfile.compile()`; compile once and share it between sandboxes.
     public var seccompProgram: [UInt8]
 
@@ -109,6 +114,7 @@ extension SandboxSpec {
         config.maxOpenFiles = maxOpenFiles
         config.maxProcesses = maxProcesses
         config.reconnectSeconds = reconnectSeconds
+        config.nameserver = nameserver
         return config
     }
 }

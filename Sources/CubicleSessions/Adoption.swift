@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CubicleAgentCore
 import CubicleLinux
+import CubicleNetwork
 import CubicleRPC
 import CubicleSandbox
 
@@ -54,7 +55,24 @@ struct Adoption {
             _ = await sandbox.teardown()
             return nil
         }
-        let session = supervisor.resume(sandbox, id: id, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs)
+        // A PUBLIC session's link outlived its daemon; its policy goes back into the new daemon's table.
+        var link: SessionLink?
+        if runtime.networkMode == .public {
+            guard let network = supervisor.network, let index = facts["link"]?.intValue else {
+                _ = await sandbox.teardown()
+                return nil
+            }
+            do {
+                let role = runtime.roleArn.flatMap { arn in config.roleCredentials.first { $0.roleArn == arn } }
+                try network.adopt(index: Int(index), runtime: runtime.name, sessionID: id, policy: runtime.egress, role: role)
+                link = network.link(index: Int(index))
+            } catch {
+                supervisor.logger.warning("session's link could not be adopted", metadata: ["session": "\(id)", "error": "\(error)"])
+                _ = await sandbox.teardown()
+                return nil
+            }
+        }
+        let session = supervisor.resume(sandbox, id: id, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs, link: link)
         supervisor.events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
         supervisor.logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
                                                                                         "sandbox": "\(sandbox.id)"])

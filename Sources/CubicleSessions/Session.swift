@@ -5,6 +5,7 @@ import CubicleAgentCore
 import CubicleAgentLink
 import CubicleLinux
 import CubicleRPC
+import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
 import Dispatch
@@ -26,6 +27,10 @@ public final class Session: Sendable {
     public let agent: AgentTransport
     public let logs = LogRing()
     public let agentPID: Int32
+    /// A PUBLIC session's link (its namespace already handed to the sandbox); nil for SANDBOX.
+    public let link: SessionLink?
+    /// cubicled's region, in the agent's environment as AWS_REGION.
+    let region: String?
     let clock: MonotonicClock
     private let identity: Mutex<(id: String, created: Int)>
     /// `warm`: in its runtime's pool, not yet any session's. Under the same lock as the lifecycle, so a
@@ -60,7 +65,9 @@ public final class Session: Sendable {
     /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
     /// from when it was really created.
     init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, agent: AgentTransport, agentPID: Int32, clock: @escaping MonotonicClock,
-         createdUnixTime: Int? = nil) {
+         createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil) {
+        self.link = link
+        self.region = region
         let nowUnix = Int(time(nil))
         self.identity = Mutex((id ?? "", createdUnixTime ?? nowUnix))
         self.runtime = runtime
@@ -75,8 +82,10 @@ public final class Session: Sendable {
     /// Beside the sandbox's own facts, what a restarted daemon needs to take this session over.
     func recordOwnership() {
         let (id, created) = identity.withLock { $0 }
-        let facts: JSON = ["session": .string(id), "runtime": .string(runtime.name), "created": .int(Int64(created)),
-                           "agentPID": .int(Int64(agentPID))]
+        var fields: [String: JSON] = ["session": .string(id), "runtime": .string(runtime.name), "created": .int(Int64(created)),
+                                      "agentPID": .int(Int64(agentPID))]
+        if let link { fields["link"] = .int(Int64(link.index)) }
+        let facts = JSON.object(fields)
         guard let directory = SandboxDirectory(path: sandbox.stateDirectory) else { return }
         try? Files.writeAtomically(directory.sessionRecord, facts.text, durable: false)
     }
@@ -135,7 +144,7 @@ public final class Session: Sendable {
     }
 
     /// The environment the agent and every command in the session run with.
-    public var environment: [String] { Session.environment(for: runtime) }
+    public var environment: [String] { Session.environment(for: runtime, region: region) }
 
     /// The lifecycle's moments as Unix times, for operators.
     public var timeline: Timeline {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
 import Logging
@@ -26,10 +27,10 @@ public actor SessionManager {
     private var shuttingDown = false
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
-                logger: Logger, clock: @escaping MonotonicClock = systemClock) {
+                logger: Logger, clock: @escaping MonotonicClock = systemClock, network: SessionNetworking? = nil) {
         let events = SessionEvents()
         let supervisor = SessionSupervisor(config: config, launcher: launcher, seccompProgram: seccompProgram, group: group,
-                                           clock: clock, logger: logger, events: events)
+                                           clock: clock, logger: logger, events: events, network: network)
         self.config = config
         self.launcher = launcher
         self.events = events
@@ -37,6 +38,14 @@ public actor SessionManager {
         self.pools = WarmPools(supervisor: supervisor)
         supervisor.endings.set { [weak self] session, summary, wasWarm in
             await self?.ended(session, summary, wasWarm: wasWarm)
+        }
+        // A refused connection is an event of the session that made it (a warm sandbox's has no one to tell).
+        let index = self.index
+        network?.onDenied { denial in
+            Telemetry.egressDenied(runtime: denial.runtime)
+            guard let id = denial.sessionID, let session = index.session(SessionKey(runtime: denial.runtime, id: id)) else { return }
+            events.publish("egress_denied", session: session, ["destination": .string(denial.destination.description),
+                                                                "port": .int(Int64(denial.port)), "transport": .string(denial.transport)])
         }
     }
 

@@ -4,6 +4,7 @@ import Glibc
 import CubicleAgentCore
 import CubicleAgentLink
 import CubicleLinux
+import CubicleNetwork
 import CubicleRPC
 import CubicleRuntimes
 import CubicleSandbox
@@ -23,6 +24,8 @@ struct SessionSupervisor: Sendable {
     let clock: MonotonicClock
     let logger: Logger
     let events: SessionEvents
+    /// Links, policy, DNS and credentials for PUBLIC sessions; nil when no runtime is PUBLIC.
+    let network: SessionNetworking?
     let endings = Endings()
 
     /// Where a supervisor reports ended sessions: the registry, set once it exists.
@@ -41,22 +44,43 @@ struct SessionSupervisor: Sendable {
     /// warm sandbox for the runtime's pool.
     func start(_ runtime: RuntimeConfig, sessionID: String?) async throws -> Session {
         let sandbox: Sandbox
+        var spec = runtime.sandboxSpec(seccompProgram: seccompProgram)
+        // A PUBLIC session's link and policy exist before its sandbox does, so its first packet is policed.
+        var link: SessionLink?
+        if runtime.networkMode == .public {
+            guard let network else { throw SessionError.couldNotStart("Session could not start: PUBLIC networking is not available on this daemon") }
+            do {
+                let role = runtime.roleArn.flatMap { arn in config.roleCredentials.first { $0.roleArn == arn } }
+                let made = try await network.attach(runtime: runtime.name, policy: runtime.egress, role: role)
+                spec.networkNamespaceFD = made.namespaceFD
+                spec.nameserver = network.gateway.description
+                link = made
+            } catch {
+                logger.error("session link failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
+                throw SessionError.couldNotStart("Session could not start: its network link: \(error)")
+            }
+        }
         do {
-            sandbox = try await launcher.launch(runtime.sandboxSpec(seccompProgram: seccompProgram))
+            sandbox = try await launcher.launch(spec)
+            // The sandbox's processes hold its namespace now.
+            link = link.map { network!.handedOver($0) }
         } catch {
+            if let link { network?.detach(link.address) }
             logger.error("session start failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
             throw SessionError.couldNotStart("Session could not start: \(error)")
         }
         let started: StartedProcess
         do {
-            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: Session.environment(for: runtime),
+            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: Session.environment(for: runtime, region: config.region),
                                                                  cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath))
         } catch {
             _ = await sandbox.teardown()
+            if let link { network?.detach(link.address) }
             throw SessionError.couldNotStart("Agent could not start: \(error)")
         }
         let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime),
-                              agentPID: started.pid, clock: clock)
+                              agentPID: started.pid, clock: clock, link: link, region: config.region)
+        if let link, let sessionID { network?.name(link.address, sessionID: sessionID) }
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
         if sessionID != nil {
             session.recordOwnership()
@@ -82,9 +106,9 @@ struct SessionSupervisor: Sendable {
 
     /// A session for a sandbox a previous cubicled left running, served again under its id from now on.
     func resume(_ sandbox: Sandbox, id: String, runtime: RuntimeConfig, agentPID: Int32, created: Int,
-                logs: (stdout: Int32, stderr: Int32)) -> Session {
+                logs: (stdout: Int32, stderr: Int32), link: SessionLink?) -> Session {
         let session = Session(id: id, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime), agentPID: agentPID,
-                              clock: clock, createdUnixTime: created)
+                              clock: clock, createdUnixTime: created, link: link, region: config.region)
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
         supervise(session, stdout: logs.stdout, stderr: logs.stderr)
@@ -230,6 +254,8 @@ struct SessionSupervisor: Sendable {
         guard first else { return (try? await session.done.value) ?? session.summary }
         session.agent.close()
         let report = await session.sandbox.end(.stopped).value
+        // Its elements out of the kernel and its link deleted once nothing inside can send any more.
+        if let link = session.link { network?.detach(link.address) }
         session.state.withLock { $0.lifecycle.ended() }
         session.logs.close()
         // Not awaited: end may be called from one of those tasks.
@@ -284,9 +310,11 @@ extension RuntimeConfig {
 }
 
 extension Session {
-    static func environment(for runtime: RuntimeConfig) -> [String] {
+    static func environment(for runtime: RuntimeConfig, region: String? = nil) -> [String] {
         var env = ["PATH=/usr/local/bin:/usr/bin:/bin", "HOME=\(InitConfig.agentHome)", "LANG=C.UTF-8",
                    "AGENTCORE_RUNTIME_NAME=\(runtime.name)"]
+        // As AgentCore's runtime sets them: SDKs inside find their region without a config file.
+        if let region { env += ["AWS_REGION=\(region)", "AWS_DEFAULT_REGION=\(region)"] }
         for (k, v) in runtime.environment.sorted(by: { $0.key < $1.key }) {
             env.removeAll { $0.hasPrefix(k + "=") }
             env.append("\(k)=\(v)")

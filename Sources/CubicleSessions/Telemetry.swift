@@ -21,6 +21,10 @@ public enum Telemetry {
         Counter(label: "cubicle_limit_hits_total", dimensions: [("runtime", runtime), ("limit", limit)]).increment(by: count)
     }
 
+    static func egressDenied(runtime: String) {
+        Counter(label: "cubicle_egress_denied_total", dimensions: [("runtime", runtime)]).increment()
+    }
+
     static func spawned(nanoseconds: UInt64) {
         Metrics.Timer(label: "cubicle_sandbox_spawn_seconds").recordNanoseconds(Int64(clamping: nanoseconds))
     }

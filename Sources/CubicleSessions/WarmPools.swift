@@ -36,6 +36,7 @@ actor WarmPools {
             let candidate = pool.removeFirst()
             idle[runtime.name] = pool
             guard candidate.claim(as: id) else { continue }
+            if let link = candidate.link { supervisor.network?.name(link.address, sessionID: id) }
             Telemetry.sessionStarted(runtime: runtime.name)
             supervisor.events.publish("created", session: candidate, ["initPID": .int(Int64(candidate.sandbox.initPID)),
                                                                      "agentPID": .int(Int64(candidate.agentPID)), "warm": true])

@@ -4,6 +4,7 @@ import Glibc
 import ArgumentParser
 import CubicleGateway
 import CubicleLinux
+import CubicleNetwork
 import CubicleOperators
 import CubicleRuntimes
 import CubicleSandbox
@@ -11,6 +12,7 @@ import CubicleSessions
 import Hummingbird
 import Logging
 import Metrics
+import NIOCore
 import NIOPosix
 import Prometheus
 import ServiceLifecycle
@@ -55,6 +57,18 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
 
+    @Option(name: .customLong("egress-interface"), help: "PUBLIC sessions' traffic leaves only through this interface (default: the interface of the default route).")
+    var egressInterface: String?
+
+    @Option(name: .customLong("dns-upstream"), help: "Resolver the session DNS asks, IPv4 ADDR or ADDR:PORT; repeatable (default: the host's resolv.conf).")
+    var dnsUpstream: [String] = []
+
+    @Option(name: .customLong("session-network"), help: "IPv4 range PUBLIC sessions get addresses from; its first address is their gateway, DNS and metadata endpoint. Unique per cubicled on a host.")
+    var sessionNetwork = "10.213.0.0/16"
+
+    @Option(name: .customLong("region"), help: "The region sessions are told (AWS_REGION) and the metadata endpoint reports (default: the config's, else us-east-1).")
+    var region: String?
+
     @Flag(name: .customLong("insecure-no-auth"), help: "Serve a --listen address other hosts can reach although the data plane checks no caller: anyone who can connect can invoke agents and run commands in any session whose id they know. Put an authenticating proxy in front.")
     var insecureNoAuth = false
 
@@ -74,14 +88,16 @@ struct Cubicled: AsyncParsableCommand {
         try Files.makeDirectories(stateDir, mode: 0o700)
         Self.raiseOpenFileLimit(logger: logger)
 
-        let daemonConfig: DaemonConfig
+        var loaded: DaemonConfig
         if let config {
             let text: String
             do { text = try Files.read(config) } catch { throw StartupRefused("cannot read --config \(config): \(error)") }
-            do { daemonConfig = try DaemonConfig.parse(yaml: text) } catch { throw StartupRefused("\(config): \(error)") }
+            do { loaded = try DaemonConfig.parse(yaml: text) } catch { throw StartupRefused("\(config): \(error)") }
         } else {
-            daemonConfig = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
+            loaded = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
         }
+        if let region { loaded.region = region }
+        let daemonConfig = loaded
         // Sessions must run out of their own limits before the host runs out of file handles.
         let budget = daemonConfig.fileBudget
         do {
@@ -112,7 +128,12 @@ struct Cubicled: AsyncParsableCommand {
             logger.warning("sandboxes' inits will be exec'd one by one", metadata: ["reason": "\(forkServer.unavailableReason ?? "?")"])
         }
         let group = MultiThreadedEventLoopGroup.singleton
-        let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger)
+        for source in daemonConfig.roleCredentials {
+            do { try source.check() } catch { throw StartupRefused("roleCredentials \(source.roleArn): \(error)") }
+        }
+        let network = try await startNetwork(daemonConfig, group: group, logger: logger)
+        let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger,
+                                     network: network)
         // Sessions a killed predecessor left running are served again before any request can arrive.
         let (adopted, removed) = await manager.adoptLeftovers()
         if !adopted.isEmpty || removed > 0 {
@@ -165,7 +186,8 @@ struct Cubicled: AsyncParsableCommand {
             },
             eventLoopGroupProvider: .shared(group),
             logger: logger)
-        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, notify: notify, logger: logger)
+        let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, notify: notify,
+                                              network: network, logger: logger)
         let services = ServiceGroup(configuration: .init(
             // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
             // sessions), then the listener drains what is left and stops.
@@ -173,6 +195,37 @@ struct Cubicled: AsyncParsableCommand {
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         try await services.run()
+    }
+
+    /// The network room, only when some runtime is PUBLIC: SANDBOX-only daemons touch no host networking.
+    func startNetwork(_ config: DaemonConfig, group: any EventLoopGroup, logger: Logger) async throws -> SessionNetworking? {
+        guard config.runtimes.contains(where: { $0.networkMode == .public }) else { return nil }
+        guard let range = CIDR(sessionNetwork), case .v4 = range.base, range.prefix <= 29 else {
+            throw ValidationError("--session-network must be an IPv4 CIDR of /29 or larger, was \(sessionNetwork)")
+        }
+        guard let egress = egressInterface ?? NetworkSettings.defaultRouteInterface() else {
+            throw StartupRefused("PUBLIC runtimes need an egress interface: the host has no default route; pass --egress-interface")
+        }
+        var upstreams: [(IPAddress, Int)] = []
+        for text in dnsUpstream {
+            let (host, port) = Self.parseAddress(text).map { ($0.0, $0.1) } ?? (text, 53)
+            guard let a = IPAddress(host), case .v4 = a else { throw ValidationError("--dns-upstream must be an IPv4 ADDR or ADDR:PORT, was \(text)") }
+            upstreams.append((a, port))
+        }
+        if upstreams.isEmpty { upstreams = NetworkSettings.hostResolvers() }
+        guard !upstreams.isEmpty else { throw StartupRefused("PUBLIC runtimes need a DNS upstream: /etc/resolv.conf names no IPv4 nameserver; pass --dns-upstream") }
+        // The table's and links' names come from the session network, which is unique per daemon on a host.
+        let hash = sessionNetwork.utf8.reduce(UInt64(14_695_981_039_346_656_037)) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }
+        let tag = String(String(hash % 60_466_176, radix: 36).suffix(5))
+        let settings = NetworkSettings(sessionNetwork: range, egressInterface: egress, dnsUpstreams: upstreams, tag: tag, region: config.region)
+        do {
+            let network = try await SessionNetworking(settings: settings, group: group, logger: logger)
+            logger.notice("PUBLIC networking ready", metadata: ["egress": "\(egress)", "sessions": "\(range)", "gateway": "\(network.gateway)",
+                                                                "table": "\(network.firewall.table)", "dns": "\(upstreams.map { "\($0.0):\($0.1)" })"])
+            return network
+        } catch {
+            throw StartupRefused("PUBLIC networking could not start: \(error)")
+        }
     }
 
     static func groupID(_ name: String) throws -> gid_t {
@@ -232,6 +285,7 @@ struct SessionsService: Service {
     let host: SandboxHostConfig
     let adminSocket: String
     let notify: ServiceNotify
+    let network: SessionNetworking?
     let logger: Logger
 
     func run() async throws {
@@ -245,6 +299,8 @@ struct SessionsService: Service {
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
         await manager.shutdown()
         manager.launcher.shutdown()
+        // Every session has ended and released its link: the table goes too.
+        network?.shutdown()
         unlink(adminSocket)
         StateDirectory(stateDir).removeAll()  // the root only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {

@@ -175,4 +175,25 @@ int cubicle_read_signal(int fd);  /* pipe2(O_CLOEXEC), which Swift's Glibc does 
 ssize_t cubicle_send_with_fds(int sock, const void *data, size_t len, const int *fds, int nfds, int flags);
 ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds, int *ctrunc, int flags);
 
+/* A session's link (netlink.c): a veth pair whose host end `host_name` gets `gateway`/32, is up and routes
+ * `session`/32; its peer, eth0 in `netns_fd`, gets `session`/32, is up and routes everything through the
+ * gateway. The thread enters netns_fd only to open a netlink socket there, and returns to host_netns_fd.
+ * Returns the host end's ifindex, or -1 with errno and *step naming what failed. Addresses in network order. */
+int cubicle_link_create(const char *host_name, int netns_fd, int host_netns_fd, uint32_t gateway_be, uint32_t session_be,
+                        const char **step);
+/* Deletes a link by its host end's name (its peer goes with it). */
+int cubicle_link_delete(const char *host_name);
+
+/* One packet the egress rules refused, as NFLOG reported it. */
+struct cubicle_denial {
+    uint32_t source_be;
+    uint32_t destination_be;
+    uint16_t port;
+    uint8_t protocol;
+};
+/* A netlink socket bound to NFLOG group `group`; -1 with errno (EBUSY: another socket has the group). */
+int cubicle_nflog_open(uint16_t group);
+/* Reads one batch from an NFLOG socket into out (at most max); the count, or -1 with errno. */
+int cubicle_nflog_read(int fd, struct cubicle_denial *out, int max);
+
 #endif

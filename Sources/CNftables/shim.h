@@ -1,0 +1,3 @@
+#include <stdio.h>
+#include <stdbool.h>
+#include <nftables/libnftables.h>

@@ -1,0 +1,346 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CCubicleShim
+import CubicleLinux
+import Dispatch
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// How PUBLIC sessions reach the world: the daemon's side of it.
+public struct NetworkSettings: Sendable {
+    /// The sessions' IPv4 range. Its first address is the gateway every session routes through, where the
+    /// session DNS and the metadata endpoint answer; sessions get the addresses after it.
+    public var sessionNetwork: CIDR
+    /// The only interface forwarded traffic may leave through.
+    public var egressInterface: String
+    /// Where the session DNS asks, as IPv4 address and port.
+    public var dnsUpstreams: [(IPAddress, Int)]
+    /// Names this daemon's table (`cubicle_<tag>`) and links (`c<tag>…`); unique per daemon on a host.
+    public var tag: String
+    /// Links kept made ahead of time.
+    public var linkPool = 2
+    /// The region the metadata endpoint reports.
+    public var region: String
+
+    public init(sessionNetwork: CIDR, egressInterface: String, dnsUpstreams: [(IPAddress, Int)], tag: String, region: String) {
+        self.sessionNetwork = sessionNetwork
+        self.egressInterface = egressInterface
+        self.dnsUpstreams = dnsUpstreams
+        self.tag = tag
+        self.region = region
+    }
+
+    /// The interface of the host's IPv4 default route (/proc/net/route), as `--egress-interface` defaults.
+    public static func defaultRouteInterface() -> String? {
+        guard let text = try? Files.read("/proc/net/route") else { return nil }
+        for line in text.split(separator: "\n").dropFirst() {
+            let f = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            if f.count > 2, f[1] == "00000000" { return String(f[0]) }
+        }
+        return nil
+    }
+
+    /// The host's resolvers (/etc/resolv.conf's IPv4 nameservers), as `--dns-upstream` defaults.
+    public static func hostResolvers() -> [(IPAddress, Int)] {
+        guard let text = try? Files.read("/etc/resolv.conf") else { return [] }
+        return text.split(separator: "\n").compactMap { line -> (IPAddress, Int)? in
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 2, f[0] == "nameserver", let a = IPAddress(f[1]), case .v4 = a else { return nil }
+            return (a, 53)
+        }
+    }
+}
+
+/// A refused connection, as the kernel reported it.
+public struct EgressDenial: Sendable {
+    public var sessionID: String?
+    public var runtime: String
+    public var destination: IPAddress
+    public var port: Int
+    public var transport: String
+}
+
+/// The network room's one entry point: links for PUBLIC sessions, the nftables table that polices them,
+/// the session DNS, the metadata endpoint and the NFLOG reader that turns refused packets into events.
+public final class SessionNetworking: Sendable {
+    struct Entry {
+        var sessionID: String?
+        var runtime: String
+        var policy: EgressPolicy
+        var role: RoleCredentialSource?
+        var link: SessionLink
+        /// Destinations its DNS answered, until when (uptime ns), so they can be taken back at its end.
+        var resolved: [IPAddress: UInt64] = [:]
+        var tokens: [String: UInt64] = [:]
+        var dnsInFlight = 0
+    }
+
+    public let settings: NetworkSettings
+    public let firewall: EgressFirewall
+    let links: SessionLinks
+    let nft: Nftables
+    let logger: Logger
+    private let entries = Mutex<[IPAddress: Entry]>([:])
+    private let denialHandler = Mutex<(@Sendable (EgressDenial) -> Void)?>(nil)
+    private let channels = Mutex<[Channel]>([])
+    private let nflogFD: Int32
+    private let closed = Atomic<Bool>(false)
+    /// Counts of refused connections by runtime, for /metrics.
+    private let deniedCounts = Mutex<[String: Int]>([:])
+
+    public var gateway: IPAddress { links.gateway }
+    public static let dnsPort = 53
+    public static let metadataPort = 80
+
+    /// Installs the table, makes the first links, and starts the DNS, the metadata endpoint and the NFLOG reader.
+    public init(settings: NetworkSettings, group: EventLoopGroup, logger: Logger) async throws {
+        self.settings = settings
+        self.logger = logger
+        guard settings.tag.utf8.count <= 6, settings.tag.utf8.allSatisfy({ ($0 >= 0x61 && $0 <= 0x7a) || ($0 >= 0x30 && $0 <= 0x39) }) else {
+            throw SystemError("network tag must be 1-6 lowercase letters or digits", errno: EINVAL)
+        }
+        guard !settings.egressInterface.isEmpty, settings.egressInterface.utf8.count < 16,
+              !settings.egressInterface.contains("\""), if_nametoindex(settings.egressInterface) != 0 else {
+            throw SystemError("egress interface \(settings.egressInterface) does not exist", errno: ENODEV)
+        }
+        nft = try Nftables()
+        // An NFLOG group of our own: taken by the first daemon to bind it, so each tries from its tag's.
+        var group16 = UInt16(0x4000 + Int(settings.tag.utf8.reduce(UInt32(5381)) { $0 &* 33 &+ UInt32($1) } % 0x3000))
+        var fd: Int32 = -1
+        for _ in 0..<64 {
+            fd = cubicle_nflog_open(group16)
+            if fd >= 0 || errno != EBUSY { break }
+            group16 &+= 1
+        }
+        guard fd >= 0 else { throw SystemError.lastError("bind NFLOG group \(group16)") }
+        nflogFD = fd
+        links = try SessionLinks(network: settings.sessionNetwork, prefix: "c" + settings.tag, poolSize: settings.linkPool)
+        firewall = EgressFirewall(table: "cubicle_" + settings.tag, linkPattern: "c\(settings.tag)*", egressInterface: settings.egressInterface,
+                                  sessionNetwork: settings.sessionNetwork, gateway: links.gateway,
+                                  dnsPort: Self.dnsPort, metadataPort: Self.metadataPort, logGroup: group16)
+        try nft.run(firewall.install(sessions: []), step: "install table \(firewall.table)")
+        // Replies to sessions come back through the egress interface and are forwarded to their links.
+        _ = try? Files.write("/proc/sys/net/ipv4/conf/\(settings.egressInterface)/forwarding", "1")
+        try startThread("egress denials") { [self] in readDenials() }
+        do {
+            let dns = try await DatagramBootstrap(group: group)
+                .channelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .channelOption(ChannelOptions.socket(SocketOptionLevel(IPPROTO_IP), SocketOptionName(IP_FREEBIND)), value: 1)
+                .channelInitializer { [self] channel in channel.pipeline.addHandler(SessionDNSHandler(network: self)) }
+                .bind(host: links.gateway.description, port: Self.dnsPort).get()
+            let imds = try await ServerBootstrap(group: group)
+                .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+                .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(IPPROTO_IP), SocketOptionName(IP_FREEBIND)), value: 1)
+                .childChannelInitializer { [self] channel in
+                    channel.pipeline.configureHTTPServerPipeline().flatMap { channel.pipeline.addHandler(MetadataHandler(network: self)) }
+                }
+                .bind(host: links.gateway.description, port: Self.metadataPort).get()
+            channels.withLock { $0 = [dns, imds] }
+        } catch {
+            shutdown()
+            throw error
+        }
+    }
+
+    public func onDenied(_ handler: @escaping @Sendable (EgressDenial) -> Void) { denialHandler.withLock { $0 = handler } }
+
+    /// A link for a new sandbox of `runtime`, its policy in the kernel before the sandbox can send a packet.
+    public func attach(runtime: String, policy: EgressPolicy, role: RoleCredentialSource?) async throws -> SessionLink {
+        let link = try await links.take()
+        do {
+            try nft.run(EgressFirewall.SessionRules(link: link.name, address: link.address, policy: policy).elements(table: firewall.table, adding: true),
+                        step: "add session \(link.address)")
+        } catch {
+            links.release(link)
+            throw error
+        }
+        entries.withLock { $0[link.address] = Entry(runtime: runtime, policy: policy, role: role, link: link) }
+        return link
+    }
+
+    /// Names the session a link serves (a warm sandbox's is named when a session claims it).
+    public func name(_ address: IPAddress, sessionID: String) {
+        entries.withLock { $0[address]?.sessionID = sessionID }
+    }
+
+    /// A link a restarted daemon found in a session's state: its policy goes back into the new table.
+    public func adopt(index: Int, runtime: String, sessionID: String?, policy: EgressPolicy, role: RoleCredentialSource?) throws {
+        guard links.claim(index: index) else { throw SystemError("link \(index) is already in use", errno: EEXIST) }
+        let link = SessionLink(index: index, name: links.name(of: index), address: links.address(of: index), namespaceFD: -1)
+        try nft.run(EgressFirewall.SessionRules(link: link.name, address: link.address, policy: policy).elements(table: firewall.table, adding: true),
+                    step: "add session \(link.address)")
+        entries.withLock { $0[link.address] = Entry(sessionID: sessionID, runtime: runtime, policy: policy, role: role, link: link) }
+    }
+
+    /// The link once the sandbox's processes hold its namespace: ours is closed, so the namespace (and
+    /// with it the veth pair) goes when the sandbox does.
+    public func handedOver(_ link: SessionLink) -> SessionLink {
+        if link.namespaceFD >= 0 { close(link.namespaceFD) }
+        let given = SessionLink(index: link.index, name: link.name, address: link.address, namespaceFD: -1)
+        entries.withLock { $0[link.address]?.link = given }
+        return given
+    }
+
+    public func link(index: Int) -> SessionLink {
+        SessionLink(index: index, name: links.name(of: index), address: links.address(of: index), namespaceFD: -1)
+    }
+
+    /// Takes a session's elements out of the kernel and deletes its link: nothing of it stays.
+    public func detach(_ address: IPAddress) {
+        guard let entry = entries.withLock({ $0.removeValue(forKey: address) }) else { return }
+        var text = EgressFirewall.SessionRules(link: entry.link.name, address: address, policy: entry.policy).elements(table: firewall.table, adding: false)
+        let now = DispatchTime.now().uptimeNanoseconds
+        let live = entry.resolved.filter { $0.value > now + 500_000_000 }.keys
+        for d in live { text += firewall.unresolve(session: address, destination: d) }
+        do { try nft.run(text, step: "remove session \(address)") } catch {
+            // An answer's element may have timed out just now: take the rest one by one.
+            for d in live { _ = try? nft.run(firewall.unresolve(session: address, destination: d), step: "unresolve") }
+            _ = try? nft.run(EgressFirewall.SessionRules(link: entry.link.name, address: address, policy: entry.policy).elements(table: firewall.table, adding: false), step: "remove session \(address)")
+        }
+        links.release(entry.link)
+    }
+
+    /// Bytes through a session's link, from the host end's counters (what the session received is what
+    /// the host end sent).
+    public func traffic(_ link: SessionLink) -> (received: Int64, sent: Int64) {
+        func counter(_ name: String) -> Int64 {
+            Int64((try? Files.read("/sys/class/net/\(link.name)/statistics/\(name)"))?.trimmingSpaces.split(separator: "\n").first ?? "") ?? 0
+        }
+        return (counter("tx_bytes"), counter("rx_bytes"))
+    }
+
+    public var deniedByRuntime: [String: Int] { deniedCounts.withLock { $0 } }
+
+    /// Closes the listeners and the NFLOG reader, deletes the links not in use and, unless sessions are
+    /// left to a successor (`keepTable`), the table.
+    public func shutdown(keepTable: Bool = false) {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        channels.withLock { $0.forEach { $0.close(promise: nil) }; $0 = [] }
+        links.close()
+        if !keepTable { _ = try? nft.run(firewall.remove(), step: "remove table") }
+    }
+
+    // MARK: - Used by the DNS and metadata handlers
+
+    func entry(_ address: IPAddress) -> Entry? { entries.withLock { $0[address] } }
+
+    /// Resolves `question` for the session at `address` under its policy: NXDOMAIN for a name it may not
+    /// resolve; otherwise the upstream's A records that the policy lets it reach, each put into the kernel
+    /// for its TTL (60 s at least, so a TTL of 0 does not race the connect) before the answer is sent.
+    func resolve(_ question: DNSMessage.Question, from address: IPAddress) async -> [UInt8]? {
+        guard let entry = entry(address) else { return nil }
+        guard entry.policy.answers(question.name) else { return DNSMessage.response(to: question, rcode: .nameError) }
+        // Sessions have IPv4 only: other types get an empty answer, so resolvers fall back at once.
+        guard question.type == DNSMessage.typeA else { return DNSMessage.response(to: question, rcode: .noError) }
+        let admitted = entries.withLock { e -> Bool in
+            guard e[address] != nil, e[address]!.dnsInFlight < 32 else { return false }
+            e[address]!.dnsInFlight += 1
+            return true
+        }
+        guard admitted else { return DNSMessage.response(to: question, rcode: .refused) }
+        defer { entries.withLock { if $0[address] != nil { $0[address]!.dnsInFlight -= 1 } } }
+        let upstreams = settings.dnsUpstreams
+        let result: (UInt8, [DNSMessage.Answer])? = await withCheckedContinuation { c in
+            DispatchQueue.global().async { c.resume(returning: Self.ask(upstreams, name: question.name)) }
+        }
+        guard let (rcode, answers) = result else { return DNSMessage.response(to: question, rcode: .serverFailure) }
+        guard rcode == 0 else { return DNSMessage.response(to: question, rcode: rcode == 3 ? .nameError : .serverFailure) }
+        let reachable = answers.filter { entry.policy.decide(.v4($0.address), names: [question.name], host: [settings.sessionNetwork]) == .allowed }
+        let now = DispatchTime.now().uptimeNanoseconds
+        var text = ""
+        var grants: [(IPAddress, UInt64)] = []
+        for a in reachable {
+            let seconds = min(max(a.ttl, 60), 86_400)
+            text += firewall.resolved(session: address, destination: .v4(a.address), seconds: seconds)
+            grants.append((.v4(a.address), now + UInt64(seconds) * 1_000_000_000))
+        }
+        if !text.isEmpty {
+            // An element already there keeps its old timeout with `add`; take it out first so the new TTL holds.
+            let refresh = grants.map { firewall.unresolve(session: address, destination: $0.0) }
+            let known = entries.withLock { $0[address]?.resolved ?? [:] }
+            let again = zip(refresh, grants).filter { (known[$0.1.0] ?? 0) > now + 500_000_000 }.map(\.0).joined()
+            do { try nft.run(again + text, step: "resolved \(question.name)") } catch {
+                logger.warning("could not admit a DNS answer", metadata: ["name": "\(question.name)", "error": "\(error)"])
+                return DNSMessage.response(to: question, rcode: .serverFailure)
+            }
+            entries.withLock { e in for (d, until) in grants { e[address]?.resolved[d] = until } }
+        }
+        return DNSMessage.response(to: question, rcode: .noError, answers: reachable.map { DNSMessage.Answer(address: $0.address, ttl: $0.ttl) })
+    }
+
+    /// One A query to the upstreams in turn, from a fresh socket with a random id: (rcode, answers), or nil.
+    static func ask(_ upstreams: [(IPAddress, Int)], name: String) -> (UInt8, [DNSMessage.Answer])? {
+        for (server, port) in upstreams {
+            guard case .v4(let a) = server else { continue }
+            let id = UInt16.random(in: 0...UInt16.max)
+            guard let query = DNSMessage.query(id: id, name: name, type: DNSMessage.typeA) else { return nil }
+            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            guard fd >= 0 else { continue }
+            defer { Glibc.close(fd) }
+            var tv = timeval(tv_sec: 2, tv_usec: 0)
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+            var sin = sockaddr_in()
+            sin.sin_family = sa_family_t(AF_INET)
+            sin.sin_port = in_port_t(UInt16(port).bigEndian)
+            sin.sin_addr.s_addr = a.bigEndian
+            let connected = withUnsafePointer(to: &sin) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+            guard connected == 0, send(fd, query, query.count, 0) == query.count else { continue }
+            var buf = [UInt8](repeating: 0, count: 4096)
+            let deadline = DispatchTime.now().uptimeNanoseconds + 2_000_000_000
+            while DispatchTime.now().uptimeNanoseconds < deadline {
+                let n = recv(fd, &buf, buf.count, 0)
+                if n < 0 && errno == EINTR { continue }
+                guard n > 0 else { break }
+                // A connected socket hears only the upstream; a reply with another id or question is skipped.
+                if let parsed = DNSMessage.parseResponse(Array(buf[0..<n]), id: id, name: name) { return parsed }
+            }
+        }
+        return nil
+    }
+
+    /// A metadata token for the session at `address`, valid for `seconds`.
+    func issueToken(for address: IPAddress, seconds: Int) -> String? {
+        var bytes = [UInt8](repeating: 0, count: 32)
+        var rng = SystemRandomNumberGenerator()
+        for i in bytes.indices { bytes[i] = rng.next() }
+        let token = bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        let until = DispatchTime.now().uptimeNanoseconds + UInt64(seconds) * 1_000_000_000
+        return entries.withLock { e -> String? in
+            guard e[address] != nil else { return nil }
+            let now = DispatchTime.now().uptimeNanoseconds
+            e[address]!.tokens = e[address]!.tokens.filter { $0.value > now }
+            guard e[address]!.tokens.count < 64 else { return nil }
+            e[address]!.tokens[token] = until
+            return token
+        }
+    }
+
+    func tokenValid(_ token: String, for address: IPAddress) -> Bool {
+        let now = DispatchTime.now().uptimeNanoseconds
+        return entries.withLock { ($0[address]?.tokens[token] ?? 0) > now }
+    }
+
+    private func readDenials() {
+        var batch = [cubicle_denial](repeating: cubicle_denial(), count: 64)
+        while !closed.load(ordering: .acquiring) {
+            var p = pollfd(fd: nflogFD, events: Int16(POLLIN), revents: 0)
+            let ready = poll(&p, 1, 250)
+            if ready <= 0 { continue }
+            let n = cubicle_nflog_read(nflogFD, &batch, Int32(batch.count))
+            guard n > 0 else { continue }
+            let handler = denialHandler.withLock { $0 }
+            for d in batch[0..<Int(n)] {
+                let source = IPAddress.v4(UInt32(bigEndian: d.source_be))
+                guard let entry = entry(source) else { continue }
+                let denial = EgressDenial(sessionID: entry.sessionID, runtime: entry.runtime, destination: .v4(UInt32(bigEndian: d.destination_be)),
+                                          port: Int(d.port), transport: d.protocol == 6 ? "tcp" : d.protocol == 17 ? "udp" : d.protocol == 1 ? "icmp" : "ip\(d.protocol)")
+                deniedCounts.withLock { $0[entry.runtime, default: 0] += 1 }
+                handler?(denial)
+            }
+        }
+        Glibc.close(nflogFD)
+    }
+}
