@@ -118,17 +118,17 @@ public struct EgressFirewall: Sendable {
             let verb = adding ? "add" : "delete"
             var lines = ["\(verb) element inet \(table) links { \(EgressFirewall.quote(link)) . \(address) }"]
             // Without the ranges another one covers: an interval set refuses overlapping elements.
-            func ranges(_ entries: [EgressPolicy.Entry]) -> [CIDR] {
-                let all = entries.compactMap { if case .range(let r) = $0 { r.v4 } else { nil } }
-                return all.enumerated().filter { i, r in
+            func ranges(_ entries: [EgressPolicy.Entry]) -> [CIDR] { entries.compactMap { if case .range(let r) = $0 { r.v4 } else { nil } } }
+            func outermost(_ all: [CIDR]) -> [CIDR] {
+                all.enumerated().filter { i, r in
                     !all.enumerated().contains { j, other in j != i && other.covers(r) && (other != r || j < i) }
                 }.map(\.1)
             }
             if policy.allow.isEmpty { lines.append("\(verb) element inet \(table) open { \(address) }") }
             let allow = ranges(policy.allow)
-            let privateAllow = allow.filter { r in EgressPolicy.privateRanges.contains { $0.covers(r) } }
-            let publicAllow = allow.filter { !privateAllow.contains($0) }
-            for (set, list) in [("allow", publicAllow), ("allow_private", privateAllow), ("deny", ranges(policy.deny))] where !list.isEmpty {
+            let privateAllow = outermost(allow.filter { r in EgressPolicy.privateRanges.contains { $0.covers(r) } })
+            let publicAllow = outermost(allow.filter { r in !EgressPolicy.privateRanges.contains { $0.covers(r) } })
+            for (set, list) in [("allow", publicAllow), ("allow_private", privateAllow), ("deny", outermost(ranges(policy.deny)))] where !list.isEmpty {
                 lines.append("\(verb) element inet \(table) \(set) { \(list.map { "\(address) . \($0)" }.joined(separator: ", ")) }")
             }
             return lines.joined(separator: "\n") + "\n"

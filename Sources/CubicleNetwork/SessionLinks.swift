@@ -26,6 +26,9 @@ public final class SessionLinks: Sendable {
         var inUse: Set<Int> = []
         var doomed: [String] = []
         var closed = false
+        /// Links of this prefix found on the host at start: a killed predecessor's, until adoption claims
+        /// them or `begin` deletes them.
+        var found: Set<Int> = []
     }
 
     public let network: CIDR
@@ -34,6 +37,7 @@ public final class SessionLinks: Sendable {
     public let poolSize: Int
     private let state: Mutex<State>
     private let wake = DispatchSemaphore(value: 0)
+    private let finished = DispatchSemaphore(value: 0)
     private let hostNetworkFD: Int32
 
     /// - Parameters:
@@ -48,13 +52,25 @@ public final class SessionLinks: Sendable {
         self.prefix = prefix
         self.poolSize = poolSize
         let count = min((1 << (32 - network.prefix)) - 3, 1 << 20)
-        state = Mutex(State(free: Array((0..<count).reversed())))
+        var initial = State(free: Array((0..<count).reversed()))
+        // A predecessor's links stay untouched (their sessions may be adopted) and their indices unused.
+        for name in (try? Files.listDirectory("/sys/class/net")) ?? [] where name.hasPrefix(prefix) {
+            if let i = Int(name.dropFirst(prefix.count), radix: 36), i < count { initial.found.insert(i) }
+        }
+        initial.free.removeAll { initial.found.contains($0) }
+        state = Mutex(initial)
         hostNetworkFD = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)
         guard hostNetworkFD >= 0 else { throw SystemError.lastError("open /proc/self/ns/net") }
         do { try startThread("session links'") { [self] in work() } } catch {
             Glibc.close(hostNetworkFD)
             throw error
         }
+    }
+
+    /// Once adoption is over: deletes the predecessor's links no session claimed, and starts making links.
+    public func begin() {
+        let unclaimed = state.withLock { s in defer { s.found = [] }; return s.found }
+        state.withLock { s in s.doomed += unclaimed.map { name(of: $0) }; s.inUse.formUnion(unclaimed) }
         wake.signal()
     }
 
@@ -80,8 +96,7 @@ public final class SessionLinks: Sendable {
     /// Marks a link a restarted daemon found again as in use, so its index is not given out twice.
     public func claim(index: Int) -> Bool {
         state.withLock { s in
-            guard let at = s.free.firstIndex(of: index) else { return false }
-            s.free.remove(at: at)
+            guard s.found.remove(index) != nil else { return false }
             s.inUse.insert(index)
             return true
         }
@@ -97,10 +112,12 @@ public final class SessionLinks: Sendable {
     /// Links ready for sessions now.
     public var readyCount: Int { state.withLock { $0.ready.count } }
 
-    /// Deletes every ready link and ends the thread. Links in use are the sessions' to release first.
+    /// Deletes every ready link and ends the thread, and waits for it (a few seconds at most), so no link
+    /// outlives a daemon that shut down. Links in use are the sessions' to release first.
     public func close() {
         state.withLock { $0.closed = true }
         wake.signal()
+        _ = finished.wait(timeout: .now() + 10)
     }
 
     private func make() -> Result<SessionLink, SystemError> {
@@ -156,6 +173,7 @@ public final class SessionLinks: Sendable {
                         _ = cubicle_link_delete(link.name)
                     }
                     Glibc.close(hostNetworkFD)
+                    finished.signal()
                     return
                 }
                 guard count < poolSize else { break }

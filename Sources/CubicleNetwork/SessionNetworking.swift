@@ -145,6 +145,9 @@ public final class SessionNetworking: Sendable {
         }
     }
 
+    /// After adoption: the predecessor's links no session was adopted with are deleted, and new ones made.
+    public func adoptionDone() { links.begin() }
+
     public func onDenied(_ handler: @escaping @Sendable (EgressDenial) -> Void) { denialHandler.withLock { $0 = handler } }
 
     /// A link for a new sandbox of `runtime`, its policy in the kernel before the sandbox can send a packet.

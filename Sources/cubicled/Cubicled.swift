@@ -136,6 +136,7 @@ struct Cubicled: AsyncParsableCommand {
                                      network: network)
         // Sessions a killed predecessor left running are served again before any request can arrive.
         let (adopted, removed) = await manager.adoptLeftovers()
+        network?.adoptionDone()
         if !adopted.isEmpty || removed > 0 {
             logger.notice("took over from a previous cubicled", metadata: ["adopted": "\(adopted.count)", "removed": "\(removed)"])
         }

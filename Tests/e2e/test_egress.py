@@ -100,3 +100,238 @@ def test_public_session_reaches_allowed_cidr_and_nothing_else(start_daemon, inte
     assert got[f"{b}:80"][0] != "ok", got
     # Refused at once (a reset or an ICMP error), not after a timeout.
     assert got[f"{b}:80"][2] < 1.0, got
+
+
+RESOLVE = r'''
+import socket, json, sys
+out = {}
+for name in NAMES:
+    try:
+        out[name] = socket.gethostbyname(name)
+    except OSError as e:
+        out[name] = "error:" + type(e).__name__
+print(json.dumps(out))
+'''
+
+
+def resolve_in(d, sid, *names):
+    rc, out, err = run_in(d, sid, RESOLVE.replace("NAMES", repr(list(names))))
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_names_allowed_exact_and_wildcard_are_resolved_and_reachable_others_are_not(start_daemon, internet):
+    h = internet.hosts
+    d = start_public(start_daemon, internet, allow=["api.example.test", "*.wild.test"], deny=["denied.wild.test"])
+    sid = new_session(d)
+    rc, out, _ = run_in(d, sid, "print(open('/etc/resolv.conf').read())")
+    assert f"nameserver {d.session_network.rsplit('.', 1)[0]}.1" in out, out
+    # Nothing resolved yet: even an allowed name's address is not reachable by number.
+    before = connect_from(d, sid, f"{h['a']}:80")
+    assert before[f"{h['a']}:80"][0] != "ok", before
+    names = resolve_in(d, sid, "api.example.test", "x.wild.test", "denied.wild.test", "other.test", "private.test", "wild.test")
+    assert names["api.example.test"] == h["a"] and names["x.wild.test"] == h["b"], names
+    # Denied, unlisted, and the wildcard's own apex: NXDOMAIN (gaierror), not an address.
+    for n in ("denied.wild.test", "other.test", "private.test", "wild.test"):
+        assert names[n].startswith("error:"), (n, names)
+    got = connect_from(d, sid, f"{h['a']}:80", f"{h['b']}:8080", f"{h['c']}:80", f"{h['d']}:80", f"{h['e']}:80")
+    assert got[f"{h['a']}:80"][0] == "ok" and got[f"{h['b']}:8080"][0] == "ok", got
+    # y.wild.test is allowed but was never resolved; d and e are the denied and the unlisted names' addresses.
+    for t in (f"{h['c']}:80", f"{h['d']}:80", f"{h['e']}:80"):
+        assert got[t][0] != "ok" and got[t][2] < 1.0, (t, got)
+    resolve_in(d, sid, "y.wild.test")
+    assert connect_from(d, sid, f"{h['c']}:80")[f"{h['c']}:80"][0] == "ok"
+    # What one session resolved is its own: another session of the same runtime has not.
+    other = new_session(d)
+    assert connect_from(d, other, f"{h['a']}:80")[f"{h['a']}:80"][0] != "ok"
+
+
+def test_always_refused_whatever_the_lists_say(start_daemon, internet):
+    h = internet.hosts
+    d = start_public(start_daemon, internet)  # PUBLIC with no allow list: any public address
+    sid, other = new_session(d), new_session(d)
+    other_address = d.cubicle_json("inspect", other)["network"]["address"]
+    gateway = d.session_network.rsplit(".", 1)[0] + ".1"
+    targets = [f"{h['a']}:80", f"{h['private']}:80", f"{h['linklocal']}:80", f"{internet.host_address}:80", f"{gateway}:22",
+               f"{gateway}:{d.port}", f"{other_address}:8080", f"224.0.0.1:80", f"255.255.255.255:80"]
+    got = connect_from(d, sid, *targets)
+    assert got[f"{h['a']}:80"][0] == "ok", got
+    for t in targets[1:]:
+        assert got[t][0] != "ok", (t, got)
+        assert got[t][2] < 1.0, (t, got)
+
+
+def test_private_range_only_through_an_allow_entry_inside_it(start_daemon, internet):
+    h = internet.hosts
+    d = start_public(start_daemon, internet, allow=[h["private"] + "/32", "0.0.0.0/0"], deny=[h["b"] + "/32"])
+    sid = new_session(d)
+    got = connect_from(d, sid, f"{h['private']}:80", f"{h['a']}:80", f"{h['b']}:80")
+    assert got[f"{h['private']}:80"][0] == "ok", got
+    assert got[f"{h['a']}:80"][0] == "ok", got
+    assert got[f"{h['b']}:80"][0] != "ok", got  # deny wins over allow
+
+
+def test_sandbox_mode_stays_loopback_only(start_daemon, internet):
+    d = start_public(start_daemon, internet)
+    sid = new_session(d, runtime="demo")
+    rc, out, _ = run_in(d, sid, "import socket; print(sorted(n for _, n in socket.if_nameindex()))")
+    assert out.strip() == "['lo']", out
+    assert d.cubicle_json("inspect", sid)["network"] == {"mode": "SANDBOX"}
+
+
+def test_a_session_cannot_change_its_routes_addresses_dns_or_rules(start_daemon, internet):
+    d = start_public(start_daemon, internet)
+    sid = new_session(d)
+    for cmd in (["/usr/sbin/ip", "route", "add", "10.0.0.0/8", "dev", "eth0"], ["/usr/sbin/ip", "addr", "add", "10.9.9.9/32", "dev", "eth0"],
+                ["/usr/sbin/ip", "link", "set", "eth0", "down"], ["/usr/sbin/nft", "flush", "ruleset"],
+                ["sh", "-c", "echo nameserver 1.1.1.1 > /etc/resolv.conf"]):
+        if not os.path.exists(cmd[0]) and cmd[0].startswith("/"):
+            print(f"skipped {cmd[0]}: not installed on this host")
+            continue
+        r = d.cubicle("exec", sid, "--", *cmd, check=False)
+        assert r.returncode != 0, (cmd, r.stdout, r.stderr)
+    # The rules live in the host's namespace, which the session cannot see.
+    assert "cubicle_" not in d.cubicle("exec", sid, "--", "sh", "-c", "cat /proc/net/nf_conntrack 2>&1; ls /proc/sys/net/netfilter 2>&1", check=False).stdout
+
+
+def metadata_script(token_ttl="21600", forwarded=False, token=None):
+    return rf'''
+import urllib.request, json
+def call(method, path, headers):
+    req = urllib.request.Request("http://169.254.169.254" + path, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=3) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+out = {{}}
+headers = {{"X-aws-ec2-metadata-token-ttl-seconds": "{token_ttl}"}}
+if {forwarded!r}:
+    headers["X-Forwarded-For"] = "1.2.3.4"
+out["token"] = call("PUT", "/latest/api/token", headers)
+token = {token!r} or out["token"][1]
+out["no_token"] = call("GET", "/latest/meta-data/iam/security-credentials/", {{}})
+out["role"] = call("GET", "/latest/meta-data/iam/security-credentials/", {{"X-aws-ec2-metadata-token": token}})
+if out["role"][0] == 200:
+    out["creds"] = call("GET", "/latest/meta-data/iam/security-credentials/" + out["role"][1], {{"X-aws-ec2-metadata-token": token}})
+print(json.dumps(out))
+'''
+
+
+def write_credentials(tmp_path):
+    path = tmp_path / "aws-credentials"
+    path.write_text("[tutor]\naws_access_key_id = AKIATESTTUTOR0000001\naws_secret_access_key = tutor/secret+key\n"
+                    "aws_session_token = tok-tutor\n[other]\naws_access_key_id = AKIAOTHER\naws_secret_access_key = other\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+ROLE = "arn:aws:iam::123456789012:role/tutor"
+
+
+def test_metadata_endpoint_serves_the_runtimes_role_with_a_token_only(start_daemon, internet, tmp_path):
+    creds = write_credentials(tmp_path)
+    top = f"roleCredentials:\n  - {{roleArn: \"{ROLE}\", profile: tutor, sharedCredentialsFile: {creds}}}\n"
+    d = start_public(start_daemon, internet, extra=f"    roleArn: \"{ROLE}\"\n", top=top, allow=[internet.hosts["a"] + "/32"])
+    sid, other = new_session(d), new_session(d)
+    rc, out, err = run_in(d, sid, metadata_script())
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["token"][0] == 200 and len(got["token"][1]) >= 32, got
+    assert got["no_token"][0] == 401, got
+    assert got["role"] == [200, "tutor"], got
+    c = json.loads(got["creds"][1])
+    assert (c["Code"], c["AccessKeyId"], c["SecretAccessKey"], c["Token"]) == ("Success", "AKIATESTTUTOR0000001", "tutor/secret+key", "tok-tutor")
+    # Another session cannot use the first one's token: it is good only from the address it was issued to.
+    rc, out, _ = run_in(d, other, metadata_script(token=got["token"][1]).replace('out["token"] = call("PUT", "/latest/api/token", headers)', 'out["token"] = [0, ""]'))
+    assert json.loads(out)["role"][0] == 401, out
+    # IMDSv2's own refusals: a forwarded token request, a TTL out of range.
+    rc, out, _ = run_in(d, sid, metadata_script(forwarded=True))
+    assert json.loads(out)["token"][0] == 403
+    rc, out, _ = run_in(d, sid, metadata_script(token_ttl="0"))
+    assert json.loads(out)["token"][0] == 400
+    # The region, as AgentCore's runtime gives it.
+    env = d.cubicle("exec", sid, "--", "env").stdout
+    assert "AWS_REGION=us-east-1" in env and "AWS_DEFAULT_REGION=us-east-1" in env and "AWS_ACCESS_KEY_ID" not in env
+
+
+def test_credentials_file_readable_by_others_is_refused(start_daemon, internet, tmp_path):
+    creds = write_credentials(tmp_path)
+    os.chmod(creds, 0o644)
+    top = f"roleCredentials:\n  - {{roleArn: \"{ROLE}\", profile: tutor, sharedCredentialsFile: {creds}}}\n"
+    with pytest.raises(RuntimeError, match="can be read by users other than root"):
+        start_public(start_daemon, internet, extra=f"    roleArn: \"{ROLE}\"\n", top=top)
+
+
+def test_refused_connections_are_events_and_metrics(start_daemon, internet):
+    h = internet.hosts
+    d = start_public(start_daemon, internet, allow=[h["a"] + "/32"])
+    sid = new_session(d)
+    feed = subprocess.Popen(d.cubicle_args("events", "--json"), stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        connect_from(d, sid, f"{h['b']}:8080")
+        deadline = time.time() + 10
+        denied = None
+        while time.time() < deadline and denied is None:
+            e = json.loads(feed.stdout.readline())
+            if e["type"] == "egress_denied":
+                denied = e
+    finally:
+        feed.kill()
+        feed.wait()
+    assert denied is not None
+    assert (denied["session"], denied["runtime"], denied["destination"], denied["port"], denied["transport"]) == (sid, "web", h["b"], 8080, "tcp")
+    import urllib.request
+    with urllib.request.urlopen(d.endpoint + "/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert any(l.startswith('cubicle_egress_denied_total{runtime="web"}') for l in metrics.splitlines()), metrics
+
+
+def test_inspect_shows_address_mode_policy_and_bytes(start_daemon, internet):
+    a = internet.hosts["a"]
+    d = start_public(start_daemon, internet, allow=[a + "/32", "api.example.test"])
+    sid = new_session(d)
+    connect_from(d, sid, f"{a}:80")
+    n = d.cubicle_json("inspect", sid)["network"]
+    assert n["mode"] == "PUBLIC" and n["egress"] == {"allow": [a + "/32", "api.example.test"], "deny": []}, n
+    assert n["address"].startswith(d.session_network.rsplit(".", 1)[0] + "."), n
+    assert n["bytesIn"] > 0 and n["bytesOut"] > 0, n
+
+
+def nft_table_text():
+    return subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
+
+
+def test_ended_sessions_and_the_daemon_leave_no_link_rule_or_element(start_daemon, internet):
+    d = start_public(start_daemon, internet, allow=["api.example.test"])
+    table = None
+    for _ in range(5):
+        sid = new_session(d)
+        n = d.cubicle_json("inspect", sid)["network"]
+        resolve_in(d, sid, "api.example.test")
+        table = table or next(l.split()[2] for l in nft_table_text().splitlines() if l.startswith("table inet cubicle_") and n["link"][1:6] in l)
+        d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "web", runtimeSessionId=sid)
+        deadline = time.time() + 10
+        while subprocess.run(["ip", "link", "show", n["link"]], capture_output=True).returncode == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert subprocess.run(["ip", "link", "show", n["link"]], capture_output=True).returncode != 0, "link left behind"
+        sets = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, text=True).stdout
+        assert n["address"] + " " not in sets and n["address"] + "\n" not in sets and n["address"] + "," not in sets, sets
+    prefix = n["link"][:6]
+    d.stop()
+    assert table not in nft_table_text()
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f" {prefix}" not in links, links
+
+
+def test_restarted_daemon_takes_over_public_sessions_with_their_networking(start_daemon, internet):
+    h = internet.hosts
+    d = start_public(start_daemon, internet, allow=[h["a"] + "/32"])
+    sid = new_session(d)
+    d.process.kill()
+    d.process.wait()
+    d.restart()
+    got = connect_from(d, sid, f"{h['a']}:80", f"{h['b']}:80")
+    assert got[f"{h['a']}:80"][0] == "ok" and got[f"{h['b']}:80"][0] != "ok", got
+    assert d.cubicle_json("inspect", sid)["network"]["mode"] == "PUBLIC"
