@@ -17,13 +17,17 @@ class VenvUnavailable(Exception):
     """The host lacks what a virtualenv needs (a reason to skip); a failing pip install is an error instead."""
 
 
-def ensure_agent_venv():
-    """Path of a ready virtualenv with the SDK; raises VenvUnavailable with the reason when it cannot be made."""
+TUTORIAL_REQUIREMENTS = os.path.join(AGENTS, "tutorial-requirements.txt")
+
+
+def ensure_agent_venv(requirements=REQUIREMENTS):
+    """Path of a ready virtualenv with `requirements` (the SDK by default); raises VenvUnavailable with the
+    reason when it cannot be made."""
     if not os.access(SYSTEM_PYTHON, os.X_OK):
         raise VenvUnavailable(f"{SYSTEM_PYTHON} is missing (apt-get install python3 python3-venv)")
     if subprocess.run([SYSTEM_PYTHON, "-c", "import ensurepip, venv"], capture_output=True).returncode != 0:
         raise VenvUnavailable(f"{SYSTEM_PYTHON} has no venv/ensurepip (apt-get install python3-venv)")
-    with open(REQUIREMENTS, "rb") as f:
+    with open(requirements, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
     base = os.path.join(REPO, ".build")
     os.makedirs(base, exist_ok=True)
@@ -34,7 +38,7 @@ def ensure_agent_venv():
             return venv
         subprocess.run(["rm", "-rf", venv], check=True)
         steps = [[SYSTEM_PYTHON, "-m", "venv", venv],
-                 [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", "-r", REQUIREMENTS]]
+                 [os.path.join(venv, "bin", "pip"), "install", "-q", "--disable-pip-version-check", "-r", requirements]]
         for step in steps:
             r = subprocess.run(step, capture_output=True, text=True)
             if r.returncode != 0:

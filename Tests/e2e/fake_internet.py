@@ -113,6 +113,14 @@ class FakeInternet:
                 raise RuntimeError("dnsmasq did not start: " + (self.processes[0].stderr.read().decode() if self.processes[0].poll() is not None else ""))
             time.sleep(0.05)
 
+    def serve(self, *argv):
+        """Starts `argv` inside the namespace (stopped at close); waits for its first line, which must be "serving"."""
+        p = subprocess.Popen(["ip", "netns", "exec", self.netns, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.processes.append(p)
+        if p.stdout.readline().strip() != "serving":
+            raise RuntimeError(f"{argv[:2]} did not start: " + p.stderr.read())
+        return p
+
     def _dns_answers(self):
         q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x04test\x00\x00\x01\x00\x01"
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -1,0 +1,103 @@
+"""The runtime-context tutorial's own agent, end to end: Strands with BedrockModel, the calculator, weather
+and get_time tools, on the AgentCore SDK, installed from PyPI, in a PUBLIC session whose only allowed name
+is Bedrock's. The test's DNS sends that name to a fake Bedrock (fake_bedrock.py) in the test's own fake
+internet, over TLS with a test CA the runtime trusts; the agent's only credentials are the role's, from the
+metadata endpoint. Nothing leaves this machine."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent_venv import TUTORIAL_REQUIREMENTS, VENV_IN_SANDBOX, VenvUnavailable, ensure_agent_venv
+from conftest import ARN_PREFIX, new_session_id
+from fake_internet import FakeInternet, session_network
+
+AGENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sandbox", "agents")
+BEDROCK = "bedrock-runtime.us-east-1.amazonaws.com"
+ROLE = "arn:aws:iam::123456789012:role/tutor"
+KEY_ID = "AKIATESTTUTOR0000001"
+
+
+@pytest.fixture(scope="module")
+def tutorial_venv():
+    try:
+        return ensure_agent_venv(TUTORIAL_REQUIREMENTS)
+    except VenvUnavailable as e:
+        pytest.skip(str(e))
+
+
+def make_certificates(tmp_path):
+    """A test CA (its certificate alone in ca/, which the sandbox sees) and Bedrock's name signed by it."""
+    ca_dir, keys = tmp_path / "ca", tmp_path / "keys"
+    ca_dir.mkdir()
+    keys.mkdir()
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=cubicle test CA",
+            "-keyout", str(keys / "ca.key"), "-out", str(ca_dir / "ca.pem"))
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={BEDROCK}", "-keyout", str(keys / "server.key"), "-out", str(keys / "server.csr"))
+    (keys / "ext").write_text(f"subjectAltName=DNS:{BEDROCK}\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", str(keys / "server.csr"), "-CA", str(ca_dir / "ca.pem"), "-CAkey", str(keys / "ca.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", str(keys / "ext"), "-out", str(keys / "server.pem"))
+    os.chmod(tmp_path, 0o755)
+    os.chmod(ca_dir, 0o755)
+    os.chmod(ca_dir / "ca.pem", 0o644)
+    return ca_dir, keys / "server.pem", keys / "server.key"
+
+
+def test_the_tutorials_strands_agent_reaches_bedrock_with_role_credentials(start_daemon, tutorial_venv, tmp_path):
+    internet = FakeInternet({BEDROCK: "a"})
+    try:
+        ca_dir, cert, key = make_certificates(tmp_path)
+        requests_log = tmp_path / "bedrock-requests.log"
+        internet.serve(sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_bedrock.py"),
+                       f"{internet.hosts['a']}:443", str(cert), str(key), str(requests_log))
+        creds = tmp_path / "aws-credentials"
+        creds.write_text(f"[tutor]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = tutor-secret\n")
+        os.chmod(creds, 0o600)
+        config = f"""lifecycleMinimumSeconds: 1
+healthPollSeconds: 0.5
+roleCredentials:
+  - {{roleArn: "{ROLE}", profile: tutor, sharedCredentialsFile: {creds}}}
+runtimes:
+  - name: tutor
+    command: [{VENV_IN_SANDBOX}/bin/python, /app/strands_tutorial_agent.py]
+    codeDirectory: {AGENTS}
+    environmentVariables: {{PYTHONDONTWRITEBYTECODE: "1", PYTHONUNBUFFERED: "1", AWS_CA_BUNDLE: /opt/test-ca/ca.pem}}
+    readOnlyMounts: [{{source: {tutorial_venv}, target: {VENV_IN_SANDBOX}}}, {{source: {ca_dir}, target: /opt/test-ca}}]
+    limits: {{memory: 1GiB}}
+    networkConfiguration: {{networkMode: PUBLIC}}
+    egress: {{allow: [{BEDROCK}]}}
+    roleArn: "{ROLE}"
+"""
+        d = start_daemon(config, extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns,
+                                             "--session-network", session_network()])
+        c = d.client()
+
+        def ask(session, prompt, user):
+            r = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + "tutor", runtimeSessionId=session,
+                                       payload=json.dumps({"prompt": prompt, "user_id": user}))
+            return json.loads(r["response"].read())
+
+        s1, s2, s3 = new_session_id(), new_session_id(), new_session_id()
+        # The tutorial's five invocations, in its words.
+        r1 = ask(s1, "What is the weather now?", "1")
+        r2 = ask(s1, "What is 2+5?", "1")
+        r3 = ask(s1, "And if you add 34 to that?", "1")
+        r4 = ask(s2, "And if you add 10 to that?", "1")
+        r5 = ask(s3, "What is the weather?", "2")
+        assert r1 == {"session_id": s1, "text": "The weather is sunny."}, r1
+        assert r2["text"] == "The answer is 7.", r2
+        assert r3["text"] == "The answer is 41.", "the session's agent remembered 7 across invocations"
+        assert r4["session_id"] == s2 and "don't know" in r4["text"], "a new session starts with nothing of the first"
+        assert r5 == {"session_id": s3, "text": "The weather is sunny."}, r5
+        # Every model call was signed with the role's key, which only the metadata endpoint gave the agent.
+        calls = requests_log.read_text().split("\n")[:-1]
+        assert len(calls) >= 8, calls
+        assert all(line.startswith(KEY_ID + " /model/") and line.endswith("/converse-stream") for line in calls), calls
+        env = d.cubicle("exec", s1, "--", "env").stdout
+        assert "AWS_ACCESS_KEY_ID" not in env and "AWS_REGION=us-east-1" in env
+    finally:
+        internet.close()
