@@ -53,9 +53,12 @@ let package = Package(
         ]),
         // Per-session networking: the egress policy as a pure value today; links, nftables, the session DNS and
         // the metadata endpoint with PUBLIC sessions.
+        // The session DNS's wire format alone (no I/O), so the fuzzer builds it without the network room's
+        // dependencies.
+        .target(name: "CubicleDNSWire"),
         .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
         .target(name: "CubicleNetwork", dependencies: [
-            "CCubicleShim", "CubicleLinux", "CNftables",
+            "CCubicleShim", "CubicleLinux", "CNftables", "CubicleDNSWire",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -113,6 +116,7 @@ let package = Package(
         .target(name: "FuzzReplay", dependencies: ["CubicleLinux"], path: "Sources/Fuzz/Replay"),
         .executableTarget(name: "cubicle-fuzz-rpc-frames", dependencies: ["CubicleRPC", "FuzzReplay"], path: "Sources/Fuzz/RPCFrames"),
         .executableTarget(name: "cubicle-fuzz-event-stream", dependencies: ["CubicleAgentCore", "FuzzReplay"], path: "Sources/Fuzz/EventStream"),
+        .executableTarget(name: "cubicle-fuzz-dns", dependencies: ["CubicleDNSWire", "FuzzReplay"], path: "Sources/Fuzz/DNS"),
         .executableTarget(name: "cubicle-fuzz-validators", dependencies: ["CubicleAgentCore", "CubicleJSON", "FuzzReplay"], path: "Sources/Fuzz/Validators"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
@@ -125,7 +129,7 @@ let package = Package(
         .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleRuntimes", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),
                                                           .product(name: "NIOHTTPTypes", package: "swift-nio-extras")]),
-        .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork"]),
+        .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork", "CubicleDNSWire"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
 )

@@ -49,6 +49,7 @@ public struct EgressFirewall: Sendable {
           set allow_private { type ipv4_addr . ipv4_addr; flags interval; }
           set deny { type ipv4_addr . ipv4_addr; flags interval; }
           set resolved { type ipv4_addr . ipv4_addr; flags timeout; }
+          set host_connections { type ipv4_addr; size 65535; flags dynamic; }
           chain prerouting {
             type nat hook prerouting priority dstnat; policy accept;
             iifname \(links) ip daddr \(EgressPolicy.metadataEndpoint) tcp dport 80 dnat ip to \(gateway):\(metadataPort)
@@ -71,6 +72,7 @@ public struct EgressFirewall: Sendable {
             meta nfproto ipv6 goto refuse
             iifname . ip saddr != @links drop
             ip daddr \(gateway) udp dport \(dnsPort) accept
+            ip daddr \(gateway) tcp dport \(metadataPort) ct state new add @host_connections { ip saddr ct count over 16 } goto refuse
             ip daddr \(gateway) tcp dport \(metadataPort) accept
             goto refuse
           }

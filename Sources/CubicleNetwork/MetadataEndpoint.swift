@@ -19,6 +19,10 @@ final class MetadataHandler: ChannelInboundHandler, @unchecked Sendable {
 
     init(network: SessionNetworking) { self.network = network }
 
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent { context.close(promise: nil) } else { context.fireUserInboundEventTriggered(event) }
+    }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         switch unwrapInboundIn(data) {
         case .head(let h):

@@ -1,3 +1,4 @@
+import CubicleDNSWire
 import NIOCore
 
 /// The session DNS on the gateway: a query from a session's address is answered under that session's

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CCubicleShim
+import CubicleDNSWire
 import CubicleLinux
 import Dispatch
 import Logging
@@ -87,6 +88,7 @@ public final class SessionNetworking: Sendable {
     private let denialHandler = Mutex<(@Sendable (EgressDenial) -> Void)?>(nil)
     private let channels = Mutex<[Channel]>([])
     private let nflogFD: Int32
+    private let resolvers = NIOThreadPool(numberOfThreads: 8)
     private let closed = Atomic<Bool>(false)
     /// Counts of refused connections by runtime, for /metrics.
     private let deniedCounts = Mutex<[String: Int]>([:])
@@ -107,6 +109,7 @@ public final class SessionNetworking: Sendable {
             throw SystemError("egress interface \(settings.egressInterface) does not exist", errno: ENODEV)
         }
         nft = try Nftables()
+        resolvers.start()
         // An NFLOG group of our own: taken by the first daemon to bind it, so each tries from its tag's.
         var group16 = UInt16(0x4000 + Int(settings.tag.utf8.reduce(UInt32(5381)) { $0 &* 33 &+ UInt32($1) } % 0x3000))
         var fd: Int32 = -1
@@ -135,7 +138,11 @@ public final class SessionNetworking: Sendable {
                 .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
                 .serverChannelOption(ChannelOptions.socket(SocketOptionLevel(IPPROTO_IP), SocketOptionName(IP_FREEBIND)), value: 1)
                 .childChannelInitializer { [self] channel in
-                    channel.pipeline.configureHTTPServerPipeline().flatMap { channel.pipeline.addHandler(MetadataHandler(network: self)) }
+                    // A session holds at most 16 connections here (the table's `ct count`), each closed after
+                    // 10 s without a request, so it cannot fill cubicled's descriptor table through them.
+                    channel.pipeline.addHandler(IdleStateHandler(readTimeout: .seconds(10))).flatMap {
+                        channel.pipeline.configureHTTPServerPipeline()
+                    }.flatMap { channel.pipeline.addHandler(MetadataHandler(network: self)) }
                 }
                 .bind(host: links.gateway.description, port: Self.metadataPort).get()
             channels.withLock { $0 = [dns, imds] }
@@ -223,6 +230,7 @@ public final class SessionNetworking: Sendable {
         guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         channels.withLock { $0.forEach { $0.close(promise: nil) }; $0 = [] }
         links.close()
+        resolvers.shutdownGracefully { _ in }
         if !keepTable { _ = try? nft.run(firewall.remove(), step: "remove table") }
     }
 
@@ -246,9 +254,9 @@ public final class SessionNetworking: Sendable {
         guard admitted else { return DNSMessage.response(to: question, rcode: .refused) }
         defer { entries.withLock { if $0[address] != nil { $0[address]!.dnsInFlight -= 1 } } }
         let upstreams = settings.dnsUpstreams
-        let result: (UInt8, [DNSMessage.Answer])? = await withCheckedContinuation { c in
-            DispatchQueue.global().async { c.resume(returning: Self.ask(upstreams, name: question.name)) }
-        }
+        // Upstream questions block a thread for up to two seconds each: on a small pool of their own, so many
+        // sessions' lookups queue there instead of starving the host's shared threads.
+        let result = (try? await resolvers.runIfActive { Self.ask(upstreams, name: question.name) }) ?? nil
         guard let (rcode, answers) = result else { return DNSMessage.response(to: question, rcode: .serverFailure) }
         guard rcode == 0 else { return DNSMessage.response(to: question, rcode: rcode == 3 ? .nameError : .serverFailure) }
         let reachable = answers.filter { entry.policy.decide(.v4($0.address), names: [question.name], host: [settings.sessionNetwork]) == .allowed }

@@ -146,3 +146,47 @@ import Testing
         #expect(out == "a\u{FFFD}b")
     }
 }
+
+/// networkConfiguration, egress, roleArn and roleCredentials, with AgentCore's names.
+@Suite struct NetworkConfigTests {
+    let role = "arn:aws:iam::123456789012:role/tutor"
+
+    @Test func publicRuntimeWithPolicyAndRole() throws {
+        let c = try DaemonConfig.parse(yaml: """
+        region: eu-west-1
+        roleCredentials:
+          - {roleArn: "\(role)", profile: tutor, sharedCredentialsFile: /etc/cubicle/aws-credentials}
+        runtimes:
+          - name: web
+            command: [/app/agent]
+            networkConfiguration: {networkMode: PUBLIC}
+            egress: {allow: [bedrock-runtime.us-east-1.amazonaws.com, "*.example.com", 203.0.113.0/24], deny: [203.0.113.9]}
+            roleArn: "\(role)"
+          - name: plain
+            command: [/app/agent]
+        """)
+        let web = try #require(c.runtime(named: "web"))
+        #expect(web.networkMode == .public && web.roleArn == role)
+        #expect(web.egress.allow.map(\.description) == ["bedrock-runtime.us-east-1.amazonaws.com", "*.example.com", "203.0.113.0/24"])
+        #expect(web.egress.deny.map(\.description) == ["203.0.113.9/32"])
+        #expect(c.runtime(named: "plain")?.networkMode == .sandbox, "SANDBOX is the default")
+        #expect(c.region == "eu-west-1" && c.roleCredentials.first?.profile == "tutor")
+        #expect(DaemonConfig.embedded(demoCodeDirectory: "/x").runtimes[0].networkMode == .sandbox)
+    }
+
+    @Test func mistakesNameTheirField() {
+        func error(_ runtime: String, top: String = "") -> String? {
+            do { _ = try DaemonConfig.parse(yaml: top + "runtimes:\n  - name: r\n    command: [/a]\n" + runtime); return nil } catch { return error.field }
+        }
+        #expect(error("    networkConfiguration: {networkMode: VPC}\n") == "runtimes[0].networkConfiguration.networkMode")
+        #expect(error("    networkConfiguration: {networkMode: PUBLIC}\n    egress: {allow: [\"10.0.0.1/8\"]}\n") == "runtimes[0].egress.allow[0]")
+        #expect(error("    networkConfiguration: {networkMode: PUBLIC}\n    egress: {allow: [\"bad name!\"]}\n") == "runtimes[0].egress.allow[0]")
+        #expect(error("    egress: {allow: [example.com]}\n") == "runtimes[0].egress", "egress on a SANDBOX runtime")
+        #expect(error("    networkConfiguration: {networkMode: PUBLIC}\n    egress: {allowed: [example.com]}\n") == "runtimes[0].egress.allowed")
+        #expect(error("    roleArn: \"\(role)\"\n") == "runtimes[0].roleArn", "a role for a SANDBOX runtime")
+        #expect(error("    networkConfiguration: {networkMode: PUBLIC}\n    roleArn: \"\(role)\"\n") == "runtimes[0].roleArn", "no roleCredentials entry")
+        #expect(error("    networkConfiguration: {networkMode: PUBLIC}\n    roleArn: arn:aws:iam::1:role/x\n") == "runtimes[0].roleArn")
+        #expect(error("", top: "roleCredentials:\n  - {roleArn: \"\(role)\", sharedCredentialsFile: relative}\n") == "roleCredentials[0].sharedCredentialsFile")
+        #expect(error("", top: "region: US_EAST\n") == "region")
+    }
+}

@@ -8,11 +8,15 @@ public enum DNSMessage {
         public var name: String
         public var type: UInt16
         public var recursionDesired: Bool
+        public init(id: UInt16, name: String, type: UInt16, recursionDesired: Bool) {
+            self.id = id; self.name = name; self.type = type; self.recursionDesired = recursionDesired
+        }
     }
 
     public struct Answer: Equatable, Sendable {
         public var address: UInt32
         public var ttl: UInt32
+        public init(address: UInt32, ttl: UInt32) { self.address = address; self.ttl = ttl }
     }
 
     public static let typeA: UInt16 = 1
@@ -118,7 +122,7 @@ public enum DNSMessage {
             if length == 0 { break }
             guard cursor + length <= b.count else { return nil }
             total += length + 1
-            guard total <= 255 else { return nil }
+            guard total <= 254 else { return nil }  // 255 octets on the wire with the root label
             let label = b[cursor..<cursor + length]
             guard label.allSatisfy({ isNameByte($0) }) else { return nil }
             labels.append(String(decoding: label, as: UTF8.self).lowercased())
@@ -128,7 +132,7 @@ public enum DNSMessage {
         return labels.joined(separator: ".")
     }
 
-    static func isNameByte(_ c: UInt8) -> Bool {
+    public static func isNameByte(_ c: UInt8) -> Bool {
         (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(c) || (UInt8(ascii: "A")...UInt8(ascii: "Z")).contains(c)
             || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(c) || c == UInt8(ascii: "-") || c == UInt8(ascii: "_")
     }
