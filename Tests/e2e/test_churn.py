@@ -90,3 +90,51 @@ runtimes:
     assert os.listdir(leases) == [], "no uid range still leased"
     with open("/proc/self/mounts") as f:
         assert not [l for l in f if d.state_dir in l]
+
+
+def test_public_churn_leaves_no_link_route_rule_or_element(start_daemon, tmp_path):
+    """PUBLIC sessions churned: each one's link, route, set elements and DNS grants go with it; only the
+    links made ahead of time (two) remain, and cubicled's descriptors come back."""
+    import subprocess
+    from fake_internet import FakeInternet, session_network
+    internet = FakeInternet({"api.example.test": "a"})
+    try:
+        net = session_network()
+        d = start_daemon(f"""endedRetentionSeconds: 0
+runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    limits: {{memory: 256MiB}}
+    networkConfiguration: {{networkMode: PUBLIC}}
+    egress: {{allow: [api.example.test, {internet.hosts['b']}/32]}}
+""", extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net])
+        def one_public_session(_):
+            # Each one resolves a name, so its DNS grant is in the kernel when it ends.
+            sid = new_session_id()
+            assert json.loads(post(d.port, f"/runtimes/{ARN}/invocations", sid, b'{"prompt": "2+5"}'))["answer"] == 7
+            r = d.cubicle("exec", sid, "--", "getent", "hosts", "api.example.test", check=False)
+            assert internet.hosts["a"] in r.stdout, (r.stdout, r.stderr)
+            post(d.port, f"/runtimes/{ARN}/stopruntimesession", sid, b"{}")
+
+        pool = ThreadPoolExecutor(8)
+        list(pool.map(one_public_session, range(20)))
+        time.sleep(6)
+        baseline = footprint(d.process.pid)
+        count = max(CHURN // 3, 30)
+        list(pool.map(one_public_session, range(count)))
+        pool.shutdown()
+        fds, threads, _ = settle(d.process.pid, baseline)
+        assert fds <= baseline[0], f"descriptors grew from {baseline[0]} to {fds}"
+        assert threads <= baseline[1] + 4, f"threads grew from {baseline[1]} to {threads}"
+        prefix = net.rsplit(".", 1)[0] + "."
+        routes = [l for l in subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout.splitlines() if l.startswith(prefix)]
+        assert len(routes) <= 2, f"routes of ended sessions: {routes}"
+        import re
+        table = re.search(r"table=(cubicle_\w+)", d.log_text()).group(1)
+        listing = json.loads(subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True, check=True).stdout)
+        leftover = {o["set"]["name"]: o["set"]["elem"] for o in listing["nftables"]
+                    if "set" in o and o["set"]["name"] not in ("refused", "private") and o["set"].get("elem")}
+        assert leftover == {}, f"elements of ended sessions: {leftover}"
+    finally:
+        internet.close()

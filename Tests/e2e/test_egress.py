@@ -335,3 +335,20 @@ def test_restarted_daemon_takes_over_public_sessions_with_their_networking(start
     got = connect_from(d, sid, f"{h['a']}:80", f"{h['b']}:80")
     assert got[f"{h['a']}:80"][0] == "ok" and got[f"{h['b']}:80"][0] != "ok", got
     assert d.cubicle_json("inspect", sid)["network"]["mode"] == "PUBLIC"
+
+
+def test_a_session_holds_at_most_16_connections_to_the_metadata_endpoint(start_daemon, internet):
+    d = start_public(start_daemon, internet)
+    sid = new_session(d)
+    rc, out, err = run_in(d, sid, r'''
+import socket, json
+held, refused = [], 0
+for i in range(24):
+    try:
+        held.append(socket.create_connection(("169.254.169.254", 80), timeout=3))
+    except OSError:
+        refused += 1
+print(json.dumps([len(held), refused]))
+''')
+    assert rc == 0, err
+    assert json.loads(out) == [16, 8], out
