@@ -73,6 +73,7 @@ import socket, sys, time, json
 out = []
 for target in sys.argv[1:]:
     host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
     t = time.monotonic()
     try:
         s = socket.create_connection((host, int(port)), timeout=5)
@@ -153,7 +154,8 @@ def test_always_refused_whatever_the_lists_say(start_daemon, internet):
     other_address = d.cubicle_json("inspect", other)["network"]["address"]
     gateway = d.session_network.rsplit(".", 1)[0] + ".1"
     targets = [f"{h['a']}:80", f"{h['private']}:80", f"{h['linklocal']}:80", f"{internet.host_address}:80", f"{gateway}:22",
-               f"{gateway}:{d.port}", f"{other_address}:8080", f"224.0.0.1:80", f"255.255.255.255:80"]
+               f"{gateway}:{d.port}", f"{other_address}:8080", f"224.0.0.1:80", f"255.255.255.255:80",
+               "169.254.169.254:8080", "[2001:db8::1]:80", "[fe80::1%eth0]:80"]
     got = connect_from(d, sid, *targets)
     assert got[f"{h['a']}:80"][0] == "ok", got
     for t in targets[1:]:
