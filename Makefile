@@ -79,12 +79,14 @@ bench:
 	python3 Tests/bench/scale_bench.py .build/release 1000 30 >> $(BENCH_OUT)
 	echo >> $(BENCH_OUT)
 	python3 Tests/bench/noisy_bench.py .build/release >> $(BENCH_OUT)
+	echo >> $(BENCH_OUT)
+	python3 Tests/bench/egress_bench.py .build/release >> $(BENCH_OUT)
 	python3 Tests/bench/plot_cold_start.py $(BENCH_SAMPLES) docs/benchmarks-cold-start.png
 	mv $(BENCH_OUT) docs/benchmarks.md
 	cat docs/benchmarks.md
 
 # A release build with the Swift runtime linked into each binary, so the target host needs no toolchain
-# (only libseccomp2 and libstdc++), installed with the systemd unit. The Dockerfile runs the same target.
+# (only libseccomp2, libnftables1 and libstdc++), installed with the systemd unit. The Dockerfile runs the same target.
 PREFIX ?= /usr/local
 DESTDIR ?=
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system

@@ -83,15 +83,15 @@ public final class SessionLinks: Sendable {
 
     /// A ready link, or one made now (on a thread, not the caller's task) when none is ready.
     public func take() async throws(SystemError) -> SessionLink {
-        if let link = state.withLock({ $0.ready.popLast() }) {
-            wake.signal()
-            return link
-        }
+        if let link = state.withLock({ $0.ready.popLast() }) { return link }
         let made: Result<SessionLink, SystemError> = await withCheckedContinuation { c in
             DispatchQueue.global().async { c.resume(returning: self.make()) }
         }
         return try made.get()
     }
+
+    /// Makes up what was taken, on the links' thread.
+    public func refill() { wake.signal() }
 
     /// Marks a link a restarted daemon found again as in use, so its index is not given out twice.
     public func claim(index: Int) -> Bool {

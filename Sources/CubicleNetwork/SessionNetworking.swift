@@ -89,6 +89,8 @@ public final class SessionNetworking: Sendable {
     private let channels = Mutex<[Channel]>([])
     private let nflogFD: Int32
     private let resolvers = NIOThreadPool(numberOfThreads: 8)
+    /// Where a session's elements are added beside its launch (libnftables blocks for a netlink round trip).
+    private let rules = NIOThreadPool(numberOfThreads: 1)
     private let closed = Atomic<Bool>(false)
     /// Counts of refused connections by runtime, for /metrics.
     private let deniedCounts = Mutex<[String: Int]>([:])
@@ -110,6 +112,7 @@ public final class SessionNetworking: Sendable {
         }
         nft = try Nftables()
         resolvers.start()
+        rules.start()
         // An NFLOG group of our own: taken by the first daemon to bind it, so each tries from its tag's.
         var group16 = UInt16(0x4000 + Int(settings.tag.utf8.reduce(UInt32(5381)) { $0 &* 33 &+ UInt32($1) } % 0x3000))
         var fd: Int32 = -1
@@ -157,19 +160,26 @@ public final class SessionNetworking: Sendable {
 
     public func onDenied(_ handler: @escaping @Sendable (EgressDenial) -> Void) { denialHandler.withLock { $0 = handler } }
 
-    /// A link for a new sandbox of `runtime`, its policy in the kernel before the sandbox can send a packet.
-    public func attach(runtime: String, policy: EgressPolicy, role: RoleCredentialSource?) async throws -> SessionLink {
+    /// A link for a new sandbox of `runtime`. Until `police` has put its policy into the kernel, the link's
+    /// address is in none of the table's sets, so everything it sends is refused: the sandbox may be
+    /// launched meanwhile, and its agent started once `police` returns.
+    public func take(runtime: String, policy: EgressPolicy, role: RoleCredentialSource?) async throws -> SessionLink {
         let link = try await links.take()
-        do {
-            try nft.run(EgressFirewall.SessionRules(link: link.name, address: link.address, policy: policy).elements(table: firewall.table, adding: true),
-                        step: "add session \(link.address)")
-        } catch {
-            links.release(link)
-            throw error
-        }
         entries.withLock { $0[link.address] = Entry(runtime: runtime, policy: policy, role: role, link: link) }
         return link
     }
+
+    /// Puts the policy of a link's session into the kernel (on the nftables thread, beside the launch).
+    public func police(_ link: SessionLink) async throws {
+        guard let entry = entry(link.address) else { throw SystemError("link \(link.name) is not attached", errno: ENOENT) }
+        let text = EgressFirewall.SessionRules(link: link.name, address: link.address, policy: entry.policy).elements(table: firewall.table, adding: true)
+        let nft = self.nft
+        try await rules.runIfActive { try nft.run(text, step: "add session \(link.address)") }
+    }
+
+    /// Makes up the links taken, once a launch is over: making one beside a spawn would compete with it
+    /// for the CPU and the rtnl lock.
+    public func refill() { links.refill() }
 
     /// Names the session a link serves (a warm sandbox's is named when a session claims it).
     public func name(_ address: IPAddress, sessionID: String) {
@@ -231,6 +241,7 @@ public final class SessionNetworking: Sendable {
         channels.withLock { $0.forEach { $0.close(promise: nil) }; $0 = [] }
         links.close()
         resolvers.shutdownGracefully { _ in }
+        rules.shutdownGracefully { _ in }
         if !keepTable { _ = try? nft.run(firewall.remove(), step: "remove table") }
     }
 

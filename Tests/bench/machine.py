@@ -42,6 +42,7 @@ print("CUBICLE_BENCH_SAMPLES=.build/bench-samples python3 Tests/bench/dataplane_
 print("python3 Tests/bench/warm_pool_bench.py .build/release")
 print("python3 Tests/bench/scale_bench.py .build/release 1000 30")
 print("python3 Tests/bench/noisy_bench.py .build/release")
+print("python3 Tests/bench/egress_bench.py .build/release")
 print("python3 Tests/bench/plot_cold_start.py .build/bench-samples docs/benchmarks-cold-start.png")
 print("```\n")
 print("Peers and tools need Debian's `bubblewrap crun runc haproxy wrk gnuplot-nox` (`make bench-deps` installs them).\n")
