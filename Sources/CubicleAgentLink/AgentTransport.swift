@@ -102,11 +102,15 @@ public final class AgentTransport: Sendable {
     }
 
     /// Closes every link, idle or in use (an attached exchange hears `failed`), and opens no more.
-    public func close() {
+    /// `keepingInUse`: links in use are left to end on their own and closed when given back; for an agent
+    /// that has exited, whose last response may still be in flight to us, and whose end (its sockets closed
+    /// by the kernel, then the sandbox's teardown) gives every such link its end of file.
+    public func close(keepingInUse: Bool = false) {
         let (links, opening) = state.withLock { s -> ([AgentLink], [Task<Void, Never>]) in
             s.closed = true
+            let idle = s.idle
             s.idle = []
-            return (Array(s.open.values), Array(s.opening.values))
+            return (keepingInUse ? idle : Array(s.open.values), Array(s.opening.values))
         }
         opening.forEach { $0.cancel() }
         links.forEach { $0.close() }

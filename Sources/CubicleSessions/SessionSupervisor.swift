@@ -270,7 +270,9 @@ struct SessionSupervisor: Sendable {
     func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
         let (first, wasWarm) = session.state.withLock { ($0.lifecycle.stop(reason), $0.warm) }
         guard first else { return (try? await session.done.value) ?? session.summary }
-        session.agent.close()
+        // An agent that answered and then exited (its response still in flight to us) is not cut off: its
+        // links end at the end of file its exit gives them. Any other ending cuts what is in flight.
+        if case .agentExited = reason { session.agent.close(keepingInUse: true) } else { session.agent.close() }
         let report = await session.sandbox.end(.stopped).value
         // Its elements out of the kernel and its link deleted once nothing inside can send any more.
         if let link = session.link { network?.detach(link.address) }

@@ -135,3 +135,24 @@ extension AgentLinkTests {
         }
     }
 }
+
+extension AgentLinkTests {
+    /// An agent that answers and exits: its session ends (the exit is reported) while the answer is still in
+    /// flight to us. Closing the transport keeping the links in use lets that answer arrive whole, and the
+    /// link is closed when given back (a plain close cuts it: `endingTheSessionClosesLinksInUseAndTheirSinkHearsIt`).
+    @Test func anExitedAgentsLastAnswerStillArrives() async throws {
+        try await withGroup(threads: 1) { group, agent in
+            let transport = AgentTransport(group: group, connector: agent.connector)
+            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
+            let fd = try await agent.waitForEnd(0)
+            _ = await agent.read(fd, atLeast: 1)
+            // The exit is heard before the answer is read.
+            transport.close(keepingInUse: true)
+            try await group.next().submit {}.get()  // whatever the close queued on the link's loop has run
+            agent.write(fd, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+            let answered = try await response.value
+            #expect(try await Self.collect(answered) == "hello")
+            #expect(await agent.closedByPeer(fd), "the link is closed once given back to a closed transport")
+        }
+    }
+}
