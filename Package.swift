@@ -58,7 +58,7 @@ let package = Package(
         .target(name: "CubicleDNSWire"),
         .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
         .target(name: "CubicleNetwork", dependencies: [
-            "CCubicleShim", "CubicleLinux", "CNftables", "CubicleDNSWire",
+            "CCubicleShim", "CubicleLinux", "CNftables", "CubicleDNSWire", "CubicleJSON",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -28,11 +28,14 @@ public final class Nftables: Sendable {
 
     deinit { context.withLock { if let c = $0 { nft_ctx_free(c) } } }
 
-    /// Runs `commands` (nft's own syntax) as one transaction; what `list` commands print.
+    /// Runs `commands` (nft's own syntax) as one transaction; what `list` commands print (as JSON with `json`).
     @discardableResult
-    public func run(_ commands: String, step: String) throws(NftablesError) -> String {
+    public func run(_ commands: String, step: String, json: Bool = false) throws(NftablesError) -> String {
         let result: Result<String, NftablesError> = context.withLock { ctx in
             guard let ctx else { return .failure(NftablesError(step: step, message: "closed")) }
+            let flags = nft_ctx_output_get_flags(ctx)
+            if json { nft_ctx_output_set_flags(ctx, flags | UInt32(NFT_CTX_OUTPUT_JSON)) }
+            defer { nft_ctx_output_set_flags(ctx, flags) }
             let rc = nft_run_cmd_from_buffer(ctx, commands)
             let output = nft_ctx_get_output_buffer(ctx).map { String(cString: $0) } ?? ""
             let error = nft_ctx_get_error_buffer(ctx).map { String(cString: $0) } ?? ""

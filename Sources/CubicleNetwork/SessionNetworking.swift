@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CCubicleShim
 import CubicleDNSWire
+import CubicleJSON
 import CubicleLinux
 import Dispatch
 import Logging
@@ -92,6 +93,8 @@ public final class SessionNetworking: Sendable {
     /// Where a session's elements are added beside its launch (libnftables blocks for a netlink round trip).
     private let rules = NIOThreadPool(numberOfThreads: 1)
     private let closed = Atomic<Bool>(false)
+    /// DNS grants a killed predecessor's table held, by session address, for the sessions adopted again.
+    private let inherited = Mutex<[IPAddress: [(IPAddress, UInt32)]]>([:])
     /// Counts of refused connections by runtime, for /metrics.
     private let deniedCounts = Mutex<[String: Int]>([:])
 
@@ -127,6 +130,8 @@ public final class SessionNetworking: Sendable {
         firewall = EgressFirewall(table: "cubicle_" + settings.tag, linkPattern: "c\(settings.tag)*", egressInterface: settings.egressInterface,
                                   sessionNetwork: settings.sessionNetwork, gateway: links.gateway,
                                   dnsPort: Self.dnsPort, metadataPort: Self.metadataPort, logGroup: group16)
+        // A predecessor's grants, read before its table is replaced, go back to the sessions adopted again.
+        inherited.withLock { $0 = Self.grants(in: (try? nft.run("list set inet \(firewall.table) resolved", step: "read grants", json: true)) ?? "") }
         try nft.run(firewall.install(sessions: []), step: "install table \(firewall.table)")
         // Replies to sessions come back through the egress interface and are forwarded to their links.
         _ = try? Files.write("/proc/sys/net/ipv4/conf/\(settings.egressInterface)/forwarding", "1")
@@ -190,9 +195,29 @@ public final class SessionNetworking: Sendable {
     public func adopt(index: Int, runtime: String, sessionID: String?, policy: EgressPolicy, role: RoleCredentialSource?) throws {
         guard links.claim(index: index) else { throw SystemError("link \(index) is already in use", errno: EEXIST) }
         let link = SessionLink(index: index, name: links.name(of: index), address: links.address(of: index), namespaceFD: -1)
-        try nft.run(EgressFirewall.SessionRules(link: link.name, address: link.address, policy: policy).elements(table: firewall.table, adding: true),
-                    step: "add session \(link.address)")
-        entries.withLock { $0[link.address] = Entry(sessionID: sessionID, runtime: runtime, policy: policy, role: role, link: link) }
+        let grants = inherited.withLock { $0.removeValue(forKey: link.address) } ?? []
+        var text = EgressFirewall.SessionRules(link: link.name, address: link.address, policy: policy).elements(table: firewall.table, adding: true)
+        for (destination, seconds) in grants { text += firewall.resolved(session: link.address, destination: destination, seconds: seconds) }
+        try nft.run(text, step: "add session \(link.address)")
+        let now = DispatchTime.now().uptimeNanoseconds
+        var entry = Entry(sessionID: sessionID, runtime: runtime, policy: policy, role: role, link: link)
+        for (destination, seconds) in grants { entry.resolved[destination] = now + UInt64(seconds) * 1_000_000_000 }
+        entries.withLock { $0[link.address] = entry }
+    }
+
+    /// The elements of a `resolved` set as nft lists them in JSON: (session, destination, seconds left).
+    static func grants(in json: String) -> [IPAddress: [(IPAddress, UInt32)]] {
+        guard let root = try? JSON.parse(json), let items = root["nftables"]?.arrayValue else { return [:] }
+        var out: [IPAddress: [(IPAddress, UInt32)]] = [:]
+        for item in items {
+            for e in item["set"]?["elem"]?.arrayValue ?? [] {
+                guard let pair = e["elem"]?["val"]?["concat"]?.arrayValue, pair.count == 2,
+                      let session = pair[0].stringValue.flatMap({ IPAddress($0) }), let destination = pair[1].stringValue.flatMap({ IPAddress($0) }),
+                      let left = e["elem"]?["expires"]?.intValue, left > 0 else { continue }
+                out[session, default: []].append((destination, UInt32(clamping: left)))
+            }
+        }
+        return out
     }
 
     /// The link once the sandbox's processes hold its namespace: ours is closed, so the namespace (and

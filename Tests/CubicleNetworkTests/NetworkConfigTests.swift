@@ -37,4 +37,17 @@ import Testing
         #expect(parsed["default"]?["aws_access_key_id"] == "AKIADEFAULT")
         #expect(RoleCredentialSource(roleArn: "arn:aws:iam::123456789012:role/team/tutor", profile: "p", sharedCredentialsFile: "/x").roleName == "tutor")
     }
+
+    @Test func grantsAreReadBackFromNftsJSON() {
+        let listing = """
+        {"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"set": {"family": "inet", "name": "resolved", \
+        "table": "cubicle_t", "type": ["ipv4_addr", "ipv4_addr"], "flags": ["timeout"], "elem": [{"elem": {"val": {"concat": \
+        ["10.9.0.2", "198.19.1.10"]}, "timeout": 300, "expires": 284}}, {"elem": {"val": {"concat": ["10.9.0.3", "bad"]}, \
+        "timeout": 300, "expires": 10}}, {"elem": {"val": {"concat": ["10.9.0.2", "198.19.1.11"]}, "timeout": 60, "expires": 0}}]}}]}
+        """
+        let grants = SessionNetworking.grants(in: listing)
+        #expect(grants.count == 1)
+        #expect(grants[IPAddress("10.9.0.2")!]?.map { "\($0.0) \($0.1)" } == ["198.19.1.10 284"], "an expired grant and a bad address are dropped")
+        #expect(SessionNetworking.grants(in: "not json").isEmpty)
+    }
 }

@@ -3,11 +3,14 @@ were, and nothing of any ended session on the host. CUBICLE_CHURN sets how many 
 import http.client
 import json
 import os
+import re
+import subprocess
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import ARN_PREFIX, PRODUCTS, cgroup_dirs, new_session_id
+from fake_internet import FakeInternet, session_network
 
 CHURN = int(os.environ.get("CUBICLE_CHURN", "300"))
 ARN = urllib.parse.quote(ARN_PREFIX + "demo", safe="")
@@ -46,15 +49,20 @@ def settle(pid, baseline, timeout=30):
         time.sleep(0.5)
 
 
-def test_churn_leaves_no_trace(start_daemon, tmp_path):
-    leases = tmp_path / "leases"
-    d = start_daemon(f"""endedRetentionSeconds: 0
+def churn_config(runtime_extra=""):
+    """The demo runtime, its ended sessions not kept; `runtime_extra`: more of its YAML fields."""
+    return f"""endedRetentionSeconds: 0
 runtimes:
   - name: demo
     command: [/app/cubicle-demo-agent]
     codeDirectory: {PRODUCTS}
     limits: {{memory: 256MiB}}
-""", extra_args=["--uid-lease-dir", str(leases)])
+{runtime_extra}"""
+
+
+def test_churn_leaves_no_trace(start_daemon, tmp_path):
+    leases = tmp_path / "leases"
+    d = start_daemon(churn_config(), extra_args=["--uid-lease-dir", str(leases)])
     pool = ThreadPoolExecutor(8)
     # Warm-up: pools, caches and lazily made state reach their steady size before the baseline.
     list(pool.map(lambda _: one_session(d.port), range(40)))
@@ -95,20 +103,12 @@ runtimes:
 def test_public_churn_leaves_no_link_route_rule_or_element(start_daemon, tmp_path):
     """PUBLIC sessions churned: each one's link, route, set elements and DNS grants go with it; only the
     links made ahead of time (two) remain, and cubicled's descriptors come back."""
-    import subprocess
-    from fake_internet import FakeInternet, session_network
     internet = FakeInternet({"api.example.test": "a"})
     try:
         net = session_network()
-        d = start_daemon(f"""endedRetentionSeconds: 0
-runtimes:
-  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-    limits: {{memory: 256MiB}}
-    networkConfiguration: {{networkMode: PUBLIC}}
+        d = start_daemon(churn_config(f"""    networkConfiguration: {{networkMode: PUBLIC}}
     egress: {{allow: [api.example.test, {internet.hosts['b']}/32]}}
-""", extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net])
+"""), extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net])
         def one_public_session(_):
             # Each one resolves a name, so its DNS grant is in the kernel when it ends.
             sid = new_session_id()
@@ -130,7 +130,6 @@ runtimes:
         prefix = net.rsplit(".", 1)[0] + "."
         routes = [l for l in subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout.splitlines() if l.startswith(prefix)]
         assert len(routes) <= 2, f"routes of ended sessions: {routes}"
-        import re
         table = re.search(r"table=(cubicle_\w+)", d.log_text()).group(1)
         listing = json.loads(subprocess.run(["nft", "-j", "list", "table", "inet", table], capture_output=True, text=True, check=True).stdout)
         leftover = {o["set"]["name"]: o["set"]["elem"] for o in listing["nftables"]

@@ -329,13 +329,16 @@ def test_ended_sessions_and_the_daemon_leave_no_link_rule_or_element(start_daemo
 
 def test_restarted_daemon_takes_over_public_sessions_with_their_networking(start_daemon, internet):
     h = internet.hosts
-    d = start_public(start_daemon, internet, allow=[h["a"] + "/32"])
+    d = start_public(start_daemon, internet, allow=[h["a"] + "/32", "*.wild.test"])
     sid = new_session(d)
+    assert resolve_in(d, sid, "x.wild.test")["x.wild.test"] == h["b"]
     d.process.kill()
     d.process.wait()
     d.restart()
-    got = connect_from(d, sid, f"{h['a']}:80", f"{h['b']}:80")
-    assert got[f"{h['a']}:80"][0] == "ok" and got[f"{h['b']}:80"][0] != "ok", got
+    # Its link, its policy and what its DNS had granted (x.wild.test's address) are all still there.
+    got = connect_from(d, sid, f"{h['a']}:80", f"{h['b']}:80", f"{h['c']}:80", f"{h['e']}:80")
+    assert got[f"{h['a']}:80"][0] == "ok" and got[f"{h['b']}:80"][0] == "ok", got
+    assert got[f"{h['c']}:80"][0] != "ok" and got[f"{h['e']}:80"][0] != "ok", got
     assert d.cubicle_json("inspect", sid)["network"]["mode"] == "PUBLIC"
 
 
