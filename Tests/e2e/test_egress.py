@@ -24,7 +24,7 @@ def internet():
     fi.close()
 
 
-def public_config(internet, allow=None, deny=None, extra="", top=""):
+def public_config(internet, allow=None, deny=None, extra="", top="", more_runtimes=""):
     egress = ""
     if allow is not None or deny is not None:
         egress = "    egress:\n"
@@ -45,10 +45,10 @@ runtimes:
     codeDirectory: {PRODUCTS}
     limits: {{memory: 256MiB}}
     networkConfiguration: {{networkMode: PUBLIC}}
-{egress}{extra}"""
+{egress}{extra}{more_runtimes}"""
 
 
-def start_public(start_daemon, internet, tmp_path=None, **kw):
+def start_public(start_daemon, internet, **kw):
     net = session_network()
     d = start_daemon(public_config(internet, **kw), extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns,
                                                                 "--session-network", net])
@@ -233,9 +233,23 @@ ROLE = "arn:aws:iam::123456789012:role/tutor"
 
 def test_metadata_endpoint_serves_the_runtimes_role_with_a_token_only(start_daemon, internet, tmp_path):
     creds = write_credentials(tmp_path)
-    top = f"roleCredentials:\n  - {{roleArn: \"{ROLE}\", profile: tutor, sharedCredentialsFile: {creds}}}\n"
-    d = start_public(start_daemon, internet, extra=f"    roleArn: \"{ROLE}\"\n", top=top, allow=[internet.hosts["a"] + "/32"])
+    other_role = "arn:aws:iam::123456789012:role/other"
+    top = (f"roleCredentials:\n  - {{roleArn: \"{ROLE}\", profile: tutor, sharedCredentialsFile: {creds}}}\n"
+           f"  - {{roleArn: \"{other_role}\", profile: other, sharedCredentialsFile: {creds}}}\n")
+    more = f"""  - name: web2
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+    limits: {{memory: 256MiB}}
+    networkConfiguration: {{networkMode: PUBLIC}}
+    roleArn: "{other_role}"
+"""
+    d = start_public(start_daemon, internet, extra=f"    roleArn: \"{ROLE}\"\n", top=top, allow=[internet.hosts["a"] + "/32"], more_runtimes=more)
     sid, other = new_session(d), new_session(d)
+    # A session of another runtime gets its own runtime's role, never this one's.
+    rc, out, err = run_in(d, new_session(d, runtime="web2"), metadata_script())
+    assert rc == 0, err
+    theirs = json.loads(out)
+    assert theirs["role"] == [200, "other"] and json.loads(theirs["creds"][1])["AccessKeyId"] == "AKIAOTHER", theirs
     rc, out, err = run_in(d, sid, metadata_script())
     assert rc == 0, err
     got = json.loads(out)
