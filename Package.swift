@@ -28,6 +28,7 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
     ],
     targets: [
         // Only what Swift cannot do safely: clone/fork with pre-exec setup, SCM_RIGHTS, variadic ioctl/prctl.
@@ -56,6 +57,12 @@ let package = Package(
         // The session DNS's wire format alone (no I/O), so the fuzzer builds it without the network room's
         // dependencies.
         .target(name: "CubicleDNSWire"),
+        .systemLibrary(name: "CLibarchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
+        // Container images: references, the content-addressed store, layers unpacked with libarchive.
+        .target(name: "CubicleImages", dependencies: [
+            "CLibarchive", "CubicleLinux", "CubicleJSON",
+            .product(name: "Crypto", package: "swift-crypto"),
+        ]),
         .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
         .target(name: "CubicleNetwork", dependencies: [
             "CCubicleShim", "CubicleLinux", "CNftables", "CubicleDNSWire", "CubicleJSON",
@@ -129,6 +136,7 @@ let package = Package(
         .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleRuntimes", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),
                                                           .product(name: "NIOHTTPTypes", package: "swift-nio-extras")]),
+        .testTarget(name: "CubicleImagesTests", dependencies: ["CubicleImages", "CubicleLinux"]),
         .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork", "CubicleDNSWire"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
     ]
