@@ -1,0 +1,123 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+@testable import CubicleImages
+import CubicleLinux
+import Foundation
+import Testing
+
+/// The store and the puller against OCI layouts written by Tests/images/make_oci_layout.py.
+@Suite(.serialized) struct ImageStoreTests {
+    let dir = "/tmp/cubicle-store-test-\(UInt32.random(in: 0...UInt32.max))"
+
+    func layout(_ name: String, platforms: String) throws -> String {
+        let path = "\(dir)/\(name)"
+        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .appendingPathComponent("images/make_oci_layout.py").path
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        p.arguments = [script, path, "v1", platforms]
+        try p.run()
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0)
+        return path
+    }
+
+    func store() throws -> ImageStore { try ImageStore(root: dir + "/store") }
+
+    @Test func anImageFromALayoutIsVerifiedUnpackedAndRecorded() async throws {
+        defer { try? Files.removeTree(dir) }
+        let source = OCILayoutSource(directory: try layout("single", platforms: "linux/amd64"))
+        let s = try store()
+        let image = try await ImagePuller(store: s, platform: OCI.Platform(os: "linux", architecture: "amd64"))
+            .pull("v1", as: "oci:single:v1", from: source)
+        #expect(image.layers.count == 2 && s.image("oci:single:v1") == image)
+        let one = s.layerPath(image.layers[0]), two = s.layerPath(image.layers[1])
+        #expect(try Files.read(one + "/etc/os-release") == "ID=cubicle-test\n")
+        var st = stat()
+        #expect(lstat(one + "/home/agent/note", &st) == 0 && st.st_uid == 1000 && st.st_mode & 0o777 == 0o600)
+        #expect(lstat(two + "/etc/motd", &st) == 0 && st.st_mode & S_IFMT == S_IFCHR, "layer two's whiteout")
+        let config = try OCI.ImageConfig(try s.readVerified(image.config))
+        #expect(config.entrypoint == ["/usr/bin/hello"] && config.cmd == ["--flag"] && config.workingDir == "/srv" && config.user == "1000:1000")
+        #expect(config.env.contains("GREETING=hi"))
+        #expect(lstat(dir + "/store", &st) == 0 && st.st_mode & 0o777 == 0o700, "the store is root's alone")
+        #expect(try Files.listDirectory(dir + "/store/tmp").isEmpty)
+        // Pulling again downloads nothing and unpacks nothing: the same record.
+        #expect(try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "oci:single:v1", from: source) == image)
+    }
+
+    @Test func anIndexGivesThisHostsPlatformOrNamesTheOnesItHas() async throws {
+        defer { try? Files.removeTree(dir) }
+        let multi = OCILayoutSource(directory: try layout("multi", platforms: "linux/amd64,linux/arm64"))
+        let s = try store()
+        let arm = try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "arm64")).pull("v1", as: "arm", from: multi)
+        let amd = try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "amd", from: multi)
+        #expect(arm.manifest != amd.manifest && arm.layers == amd.layers, "one manifest per platform, the layers shared and stored once")
+        let armOnly = OCILayoutSource(directory: try layout("armonly", platforms: "linux/arm64"))
+        let error = await #expect(throws: OCI.Failure.self) {
+            try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "x", from: armOnly)
+        }
+        #expect(error?.message == "x is an image for linux/arm64, not for this host (linux/amd64)")
+        let s390 = await #expect(throws: OCI.Failure.self) {
+            try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "s390x")).pull("v1", as: "y", from: multi)
+        }
+        #expect(s390?.message == "no image for linux/s390x in this index; it offers linux/amd64, linux/arm64")
+        #expect(s.image("x") == nil && s.image("y") == nil)
+    }
+
+    @Test func aTamperedBlobIsRefusedAndNothingOfItIsUsed() async throws {
+        defer { try? Files.removeTree(dir) }
+        let path = try layout("tampered", platforms: "linux/amd64")
+        // Flip a byte of a layer (a gzip blob) in place: its name still claims the old digest.
+        let blobs = try Files.listDirectory(path + "/blobs/sha256").map { path + "/blobs/sha256/" + $0 }
+        let victim = try #require(blobs.first { (try? Files.readBytes($0, limit: 1 << 20).prefix(2)) == [0x1F, 0x8B] })
+        var bytes = try Files.readBytes(victim, limit: 1 << 20)
+        bytes[bytes.count / 2] ^= 0xFF
+        try Files.writeAtomically(victim, bytes, mode: 0o644, durable: false)
+        let s = try store()
+        await #expect(throws: Digest.Failure.self) {
+            try await ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "t", from: OCILayoutSource(directory: path))
+        }
+        let victimHex = String(victim.split(separator: "/").last!)
+        #expect(!Files.exists(dir + "/store/blobs/sha256/" + victimHex) && !Files.exists(dir + "/store/layers/" + victimHex))
+        let left = try Files.listDirectory(dir + "/store/tmp")
+        #expect(s.image("t") == nil && left.isEmpty)
+    }
+
+    @Test func aTamperedManifestIsRefusedBeforeItIsParsed() async throws {
+        defer { try? Files.removeTree(dir) }
+        let path = try layout("tamperedmanifest", platforms: "linux/amd64")
+        let blobs = try Files.listDirectory(path + "/blobs/sha256").map { path + "/blobs/sha256/" + $0 }
+        let manifest = try #require(blobs.first { (try? Files.read($0))?.contains("\"layers\"") == true })
+        try Files.writeAtomically(manifest, try Files.read(manifest).replacingOccurrences(of: "tar+gzip", with: "tar+gzip "), mode: 0o644, durable: false)
+        await #expect(throws: Digest.Failure.self) {
+            try await ImagePuller(store: try store(), platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "m", from: OCILayoutSource(directory: path))
+        }
+    }
+
+    @Test func pruneKeepsWhatRemainingImagesUse() async throws {
+        defer { try? Files.removeTree(dir) }
+        let s = try store()
+        let source = OCILayoutSource(directory: try layout("p", platforms: "linux/amd64"))
+        let puller = ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64"))
+        let a = try await puller.pull("v1", as: "a", from: source)
+        _ = try await puller.pull("v1", as: "b", from: source)
+        #expect(try s.prune(keeping: ["b"]) == ["a"])
+        #expect(Files.exists(s.layerPath(a.layers[0])), "b uses the same layers")
+        #expect(try s.prune(keeping: []) == ["b"])
+        let blobs = try Files.listDirectory(dir + "/store/blobs/sha256")
+        #expect(!Files.exists(s.layerPath(a.layers[0])) && blobs.isEmpty)
+    }
+
+    @Test func referencesReadAsDockerReadsThem() throws {
+        let r = try ImageReference("python:3.12-slim")
+        #expect(r.registry == "docker.io" && r.repository == "library/python" && r.tag == "3.12-slim")
+        let local = try ImageReference("127.0.0.1:5000/agents/tutor@sha256:" + String(repeating: "a", count: 64))
+        #expect(local.registry == "127.0.0.1:5000" && local.repository == "agents/tutor" && local.tag == nil && local.manifestReference.hasPrefix("sha256:"))
+        #expect(try ImageReference("localhost/x").registry == "localhost")
+        #expect(try ImageReference("ghcr.io/org/app").tag == "latest")
+        for bad in ["", "UPPER/case", "a//b", "x:bad tag", "x@sha256:short", "host:99999/x", "x:" + String(repeating: "t", count: 129)] {
+            #expect(throws: ImageReference.Failure.self, "\(bad)") { try ImageReference(bad) }
+        }
+    }
+}
