@@ -29,6 +29,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
     ],
     targets: [
         // Only what Swift cannot do safely: clone/fork with pre-exec setup, SCM_RIGHTS, variadic ioctl/prctl.
@@ -62,6 +63,7 @@ let package = Package(
         .target(name: "CubicleImages", dependencies: [
             "CLibarchive", "CubicleLinux", "CubicleJSON",
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
         ]),
         .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
         .target(name: "CubicleNetwork", dependencies: [
