@@ -128,7 +128,7 @@ let package = Package(
         .executableTarget(name: "cubicle-fuzz-dns", dependencies: ["CubicleDNSWire", "FuzzReplay"], path: "Sources/Fuzz/DNS"),
         .executableTarget(name: "cubicle-fuzz-validators", dependencies: ["CubicleAgentCore", "CubicleJSON", "FuzzReplay"], path: "Sources/Fuzz/Validators"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
-        .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux"]),
+        .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux", "CubicleImages"]),
         .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
                                                            .product(name: "NIOPosix", package: "swift-nio"),

@@ -638,3 +638,30 @@ ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nf
     }
     return n;
 }
+
+/* An image layer for one sandbox: a detached copy of the layer's directory (open_tree), read-only, no
+ * devices, and idmapped through the sandbox's user namespace, so the layer's on-disk owners (0, 1000...)
+ * are seen inside as the sandbox's own 0, 1000... without a chown. */
+#ifndef MOUNT_ATTR_IDMAP
+#define MOUNT_ATTR_IDMAP 0x00100000
+#endif
+struct cubicle_mount_attr { unsigned long long attr_set, attr_clr, propagation, userns_fd; };
+
+int cubicle_idmapped_tree(const char *path, int userns_fd) {
+    int fd = (int)syscall(SYS_open_tree, AT_FDCWD, path, 1 /* OPEN_TREE_CLONE */ | O_CLOEXEC | AT_SYMLINK_NOFOLLOW);
+    if (fd < 0) return -1;
+    struct cubicle_mount_attr attr = { .attr_set = MOUNT_ATTR_IDMAP | 0x1 /* RDONLY */ | 0x4 /* NODEV */ | 0x2 /* NOSUID */,
+                                       .userns_fd = (unsigned long long)userns_fd };
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) {
+        int e = errno;
+        close(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+/* Attaches a detached mount (from cubicle_idmapped_tree, received over the control socket) at target. */
+int cubicle_move_mount_to(int fd, const char *target) {
+    return (int)syscall(SYS_move_mount, fd, "", AT_FDCWD, target, 0x4 /* MOVE_MOUNT_F_EMPTY_PATH */);
+}

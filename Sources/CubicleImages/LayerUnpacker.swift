@@ -88,8 +88,11 @@ public struct LayerUnpacker: Sendable {
 
         // Whiteouts, as overlayfs spells them.
         if name == ".wh..wh..opq" {
-            let v = "y"
-            guard fsetxattr(parent, "trusted.overlay.opaque", v, 1, 0) == 0 else { throw .system("opaque \(rawName): errno \(errno)") }
+            // Both spellings: an overlay mounted by host root reads trusted.*, one mounted in a sandbox's user
+            // namespace (userxattr) reads user.*.
+            for name in ["trusted.overlay.opaque", "user.overlay.opaque"] {
+                guard fsetxattr(parent, name, "y", 1, 0) == 0 else { throw .system("opaque \(rawName): errno \(errno)") }
+            }
             return
         }
         if name.hasPrefix(".wh.") {

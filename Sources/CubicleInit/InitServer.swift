@@ -63,13 +63,35 @@ public struct InitServer {
         }
     }
 
+    /// The second frame of an image sandbox: exactly `count` mount descriptors, nothing else.
+    mutating func receiveLayers(count: Int) -> [Int32] {
+        do {
+            var next = try channel.receive()
+            while next == nil { next = try channel.receive() }
+            guard case (.notification(RPCMethod.imageLayers, _, _), let fds)? = next, fds.count == count else {
+                fail(SystemError("second message is not \(count) image layers", errno: EPROTO))
+            }
+            return fds
+        } catch {
+            fail(SystemError("image layers: \(error)", errno: EPROTO))
+        }
+    }
+
     mutating func run(given: InitConfig?, fromTemplate: Bool) -> Never {
         let started = Self.monotonicNanoseconds()
         let config = given ?? receiveConfiguration()
         let configured = Self.monotonicNanoseconds()
         do {
             let filesystem = RootFilesystem(config: config)
-            if fromTemplate { try filesystem.buildFromTemplate() } else { try filesystem.build() }
+            if config.imageLayers > 0 {
+                let layers = receiveLayers(count: config.imageLayers)
+                try filesystem.buildImage(layers: layers)
+                layers.forEach { _ = close($0) }
+            } else if fromTemplate {
+                try filesystem.buildFromTemplate()
+            } else {
+                try filesystem.build()
+            }
         } catch {
             fail(error)
         }

@@ -56,6 +56,96 @@ struct RootFilesystem {
         try nameAndNetwork()
     }
 
+    /// An image root: the layers (top first, idmapped mounts from the host) under an overlay whose upper
+    /// layer is this sandbox's root tmpfs, so writes anywhere the image allows land there and go with the
+    /// sandbox; then Cubicle's own parts over it as for any sandbox (/proc, /dev, /tmp, the agent's home,
+    /// hostname, resolv.conf), the read-only binds the runtime names, and the pivot. No host path is
+    /// visible but those binds.
+    func buildImage(layers: [Int32]) throws(SystemError) {
+        try sys("make / private") { mount(nil, "/", nil, UInt(MS_REC | MS_PRIVATE), nil) }
+        try mountTmpfs(staging, bytes: config.rootBytes, mode: "0700")
+        var lower: [String] = []
+        for (i, fd) in layers.enumerated() {
+            let point = "\(staging)/layers/\(i)"
+            try mkdirs(point)
+            try sys("attach layer \(i)") { cubicle_move_mount_to(fd, point) }
+            lower.append(point)
+        }
+        let root = staging + "/root"
+        for dir in ["/upper", "/work", "/root"] { try mkdirs(staging + dir) }
+        // userxattr: an overlay in a user namespace keeps its own markers in user.overlay.* (the store
+        // writes opaque directories both ways).
+        let options = "lowerdir=\(lower.joined(separator: ":")),upperdir=\(staging)/upper,workdir=\(staging)/work,userxattr"
+        try sys("mount overlay") { mount("overlay", root, "overlay", UInt(MS_NOSUID | MS_NODEV), options) }
+        // The image's tree is the image's: until the pivot, a symlink in it would resolve against the host's
+        // root. Every path Cubicle mounts on or writes is first made a real directory or file, component by
+        // component without following a symlink (one in the way is replaced), so the path calls after it
+        // stay in the image.
+        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev", "/etc", InitConfig.imageUpper] { try realPath(root, dir, directory: true) }
+        try mountImageHostBinds(at: root)
+        try writeInImage(root, "/etc/hostname", config.hostname + "\n")
+        if let nameserver = config.nameserver { try writeInImage(root, "/etc/resolv.conf", "nameserver \(nameserver)\noptions timeout:2 attempts:2\n") }
+        try mountDevNodes(at: root + "/dev")
+        try makeReadOnly(root + "/dev", nodev: false)
+        try mountPerSandboxPart(at: root)
+        // The upper layer's tmpfs, where the host's wipe finds it; root-only (0700) inside.
+        try sys("bind upper") { mount(staging, root + InitConfig.imageUpper, nil, UInt(MS_BIND), nil) }
+        try pivot(into: root, rootIsReadOnly: true)
+        try nameAndNetwork()
+    }
+
+    /// The runtime's read-only binds (code directory, readOnlyMounts, and the host's resolv.conf and hosts
+    /// where no session DNS writes its own) over the image, each made read-only on its own.
+    private func mountImageHostBinds(at root: String) throws(SystemError) {
+        for m in config.mounts {
+            guard case .bindReadOnly(let index, let directory) = m.kind else { continue }
+            let target = root + m.target
+            try realPath(root, m.target, directory: directory)
+            try bind("/proc/self/fd/\(InitConfig.firstSourceFD + Int32(index))", target, directory: directory, step: "bind \(m.target)")
+            try makeReadOnly(target)
+        }
+    }
+
+    /// Makes `path` under `root` a real directory (or, with `directory` false, a real file, and its parents
+    /// real directories), never following a symlink: whatever is in the way (a symlink, a file where a
+    /// directory belongs) is removed from the image's tree (an overlay whiteout) and made anew.
+    private func realPath(_ root: String, _ path: String, directory: Bool) throws(SystemError) {
+        let parts = path.split(separator: "/").map(String.init)
+        var fd = try sys("open image root") { open(root, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        defer { close(fd) }
+        for (i, part) in parts.enumerated() {
+            let last = i == parts.count - 1
+            if last && !directory {
+                let f = openat(fd, part, O_WRONLY | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0o644)
+                if f >= 0 { close(f); return }
+                _ = unlinkat(fd, part, 0)
+                _ = unlinkat(fd, part, AT_REMOVEDIR)
+                let again = try sys("create \(path)") { openat(fd, part, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o644) }
+                close(again)
+                return
+            }
+            var next = openat(fd, part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)
+            if next < 0 {
+                _ = unlinkat(fd, part, 0)
+                _ = mkdirat(fd, part, 0o755)
+                next = try sys("make \(path)") { openat(fd, part, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+            }
+            close(fd)
+            fd = next
+        }
+    }
+
+    /// Writes a file of the image's /etc through a real file `realPath` made, not through a path.
+    private func writeInImage(_ root: String, _ path: String, _ contents: String) throws(SystemError) {
+        try realPath(root, path, directory: false)
+        let dir = try sys("open \(Files.parent(path))") { open(root + Files.parent(path), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
+        defer { close(dir) }
+        let name = String(path.split(separator: "/").last!)
+        let fd = try sys("open \(path)") { openat(dir, name, O_WRONLY | O_TRUNC | O_NOFOLLOW | O_CLOEXEC) }
+        defer { close(fd) }
+        try Files.writeAll(fd, Array(contents.utf8), step: "write \(path)")
+    }
+
     /// The read-only part under `root` (a fresh tmpfs): host binds from `sourceFD(index)`, identity files,
     /// /dev's nodes and links, mount points. Returns whether it is read-only already (mount_setattr exists);
     /// before Linux 5.12 each bind is remounted read-only on its own and the root at the pivot.

@@ -31,6 +31,12 @@ public struct InitConfig: Equatable, Sendable {
     public var reconnectSeconds: Int64 = 0
     /// Written as /etc/resolv.conf's only nameserver; nil: the host's resolv.conf is bound in.
     public var nameserver: String?
+    /// How many image layers make the root (0: the host's /usr, /lib* and /etc files, read-only, as
+    /// before). They arrive after the configuration, as idmapped mounts (`RPCMethod.imageLayers`); the
+    /// root is then an overlay of them with a writable upper layer in the root's tmpfs.
+    public var imageLayers = 0
+    /// Where an image root's upper layer (its tmpfs) is also mounted, so the host can wipe it at teardown.
+    public static let imageUpper = "/.cubicle-upper"
 
     public static let codePath = "/app"
     /// fd 3 is the control socket; fd 4 a listening socket in the host's state directory where a restarted
@@ -67,6 +73,7 @@ public struct InitConfig: Equatable, Sendable {
             "maxProcesses": .int(Int64(maxProcesses)),
             "reconnectSeconds": .int(reconnectSeconds),
             "nameserver": nameserver.map { .string($0) } ?? .null,
+            "imageLayers": .int(Int64(imageLayers)),
         ]
     }
 
@@ -99,6 +106,7 @@ public struct InitConfig: Equatable, Sendable {
         maxOpenFiles = try field("maxOpenFiles") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         maxProcesses = try field("maxProcesses") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         reconnectSeconds = min(max(json["reconnectSeconds"]?.intValue ?? 0, 0), 86_400)
+        imageLayers = Int(min(max(json["imageLayers"]?.intValue ?? 0, 0), 128))
         // A dotted IPv4 address and nothing else: it is written into a file other programs parse.
         if let n = json["nameserver"]?.stringValue {
             guard n.utf8.count <= 15, n.utf8.allSatisfy({ $0 == UInt8(ascii: ".") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }) else {

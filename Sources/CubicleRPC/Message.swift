@@ -126,6 +126,8 @@ public enum RPCDecodeError: Error, Equatable, Sendable, CustomStringConvertible 
 public enum RPCMethod {
     /// host -> init, first frame: the sandbox to build (`InitConfig`). Answered by the `ready` notification.
     public static let configure = "sandbox.configure"
+    /// host -> init, second frame when the root is an image: its layers (top first) as idmapped mounts.
+    public static let imageLayers = "sandbox.imageLayers"
     public static let startAgent = "agent.start"
     public static let connect = "agent.connect"
     public static let runCommand = "command.run"

@@ -64,7 +64,7 @@ public struct SandboxLauncher: Sendable {
             mounts.append(.init(target: target, kind: .bindReadOnly(sourceIndex: paths.count, directory: Files.isDirectory(source))))
             paths.append(source)
         }
-        for path in SandboxSpec.systemPaths {
+        for path in SandboxSpec.systemPaths where spec.imageLayers == nil {
             var st = stat()
             guard lstat(path, &st) == 0 else { continue }
             if (st.st_mode & S_IFMT) == S_IFLNK {
@@ -77,7 +77,8 @@ public struct SandboxLauncher: Sendable {
             }
         }
         // A session with a DNS of its own gets a resolv.conf naming it, written by init, not the host's.
-        for path in SandboxSpec.etcPaths where Files.exists(path) && !(spec.nameserver != nil && path == "/etc/resolv.conf") {
+        for path in SandboxSpec.etcPaths where Files.exists(path) && !(spec.nameserver != nil && path == "/etc/resolv.conf")
+            && (spec.imageLayers == nil || path == "/etc/resolv.conf" || path == "/etc/hosts") {
             add(path, target: path)
         }
         if let code = spec.codeDirectory {
@@ -186,7 +187,10 @@ public struct SandboxLauncher: Sendable {
                               network: pooledNetwork, taskFiles: taskFiles, usernsOwner: range.hostBase)
         // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
         let configuration = spec.initConfig(mounts: sources.mounts, reconnectSeconds: host.reconnectSeconds).json
-        let forked = try forkServer.flatMap { server throws(SandboxError) in try fork(child, via: server, cgroup: cgroup, configuration: configuration) }
+        // An image root is built by an exec'd init, which takes its layers after the clone (they are idmapped
+        // through the sandbox's user namespace, which exists only then).
+        let server = spec.imageLayers == nil ? forkServer : nil
+        let forked = try server.flatMap { server throws(SandboxError) in try fork(child, via: server, cgroup: cgroup, configuration: configuration) }
         let pid: pid_t
         if let forked {
             pid = forked
@@ -204,6 +208,7 @@ public struct SandboxLauncher: Sendable {
             var status: Int32 = 0
             _ = waitpid(pid, &status, 0)
         }
+        if let layers = spec.imageLayers { try sendImageLayers(layers, to: pid, over: hostSock) }
         // The OOM killer's last choice: a dead init ends the session, and the agent is what uses the memory.
         // Every process init starts raises itself to 500 (the shim); lowering init's own score as well
         // takes CAP_SYS_RESOURCE, which the host may have withheld from us: then init keeps cubicled's
@@ -214,6 +219,26 @@ public struct SandboxLauncher: Sendable {
         return Started(facts: Sandbox.Facts(id: id, initPID: pid, cgroup: cgroup, uidRange: range, stateDirectory: stateDirectory,
                                             cpus: limits.cpuSet ?? [], spawnNanoseconds: 0, spawnPhases: []),
                        hostSock: hostSock, hostSockOwned: hostSockOwned, phases: phases)
+    }
+
+    /// Each layer as a detached, read-only mount idmapped through the new sandbox's user namespace (its id
+    /// map is written by now), top layer first, to init as the second frame.
+    private func sendImageLayers(_ layers: [String], to pid: pid_t, over socket: Int32) throws(SandboxError) {
+        let userns = open("/proc/\(pid)/ns/user", O_RDONLY | O_CLOEXEC)
+        guard userns >= 0 else { throw .system(SystemError.lastError("open the sandbox's user namespace")) }
+        defer { close(userns) }
+        var fds: [Int32] = []
+        defer { fds.forEach { _ = close($0) } }
+        for layer in layers.reversed() {
+            let fd = cubicle_idmapped_tree(layer, userns)
+            guard fd >= 0 else { throw .system(SystemError.lastError("idmapped mount of \(layer)")) }
+            fds.append(fd)
+        }
+        do {
+            try BlockingChannel(fd: socket).send(.notification(method: RPCMethod.imageLayers, params: .object([:]), fds: fds.count), fds: fds)
+        } catch {
+            throw .system(error)
+        }
     }
 
     /// The sandbox's cgroup made (or a spare taken) with the spec's limits and CPUs; on v1, the `tasks`

@@ -26,6 +26,10 @@ public struct SandboxSpec: Sendable {
     public var networkNamespaceFD: Int32?
     /// The resolver the sandbox's /etc/resolv.conf names instead of the host's file (a PUBLIC session's DNS).
     public var nameserver: String?
+    /// An image's unpacked layer directories, bottom first (from the image store): the root is their
+    /// overlay with a writable upper layer in the root's tmpfs, and no host path is bound but the code
+    /// directory, `readOnlyMounts` and the host's resolv.conf and hosts. nil: the host's /usr, /lib* and /etc files.
+    public var imageLayers: [String]?
     /// From `SeccompProfile.compile()`; compile once and share it between sandboxes.
     public var seccompProgram: [UInt8]
 
@@ -115,6 +119,7 @@ extension SandboxSpec {
         config.maxProcesses = maxProcesses
         config.reconnectSeconds = reconnectSeconds
         config.nameserver = nameserver
+        config.imageLayers = imageLayers?.count ?? 0
         return config
     }
 }

@@ -40,7 +40,8 @@ final class PinnedMounts: Sendable {
         guard root >= 0 else { return PinnedMounts([]) }
         defer { close(root) }
         var fds: [Int32] = []
-        for point in InitConfig.writableMounts {
+        // An image root's upper layer too, where its init binds it (absent otherwise).
+        for point in InitConfig.writableMounts + [InitConfig.imageUpper] {
             let fd = cubicle_open_in_root(root, point, O_RDONLY | O_DIRECTORY)
             guard fd >= 0 else { continue }
             var identity = cubicle_file_identity()

@@ -3,8 +3,10 @@ a config, a manifest per platform, and an index (tagged with org.opencontainers.
 
     python3 make_oci_layout.py DIR TAG PLATFORM[,PLATFORM...]     e.g. linux/amd64,linux/arm64
 
-Layer 1 holds /etc/os-release, /usr/bin/hello (mode 0755), /home/agent/note (uid 1000) and /etc/motd;
-layer 2 removes /etc/motd (a whiteout) and adds /srv/data. The config names Entrypoint, Cmd, Env,
+Layer 1 holds /etc/os-release, /usr/bin/hello (mode 0755), /srv (uid 1000) with /srv/note (uid 1000,
+0600) and /etc/motd, and, where the host has a static busybox (Debian's busybox-static), /bin/busybox with
+its applets as symlinks and a setuid-root copy at /usr/bin/busybox-suid; layer 2 removes /etc/motd (a
+whiteout) and adds /srv/data. The config names Entrypoint, Cmd, Env,
 WorkingDir and User. Tests and benchmarks share it."""
 import gzip
 import hashlib
@@ -32,6 +34,9 @@ def layer(entries):
             if data is None:
                 i.type = tarfile.DIRTYPE
                 t.addfile(i)
+            elif isinstance(data, str) and data.startswith("->"):
+                i.type, i.linkname = tarfile.SYMTYPE, data[2:]
+                t.addfile(i)
             else:
                 i.size = len(data)
                 t.addfile(i, io.BytesIO(data))
@@ -42,10 +47,19 @@ def main(root, tag, platforms):
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
-    one_raw, one = layer([("etc/", None, 0o755, 0), ("etc/os-release", b"ID=cubicle-test\n", 0o644, 0),
-                          ("etc/motd", b"hello\n", 0o644, 0), ("usr/bin/hello", b"#!/bin/sh\necho hello\n", 0o755, 0),
-                          ("home/agent/note", b"from the image\n", 0o600, 1000)])
-    two_raw, two = layer([("etc/.wh.motd", b"", 0o644, 0), ("srv/data", b"layer two\n", 0o644, 0)])
+    entries = [("etc/", None, 0o755, 0), ("etc/os-release", b"ID=cubicle-test\n", 0o644, 0),
+               ("etc/motd", b"hello\n", 0o644, 0), ("usr/bin/hello", b"#!/bin/sh\necho hello\n", 0o755, 0),
+               ("srv/", None, 0o755, 1000), ("srv/note", b"from the image\n", 0o600, 1000),
+               ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n", 0o644, 0)]
+    if os.path.exists("/bin/busybox"):
+        with open("/bin/busybox", "rb") as f:
+            busybox = f.read()
+        entries += [("bin/", None, 0o755, 0), ("bin/busybox", busybox, 0o755, 0), ("usr/bin/busybox-suid", busybox, 0o4755, 0)]
+        entries += [(f"bin/{a}", "->busybox", 0o777, 0) for a in ("sh", "cat", "stat", "ls", "id", "echo", "test", "touch", "rm")]
+    one_raw, one = layer(entries)
+    # Its parents named as image builders write them: a parent a layer leaves out is made root's (0755).
+    two_raw, two = layer([("etc/", None, 0o755, 0), ("etc/.wh.motd", b"", 0o644, 0), ("srv/", None, 0o755, 1000),
+                          ("srv/data", b"layer two\n", 0o644, 0)])
     layers = [dict(blob(root, one), mediaType="application/vnd.oci.image.layer.v1.tar+gzip"),
               dict(blob(root, two), mediaType="application/vnd.oci.image.layer.v1.tar+gzip")]
     entries = []

@@ -175,6 +175,11 @@ int cubicle_read_signal(int fd);  /* pipe2(O_CLOEXEC), which Swift's Glibc does 
 ssize_t cubicle_send_with_fds(int sock, const void *data, size_t len, const int *fds, int nfds, int flags);
 ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds, int *ctrunc, int flags);
 
+/* A detached, read-only, idmapped copy of `path` for the sandbox whose user namespace is userns_fd. */
+int cubicle_idmapped_tree(const char *path, int userns_fd);
+/* Attaches a detached mount at `target` (move_mount). */
+int cubicle_move_mount_to(int fd, const char *target);
+
 /* A session's link (netlink.c): a veth pair whose host end `host_name` gets `gateway`/32, is up and routes
  * `session`/32; its peer, eth0 in `netns_fd`, gets `session`/32, is up and routes everything through the
  * gateway. The thread enters netns_fd only to open a netlink socket there, and returns to host_netns_fd.
