@@ -64,6 +64,7 @@ let package = Package(
             "CLibarchive", "CubicleLinux", "CubicleJSON",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Logging", package: "swift-log"),
         ]),
         .systemLibrary(name: "CNftables", pkgConfig: "libnftables", providers: [.apt(["libnftables-dev"])]),
         .target(name: "CubicleNetwork", dependencies: [
@@ -75,13 +76,13 @@ let package = Package(
         ]),
         // Runtime definitions: the YAML config today; versions, endpoints and their store with the control plane.
         .target(name: "CubicleRuntimes", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleNetwork",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleNetwork", "CubicleImages",
             .product(name: "Yams", package: "Yams"),
         ]),
         // The session registry, one supervisor per session, lifecycles, warm pools, adoption. NIO only for the
         // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
         .target(name: "CubicleSessions", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes", "CubicleNetwork",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes", "CubicleNetwork", "CubicleImages",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
@@ -99,7 +100,7 @@ let package = Package(
         ]),
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
-            "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork",
+            "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork", "CubicleImages",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),
@@ -110,7 +111,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleNetwork",
+            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleNetwork", "CubicleImages",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -4,6 +4,7 @@ import Glibc
 import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleJSON
+import CubicleImages
 import CubicleLinux
 import CubicleRuntimes
 import CubicleSandbox
@@ -59,10 +60,13 @@ public struct AdminAPI: HTTPResponder {
     let group: any EventLoopGroup
     let access: AdminAccess
 
-    public init(sessions: SessionManager, group: any EventLoopGroup, access: AdminAccess) {
+    let images: PreparedImages?
+
+    public init(sessions: SessionManager, group: any EventLoopGroup, access: AdminAccess, images: PreparedImages? = nil) {
         self.sessions = sessions
         self.group = group
         self.access = access
+        self.images = images
     }
 
     struct Failure: Error {
@@ -102,9 +106,35 @@ public struct AdminAPI: HTTPResponder {
                 return Self.json(.ok, ["runtimes": .array(sessions.config.runtimes.map(Self.runtimeJSON))])
             }
             if method == .get, rest == ["events"] { return events() }
+            if rest == ["images"], method == .get { return imageList() }
+            if rest == ["images", "prune"], method == .post { return try imagePrune() }
             throw Failure(.notFound, "no such admin endpoint: \(method.rawValue) \(parts[0])")
         } catch let f as Failure {
             return Self.json(f.status, ["error": .string(f.message)])
+        }
+    }
+
+    /// The store's images: reference, manifest, size, the runtimes that use them, and whether it is ready.
+    private func imageList() -> Response {
+        guard let images else { return Self.json(.ok, ["images": .array([])]) }
+        let runtimes = sessions.config.runtimes
+        let list: [JSON] = images.store.images.map { image in
+            let users = runtimes.filter { $0.containerUri == image.reference }.map { JSON.string($0.name) }
+            return ["reference": .string(image.reference), "manifest": .string(image.manifest.description), "size": .int(image.size),
+                    "layers": .int(Int64(image.layers.count)), "runtimes": .array(users)]
+        }
+        return Self.json(.ok, ["images": .array(list)])
+    }
+
+    /// Removes every image no runtime names, and the blobs and layers only they used.
+    private func imagePrune() throws -> Response {
+        guard let images else { return Self.json(.ok, ["removed": .array([])]) }
+        let keep = Set(sessions.config.runtimes.compactMap(\.containerUri))
+        do {
+            let removed = try images.store.prune(keeping: keep)
+            return Self.json(.ok, ["removed": .array(removed.map { .string($0) })])
+        } catch {
+            throw Failure(.internalServerError, "prune failed: \(error)")
         }
     }
 

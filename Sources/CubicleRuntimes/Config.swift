@@ -1,4 +1,5 @@
 import CubicleAgentCore
+import CubicleImages
 import CubicleNetwork
 import CubicleSandbox
 import Yams
@@ -47,6 +48,10 @@ public struct RuntimeConfig: Equatable, Sendable {
     public var egress = EgressPolicy()
     /// The role whose credentials a PUBLIC session's metadata endpoint serves (`roleCredentials` maps it).
     public var roleArn: String?
+    /// AgentCore's `containerConfiguration.containerUri`: the image whose layers are the session's root
+    /// (`REGISTRY/REPO:TAG`, `...@sha256:DIGEST`, or `oci:PATH[:TAG]` for a layout directory). Its
+    /// Entrypoint and Cmd are the agent's argv unless `command` is given.
+    public var containerUri: String?
 
     public enum NetworkMode: String, Equatable, Sendable {
         case sandbox = "SANDBOX"
@@ -97,6 +102,8 @@ public struct DaemonConfig: Equatable, Sendable {
     public var networkNamespacePool = 4
     /// The region sessions are told they run in (AWS_REGION), as AgentCore's runtime tells them.
     public var region = "us-east-1"
+    /// How to reach registries: plain HTTP only where `insecure`, and credentials.
+    public var registries: [RegistryAccess] = []
     /// Where each role's credentials come from, for runtimes that name a `roleArn`.
     public var roleCredentials: [RoleCredentialSource] = []
     /// New sandboxes' inits are cloned from a fork server (cubicle-init started once) instead of each being
@@ -162,6 +169,20 @@ public struct DaemonConfig: Equatable, Sendable {
                 config.roleCredentials.append(RoleCredentialSource(roleArn: arn, profile: profile, sharedCredentialsFile: file))
             }
         }
+        if let list = top.node("registries") {
+            guard case .sequence(let items) = list else { throw ConfigError("registries", "must be a list") }
+            for (i, item) in items.enumerated() {
+                let f = try Fields(item, path: "registries[\(i)]")
+                guard let host = try f.string("host"), !host.isEmpty, !host.contains("/") else { throw ConfigError("registries[\(i)].host", "is required: HOST[:PORT]") }
+                var access = RegistryAccess(host: host)
+                access.insecure = try f.bool("insecure") ?? false
+                access.username = try f.string("username")
+                access.password = try f.string("password")
+                guard (access.username == nil) == (access.password == nil) else { throw ConfigError("registries[\(i)]", "username and password go together") }
+                try f.rejectUnknown()
+                config.registries.append(access)
+            }
+        }
         guard let list = top.node("runtimes") else { throw ConfigError("runtimes", "is required (a list of runtimes)") }
         guard case .sequence(let items) = list, !items.isEmpty else { throw ConfigError("runtimes", "must be a non-empty list") }
         for (i, item) in items.enumerated() {
@@ -189,10 +210,26 @@ public struct DaemonConfig: Equatable, Sendable {
         let f = try Fields(node, path: path)
         guard let name = try f.string("name") else { throw ConfigError("\(path).name", "is required") }
         guard RuntimeAddress.isValidName(name) else { throw ConfigError("\(path).name", "must match [a-zA-Z][a-zA-Z0-9_-]{0,99}") }
-        guard let command = try f.stringList("command"), !command.isEmpty, !command[0].isEmpty else {
-            throw ConfigError("\(path).command", "is required: the agent's argv, e.g. [\"/app/agent\"]")
+        var containerUri = try f.string("containerUri")
+        if containerUri == nil, let c = f.node("containerConfiguration") {
+            let cf = try Fields(c, path: "\(path).containerConfiguration")
+            containerUri = try cf.string("containerUri")
+            try cf.rejectUnknown()
         }
+        if let uri = containerUri {
+            if uri.hasPrefix("oci:") {
+                guard uri.dropFirst(4).hasPrefix("/") else { throw ConfigError("\(path).containerUri", "oci: takes an absolute layout directory, oci:/PATH[:TAG]") }
+            } else {
+                do { _ = try ImageReference(uri) } catch { throw ConfigError("\(path).containerUri", "\(error)") }
+            }
+        }
+        let command = try f.stringList("command") ?? []
+        guard containerUri != nil || (!command.isEmpty && !command[0].isEmpty) else {
+            throw ConfigError("\(path).command", "is required without a containerUri: the agent's argv, e.g. [\"/app/agent\"]")
+        }
+        guard command.isEmpty || !command[0].isEmpty else { throw ConfigError("\(path).command", "must not start with an empty string") }
         var r = RuntimeConfig(name: name, command: command)
+        r.containerUri = containerUri
         if let dir = try f.string("codeDirectory") {
             guard dir.hasPrefix("/") else { throw ConfigError("\(path).codeDirectory", "must be an absolute path") }
             r.codeDirectory = dir

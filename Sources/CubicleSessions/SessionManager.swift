@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import CubicleImages
 import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
@@ -27,10 +28,11 @@ public actor SessionManager {
     private var shuttingDown = false
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
-                logger: Logger, clock: @escaping MonotonicClock = systemClock, network: SessionNetworking? = nil) {
+                logger: Logger, clock: @escaping MonotonicClock = systemClock, network: SessionNetworking? = nil,
+                images: PreparedImages? = nil) {
         let events = SessionEvents()
         let supervisor = SessionSupervisor(config: config, launcher: launcher, seccompProgram: seccompProgram, group: group,
-                                           clock: clock, logger: logger, events: events, network: network)
+                                           clock: clock, logger: logger, events: events, network: network, images: images)
         self.config = config
         self.launcher = launcher
         self.events = events

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import CubicleAgentCore
 import CubicleAgentLink
+import CubicleImages
 import CubicleLinux
 import CubicleNetwork
 import CubicleRPC
@@ -26,6 +27,8 @@ struct SessionSupervisor: Sendable {
     let events: SessionEvents
     /// Links, policy, DNS and credentials for PUBLIC sessions; nil when no runtime is PUBLIC.
     let network: SessionNetworking?
+    /// The runtimes' images, prepared at start; nil when no runtime names one.
+    let images: PreparedImages?
     let endings = Endings()
 
     /// Where a supervisor reports ended sessions: the registry, set once it exists.
@@ -40,11 +43,39 @@ struct SessionSupervisor: Sendable {
 
     // MARK: - Start
 
+    /// The agent's process in an image: the runtime's command, else the image's Entrypoint and Cmd; the
+    /// image's Env under Cubicle's and the runtime's (a name set twice takes the later); its WorkingDir
+    /// unless the runtime has a code directory. The user stays Cubicle's agent user (uid 1000).
+    static func process(for runtime: RuntimeConfig, image: OCI.ImageConfig, base: ProcessParams) -> ProcessParams {
+        var p = base
+        if runtime.command.isEmpty { p.argv = image.entrypoint + image.cmd }
+        var env: [String] = []
+        for entry in image.env + base.env {
+            let key = entry.split(separator: "=", maxSplits: 1).first.map(String.init) ?? entry
+            env.removeAll { $0.hasPrefix(key + "=") }
+            env.append(entry)
+        }
+        p.env = env
+        if runtime.codeDirectory == nil { p.cwd = image.workingDir ?? "/" }
+        return p
+    }
+
     /// Starts a sandbox and its agent and waits until the agent is healthy. Without a session id it is a
     /// warm sandbox for the runtime's pool.
     func start(_ runtime: RuntimeConfig, sessionID: String?) async throws -> Session {
         let sandbox: Sandbox
         var spec = runtime.sandboxSpec(seccompProgram: seccompProgram)
+        var process = ProcessParams(argv: runtime.command, env: Session.environment(for: runtime, region: config.region),
+                                    cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath)
+        if let uri = runtime.containerUri {
+            guard let prepared = images?.prepared(uri) else { throw SessionError.couldNotStart("Session could not start: its image \(uri) is not prepared") }
+            switch prepared {
+            case .failure(let e): throw SessionError.couldNotStart("Session could not start: its image \(uri) could not be prepared: \(e)")
+            case .success(let image):
+                spec.imageLayers = image.layers
+                process = Self.process(for: runtime, image: image.config, base: process)
+            }
+        }
         // A PUBLIC session's link and policy exist before its sandbox does, so its first packet is policed.
         var link: SessionLink?
         if runtime.networkMode == .public {
@@ -85,8 +116,7 @@ struct SessionSupervisor: Sendable {
         }
         let started: StartedProcess
         do {
-            started = try await sandbox.startAgent(ProcessParams(argv: runtime.command, env: Session.environment(for: runtime, region: config.region),
-                                                                 cwd: runtime.codeDirectory == nil ? InitConfig.agentHome : InitConfig.codePath))
+            started = try await sandbox.startAgent(process)
         } catch {
             _ = await sandbox.teardown()
             if let link { network?.detach(link.address) }

@@ -11,7 +11,7 @@ struct Cubicle: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cubicle",
         abstract: "See and control cubicled's live sessions.",
-        subcommands: [PS.self, Inspect.self, Logs.self, Exec.self, Stop.self, Runtimes.self, Events.self, Top.self, Invoke.self])
+        subcommands: [PS.self, Inspect.self, Logs.self, Exec.self, Stop.self, Runtimes.self, Images.self, Events.self, Top.self, Invoke.self])
 
     static func main() {
         do {
@@ -171,6 +171,40 @@ struct Runtimes: ParsableCommand {
                            (r["command"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: " ")])
         }
         FileHandleOut.stdout(t.render())
+    }
+}
+
+struct Images: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "The image store: images, their size and the runtimes that use them.",
+                                                    subcommands: [List.self, Prune.self], defaultSubcommand: List.self)
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List the stored images.")
+        @OptionGroup var options: Options
+
+        func run() throws {
+            let reply = try options.client.get("/v1/images")
+            if options.json { return FileHandleOut.stdout(reply.text + "\n") }
+            var t = Table(["IMAGE", "MANIFEST", "LAYERS", "SIZE", "RUNTIMES"])
+            for i in reply["images"]?.arrayValue ?? [] {
+                t.rows.append([i["reference"]?.stringValue ?? "?", String((i["manifest"]?.stringValue ?? "?").prefix(19)),
+                               i["layers"]?.intValue.map { String($0) } ?? "-", Format.bytes(i["size"]?.intValue),
+                               (i["runtimes"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: ",")])
+            }
+            FileHandleOut.stdout(t.render())
+        }
+    }
+
+    struct Prune: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Remove the images no runtime names, and the layers only they used.")
+        @OptionGroup var options: Options
+
+        func run() throws {
+            let reply = try options.client.request("POST", "/v1/images/prune")
+            if options.json { return FileHandleOut.stdout(reply.text + "\n") }
+            let removed = (reply["removed"]?.arrayValue ?? []).compactMap(\.stringValue)
+            FileHandleOut.stdout(removed.isEmpty ? "nothing to prune\n" : removed.map { "removed \($0)\n" }.joined())
+        }
     }
 }
 

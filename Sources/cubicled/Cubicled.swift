@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ArgumentParser
 import CubicleGateway
+import CubicleImages
 import CubicleLinux
 import CubicleNetwork
 import CubicleOperators
@@ -65,6 +66,9 @@ struct Cubicled: AsyncParsableCommand {
 
     @Option(name: .customLong("session-network"), help: "IPv4 range PUBLIC sessions get addresses from; its first address is their gateway, DNS and metadata endpoint. Unique per cubicled on a host.")
     var sessionNetwork = "10.213.0.0/16"
+
+    @Option(name: .customLong("data-dir"), help: "Where the image store lives (images/ under it); made only when a runtime names a containerUri.")
+    var dataDir = "/var/lib/cubicle"
 
     @Option(name: .customLong("region"), help: "The region sessions are told (AWS_REGION) and the metadata endpoint reports (default: the config's, else us-east-1).")
     var region: String?
@@ -132,8 +136,18 @@ struct Cubicled: AsyncParsableCommand {
             do { try source.check() } catch { throw StartupRefused("roleCredentials \(source.roleArn): \(error)") }
         }
         let network = try await startNetwork(daemonConfig, group: group, logger: logger)
+        // Every image a runtime names, pulled and unpacked before any session can ask for it.
+        var images: PreparedImages?
+        let uris = Set(daemonConfig.runtimes.compactMap(\.containerUri))
+        if !uris.isEmpty {
+            let store: ImageStore
+            do { store = try ImageStore(root: dataDir + "/images") } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
+            let prepared = PreparedImages(store: store, registries: daemonConfig.registries, logger: logger)
+            await prepared.prepare(uris)
+            images = prepared
+        }
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger,
-                                     network: network)
+                                     network: network, images: images)
         // Sessions a killed predecessor left running are served again before any request can arrive.
         let (adopted, removed) = await manager.adoptLeftovers()
         network?.adoptionDone()
@@ -163,7 +177,7 @@ struct Cubicled: AsyncParsableCommand {
         let socketPath = adminSocket
         let adminLogger = logger
         let admin = Application(
-            responder: AdminAPI(sessions: manager, group: group, access: access),
+            responder: AdminAPI(sessions: manager, group: group, access: access, images: images),
             configuration: .init(address: .unixDomainSocket(path: adminSocket), serverName: "cubicled-admin"),
             onServerRunning: { _ in
                 // The socket is made with the umask's mode; narrow it before anyone is told it exists.
@@ -188,7 +202,7 @@ struct Cubicled: AsyncParsableCommand {
             eventLoopGroupProvider: .shared(group),
             logger: logger)
         let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, notify: notify,
-                                              network: network, logger: logger)
+                                              network: network, images: images, logger: logger)
         let services = ServiceGroup(configuration: .init(
             // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
             // sessions), then the listener drains what is left and stops.
@@ -287,6 +301,7 @@ struct SessionsService: Service {
     let adminSocket: String
     let notify: ServiceNotify
     let network: SessionNetworking?
+    let images: PreparedImages?
     let logger: Logger
 
     func run() async throws {
@@ -302,6 +317,7 @@ struct SessionsService: Service {
         manager.launcher.shutdown()
         // Every session has ended and released its link: the table goes too.
         network?.shutdown()
+        await images?.shutdown()
         unlink(adminSocket)
         StateDirectory(stateDir).removeAll()  // the root only if nothing else lives there
         for directory in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories {

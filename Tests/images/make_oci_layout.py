@@ -1,7 +1,9 @@
 """Writes a small OCI image layout without a container engine: each layer a tar.gz the script assembles,
 a config, a manifest per platform, and an index (tagged with org.opencontainers.image.ref.name).
 
-    python3 make_oci_layout.py DIR TAG PLATFORM[,PLATFORM...]     e.g. linux/amd64,linux/arm64
+    python3 make_oci_layout.py DIR TAG PLATFORM[,PLATFORM...] [AGENT]    e.g. linux/amd64,linux/arm64
+
+With AGENT (a static executable), it is /usr/local/bin/agent in layer one and the image's Entrypoint.
 
 Layer 1 holds /etc/os-release, /usr/bin/hello (mode 0755), /srv (uid 1000) with /srv/note (uid 1000,
 0600) and /etc/motd, and, where the host has a static busybox (Debian's busybox-static), /bin/busybox with
@@ -43,7 +45,7 @@ def layer(entries):
     return raw.getvalue(), gzip.compress(raw.getvalue(), mtime=0)
 
 
-def main(root, tag, platforms):
+def main(root, tag, platforms, agent=None):
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "oci-layout"), "w") as f:
         json.dump({"imageLayoutVersion": "1.0.0"}, f)
@@ -56,6 +58,9 @@ def main(root, tag, platforms):
             busybox = f.read()
         entries += [("bin/", None, 0o755, 0), ("bin/busybox", busybox, 0o755, 0), ("usr/bin/busybox-suid", busybox, 0o4755, 0)]
         entries += [(f"bin/{a}", "->busybox", 0o777, 0) for a in ("sh", "cat", "stat", "ls", "id", "echo", "test", "touch", "rm")]
+    if agent:
+        with open(agent, "rb") as f:
+            entries.append(("usr/local/bin/agent", f.read(), 0o755, 0))
     one_raw, one = layer(entries)
     # Its parents named as image builders write them: a parent a layer leaves out is made root's (0755).
     two_raw, two = layer([("etc/", None, 0o755, 0), ("etc/.wh.motd", b"", 0o644, 0), ("srv/", None, 0o755, 1000),
@@ -66,7 +71,7 @@ def main(root, tag, platforms):
     for p in platforms.split(","):
         os_name, arch = p.split("/")[:2]
         config = {"architecture": arch, "os": os_name,
-                  "config": {"Entrypoint": ["/usr/bin/hello"], "Cmd": ["--flag"], "Env": ["PATH=/usr/bin:/bin", "GREETING=hi"],
+                  "config": {"Entrypoint": ["/usr/local/bin/agent"] if agent else ["/usr/bin/hello"], "Cmd": [] if agent else ["--flag"], "Env": ["PATH=/usr/bin:/bin", "GREETING=hi"],
                              "WorkingDir": "/srv", "User": "1000:1000"},
                   "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(one_raw).hexdigest(),
                                                            "sha256:" + hashlib.sha256(two_raw).hexdigest()]}}
@@ -86,4 +91,4 @@ def main(root, tag, platforms):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

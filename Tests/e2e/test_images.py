@@ -1,0 +1,84 @@
+"""Runtimes from container images, end to end: a real registry (Debian's docker-registry on a loopback port
+of the test's own), an image pushed to it with skopeo (written by Tests/images/make_oci_layout.py: a busybox
+userland and the demo agent as its Entrypoint), cubicled pulling it at start and running sessions on it."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import ARN_PREFIX, PRODUCTS, new_session_id
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MAKE_LAYOUT = os.path.join(REPO, "Tests", "images", "make_oci_layout.py")
+
+
+@pytest.fixture
+def registry(tmp_path):
+    if not (shutil.which("docker-registry") and shutil.which("skopeo") and os.path.exists("/bin/busybox")):
+        pytest.skip("needs docker-registry, skopeo and busybox-static (apt-get install docker-registry skopeo busybox-static)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "registry.yml").write_text(f"version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {tmp_path}/registry}}}}\n"
+                                           f"http: {{addr: \"127.0.0.1:{port}\"}}\n")
+    p = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "registry.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.time() < deadline and p.poll() is None, "docker-registry did not start"
+            time.sleep(0.05)
+    yield f"127.0.0.1:{port}"
+    p.terminate()
+    p.wait()
+
+
+def push(registry, tmp_path, repo, agent=None):
+    layout = tmp_path / ("layout-" + repo.replace("/", "-"))
+    subprocess.run(["python3", MAKE_LAYOUT, str(layout), "v1", "linux/amd64,linux/arm64"] + ([agent] if agent else []), check=True)
+    subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{registry}/{repo}:v1"], check=True)
+
+
+def test_a_runtime_from_an_image_in_a_registry(start_daemon, registry, tmp_path):
+    push(registry, tmp_path, "agents/demo", agent=os.path.join(PRODUCTS, "cubicle-demo-agent"))
+    data = tmp_path / "data"
+    d = start_daemon(f"""lifecycleMinimumSeconds: 1
+registries: [{{host: "{registry}", insecure: true}}]
+runtimes:
+  - name: img
+    containerUri: {registry}/agents/demo:v1
+    limits: {{memory: 256MiB}}
+  - name: missing
+    containerUri: {registry}/agents/none:v1
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+""", extra_args=["--data-dir", str(data)])
+    sid = new_session_id()
+    # The image's Entrypoint, no command in the config: the demo agent answers from inside the image.
+    assert d.invoke_json({"prompt": "2+5"}, sid, runtime="img")["answer"] == 7
+    assert d.cubicle("exec", sid, "--", "cat", "/etc/os-release").stdout == "ID=cubicle-test\n"
+    # The image's userland, not the host's: no host library directory, the image's /etc/passwd.
+    r = d.cubicle("exec", sid, "--", "sh", "-c", "test -e /usr/lib/x86_64-linux-gnu && echo host || echo none; cat /etc/passwd")
+    assert r.stdout == "none\nroot:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n", r.stdout
+    # The agent runs in the image's WorkingDir, with its Env under Cubicle's.
+    agent = d.cubicle_json("inspect", sid)["agentHostPID"]
+    assert os.readlink(f"/proc/{agent}/cwd") == "/srv"
+    env = open(f"/proc/{agent}/environ", "rb").read().split(b"\0")
+    assert b"GREETING=hi" in env and b"AGENTCORE_RUNTIME_NAME=img" in env and b"PATH=/usr/local/bin:/usr/bin:/bin" in env
+    # A missing tag leaves that runtime unavailable with the reason; the others are served.
+    with pytest.raises(Exception, match="agents/none:v1 not found in the registry"):
+        d.invoke({"prompt": "hi"}, new_session_id(), runtime="missing")
+    assert d.invoke_json({"prompt": "2+5"}, new_session_id(), runtime="demo")["answer"] == 7
+    listed = d.cubicle_json("images")["images"]
+    assert [(i["reference"], i["runtimes"], i["layers"]) for i in listed] == [(f"{registry}/agents/demo:v1", ["img"], 2)], listed
+    assert listed[0]["size"] > 1_000_000
+    # Nothing of a session is written into the store.
+    assert not any("e2e" in f for _, _, files in os.walk(data) for f in files)
