@@ -65,7 +65,9 @@ enum ForkServer {
         let placed = Array(fds[0..<ForkRequest.placedCount])
         // With a template the clone starts in a copy of its namespace and opens no sources; without one
         // (it could not be built) the clone builds the whole tree as an exec'd init does.
-        let template = templates.template(config: config, sources: request.sources)
+        // An image root is per sandbox (its layers are idmapped through the sandbox's own user namespace):
+        // no template; the clone builds it from the layers the host sends it after the clone.
+        let template = config.imageLayers > 0 ? nil : templates.template(config: config, sources: request.sources)
         let fromTemplate = template.map { cubicle_enter_mounts($0.namespace) == 0 } ?? false
         defer {
             if fromTemplate {

@@ -187,10 +187,9 @@ public struct SandboxLauncher: Sendable {
                               network: pooledNetwork, taskFiles: taskFiles, usernsOwner: range.hostBase)
         // The fork server hands it to the clone already parsed; an exec'd init reads it from its socket.
         let configuration = spec.initConfig(mounts: sources.mounts, reconnectSeconds: host.reconnectSeconds).json
-        // An image root is built by an exec'd init, which takes its layers after the clone (they are idmapped
-        // through the sandbox's user namespace, which exists only then).
-        let server = spec.imageLayers == nil ? forkServer : nil
-        let forked = try server.flatMap { server throws(SandboxError) in try fork(child, via: server, cgroup: cgroup, configuration: configuration) }
+        // An image's init takes its layers after the clone (they are idmapped through the sandbox's user
+        // namespace, which exists only then): `sendImageLayers` below, for both ways of starting it.
+        let forked = try forkServer.flatMap { server throws(SandboxError) in try fork(child, via: server, cgroup: cgroup, configuration: configuration) }
         let pid: pid_t
         if let forked {
             pid = forked
