@@ -23,7 +23,7 @@ sandbox-demo: build
 SERIAL_SUITES = HostLimitTests
 test:
 	$(SWIFT) build --build-tests
-	cc -O1 -Wall -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
+	cc -O1 -Wall -static -o .build/cubicle-probe sandbox/probes/cubicle-probe.c
 	$(SWIFT) test --skip-build --skip '$(SERIAL_SUITES)'
 	$(SWIFT) test --skip-build --filter '$(SERIAL_SUITES)'
 	for t in $(FUZZ_TARGETS); do .build/debug/cubicle-fuzz-$$t Tests/Fuzz/corpus/$$t || exit 1; done

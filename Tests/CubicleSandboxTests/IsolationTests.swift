@@ -14,9 +14,9 @@ struct IsolationTests {
         text.split(separator: "\n").first { $0.hasPrefix(key + ":") }.map { $0.dropFirst(key.count + 1).trimmingCharacters(in: .whitespaces) }
     }
 
-    @Test func processesHaveNoCapabilitiesNoNewPrivsAndSeccomp() async throws {
+    @Test(arguments: RootKind.allCases) func processesHaveNoCapabilitiesNoNewPrivsAndSeccomp(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let r = try await s.sh("cat /proc/self/status; id -u; id -g")
             #expect(r.exit.exitCode == 0)
             for key in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
@@ -29,9 +29,9 @@ struct IsolationTests {
         }
     }
 
-    @Test func deniedSyscallsAreDenied() async throws {
+    @Test(arguments: RootKind.allCases) func deniedSyscallsAreDenied(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let r = try await s.run(["/app/cubicle-probe", "syscalls"])
             var results: [String: Int32] = [:]
             for line in r.stdout.split(separator: "\n") {
@@ -49,9 +49,9 @@ struct IsolationTests {
         }
     }
 
-    @Test func agentRunsAsNonRootInItsOwnHostUIDRange() async throws {
+    @Test(arguments: RootKind.allCases) func agentRunsAsNonRootInItsOwnHostUIDRange(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let agent = try await s.startAgent(ProcessParams(argv: ["/bin/sleep", "30"], env: sandboxEnv))
             close(agent.stdout); close(agent.stderr)
             let hostPIDs = s.cgroup.processes()
@@ -71,9 +71,9 @@ struct IsolationTests {
     /// With network namespaces made ahead of time (as cubicled runs) and without (each clone makes one).
     static let pools = [0, 2]
 
-    @Test(arguments: pools) func everyNamespaceIsNew(pool: Int) async throws {
+    @Test(arguments: pools, RootKind.allCases) func everyNamespaceIsNew(pool: Int, root: RootKind) async throws {
         try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             for ns in ["user", "pid", "mnt", "net", "ipc", "uts", "cgroup"] {
                 let mine = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/ns/\(ns)")
                 let theirs = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(s.initPID)/ns/\(ns)")
@@ -84,9 +84,9 @@ struct IsolationTests {
 
     /// The user namespace belongs to the session's own host uid (the base of its range), so the kernel
     /// charges the session's per-user quotas there and not to root (HostLimitTests shows the effect).
-    @Test(arguments: [false, true]) func theUserNamespaceIsOwnedByTheSessionsHostUID(forkServer: Bool) async throws {
+    @Test(arguments: [false, true], RootKind.allCases) func theUserNamespaceIsOwnedByTheSessionsHostUID(forkServer: Bool, root: RootKind) async throws {
         try await withHost({ try TestHost(forkServer: forkServer) }) { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let fd = open("/proc/\(s.initPID)/ns/user", O_RDONLY | O_CLOEXEC)
             try #require(fd >= 0)
             defer { close(fd) }
@@ -97,9 +97,9 @@ struct IsolationTests {
         }
     }
 
-    @Test(arguments: [false, true]) func ownPIDView(forkServer: Bool) async throws {
+    @Test(arguments: [false, true], RootKind.allCases) func ownPIDView(forkServer: Bool, root: RootKind) async throws {
         try await withHost({ try TestHost(forkServer: forkServer) }) { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let r = try await s.sh("ls /proc | grep -E '^[0-9]+$' | sort -n | tr '\\n' ' '; echo; cat /proc/1/cmdline | tr '\\0' ' '")
             let pids = r.stdout.split(separator: " ").compactMap { Int($0) }
             #expect(pids.first == 1)

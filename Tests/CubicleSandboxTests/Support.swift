@@ -1,9 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CubicleImages
 import CubicleLinux
 import CubicleRPC
 import Foundation
+import Synchronization
 import Testing
 @testable import CubicleSandbox
 
@@ -23,8 +25,46 @@ enum Paths {
     }()
     static var initBinary: String { products + "/cubicle-init" }
     /// Built with plain cc by `make test` (not SwiftPM, which would link it against the Swift runtime a
-    /// sandbox does not have): probes need nothing but libc inside.
+    /// sandbox does not have), statically: probes need nothing inside, so they run in image sandboxes too.
     static var probe: String { repo + "/.build/cubicle-probe" }
+}
+
+/// What a sandbox's root is: the host's /usr, /lib* and /etc files (bound read-only), or an image's layers.
+enum RootKind: String, CaseIterable, Sendable, CustomTestStringConvertible {
+    case host, image
+    var testDescription: String { rawValue }
+}
+
+/// The test image (Tests/images/make_oci_layout.py, a static busybox for its userland), pulled once per run
+/// into a store under .build/ and shared by every test that launches image sandboxes.
+enum TestImage {
+    static let prepared = Mutex<Task<[String], any Error>?>(nil)
+
+    /// Its layer directories, bottom first; nil (with the reason printed) where the host has no static busybox.
+    static func layers() async throws -> [String]? {
+        guard Files.exists("/bin/busybox") else {
+            print("image root: skipped, no static busybox on this host (apt-get install busybox-static)")
+            return nil
+        }
+        let task = prepared.withLock { t -> Task<[String], any Error> in
+            if let t { return t }
+            let made = Task {
+                let dir = Paths.repo + "/.build/test-image"
+                try? Files.removeTree(dir)
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+                p.arguments = [Paths.repo + "/Tests/images/make_oci_layout.py", dir + "/layout", "v1", "\(OCI.Platform.host.os)/\(OCI.Platform.host.architecture)"]
+                try p.run()
+                p.waitUntilExit()
+                let store = try ImageStore(root: dir + "/store")
+                let image = try await ImagePuller(store: store).pull("v1", as: "test", from: OCILayoutSource(directory: dir + "/layout"))
+                return image.layers.map { store.layerPath($0) }
+            }
+            t = made
+            return made
+        }
+        return try await task.value
+    }
 }
 
 let defaultSeccomp: [UInt8] = try! SeccompProfile.load(path: Paths.repo + "/sandbox/seccomp/default.json").compile()
@@ -67,6 +107,19 @@ final class TestHost: @unchecked Sendable {
         s.tmpBytes = 32 << 20
         edit(&s)
         return s
+    }
+
+    /// A sandbox with the root `kind` names; nil when this host cannot make image sandboxes (said why).
+    func launch(_ kind: RootKind, _ edit: (inout SandboxSpec) -> Void = { _ in }) async throws -> Sandbox? {
+        var layers: [String]?
+        if kind == .image {
+            guard let l = try await TestImage.layers() else { return nil }
+            layers = l
+        }
+        return try await launch { spec in
+            spec.imageLayers = layers
+            edit(&spec)
+        }
     }
 
     func launch(_ edit: (inout SandboxSpec) -> Void = { _ in }) async throws -> Sandbox {
