@@ -82,3 +82,61 @@ runtimes:
     assert listed[0]["size"] > 1_000_000
     # Nothing of a session is written into the store.
     assert not any("e2e" in f for _, _, files in os.walk(data) for f in files)
+
+
+def python_image_layout():
+    """The SDK agents with Python inside (Tests/images/make_python_image.py), built once per venv and script
+    under .build/ and shared by parallel workers through a lock."""
+    import fcntl
+    import hashlib
+    from agent_venv import VenvUnavailable, ensure_agent_venv
+    try:
+        venv = ensure_agent_venv()
+    except VenvUnavailable as e:
+        pytest.skip(str(e))
+    script = os.path.join(REPO, "Tests", "images", "make_python_image.py")
+    key = hashlib.sha256(open(script, "rb").read() + venv.encode()).hexdigest()[:12]
+    layout = os.path.join(REPO, ".build", f"python-image-{key}")
+    with open(os.path.join(REPO, ".build", "python-image.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(layout, "index.json")):
+            subprocess.run(["rm", "-rf", layout], check=True)
+            subprocess.run(["python3", script, layout + ".tmp", venv, os.path.join(REPO, "sandbox", "agents"), "v1"], check=True)
+            os.rename(layout + ".tmp", layout)
+    return layout
+
+
+def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_daemon, registry, tmp_path):
+    layout = python_image_layout()
+    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{registry}/agents/sdk:v1"], check=True)
+    d = start_daemon(f"""lifecycleMinimumSeconds: 1
+registries: [{{host: "{registry}", insecure: true}}]
+runtimes:
+  - name: sdk
+    containerUri: {registry}/agents/sdk:v1
+    limits: {{memory: 1GiB}}
+""", extra_args=["--data-dir", str(tmp_path / "data")])
+    c = d.client()
+
+    def ask(session, prompt, user):
+        r = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + "sdk", runtimeSessionId=session, payload=json.dumps({"prompt": prompt, "user_id": user}))
+        return json.loads(r["response"].read())
+
+    s1, s2, s3 = new_session_id(), new_session_id(), new_session_id()
+    # The runtime-context tutorial's five invocations, as test_real_agents.py makes them of the host-venv runtime.
+    r1 = ask(s1, "外の天気はどうですか?", "1")
+    r2 = ask(s1, "2+5の答えは?", "1")
+    r3 = ask(s1, "それに 34 を足すとどうなりますか?", "1")
+    r4 = ask(s2, "そしてそれにさらに 10 を足すとどうなりますか?", "1")
+    r5 = ask(s3, "天気はどうですか？", "2")
+    assert (r1["session_id"], r1["user"], r1["answer"], r1["turn"]) == (s1, "Maira", "sunny", 1)
+    assert (r2["answer"], r2["turn"], r3["answer"], r3["turn"]) == (7, 2, 41, 3)
+    assert r4["session_id"] == s2 and r4["answer"] is None and r4["turn"] == 1
+    assert (r5["session_id"], r5["user"], r5["answer"]) == (s3, "Mani", "sunny")
+    # Its Python is the image's; nothing of the host's /usr is there (seen through the agent's own root).
+    root = f"/proc/{d.cubicle_json('inspect', s1)['agentHostPID']}/root"
+    assert os.path.exists(root + "/usr/lib/python3.11/os.py") and os.path.exists(root + "/opt/agent-venv/bin/python")
+    assert not os.path.exists(root + "/usr/share") and not os.path.exists(root + "/usr/bin/gcc")
+    # The image has no shell, so a command (run by /bin/sh, as InvokeAgentRuntimeCommand's are) says so.
+    r = d.cubicle("exec", s1, "--", "true", check=False)
+    assert r.returncode != 0 and "could not start /bin/sh" in r.stderr, r.stderr
