@@ -1,4 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CubicleJSON
+import CubicleLinux
 
 /// The OCI image format's documents (and Docker's schema 2, which registries still serve), read strictly:
 /// what the store needs of each, every digest checked for form, sizes bounded.
@@ -101,6 +105,37 @@ public enum OCI {
         }
         let offered = entries.compactMap { $0.platform?.description }.filter { $0 != "unknown/unknown" }
         throw Failure("no image for \(platform) in this index; it offers \(offered.isEmpty ? "no platform" : offered.joined(separator: ", "))")
+    }
+
+    /// An image's `User` as the ids the agent runs as: numeric `UID[:GID]`, or a name (and group) looked up in
+    /// the image's own /etc/passwd and /etc/group (the top layer that has each file). Root, an unknown name
+    /// or ids outside the sandbox's range give nil: Cubicle's unprivileged agent user (1000) then.
+    public static func user(_ spec: String?, layers: [String]) -> (uid: UInt32, gid: UInt32)? {
+        guard let spec, !spec.isEmpty else { return nil }
+        let parts = spec.split(separator: ":", maxSplits: 1).map(String.init)
+        func file(_ name: String) -> String? {
+            for layer in layers.reversed() {
+                var st = stat()
+                let path = "\(layer)/etc/\(name)"
+                // Only a regular file of the layer itself: a symlink in an image is never followed on the host.
+                if lstat(path, &st) == 0, st.st_mode & S_IFMT == S_IFREG { return try? Files.read(path, limit: 1 << 20) }
+            }
+            return nil
+        }
+        func lookup(_ text: String?, _ key: String, field: Int) -> [Substring]? {
+            text?.split(separator: "\n").map { $0.split(separator: ":", omittingEmptySubsequences: false) }.first { $0.count > field && $0[0] == key }
+        }
+        var uid: UInt32?, gid: UInt32?
+        if let n = UInt32(parts[0]) { uid = n } else if let entry = lookup(file("passwd"), parts[0], field: 3) {
+            uid = UInt32(entry[2]); gid = UInt32(entry[3])
+        }
+        if parts.count == 2 {
+            if let n = UInt32(parts[1]) { gid = n } else { gid = lookup(file("group"), parts[1], field: 2).flatMap { UInt32($0[2]) } }
+        }
+        guard let u = uid, u != 0, u < 65_536 else { return nil }
+        let g = gid ?? u
+        guard g < 65_536 else { return nil }
+        return (u, g)
     }
 
     /// What the runtime takes from an image's config.

@@ -66,6 +66,8 @@ enum OperatorJSON {
         ]
         o["spawnMicroseconds"] = .int(Int64(sandbox.spawnNanoseconds / 1000))
         o["network"] = network(session)
+        // The image the session's root is (nil: the host's /usr, /lib* and /etc files).
+        o["image"] = session.runtime.containerUri.map { .string($0) } ?? .null
         return .object(o)
     }
 

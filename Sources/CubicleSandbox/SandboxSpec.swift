@@ -30,6 +30,9 @@ public struct SandboxSpec: Sendable {
     /// overlay with a writable upper layer in the root's tmpfs, and no host path is bound but the code
     /// directory, `readOnlyMounts` and the host's resolv.conf and hosts. nil: the host's /usr, /lib* and /etc files.
     public var imageLayers: [String]?
+    /// The uid and gid the agent and commands run as inside (an image's non-root `User`); 1000 otherwise.
+    public var agentUID: UInt32 = 1000
+    public var agentGID: UInt32 = 1000
     /// From `SeccompProfile.compile()`; compile once and share it between sandboxes.
     public var seccompProgram: [UInt8]
 
@@ -120,6 +123,8 @@ extension SandboxSpec {
         config.reconnectSeconds = reconnectSeconds
         config.nameserver = nameserver
         config.imageLayers = imageLayers?.count ?? 0
+        config.agentUID = agentUID
+        config.agentGID = agentGID
         return config
     }
 }

@@ -45,7 +45,7 @@ struct SessionSupervisor: Sendable {
 
     /// The agent's process in an image: the runtime's command, else the image's Entrypoint and Cmd; the
     /// image's Env under Cubicle's and the runtime's (a name set twice takes the later); its WorkingDir
-    /// unless the runtime has a code directory. The user stays Cubicle's agent user (uid 1000).
+    /// unless the runtime has a code directory. Its user: the image's, unless that is root (then uid 1000).
     static func process(for runtime: RuntimeConfig, image: OCI.ImageConfig, base: ProcessParams) -> ProcessParams {
         var p = base
         if runtime.command.isEmpty { p.argv = image.entrypoint + image.cmd }
@@ -73,6 +73,7 @@ struct SessionSupervisor: Sendable {
             case .failure(let e): throw SessionError.couldNotStart("Session could not start: its image \(uri) could not be prepared: \(e)")
             case .success(let image):
                 spec.imageLayers = image.layers
+                if let (uid, gid) = OCI.user(image.config.user, layers: image.layers) { (spec.agentUID, spec.agentGID) = (uid, gid) }
                 process = Self.process(for: runtime, image: image.config, base: process)
             }
         }

@@ -4,6 +4,7 @@ import Glibc
 @testable import CubicleImages
 import CubicleLinux
 import Foundation
+import Synchronization
 import Testing
 
 /// The store and the puller against OCI layouts written by Tests/images/make_oci_layout.py.
@@ -38,7 +39,13 @@ import Testing
         #expect(lstat(one + "/srv/note", &st) == 0 && st.st_uid == 1000 && st.st_mode & 0o777 == 0o600)
         #expect(lstat(two + "/etc/motd", &st) == 0 && st.st_mode & S_IFMT == S_IFCHR, "layer two's whiteout")
         let config = try OCI.ImageConfig(try s.readVerified(image.config))
-        #expect(config.entrypoint == ["/usr/bin/hello"] && config.cmd == ["--flag"] && config.workingDir == "/srv" && config.user == "1000:1000")
+        #expect(config.entrypoint == ["/usr/bin/hello"] && config.cmd == ["--flag"] && config.workingDir == "/srv" && config.user == "worker")
+        // The image's User, by name through its own /etc/passwd; root, unknown names and foreign ids are not.
+        let layers = image.layers.map { s.layerPath($0) }
+        #expect(OCI.user("worker", layers: layers).map { [$0.uid, $0.gid] } == [1500, 1500])
+        #expect(OCI.user("1200:1300", layers: layers).map { [$0.uid, $0.gid] } == [1200, 1300])
+        #expect(OCI.user("agent:nogroup", layers: layers).map { [$0.uid, $0.gid] } == [1000, 1000], "a group the image does not name: the user's own id")
+        for none in ["root", "0", "0:0", "nobody-here", "70000", ""] { #expect(OCI.user(none, layers: layers) == nil, "\(none)") }
         #expect(config.env.contains("GREETING=hi"))
         #expect(lstat(dir + "/store", &st) == 0 && st.st_mode & 0o777 == 0o700, "the store is root's alone")
         #expect(try Files.listDirectory(dir + "/store/tmp").isEmpty)
@@ -93,6 +100,42 @@ import Testing
         await #expect(throws: Digest.Failure.self) {
             try await ImagePuller(store: try store(), platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "m", from: OCILayoutSource(directory: path))
         }
+    }
+
+    /// Whatever an interrupted pull left in tmp/ is gone when the store opens again, and never used.
+    @Test func anInterruptedPullLeavesNothingHalfUsed() throws {
+        defer { try? Files.removeTree(dir) }
+        _ = try store()
+        try Files.makeDirectories(dir + "/store/tmp/layer-123/usr", mode: 0o755)
+        try Files.write(dir + "/store/tmp/blob-456", "half a blob", flags: O_WRONLY | O_CREAT | O_TRUNC)
+        _ = try store()
+        #expect(try Files.listDirectory(dir + "/store/tmp").isEmpty)
+    }
+
+    /// Two pulls of one image at once share one download: every blob is fetched once.
+    @Test func concurrentPullsOfOneImageShareOneDownload() async throws {
+        defer { try? Files.removeTree(dir) }
+        final class Counting: ImageSource, @unchecked Sendable {
+            let inner: OCILayoutSource
+            let fetched = Mutex<[String]>([])
+            init(_ inner: OCILayoutSource) { self.inner = inner }
+            func manifest(_ reference: String) async throws -> (bytes: [UInt8], mediaType: String?, digest: Digest?) {
+                try await Task.sleep(for: .milliseconds(50))
+                return try await inner.manifest(reference)
+            }
+            func fetchBlob(_ digest: Digest, size: Int64, to path: String) async throws {
+                fetched.withLock { $0.append(digest.hex) }
+                try await inner.fetchBlob(digest, size: size, to: path)
+            }
+        }
+        let source = Counting(OCILayoutSource(directory: try layout("shared", platforms: "linux/amd64")))
+        let puller = ImagePuller(store: try store(), platform: .init(os: "linux", architecture: "amd64"))
+        async let a = puller.pull("v1", as: "same", from: source)
+        async let b = puller.pull("v1", as: "same", from: source)
+        let (x, y) = try await (a, b)
+        #expect(x == y)
+        let fetched = source.fetched.withLock { $0 }
+        #expect(fetched.count == 3 && Set(fetched).count == 3, "config and two layers, once each: \(fetched)")
     }
 
     @Test func pruneKeepsWhatRemainingImagesUse() async throws {

@@ -65,9 +65,12 @@ runtimes:
     # The image's Entrypoint, no command in the config: the demo agent answers from inside the image.
     assert d.invoke_json({"prompt": "2+5"}, sid, runtime="img")["answer"] == 7
     assert d.cubicle("exec", sid, "--", "cat", "/etc/os-release").stdout == "ID=cubicle-test\n"
+    assert d.cubicle_json("inspect", sid)["image"] == f"{registry}/agents/demo:v1"
+    # The image's User (`worker`, 1500 in its own /etc/passwd), not Cubicle's default 1000.
+    assert d.cubicle("exec", sid, "--", "id", "-u").stdout == "1500\n"
     # The image's userland, not the host's: no host library directory, the image's /etc/passwd.
-    r = d.cubicle("exec", sid, "--", "sh", "-c", "test -e /usr/lib/x86_64-linux-gnu && echo host || echo none; cat /etc/passwd")
-    assert r.stdout == "none\nroot:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n", r.stdout
+    r = d.cubicle("exec", sid, "--", "sh", "-c", "test -e /usr/lib/x86_64-linux-gnu && echo host || echo none; grep -c . /etc/passwd")
+    assert r.stdout == "none\n3\n", r.stdout
     # The agent runs in the image's WorkingDir, with its Env under Cubicle's.
     agent = d.cubicle_json("inspect", sid)["agentHostPID"]
     assert os.readlink(f"/proc/{agent}/cwd") == "/srv"

@@ -9,7 +9,7 @@ Layer 1 holds /etc/os-release, /usr/bin/hello (mode 0755), /srv (uid 1000) with 
 0600) and /etc/motd, and, where the host has a static busybox (Debian's busybox-static), /bin/busybox with
 its applets as symlinks and a setuid-root copy at /usr/bin/busybox-suid; layer 2 removes /etc/motd (a
 whiteout) and adds /srv/data. The config names Entrypoint, Cmd, Env,
-WorkingDir and User. Tests and benchmarks share it."""
+WorkingDir and User (`worker`, uid 1500 in the image's /etc/passwd). Tests and benchmarks share it."""
 import gzip
 import hashlib
 import io
@@ -52,7 +52,7 @@ def main(root, tag, platforms, agent=None):
     entries = [("etc/", None, 0o755, 0), ("etc/os-release", b"ID=cubicle-test\n", 0o644, 0),
                ("etc/motd", b"hello\n", 0o644, 0), ("usr/bin/hello", b"#!/bin/sh\necho hello\n", 0o755, 0),
                ("srv/", None, 0o755, 1000), ("srv/note", b"from the image\n", 0o600, 1000),
-               ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\n", 0o644, 0)]
+               ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nagent:x:1000:1000:agent:/home/agent:/bin/sh\nworker:x:1500:1500:worker:/srv:/bin/sh\n", 0o644, 0)]
     if os.path.exists("/bin/busybox"):
         with open("/bin/busybox", "rb") as f:
             busybox = f.read()
@@ -73,7 +73,7 @@ def main(root, tag, platforms, agent=None):
         os_name, arch = p.split("/")[:2]
         config = {"architecture": arch, "os": os_name,
                   "config": {"Entrypoint": ["/usr/local/bin/agent"] if agent else ["/usr/bin/hello"], "Cmd": [] if agent else ["--flag"], "Env": ["PATH=/usr/bin:/bin", "GREETING=hi"],
-                             "WorkingDir": "/srv", "User": "1000:1000"},
+                             "WorkingDir": "/srv", "User": "worker"},
                   "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(one_raw).hexdigest(),
                                                            "sha256:" + hashlib.sha256(two_raw).hexdigest()]}}
         c = dict(blob(root, json.dumps(config).encode()), mediaType="application/vnd.oci.image.config.v1+json")
