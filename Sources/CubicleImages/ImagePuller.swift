@@ -141,3 +141,76 @@ public struct OCILayoutSource: ImageSource {
         try Files.readBytes("\(directory)/blobs/sha256/\(d.hex)", limit: limit)
     }
 }
+
+/// A `docker save` archive (`docker-archive:PATH[:TAG]`) or a tar of an OCI layout (`oci-archive:PATH[:TAG]`),
+/// for hosts without a registry. The archive is unpacked into the store's tmp/ under the same rules as a layer
+/// (it is as untrusted), then read as a layout when it is one (Docker 25 and later write both), or else
+/// through its manifest.json (the format before): the config and each layer tar named there, their digests
+/// computed, under Docker's schema 2 media types. `close` removes what was unpacked.
+public final class ArchiveSource: ImageSource {
+    let directory: String
+    let layout: OCILayoutSource?
+    private let synthetic: (manifest: [UInt8], files: [Digest: String])?
+
+    public init(archive: String, tag: String?, store: ImageStore) throws {
+        directory = store.temporary("archive")
+        try Files.makeDirectories(directory, mode: 0o700)
+        do {
+            var limits = LayerUnpacker.Limits()
+            limits.maxLayerBytes = 64 << 30
+            try LayerUnpacker(limits: limits).unpack(archivePath: archive, into: directory)
+            if Files.exists(directory + "/index.json") {
+                layout = OCILayoutSource(directory: directory)
+                synthetic = nil
+                return
+            }
+            layout = nil
+            synthetic = try Self.legacy(directory, tag: tag)
+        } catch {
+            try? Files.removeTree(directory)
+            throw error
+        }
+    }
+
+    public func close() { try? Files.removeTree(directory) }
+
+    public func manifest(_ reference: String) async throws -> (bytes: [UInt8], mediaType: String?, digest: Digest?) {
+        if let layout { return try await layout.manifest(reference) }
+        let bytes = synthetic!.manifest
+        return (bytes, "application/vnd.docker.distribution.manifest.v2+json", Digest.of(bytes))
+    }
+
+    public func fetchBlob(_ digest: Digest, size: Int64, to path: String) async throws {
+        if let layout { return try await layout.fetchBlob(digest, size: size, to: path) }
+        guard let file = synthetic!.files[digest] else { throw OCI.Failure("the archive has no blob \(digest)") }
+        try OCILayoutSource.copy(file, to: path, atMost: size)
+    }
+
+    /// manifest.json's entry for `tag` (or its only entry): a schema 2 manifest of its config and layers.
+    static func legacy(_ dir: String, tag: String?) throws -> (manifest: [UInt8], files: [Digest: String]) {
+        let json = try JSON.parse(try Files.readBytes(dir + "/manifest.json", limit: OCI.maxDocumentBytes))
+        guard let entries = json.arrayValue, !entries.isEmpty else { throw OCI.Failure("the archive's manifest.json lists no image") }
+        let entry = try tag.map { t -> JSON in
+            guard let e = entries.first(where: { ($0["RepoTags"]?.arrayValue ?? []).contains { $0.stringValue?.hasSuffix(":" + t) == true } }) else {
+                throw OCI.Failure("no image tagged \(t) in the archive")
+            }
+            return e
+        } ?? entries[0]
+        guard let config = entry["Config"]?.stringValue, let layers = entry["Layers"]?.arrayValue?.compactMap(\.stringValue), !layers.isEmpty else {
+            throw OCI.Failure("the archive's manifest.json entry has no Config or Layers")
+        }
+        var files: [Digest: String] = [:]
+        func describe(_ name: String, type: String) throws -> JSON {
+            let parts = try LayerUnpacker.components(name)
+            guard !parts.isEmpty else { throw OCI.Failure("empty path in manifest.json") }
+            let path = dir + "/" + parts.joined(separator: "/")
+            let (digest, size) = try Digest.of(file: path)
+            files[digest] = path
+            return ["mediaType": .string(type), "digest": .string(digest.description), "size": .int(size)]
+        }
+        let manifest: JSON = ["schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                              "config": try describe(config, type: "application/vnd.docker.container.image.v1+json"),
+                              "layers": .array(try layers.map { try describe($0, type: "application/vnd.docker.image.rootfs.diff.tar") })]
+        return (manifest.serialized(), files)
+    }
+}

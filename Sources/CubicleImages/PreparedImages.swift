@@ -65,7 +65,16 @@ public final class PreparedImages: Sendable {
 
     private func prepareOne(_ uri: String) async throws -> Prepared {
         let image: ImageStore.Image
-        if uri.hasPrefix("oci:") {
+        if let scheme = ["docker-archive:", "oci-archive:"].first(where: { uri.hasPrefix($0) }) {
+            var path = String(uri.dropFirst(scheme.count)), tag: String?
+            if let colon = path.lastIndex(of: ":"), !path[colon...].contains("/") {
+                tag = String(path[path.index(after: colon)...])
+                path = String(path[..<colon])
+            }
+            let source = try ArchiveSource(archive: path, tag: tag, store: store)
+            defer { source.close() }
+            image = try await puller.pull(tag ?? "latest", as: uri, from: source)
+        } else if uri.hasPrefix("oci:") {
             var path = String(uri.dropFirst(4)), tag = "latest"
             if let colon = path.lastIndex(of: ":"), !path[colon...].contains("/") {
                 tag = String(path[path.index(after: colon)...])

@@ -217,8 +217,10 @@ public struct DaemonConfig: Equatable, Sendable {
             try cf.rejectUnknown()
         }
         if let uri = containerUri {
-            if uri.hasPrefix("oci:") {
-                guard uri.dropFirst(4).hasPrefix("/") else { throw ConfigError("\(path).containerUri", "oci: takes an absolute layout directory, oci:/PATH[:TAG]") }
+            if let scheme = ["oci:", "oci-archive:", "docker-archive:"].first(where: { uri.hasPrefix($0) }) {
+                guard uri.dropFirst(scheme.count).hasPrefix("/") else {
+                    throw ConfigError("\(path).containerUri", "\(scheme) takes an absolute path, \(scheme)/PATH[:TAG]")
+                }
             } else {
                 do { _ = try ImageReference(uri) } catch { throw ConfigError("\(path).containerUri", "\(error)") }
             }

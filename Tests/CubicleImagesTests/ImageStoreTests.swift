@@ -138,6 +138,49 @@ import Testing
         #expect(fetched.count == 3 && Set(fetched).count == 3, "config and two layers, once each: \(fetched)")
     }
 
+    /// `docker save` archives, as Docker wrote them before version 25 (manifest.json, uncompressed layer tars)
+    /// and as a tar of an OCI layout (Docker 25 and later, `skopeo copy ... oci-archive:`).
+    @Test func archivesLoadAsTheirLayoutsDo() async throws {
+        defer { try? Files.removeTree(dir) }
+        let layoutPath = try layout("archived", platforms: "linux/amd64")
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/python3")
+        p.arguments = ["-c", """
+        import gzip, io, json, os, sys, tarfile
+        layout, legacy, oci = sys.argv[1:4]
+        blob = lambda d: open(os.path.join(layout, "blobs", "sha256", d.split(":")[1]), "rb").read()
+        manifest = json.loads(blob(json.load(open(os.path.join(layout, "index.json")))["manifests"][0]["digest"]))
+        with tarfile.open(legacy, "w") as t:
+            def add(name, data):
+                i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))
+            config = manifest["config"]["digest"].split(":")[1] + ".json"
+            add(config, blob(manifest["config"]["digest"]))
+            layers = []
+            for n, l in enumerate(manifest["layers"]):
+                add(f"{n}/layer.tar", gzip.decompress(blob(l["digest"]))); layers.append(f"{n}/layer.tar")
+            add("manifest.json", json.dumps([{"Config": config, "RepoTags": ["test/archived:v1"], "Layers": layers}]).encode())
+        with tarfile.open(oci, "w") as t:
+            t.add(layout, arcname=".")
+        """, layoutPath, dir + "/legacy.tar", dir + "/oci.tar"]
+        try p.run()
+        p.waitUntilExit()
+        try #require(p.terminationStatus == 0)
+        let s = try store()
+        let puller = ImagePuller(store: s, platform: .init(os: "linux", architecture: "amd64"))
+        let legacySource = try ArchiveSource(archive: dir + "/legacy.tar", tag: "v1", store: s)
+        let legacy = try await puller.pull("v1", as: "docker-archive", from: legacySource)
+        legacySource.close()
+        let ociSource = try ArchiveSource(archive: dir + "/oci.tar", tag: "v1", store: s)
+        let oci = try await puller.pull("v1", as: "oci-archive", from: ociSource)
+        ociSource.close()
+        #expect(legacy.layers.count == 2 && oci.layers.count == 2)
+        #expect(try Files.read(s.layerPath(legacy.layers[0]) + "/etc/os-release") == "ID=cubicle-test\n")
+        #expect(try Files.read(s.layerPath(oci.layers[1]) + "/srv/data") == "layer two\n")
+        #expect(try OCI.ImageConfig(try s.readVerified(legacy.config)).user == "worker")
+        #expect(try Files.listDirectory(dir + "/store/tmp").isEmpty, "the unpacked archives are gone")
+        #expect(throws: OCI.Failure.self) { try ArchiveSource(archive: dir + "/legacy.tar", tag: "v9", store: s) }
+    }
+
     @Test func pruneKeepsWhatRemainingImagesUse() async throws {
         defer { try? Files.removeTree(dir) }
         let s = try store()
