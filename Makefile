@@ -62,7 +62,7 @@ BENCH_OUT = docs/benchmarks.md.tmp
 
 .PHONY: bench-deps
 bench-deps:
-	apt-get install -y bubblewrap crun runc haproxy wrk gnuplot-nox
+	apt-get install -y bubblewrap crun runc haproxy wrk gnuplot-nox busybox-static
 
 bench:
 	$(SWIFT) build -c release
@@ -81,6 +81,8 @@ bench:
 	python3 Tests/bench/noisy_bench.py .build/release >> $(BENCH_OUT)
 	echo >> $(BENCH_OUT)
 	python3 Tests/bench/egress_bench.py .build/release >> $(BENCH_OUT)
+	echo >> $(BENCH_OUT)
+	python3 Tests/bench/image_bench.py .build/release 100 >> $(BENCH_OUT)
 	python3 Tests/bench/plot_cold_start.py $(BENCH_SAMPLES) docs/benchmarks-cold-start.png
 	mv $(BENCH_OUT) docs/benchmarks.md
 	cat docs/benchmarks.md

@@ -121,7 +121,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "cubicle-demo-agent", dependencies: ["CubicleJSON"], linkerSettings: staticExecutable),
-        .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC"], path: "Sources/Benchmarks/SandboxBench"),
+        .executableTarget(name: "cubicle-sandbox-bench", dependencies: ["CubicleSandbox", "CubicleLinux", "CubicleRPC", "CubicleImages"], path: "Sources/Benchmarks/SandboxBench"),
         // libFuzzer targets (make fuzz builds them with -D CUBICLE_FUZZ -sanitize=fuzzer); plain builds replay a corpus.
         .target(name: "FuzzReplay", dependencies: ["CubicleLinux"], path: "Sources/Fuzz/Replay"),
         .executableTarget(name: "cubicle-fuzz-rpc-frames", dependencies: ["CubicleRPC", "FuzzReplay"], path: "Sources/Fuzz/RPCFrames"),

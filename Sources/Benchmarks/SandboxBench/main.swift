@@ -5,6 +5,11 @@
 //                                                    each run's nanoseconds go to SAMPLES/<measure>.txt
 //   cubicle-sandbox-bench peer N OUT ARGV...          ARGV spawned and waited for N times (after 5 warm-ups),
 //                                                    each run's nanoseconds to OUT, exit statuses checked
+//   cubicle-sandbox-bench image REPO PRODUCTS N LAYOUT OUT
+//                                                    the OCI layout's image pulled into a store of its own, then
+//                                                    N sandboxes with a host root and N with the image's root,
+//                                                    alternating; spawn-to-ready nanoseconds to OUT/{host,image}-spawn.txt
+import CubicleImages
 import CubicleLinux
 import CubicleRPC
 import CubicleSandbox
@@ -44,6 +49,35 @@ if args.count >= 5, args[1] == "peer", let n = Int(args[2]) {
         if i >= 5 { samples.append(ns) }
     }
     writeSamples(samples, to: args[3])
+    exit(0)
+}
+
+if args.count >= 7, args[1] == "image", let n = Int(args[4]) {
+    let (repo, products, layout, out) = (args[2], args[3], args[5], args[6])
+    let work = "/tmp/cubicle-bench-image-\(getpid())"
+    let store = try ImageStore(root: work + "/store")
+    let image = try await ImagePuller(store: store).pull("v1", as: "bench", from: OCILayoutSource(directory: layout))
+    var host = SandboxHostConfig(initPath: products + "/cubicle-init", stateDirectory: work + "/state", cgroupParent: "cubicle-bench-image-\(getpid())")
+    host.networkNamespacePool = 4
+    let launcher = SandboxLauncher(host: host)
+    if let server = launcher.forkServer { _ = server.start() }
+    var spec = SandboxSpec(seccompProgram: try SeccompProfile.load(path: repo + "/sandbox/seccomp/default.json").compile())
+    spec.limits = CgroupLimits(memoryBytes: 256 << 20, cpuQuotaMicros: 100_000, pids: 128)
+    var imageSpec = spec
+    imageSpec.imageLayers = image.layers.map { store.layerPath($0) }
+    var samples: [String: [UInt64]] = ["host": [], "image": []]
+    for i in 0..<(n + 5) {
+        for (kind, s) in [("host", spec), ("image", imageSpec)] {
+            let sb = try await launcher.launch(s)
+            if i >= 5 { samples[kind]!.append(sb.spawnNanoseconds) }
+            _ = await sb.teardown()
+        }
+    }
+    launcher.shutdown()
+    for d in Cgroup(version: host.cgroupVersion, root: host.cgroupRoot, path: host.cgroupParent).directories { rmdir(d) }
+    try? Files.removeTree(work)
+    try Files.makeDirectories(out, mode: 0o755)
+    for (kind, xs) in samples { writeSamples(xs, to: "\(out)/\(kind)-spawn.txt") }
     exit(0)
 }
 
