@@ -95,7 +95,8 @@ import Testing
         defer { try? Files.removeTree(dir) }
         let path = try layout("tamperedmanifest", platforms: "linux/amd64")
         let blobs = try Files.listDirectory(path + "/blobs/sha256").map { path + "/blobs/sha256/" + $0 }
-        let manifest = try #require(blobs.first { (try? Files.read($0, limit: 64 << 20)).map { $0.contains("\"config\"") && $0.contains("\"layers\"") } == true })
+        // The manifest, not the config (which names "config" and "layers" too): only a manifest has a schemaVersion.
+        let manifest = try #require(blobs.first { (try? Files.read($0, limit: 64 << 20)).map { $0.contains("\"schemaVersion\"") && $0.contains("\"layers\"") } == true })
         try Files.writeAtomically(manifest, try Files.read(manifest).replacingOccurrences(of: "tar+gzip", with: "tar+gzip "), mode: 0o644, durable: false)
         await #expect(throws: Digest.Failure.self) {
             try await ImagePuller(store: try store(), platform: .init(os: "linux", architecture: "amd64")).pull("v1", as: "m", from: OCILayoutSource(directory: path))

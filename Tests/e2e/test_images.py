@@ -55,14 +55,21 @@ runtimes:
   - name: img
     containerUri: {registry}/agents/demo:v1
     limits: {{memory: 256MiB}}
+    warmPool: 1
   - name: missing
     containerUri: {registry}/agents/none:v1
   - name: demo
     command: [/app/cubicle-demo-agent]
     codeDirectory: {PRODUCTS}
 """, extra_args=["--data-dir", str(data)])
+    # A warm pool of an image runtime fills as any other: a sandbox of the image, started and healthy.
+    deadline = time.time() + 30
+    while not [w for w in d.cubicle_json("ps").get("warm", []) if w["runtime"] == "img" and w["state"] == "warm"]:
+        assert time.time() < deadline, "the image runtime's warm pool did not fill"
+        time.sleep(0.1)
     sid = new_session_id()
-    # The image's Entrypoint, no command in the config: the demo agent answers from inside the image.
+    # The image's Entrypoint, no command in the config: the demo agent answers from inside the image (the
+    # first call claims the warm sandbox).
     assert d.invoke_json({"prompt": "2+5"}, sid, runtime="img")["answer"] == 7
     assert d.cubicle("exec", sid, "--", "cat", "/etc/os-release").stdout == "ID=cubicle-test\n"
     assert d.cubicle_json("inspect", sid)["image"] == f"{registry}/agents/demo:v1"
