@@ -7,10 +7,8 @@ Addresses: the link is a /30 in 198.18.0.0/15 (RFC 2544's benchmarking range: "p
 never routed on the internet); test hosts are in a /24 of 198.19.0.0/16; a private test host (10/8) and a
 link-local one (169.254/16) sit there too, routed the same way, to show they are refused although a
 route exists."""
-import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys

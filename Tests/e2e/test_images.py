@@ -1,17 +1,15 @@
 """Runtimes from container images, end to end: a real registry (Debian's docker-registry on a loopback port
 of the test's own), an image pushed to it with skopeo (written by Tests/images/make_oci_layout.py: a busybox
 userland and the demo agent as its Entrypoint), cubicled pulling it at start and running sessions on it."""
-import json
 import os
 import shutil
 import socket
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from conftest import ARN_PREFIX, PRODUCTS, new_session_id
+from conftest import PRODUCTS, new_session_id
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAKE_LAYOUT = os.path.join(REPO, "Tests", "images", "make_oci_layout.py")
@@ -40,19 +38,26 @@ def registry(tmp_path):
     p.wait()
 
 
-def push(registry, tmp_path, repo, agent=None):
-    layout = tmp_path / ("layout-" + repo.replace("/", "-"))
-    subprocess.run(["python3", MAKE_LAYOUT, str(layout), "v1", "linux/amd64,linux/arm64"] + ([agent] if agent else []), check=True)
+def push(registry, tmp_path, repo, agent=None, layout=None):
+    """The test image (or `layout`) pushed to the test registry as REPO:v1, every platform of it."""
+    if layout is None:
+        layout = tmp_path / ("layout-" + repo.replace("/", "-"))
+        subprocess.run(["python3", MAKE_LAYOUT, str(layout), "v1", "linux/amd64,linux/arm64"] + ([agent] if agent else []), check=True)
     subprocess.run(["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{registry}/{repo}:v1"], check=True)
+
+
+def image_daemon(start_daemon, registry, tmp_path, runtimes):
+    """cubicled with the test registry (plain HTTP), a data directory of the test's own and `runtimes` (YAML)."""
+    return start_daemon(f"""lifecycleMinimumSeconds: 1
+registries: [{{host: "{registry}", insecure: true}}]
+runtimes:
+{runtimes}""", extra_args=["--data-dir", str(tmp_path / "data")])
 
 
 def test_a_runtime_from_an_image_in_a_registry(start_daemon, registry, tmp_path):
     push(registry, tmp_path, "agents/demo", agent=os.path.join(PRODUCTS, "cubicle-demo-agent"))
     data = tmp_path / "data"
-    d = start_daemon(f"""lifecycleMinimumSeconds: 1
-registries: [{{host: "{registry}", insecure: true}}]
-runtimes:
-  - name: img
+    d = image_daemon(start_daemon, registry, tmp_path, f"""  - name: img
     containerUri: {registry}/agents/demo:v1
     limits: {{memory: 256MiB}}
     warmPool: 1
@@ -61,7 +66,7 @@ runtimes:
   - name: demo
     command: [/app/cubicle-demo-agent]
     codeDirectory: {PRODUCTS}
-""", extra_args=["--data-dir", str(data)])
+""")
     # A warm pool of an image runtime fills as any other: a sandbox of the image, started and healthy.
     deadline = time.time() + 30
     while not [w for w in d.cubicle_json("ps").get("warm", []) if w["runtime"] == "img" and w["state"] == "warm"]:
@@ -117,20 +122,14 @@ def python_image_layout():
 
 
 def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_daemon, registry, tmp_path):
-    layout = python_image_layout()
-    subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:v1", f"docker://{registry}/agents/sdk:v1"], check=True)
-    d = start_daemon(f"""lifecycleMinimumSeconds: 1
-registries: [{{host: "{registry}", insecure: true}}]
-runtimes:
-  - name: sdk
+    push(registry, tmp_path, "agents/sdk", layout=python_image_layout())
+    d = image_daemon(start_daemon, registry, tmp_path, f"""  - name: sdk
     containerUri: {registry}/agents/sdk:v1
     limits: {{memory: 1GiB}}
-""", extra_args=["--data-dir", str(tmp_path / "data")])
-    c = d.client()
+""")
 
     def ask(session, prompt, user):
-        r = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + "sdk", runtimeSessionId=session, payload=json.dumps({"prompt": prompt, "user_id": user}))
-        return json.loads(r["response"].read())
+        return d.invoke_json({"prompt": prompt, "user_id": user}, session, runtime="sdk")
 
     s1, s2, s3 = new_session_id(), new_session_id(), new_session_id()
     # The runtime-context tutorial's five invocations, as test_real_agents.py makes them of the host-venv runtime.

@@ -3,7 +3,6 @@ and get_time tools, on the AgentCore SDK, installed from PyPI, in a PUBLIC sessi
 is Bedrock's. The test's DNS sends that name to a fake Bedrock (fake_bedrock.py) in the test's own fake
 internet, over TLS with a test CA the runtime trusts; the agent's only credentials are the role's, from the
 metadata endpoint. Nothing leaves this machine."""
-import json
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import pytest
 
 from agent_venv import TUTORIAL_REQUIREMENTS, VENV_IN_SANDBOX, VenvUnavailable, ensure_agent_venv
-from conftest import ARN_PREFIX, new_session_id
+from conftest import new_session_id
 from fake_internet import FakeInternet, session_network
 
 AGENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "sandbox", "agents")
@@ -74,12 +73,9 @@ runtimes:
 """
         d = start_daemon(config, extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns,
                                              "--session-network", session_network()])
-        c = d.client()
 
         def ask(session, prompt, user):
-            r = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + "tutor", runtimeSessionId=session,
-                                       payload=json.dumps({"prompt": prompt, "user_id": user}))
-            return json.loads(r["response"].read())
+            return d.invoke_json({"prompt": prompt, "user_id": user}, session, runtime="tutor")
 
         s1, s2, s3 = new_session_id(), new_session_id(), new_session_id()
         # The tutorial's five invocations, in its words.

@@ -14,15 +14,10 @@ import subprocess
 import sys
 import tarfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_oci_layout import blob  # noqa: E402
+
 SKIP_DIRS = {"__pycache__", "test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip"}
-
-
-def blob(root, data):
-    digest = hashlib.sha256(data).hexdigest()
-    os.makedirs(os.path.join(root, "blobs", "sha256"), exist_ok=True)
-    with open(os.path.join(root, "blobs", "sha256", digest), "wb") as f:
-        f.write(data)
-    return {"digest": "sha256:" + digest, "size": len(data)}
 
 
 class Layer:
