@@ -73,6 +73,9 @@ struct SessionSupervisor: Sendable {
             case .failure(let e): throw SessionError.couldNotStart("Session could not start: its image \(uri) could not be prepared: \(e)")
             case .success(let image):
                 spec.imageLayers = image.layers
+                // The image's writable layer lives in the root's tmpfs: as large as the runtime's tmpfs limit
+                // (512 MiB by default), not the 16 MiB a read-only host root needs for its scaffolding.
+                spec.rootBytes = runtime.limits.tmpfsBytes
                 if let (uid, gid) = OCI.user(image.config.user, layers: image.layers) { (spec.agentUID, spec.agentGID) = (uid, gid) }
                 process = Self.process(for: runtime, image: image.config, base: process)
             }

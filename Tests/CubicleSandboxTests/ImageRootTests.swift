@@ -53,6 +53,10 @@ import Testing
             #expect(!Files.exists(store.layerPath(image.layers[0]) + "/srv/new") && !Files.exists(store.layerPath(image.layers[1]) + "/srv/new"))
             // The image's setuid-root binary grants nothing (no_new_privs).
             #expect(try await sh(a, "/usr/bin/busybox-suid id -u") == "1000\n")
+            // The writable layer is the root's tmpfs: bounded by its size (ENOSPC inside, nothing outside).
+            let small = try await host.launch { $0.imageLayers = layers; $0.rootBytes = 8 << 20 }
+            let fill = try await small.run(["/bin/sh", "-c", "cat /bin/busybox /bin/busybox /bin/busybox /bin/busybox /bin/busybox > /srv/big; echo $?"])
+            #expect(fill.stdout == "1\n" && fill.stderr.contains("No space left"), "\(fill.stdout) \(fill.stderr)")
             // Cubicle's own parts over the image: its /proc, /tmp and hostname.
             #expect(try await sh(a, "cat /etc/hostname; echo x > /tmp/t && cat /tmp/t; ls /proc/self/status") == "cubicle\nx\n/proc/self/status\n")
         }
