@@ -149,3 +149,119 @@ def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_d
     # The image has no shell, so a command (run by /bin/sh, as InvokeAgentRuntimeCommand's are) says so.
     r = d.cubicle("exec", s1, "--", "true", check=False)
     assert r.returncode != 0 and "could not start /bin/sh" in r.stderr, r.stderr
+
+
+TOKEN_SERVER = r'''
+import base64, json, subprocess, sys, time, uuid
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import urlparse, parse_qs
+key, cert_der, port, user, password = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=")
+x5c = base64.b64encode(open(cert_der, "rb").read()).decode()
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        q = parse_qs(urlparse(self.path).query)
+        if self.headers.get("Authorization") != "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode():
+            self.send_response(401); self.send_header("Content-Length", "0"); self.end_headers(); return
+        access = []
+        for scope in q.get("scope", []):
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        claims = {"iss": "cubicle-test", "sub": user, "aud": q["service"][0], "exp": now + 300, "nbf": now - 10, "iat": now,
+                  "jti": uuid.uuid4().hex, "access": access}
+        signing = b64(json.dumps({"alg": "RS256", "typ": "JWT", "x5c": [x5c]}).encode()) + b"." + b64(json.dumps(claims).encode())
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", key], input=signing, capture_output=True, check=True).stdout
+        body = json.dumps({"token": (signing + b"." + b64(sig)).decode()}).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json"); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+server = HTTPServer(("127.0.0.1", port), H)
+print("serving", flush=True)
+server.serve_forever()
+'''
+
+
+def free_loopback_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, process):
+    deadline = time.time() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.time() < deadline and process.poll() is None, "server did not start"
+            time.sleep(0.05)
+
+
+def test_a_registry_that_asks_for_a_token(start_daemon, tmp_path):
+    """The distribution registry with token auth, as Docker Hub and most registries run: a 401 naming a Bearer
+    realm, a token from there for the credentials (a JWT the registry verifies against the test's CA)."""
+    if not (shutil.which("docker-registry") and shutil.which("skopeo") and os.path.exists("/bin/busybox")):
+        pytest.skip("needs docker-registry, skopeo and busybox-static (apt-get install docker-registry skopeo busybox-static)")
+    key, cert, der = tmp_path / "token.key", tmp_path / "token.pem", tmp_path / "token.der"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=cubicle test token issuer",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-in", str(cert), "-outform", "DER", "-out", str(der)], check=True)
+    token_port, registry_port = free_loopback_port(), free_loopback_port()
+    issuer = subprocess.Popen(["python3", "-c", TOKEN_SERVER, str(key), str(der), str(token_port), "robot", "s3cret"],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    (tmp_path / "registry.yml").write_text(f"""version: 0.1
+log: {{level: error}}
+storage: {{filesystem: {{rootdirectory: {tmp_path}/registry}}}}
+http: {{addr: "127.0.0.1:{registry_port}"}}
+auth:
+  token: {{realm: "http://127.0.0.1:{token_port}/token", service: cubicle-test-registry, issuer: cubicle-test, rootcertbundle: {cert}}}
+""")
+    registry = subprocess.Popen(["docker-registry", "serve", str(tmp_path / "registry.yml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert issuer.stdout.readline().strip() == "serving"
+        wait_port(registry_port, registry)
+        host = f"127.0.0.1:{registry_port}"
+        layout = tmp_path / "layout"
+        subprocess.run(["python3", MAKE_LAYOUT, str(layout), "v1", "linux/amd64", os.path.join(PRODUCTS, "cubicle-demo-agent")], check=True)
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--dest-creds", "robot:s3cret", f"oci:{layout}:v1",
+                        f"docker://{host}/agents/private:v1"], check=True)
+        d = start_daemon(f"""lifecycleMinimumSeconds: 1
+registries: [{{host: "{host}", insecure: true, username: robot, password: s3cret}}]
+runtimes:
+  - name: private
+    containerUri: {host}/agents/private:v1
+""", extra_args=["--data-dir", str(tmp_path / "data")])
+        assert d.invoke_json({"prompt": "2+5"}, new_session_id(), runtime="private")["answer"] == 7
+        # Wrong credentials: the token service refuses them, and the runtime says so.
+        wrong = start_daemon(f"""lifecycleMinimumSeconds: 1
+registries: [{{host: "{host}", insecure: true, username: robot, password: wrong}}]
+runtimes:
+  - name: private
+    containerUri: {host}/agents/private:v1
+""", extra_args=["--data-dir", str(tmp_path / "data-wrong")])
+        with pytest.raises(Exception, match="the token service of .* answered 401"):
+            wrong.invoke({"prompt": "hi"}, new_session_id(), runtime="private")
+    finally:
+        registry.terminate()
+        issuer.terminate()
+        registry.wait()
+        issuer.wait()
+
+
+def test_images_no_runtime_names_are_pruned(start_daemon, registry, tmp_path):
+    push(registry, tmp_path, "agents/old", agent=os.path.join(PRODUCTS, "cubicle-demo-agent"))
+    push(registry, tmp_path, "agents/new", agent=os.path.join(PRODUCTS, "cubicle-demo-agent"))
+    first = image_daemon(start_daemon, registry, tmp_path, f"  - name: app\n    containerUri: {registry}/agents/old:v1\n")
+    first.stop()
+    # The same store, a config that names another image: the old one is kept until pruned.
+    d = image_daemon(start_daemon, registry, tmp_path, f"  - name: app\n    containerUri: {registry}/agents/new:v1\n")
+    listed = {i["reference"]: i["runtimes"] for i in d.cubicle_json("images")["images"]}
+    assert listed == {f"{registry}/agents/old:v1": [], f"{registry}/agents/new:v1": ["app"]}, listed
+    pruned = subprocess.run([os.path.join(PRODUCTS, "cubicle"), "images", "prune", "--admin-socket", d.admin_socket],
+                            capture_output=True, text=True, check=True)
+    assert pruned.stdout == f"removed {registry}/agents/old:v1\n", pruned.stderr
+    assert [i["reference"] for i in d.cubicle_json("images")["images"]] == [f"{registry}/agents/new:v1"]
+    # The layers both images share stay for the one still named; its sessions run.
+    assert d.invoke_json({"prompt": "2+5"}, new_session_id(), runtime="app")["answer"] == 7
