@@ -110,9 +110,9 @@ struct IsolationTests {
         }
     }
 
-    @Test func filesystemIsPrivateAndHostDirectoriesAreReadOnly() async throws {
+    @Test(arguments: RootKind.allCases) func filesystemIsPrivateAndHostDirectoriesAreReadOnly(root kind: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(kind) else { return }
             let r = try await s.sh("""
                 for d in /usr /app / /etc; do touch $d/cubicle-write 2>/dev/null && echo "wrote $d"; done
                 touch /tmp/ok /home/agent/ok /dev/shm/ok && echo writable
@@ -125,7 +125,11 @@ struct IsolationTests {
             #expect(r.stdout.contains("writable"))
             #expect(!r.stdout.contains("visible"), "\(r.stdout)")
             let root = Set(r.stdout.split(separator: "\n")[1].split(separator: " ").map(String.init))
-            let allowed: Set<String> = [".", "..", "app", "bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp", "usr"]
+            // A host root: the host's /usr and its links, Cubicle's own parts. An image root: the image's own
+            // top level (the test image's bin, etc, srv, usr), Cubicle's parts and its upper layer's mount point.
+            let allowed: Set<String> = kind == .host
+                ? [".", "..", "app", "bin", "dev", "etc", "home", "lib", "lib32", "lib64", "libx32", "proc", "sbin", "tmp", "usr"]
+                : [".", "..", "app", "bin", "dev", "etc", "home", "proc", "srv", "tmp", "usr", InitConfig.imageUpper.dropFirst().description]
             #expect(root.isSubset(of: allowed), "unexpected entries in /: \(root.subtracting(allowed))")
             #expect(root.isSuperset(of: ["app", "usr", "tmp", "proc", "dev", "etc", "home"]))
             #expect(r.stdout.split(separator: "\n")[2] == "0", "/proc/kcore is not masked")
@@ -133,13 +137,13 @@ struct IsolationTests {
     }
 
     /// A host directory with a writable mount inside it (here a mode-1777 tmpfs) stays read-only all the way down.
-    @Test func mountsUnderAHostBindAreReadOnlyToo() async throws {
+    @Test(arguments: RootKind.allCases) func mountsUnderAHostBindAreReadOnlyToo(root: RootKind) async throws {
         try await withHost { host in
             let sub = host.codeDirectory + "/writable-submount"
             try Files.makeDirectories(sub)
             try sys("mount tmpfs on \(sub)") { mount("tmpfs", sub, "tmpfs", 0, "size=1m,mode=1777") }
             defer { umount2(sub, Int32(MNT_DETACH)) }
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             let r = try await s.sh("touch /app/writable-submount/x && echo wrote; touch /app/writable-submount/x 2>&1 | grep -c 'Read-only'")
             #expect(!r.stdout.contains("wrote"), "\(r.stdout)")
             #expect(r.stdout.hasPrefix("1"), "\(r.stdout)")

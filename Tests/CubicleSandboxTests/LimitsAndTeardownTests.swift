@@ -9,9 +9,9 @@ import Testing
 
 @Suite(.enabled(if: isRoot, rootReason))
 struct LimitsTests {
-    @Test func forkBombStopsAtThePidsLimit() async throws {
+    @Test(arguments: RootKind.allCases) func forkBombStopsAtThePidsLimit(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch { $0.limits.pids = 32 }
+            guard let s = try await host.launch(root, { $0.limits.pids = 32 }) else { return }
             // The bomb runs in a subshell forked before it; what follows it in this shell is builtins only
             // (no fork), so its report does not depend on whether the bomb or a reader got the last pids. The
             // sleeps hold no pipe of the command, so it ends while they still count.
@@ -23,9 +23,9 @@ struct LimitsTests {
         }
     }
 
-    @Test func memoryHogIsOOMKilledAndReported() async throws {
+    @Test(arguments: RootKind.allCases) func memoryHogIsOOMKilledAndReported(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch { $0.limits.memoryBytes = 48 << 20 }
+            guard let s = try await host.launch(root, { $0.limits.memoryBytes = 48 << 20 }) else { return }
             let r = try await s.sh("exec tail /dev/zero", timeoutSeconds: 30)
             #expect(r.exit.signal == SIGKILL)
             #expect(s.cgroup.usage().oomKills >= 1)
@@ -34,9 +34,9 @@ struct LimitsTests {
         }
     }
 
-    @Test func cpuHogIsThrottled() async throws {
+    @Test(arguments: RootKind.allCases) func cpuHogIsThrottled(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch { $0.limits.cpuQuotaMicros = 10_000 }  // a tenth of one CPU
+            guard let s = try await host.launch(root, { $0.limits.cpuQuotaMicros = 10_000 }) else { return }  // a tenth of one CPU
             let before = s.cgroup.usage().cpuNanoseconds
             let start = DispatchTime.now().uptimeNanoseconds
             _ = try await s.sh("timeout 1 sh -c 'while :; do :; done'", timeoutSeconds: 10)
@@ -132,12 +132,12 @@ struct LimitsTests {
         }
     }
 
-    @Test func fillingTmpGivesENOSPCOnlyInside() async throws {
+    @Test(arguments: RootKind.allCases) func fillingTmpGivesENOSPCOnlyInside(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch { $0.tmpBytes = 8 << 20 }
+            guard let s = try await host.launch(root, { $0.tmpBytes = 8 << 20 }) else { return }
             let r = try await s.sh("dd if=/dev/zero of=/tmp/fill bs=1M count=64 2>&1; df -k /tmp | tail -1")
             #expect(r.stdout.contains("No space left on device"))
-            let other = try await host.launch()
+            guard let other = try await host.launch(root) else { return }
             let ok = try await other.sh("dd if=/dev/zero of=/tmp/fill bs=1M count=4 2>/dev/null && echo wrote")
             #expect(ok.stdout == "wrote\n")
         }
@@ -212,9 +212,9 @@ struct TeardownTests {
         return found
     }
 
-    @Test func teardownLeavesNothingAndTheCanaryIsGone() async throws {
+    @Test(arguments: RootKind.allCases) func teardownLeavesNothingAndTheCanaryIsGone(root: RootKind) async throws {
         try await withHost { host in
-            let s = try await host.launch()
+            guard let s = try await host.launch(root) else { return }
             // The canary is built inside the sandbox from two halves, so this process never holds it whole.
             let left = "cubicle-canary-\(UInt64.random(in: 0...UInt64.max))"
             let right = "-\(UInt64.random(in: 0...UInt64.max))-end"
@@ -223,13 +223,16 @@ struct TeardownTests {
             var buf = [UInt8](repeating: 0, count: 16)
             _ = read(agent.stdout, &buf, buf.count)
             close(agent.stdout); close(agent.stderr)
-            _ = try await s.sh("echo \"$L$R\" > /tmp/canary; echo \"$L$R\" > /home/agent/canary; echo \"$L$R\" > /dev/shm/canary".replacingOccurrences(of: "$L$R", with: left + right))
+            // In an image root, also into the image itself (its writable upper layer): /srv is uid 1000's there.
+            let upper = root == .image ? "; echo \"$L$R\" > /srv/canary" : ""
+            _ = try await s.sh(("echo \"$L$R\" > /tmp/canary; echo \"$L$R\" > /home/agent/canary; echo \"$L$R\" > /dev/shm/canary" + upper)
+                .replacingOccurrences(of: "$L$R", with: left + right))
             let canary = Array((left + right).utf8)
             #expect(!Self.processesHolding(canary).isEmpty, "the canary should be findable while the sandbox lives")
             let hostPIDs = s.cgroup.processes()
             let report = await s.teardown()
             #expect(report.leftovers.isEmpty, "\(report.leftovers)")
-            #expect(report.wipedFiles >= 3)
+            #expect(report.wipedFiles >= (root == .image ? 4 : 3))
             #expect(!s.cgroup.exists)
             #expect(!Files.exists(s.stateDirectory))
             #expect(!host.config.uidAllocator.allocated().contains(s.uidRange.slot))

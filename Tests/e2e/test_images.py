@@ -63,6 +63,8 @@ def test_a_runtime_from_an_image_in_a_registry(start_daemon, registry, tmp_path)
     warmPool: 1
   - name: missing
     containerUri: {registry}/agents/none:v1
+  - name: plaintext
+    containerUri: localhost:{registry.split(":")[1]}/agents/demo:v1
   - name: demo
     command: [/app/cubicle-demo-agent]
     codeDirectory: {PRODUCTS}
@@ -92,6 +94,9 @@ def test_a_runtime_from_an_image_in_a_registry(start_daemon, registry, tmp_path)
     with pytest.raises(Exception, match="agents/none:v1 not found in the registry"):
         d.invoke({"prompt": "hi"}, new_session_id(), runtime="missing")
     assert d.invoke_json({"prompt": "2+5"}, new_session_id(), runtime="demo")["answer"] == 7
+    # The same registry under a host name not configured insecure: HTTPS only, so it cannot be pulled.
+    with pytest.raises(Exception, match="its image localhost:[0-9]+/agents/demo:v1 could not be prepared"):
+        d.invoke({"prompt": "hi"}, new_session_id(), runtime="plaintext")
     listed = d.cubicle_json("images")["images"]
     assert [(i["reference"], i["runtimes"], i["layers"]) for i in listed] == [(f"{registry}/agents/demo:v1", ["img"], 2)], listed
     assert listed[0]["size"] > 1_000_000
