@@ -158,7 +158,9 @@ struct IsolationTests {
             let loopback = root == .host
                 ? try await s.run(["/usr/bin/python3", "-c", "import socket; s = socket.create_server(('127.0.0.1', 0)); "
                                    + "socket.create_connection(s.getsockname()); print('loopback up')"])
-                : try await s.sh("nc -l -p 7777 > /tmp/got & sleep 0.3; echo loopback up | nc 127.0.0.1 7777; sleep 0.2; cat /tmp/got")
+                // The client tries until the listener is up (it is refused until then), then both exit.
+                : try await s.sh("nc -l -p 7777 > /tmp/got & i=0; until echo loopback up | nc 127.0.0.1 7777 2>/dev/null || [ $i -ge 100 ]; "
+                                 + "do i=$((i+1)); sleep 0.05; done; wait; cat /tmp/got")
             #expect(loopback.stdout == "loopback up\n", "\(loopback.stderr)")
             let r = try await s.sh("tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '; echo; hostname; grep -c . /proc/net/route")
             let lines = r.stdout.split(separator: "\n", omittingEmptySubsequences: false)
