@@ -128,9 +128,17 @@ def python_image_layout():
 
 def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_daemon, registry, tmp_path):
     push(registry, tmp_path, "agents/sdk", layout=python_image_layout())
+    # The image's Entrypoint (the tutorial's agent), and two more SDK agents from the same image by command.
     d = image_daemon(start_daemon, registry, tmp_path, f"""  - name: sdk
     containerUri: {registry}/agents/sdk:v1
     limits: {{memory: 1GiB}}
+  - name: stream
+    containerUri: {registry}/agents/sdk:v1
+    command: [/opt/agent-venv/bin/python, /app/streaming_agent.py]
+  - name: mcp
+    containerUri: {registry}/agents/sdk:v1
+    command: [/opt/agent-venv/bin/python, /app/mcp_server.py]
+    protocol: MCP
 """)
 
     def ask(session, prompt, user):
@@ -147,6 +155,20 @@ def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_d
     assert (r2["answer"], r2["turn"], r3["answer"], r3["turn"]) == (7, 2, 41, 3)
     assert r4["session_id"] == s2 and r4["answer"] is None and r4["turn"] == 1
     assert (r5["session_id"], r5["user"], r5["answer"]) == (s3, "Mani", "sunny")
+    # The streaming agent's events, and the MCP server's tool, from the same image (one download, one store entry).
+    from test_real_agents import invoke, mcp_call, sse_events
+    c = d.client()
+    events = [e for _, e in sse_events(invoke(c, "stream", new_session_id(), {"events": 3, "interval_ms": 10}))]
+    assert [e.get("index") for e in events[:3]] == [0, 1, 2] and events[-1] == {"done": True, "events": 3}, events
+    mcp_sid = new_session_id()
+    r, init = mcp_call(c, mcp_sid, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "cubicle-test", "version": "1"}}})
+    session = r.get("mcpSessionId")
+    mcp_call(c, mcp_sid, {"jsonrpc": "2.0", "method": "notifications/initialized"}, session)
+    _, called = mcp_call(c, mcp_sid, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                                      "params": {"name": "add_numbers", "arguments": {"a": 2, "b": 5}}}, session)
+    assert called["result"]["content"][0]["text"] == "7"
+    assert [i["runtimes"] for i in d.cubicle_json("images")["images"]] == [["sdk", "stream", "mcp"]]
     # Its Python is the image's; nothing of the host's /usr is there (seen through the agent's own root).
     root = f"/proc/{d.cubicle_json('inspect', s1)['agentHostPID']}/root"
     assert os.path.exists(root + "/usr/lib/python3.11/os.py") and os.path.exists(root + "/opt/agent-venv/bin/python")
