@@ -96,6 +96,14 @@ public final class AgentLink: ChannelDuplexHandler, @unchecked Sendable {
         eventLoop.execute { self.context?.close(promise: nil) }
     }
 
+    /// Closes the connection after `delay` on its event loop (nothing to do if it has closed by then).
+    public func close(after delay: TimeAmount) {
+        eventLoop.scheduleTask(in: delay) {
+            self.active.store(false, ordering: .relaxed)
+            self.context?.close(promise: nil)
+        }
+    }
+
     public func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     public func read(context: ChannelHandlerContext) { reads.read(context) }

@@ -17,6 +17,8 @@ public final class AgentTransport: Sendable {
     /// 5 s), and a request sent into that race would fail.
     public static let defaultMaxIdleNanoseconds: UInt64 = 2_000_000_000
     let maxIdleNanoseconds: UInt64
+    /// How long links in use outlive `close(keepingInUse: true)`; injectable, like the idle rule, for tests.
+    let inUseGrace: TimeAmount
     static let maxIdleLinks = 16
 
     private struct State {
@@ -30,7 +32,9 @@ public final class AgentTransport: Sendable {
     private let connector: Connector
     private let group: any EventLoopGroup
 
-    public init(group: any EventLoopGroup, maxIdleNanoseconds: UInt64 = defaultMaxIdleNanoseconds, connector: @escaping Connector) {
+    public init(group: any EventLoopGroup, maxIdleNanoseconds: UInt64 = defaultMaxIdleNanoseconds, inUseGrace: TimeAmount = defaultInUseGrace,
+                connector: @escaping Connector) {
+        self.inUseGrace = inUseGrace
         self.group = group
         self.maxIdleNanoseconds = maxIdleNanoseconds
         self.connector = connector
@@ -101,19 +105,23 @@ public final class AgentTransport: Sendable {
         }
     }
 
+    public static let defaultInUseGrace = TimeAmount.seconds(1)
+
     /// Closes every link, idle or in use (an attached exchange hears `failed`), and opens no more.
-    /// `keepingInUse`: links in use are left to end on their own and closed when given back; for an agent
-    /// that has exited, whose last response may still be in flight to us, and whose end (its sockets closed
-    /// by the kernel, then the sandbox's teardown) gives every such link its end of file.
+    /// `keepingInUse`: links in use get `inUseGrace` first (closed at once if given back meanwhile): for an
+    /// agent that has exited, whose last response may still be in flight to us. Bounded, so nothing that
+    /// waits on such a link can outlive its session by more than that.
     public func close(keepingInUse: Bool = false) {
-        let (links, opening) = state.withLock { s -> ([AgentLink], [Task<Void, Never>]) in
+        let (idle, inUse, opening) = state.withLock { s -> ([AgentLink], [AgentLink], [Task<Void, Never>]) in
             s.closed = true
             let idle = s.idle
             s.idle = []
-            return (keepingInUse ? idle : Array(s.open.values), Array(s.opening.values))
+            let idleIDs = Set(idle.map { ObjectIdentifier($0) })
+            return (idle, s.open.values.filter { !idleIDs.contains(ObjectIdentifier($0)) }, Array(s.opening.values))
         }
         opening.forEach { $0.cancel() }
-        links.forEach { $0.close() }
+        idle.forEach { $0.close() }
+        if keepingInUse { inUse.forEach { $0.close(after: inUseGrace) } } else { inUse.forEach { $0.close() } }
     }
 
     // MARK: -

@@ -142,7 +142,7 @@ extension AgentLinkTests {
     /// link is closed when given back (a plain close cuts it: `endingTheSessionClosesLinksInUseAndTheirSinkHearsIt`).
     @Test func anExitedAgentsLastAnswerStillArrives() async throws {
         try await withGroup(threads: 1) { group, agent in
-            let transport = AgentTransport(group: group, connector: agent.connector)
+            let transport = AgentTransport(group: group, inUseGrace: .seconds(60), connector: agent.connector)
             let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
             let fd = try await agent.waitForEnd(0)
             _ = await agent.read(fd, atLeast: 1)
@@ -153,6 +153,20 @@ extension AgentLinkTests {
             let answered = try await response.value
             #expect(try await Self.collect(answered) == "hello")
             #expect(await agent.closedByPeer(fd), "the link is closed once given back to a closed transport")
+        }
+    }
+
+    /// A link in use whose agent never answers is closed after the grace all the same: nothing waiting on it
+    /// outlives its session by more than that.
+    @Test func aLinkInUseIsClosedAfterTheGraceEvenIfNoAnswerComes() async throws {
+        try await withGroup(threads: 1) { group, agent in
+            let transport = AgentTransport(group: group, inUseGrace: .milliseconds(100), connector: agent.connector)
+            let response = Task { try await transport.send(AgentRequest(head: Self.post(0), bodyLength: 0)) }
+            let fd = try await agent.waitForEnd(0)
+            _ = await agent.read(fd, atLeast: 1)
+            transport.close(keepingInUse: true)
+            await #expect(throws: (any Error).self) { _ = try await response.value }
+            #expect(await agent.closedByPeer(fd))
         }
     }
 }
