@@ -88,7 +88,7 @@ bench:
 	cat docs/benchmarks.md
 
 # A release build with the Swift runtime linked into each binary, so the target host needs no toolchain
-# (only libseccomp2, libnftables1 and libstdc++), installed with the systemd unit. The Dockerfile runs the same target.
+# (only libseccomp2, libnftables1, libarchive13 and libstdc++), installed with the systemd unit. The Dockerfile runs the same target.
 PREFIX ?= /usr/local
 DESTDIR ?=
 SYSTEMD_UNIT_DIR ?= /etc/systemd/system
