@@ -61,7 +61,7 @@ let package = Package(
         .systemLibrary(name: "CLibarchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
         // Container images: references, the content-addressed store, layers unpacked with libarchive.
         .target(name: "CubicleImages", dependencies: [
-            "CLibarchive", "CubicleLinux", "CubicleJSON",
+            "CLibarchive", "CubicleLinux", "CubicleJSON", "CubicleAgentCore",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "AsyncHTTPClient", package: "async-http-client"),
             .product(name: "Logging", package: "swift-log"),

@@ -32,7 +32,7 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible, Comparable {
     public static func < (a: Digest, b: Digest) -> Bool { a.hex < b.hex }
 
     public static func of(_ bytes: some Collection<UInt8>) -> Digest {
-        Digest(hex: SHA256.hash(data: Array(bytes)).map { Self.hexByte($0) }.joined())
+        Digest(hex: Hex.encode(Array(SHA256.hash(data: Array(bytes)))))
     }
 
     /// The digest of a file's contents, read in 1 MiB pieces, and its size.
@@ -50,7 +50,7 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible, Comparable {
             hasher.update(data: buffer[0..<n])
             total += Int64(n)
         }
-        return (Digest(hex: hasher.finalize().map { hexByte($0) }.joined()), total)
+        return (Digest(hex: Hex.encode(Array(hasher.finalize()))), total)
     }
 
     /// Throws unless `path` holds exactly the content this digest names.
@@ -60,8 +60,4 @@ public struct Digest: Hashable, Sendable, CustomStringConvertible, Comparable {
         return size
     }
 
-    static func hexByte(_ b: UInt8) -> String {
-        let d = Array("0123456789abcdef".utf8)
-        return String(decoding: [d[Int(b >> 4)], d[Int(b & 15)]], as: UTF8.self)
-    }
 }

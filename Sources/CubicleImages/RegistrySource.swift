@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import AsyncHTTPClient
+import CubicleAgentCore
 import struct Foundation.Data
 import CubicleJSON
 import CubicleLinux
@@ -130,8 +131,8 @@ public final class RegistrySource: ImageSource {
             throw Failure(message: "\(reference.registry) asks for an authentication cubicled does not speak: \(challenge)")
         }
         var url = realm + (realm.contains("?") ? "&" : "?")
-        url += "scope=" + Self.percentEncode(params["scope"] ?? "repository:\(reference.repository):pull")
-        if let service = params["service"] { url += "&service=" + Self.percentEncode(service) }
+        url += "scope=" + PercentEncoding.encode(params["scope"] ?? "repository:\(reference.repository):pull")
+        if let service = params["service"] { url += "&service=" + PercentEncoding.encode(service) }
         var request = HTTPClientRequest(url: url)
         if let basic { request.headers.add(name: "Authorization", value: basic) }
         let response = try await client.execute(request, timeout: .seconds(60))
@@ -151,7 +152,7 @@ public final class RegistrySource: ImageSource {
         var params: [String: String] = [:]
         var rest = trimmed.dropFirst(scheme.count)
         while let eq = rest.firstIndex(of: "=") {
-            let key = rest[..<eq].trimmingCharacters(in: " ,").lowercased()
+            let key = rest[..<eq].filter { $0 != " " && $0 != "," }.lowercased()
             rest = rest[rest.index(after: eq)...]
             var value = ""
             if rest.first == "\"" {
@@ -168,34 +169,12 @@ public final class RegistrySource: ImageSource {
         }
         return (scheme, params)
     }
-
-    static func percentEncode(_ s: String) -> String {
-        var out = ""
-        for b in s.utf8 {
-            if (0x30...0x39).contains(b) || (0x41...0x5A).contains(b) || (0x61...0x7A).contains(b) || "-._~".utf8.contains(b) {
-                out.append(Character(UnicodeScalar(b)))
-            } else {
-                out += String(format2: b)
-            }
-        }
-        return out
-    }
 }
 
 extension String {
-    init(format2 b: UInt8) {
-        let d = Array("0123456789ABCDEF".utf8)
-        self = "%" + String(decoding: [d[Int(b >> 4)], d[Int(b & 15)]], as: UTF8.self)
-    }
-
     func replacingPrefix(_ prefix: String, _ with: String) -> String { hasPrefix(prefix) ? with + dropFirst(prefix.count) : self }
 }
 
-extension Substring {
-    func trimmingCharacters(in set: String) -> String {
-        String(drop { set.contains($0) }.reversed().drop { set.contains($0) }.reversed())
-    }
-}
 
 /// Base64 for Basic credentials and config.json's `auth`, through Foundation's.
 enum Base64 {

@@ -77,9 +77,3 @@ public struct RoleCredentialSource: Sendable, Equatable {
         return out
     }
 }
-
-extension StringProtocol {
-    var trimmingSpaces: String {
-        String(drop { $0 == " " || $0 == "\t" || $0 == "\r" }.reversed().drop { $0 == " " || $0 == "\t" || $0 == "\r" }.reversed())
-    }
-}

@@ -109,9 +109,6 @@ public final class SessionLinks: Sendable {
         wake.signal()
     }
 
-    /// Links ready for sessions now.
-    public var readyCount: Int { state.withLock { $0.ready.count } }
-
     /// Deletes every ready link and ends the thread, and waits for it (a few seconds at most), so no link
     /// outlives a daemon that shut down. Links in use are the sessions' to release first.
     public func close() {

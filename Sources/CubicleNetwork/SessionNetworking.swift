@@ -95,8 +95,6 @@ public final class SessionNetworking: Sendable {
     private let closed = Atomic<Bool>(false)
     /// DNS grants a killed predecessor's table held, by session address, for the sessions adopted again.
     private let inherited = Mutex<[IPAddress: [(IPAddress, UInt32)]]>([:])
-    /// Counts of refused connections by runtime, for /metrics.
-    private let deniedCounts = Mutex<[String: Int]>([:])
 
     public var gateway: IPAddress { links.gateway }
     public static let dnsPort = 53
@@ -248,17 +246,6 @@ public final class SessionNetworking: Sendable {
         links.release(entry.link)
     }
 
-    /// Bytes through a session's link, from the host end's counters (what the session received is what
-    /// the host end sent).
-    public func traffic(_ link: SessionLink) -> (received: Int64, sent: Int64) {
-        func counter(_ name: String) -> Int64 {
-            Int64((try? Files.read("/sys/class/net/\(link.name)/statistics/\(name)"))?.trimmingSpaces.split(separator: "\n").first ?? "") ?? 0
-        }
-        return (counter("tx_bytes"), counter("rx_bytes"))
-    }
-
-    public var deniedByRuntime: [String: Int] { deniedCounts.withLock { $0 } }
-
     /// Closes the listeners and the NFLOG reader, deletes the links not in use and, unless sessions are
     /// left to a successor (`keepTable`), the table.
     public func shutdown(keepTable: Bool = false) {
@@ -353,7 +340,7 @@ public final class SessionNetworking: Sendable {
         var bytes = [UInt8](repeating: 0, count: 32)
         var rng = SystemRandomNumberGenerator()
         for i in bytes.indices { bytes[i] = rng.next() }
-        let token = bytes.map { String($0, radix: 16).count == 1 ? "0" + String($0, radix: 16) : String($0, radix: 16) }.joined()
+        let token = Hex.encode(bytes)
         let until = DispatchTime.now().uptimeNanoseconds + UInt64(seconds) * 1_000_000_000
         return entries.withLock { e -> String? in
             guard e[address] != nil else { return nil }
@@ -384,7 +371,6 @@ public final class SessionNetworking: Sendable {
                 guard let entry = entry(source) else { continue }
                 let denial = EgressDenial(sessionID: entry.sessionID, runtime: entry.runtime, destination: .v4(UInt32(bigEndian: d.destination_be)),
                                           port: Int(d.port), transport: d.protocol == 6 ? "tcp" : d.protocol == 17 ? "udp" : d.protocol == 1 ? "icmp" : "ip\(d.protocol)")
-                deniedCounts.withLock { $0[entry.runtime, default: 0] += 1 }
                 handler?(denial)
             }
         }

@@ -379,11 +379,4 @@ public struct Cgroup: Sendable {
     }
 }
 
-extension String {
-    var trimmingSpaces: String {
-        var s = Substring(self)
-        while let c = s.first, c == " " || c == "\n" || c == "\t" { s.removeFirst() }
-        while let c = s.last, c == " " || c == "\n" || c == "\t" { s.removeLast() }
-        return String(s)
-    }
-}
+

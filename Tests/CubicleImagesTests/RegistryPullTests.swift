@@ -118,6 +118,5 @@ import Testing
         let access = RegistryAccess.dockerConfig(#"{"auths": {"https://index.docker.io/v1/": {"auth": "dXNlcjpwYTpzcw=="}, "127.0.0.1:5000": {"auth": "YTpi"}}}"#)
         #expect(access.contains(RegistryAccess(host: "index.docker.io", username: "user", password: "pa:ss")))
         #expect(access.contains(RegistryAccess(host: "127.0.0.1:5000", username: "a", password: "b")))
-        #expect(RegistrySource.percentEncode("repository:a/b:pull") == "repository%3Aa%2Fb%3Apull")
     }
 }
