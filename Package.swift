@@ -30,6 +30,8 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
         .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
+        .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
+        .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
     ],
     targets: [
         // Only what Swift cannot do safely: clone/fork with pre-exec setup, SCM_RIGHTS, variadic ioctl/prctl.
@@ -74,10 +76,15 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // Runtime definitions: the YAML config today; versions, endpoints and their store with the control plane.
+        // Runtime definitions: the YAML config, the control plane's documents, versions and endpoints, and
+        // the store that keeps them (SQLite embedded, PostgreSQL shared by a fleet).
         .target(name: "CubicleRuntimes", dependencies: [
-            "CubicleSandbox", "CubicleAgentCore", "CubicleNetwork", "CubicleImages",
+            "CubicleSandbox", "CubicleAgentCore", "CubicleNetwork", "CubicleImages", "CubicleJSON",
             .product(name: "Yams", package: "Yams"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+            .product(name: "PostgresNIO", package: "postgres-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOCore", package: "swift-nio"),
         ]),
         // The session registry, one supervisor per session, lifecycles, warm pools, adoption. NIO only for the
         // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
@@ -89,8 +96,15 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
             .product(name: "Metrics", package: "swift-metrics"),
         ]),
+        // The control plane's operations: runtimes, versions, endpoints and tags over the store, and the work
+        // behind each status (images, code directories, networking, pools).
+        .target(name: "CubicleControlPlane", dependencies: [
+            "CubicleRuntimes", "CubicleSessions", "CubicleImages", "CubicleAgentCore", "CubicleJSON", "CubicleLinux",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "CubicleGateway", dependencies: [
-            "CubicleSessions", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
+            "CubicleSessions", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
             .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
             .product(name: "Hummingbird", package: "hummingbird"),
@@ -111,13 +125,14 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleNetwork", "CubicleImages",
+            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Metrics", package: "swift-metrics"),
             .product(name: "Prometheus", package: "swift-prometheus"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "cubicle-demo-agent", dependencies: ["CubicleJSON"], linkerSettings: staticExecutable),

@@ -8,6 +8,8 @@ public struct AgentCoreError: Error, Equatable, Sendable, CustomStringConvertibl
         case accessDenied = "AccessDeniedException"
         case resourceNotFound = "ResourceNotFoundException"
         case conflict = "RetryableConflictException"
+        /// The control plane's: a name taken, a resource busy, a client token reused with another request.
+        case controlConflict = "ConflictException"
         case throttling = "ThrottlingException"
         case serviceQuotaExceeded = "ServiceQuotaExceededException"
         case runtimeClient = "RuntimeClientError"
@@ -18,7 +20,7 @@ public struct AgentCoreError: Error, Equatable, Sendable, CustomStringConvertibl
             case .validation: 400
             case .accessDenied: 403
             case .resourceNotFound: 404
-            case .conflict: 409
+            case .conflict, .controlConflict: 409
             case .throttling: 429
             case .serviceQuotaExceeded: 402
             case .runtimeClient: 424

@@ -1,6 +1,7 @@
 import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleAgentLink
+import CubicleControlPlane
 import CubicleSessions
 import Dispatch
 import HTTPTypes
@@ -21,12 +22,20 @@ public struct DataPlane: HTTPResponder {
     let logger: Logger
     /// The registry behind the swift-metrics backend cubicled bootstraps.
     let prometheus: PrometheusCollectorRegistry
+    /// The control plane on the same listener; nil: its routes are refused (see `controlPlaneRefusal`).
+    let controlPlane: ControlPlane?
+    /// Why the control plane does not answer here, if it does not: until callers are authenticated, it
+    /// changes what runs as which role only for this host's own users, on loopback.
+    let controlPlaneRefusal: String?
 
-    public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger, prometheus: PrometheusCollectorRegistry) {
+    public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger, prometheus: PrometheusCollectorRegistry,
+                controlPlane: ControlPlane? = nil, controlPlaneRefusal: String? = nil) {
         self.sessions = sessions
         self.group = group
         self.logger = logger
         self.prometheus = prometheus
+        self.controlPlane = controlPlane
+        self.controlPlaneRefusal = controlPlaneRefusal
     }
 
     public func respond(to request: Request, context: Context) async throws -> Response {
@@ -35,7 +44,13 @@ public struct DataPlane: HTTPResponder {
         do {
             let target = request.head.path ?? "/"
             let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-            let route = try Route.parse(method: request.method.rawValue, path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
+            let path = String(parts[0]), query = parts.count > 1 ? String(parts[1]) : nil
+            guard let route = try Self.dataRoute(method: request.method.rawValue, path: path, query: query) else {
+                // Not the data plane's: the control plane's, or nothing (Route's own error says which).
+                var response = try await controlPlane(request, path: path, query: query ?? "")
+                response.headers[.xAmznRequestID] = requestID
+                return response
+            }
             var response: Response
             switch route {
             case .ping:
@@ -44,26 +59,50 @@ public struct DataPlane: HTTPResponder {
                 response = await metrics()
             case .invoke(let address):
                 do {
-                    response = try await invoke(request, runtime: address.name, requestID: requestID)
+                    response = try await invoke(request, address, requestID: requestID)
                 } catch {
                     // A name from the client labels a metric only if it is configured, so made-up names cannot
                     // grow the registry without bound.
-                    let runtime = sessions.config.runtime(named: address.name) == nil ? "unknown" : address.name
+                    let runtime = sessions.catalog.contains(address.name) ? address.name : "unknown"
                     Invocation.countRefusal(runtime: runtime, status: error.status, started: started)
                     throw error
                 }
             case .stopSession(let address):
-                response = try await stop(request, runtime: address.name)
+                response = try await stop(request, address)
             case .command(let address):
-                response = try await command(request, runtime: address.name)
+                response = try await command(request, address)
             case .agentCard(let address):
-                response = try await agentCard(request, runtime: address.name, requestID: requestID)
+                response = try await agentCard(request, address, requestID: requestID)
             }
             response.headers[.xAmznRequestID] = requestID
             return response
         } catch let error as AgentCoreError {
             return Self.errorResponse(error, requestID: requestID)
         }
+    }
+
+    /// The data plane's route; nil when no data-plane route matches and the control plane may have one.
+    static func dataRoute(method: String, path: String, query: String?) throws(AgentCoreError) -> Route? {
+        do { return try Route.parse(method: method, path: path, query: query) } catch {
+            if error.kind == .resourceNotFound { return nil }
+            throw error
+        }
+    }
+
+    /// A `bedrock-agentcore-control` operation.
+    private func controlPlane(_ request: Request, path: String, query: String) async throws(AgentCoreError) -> Response {
+        guard let route = try ControlRoute.parse(method: request.method.rawValue, path: path) else {
+            throw AgentCoreError(.resourceNotFound, "No operation matches \(request.method.rawValue) \(String(path.prefix(200)))")
+        }
+        guard let controlPlane else {
+            throw AgentCoreError(.accessDenied, controlPlaneRefusal ?? "The control plane is not served by this cubicled")
+        }
+        let body = try await Self.collect(request.body, limit: 1 << 20)
+        let answer = try await controlPlane.handle(route, query: query, body: body)
+        logger.info("control plane", metadata: ["operation": "\(route.operation)", "status": "\(answer.status)"])
+        guard let json = answer.body else { return Response(status: .init(code: answer.status)) }
+        return Response(status: .init(code: answer.status), headers: [.contentType: "application/json"],
+                        body: .init(byteBuffer: ByteBuffer(bytes: json.serialized())))
     }
 
     /// Prometheus text: everything Telemetry records, with live sessions by state counted now.
@@ -89,11 +128,11 @@ public struct DataPlane: HTTPResponder {
 
     /// The task road: for a session to find or start, or when the warm road does not apply (no idle link on
     /// this loop, a body without Content-Length). Answers as `ForwardedInvoke` does, through `Invocation`.
-    private func invoke(_ request: Request, runtime: String, requestID: String) async throws(AgentCoreError) -> Response {
+    private func invoke(_ request: Request, _ runtime: RuntimeAddress, requestID: String) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
         let declaredLength = request.headers[.contentLength].flatMap { Int($0) }
         try Validate.payloadLength(declaredLength)
-        let session = try await sessions.session(runtime: runtime, sessionID: id)
+        let session = try await sessions.session(runtime, sessionID: id)
         let invocation = Invocation(target: session, sessionID: id, requestID: requestID, requestHeaders: request.headers)
         let inFlight = invocation.inFlight
         let body = request.body
@@ -160,21 +199,21 @@ public struct DataPlane: HTTPResponder {
 
     // MARK: - StopRuntimeSession
 
-    private func stop(_ request: Request, runtime: String) async throws(AgentCoreError) -> Response {
+    private func stop(_ request: Request, _ runtime: RuntimeAddress) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
         _ = try await Self.collect(request.body, limit: 64 << 10)
-        do { try await sessions.stop(runtime: runtime, sessionID: id) } catch { throw AgentCoreError(error) }
+        do { try await sessions.stop(runtime: runtime.name, qualifier: runtime.qualifier, sessionID: id) } catch { throw AgentCoreError(error) }
         return Response(status: .ok, headers: [.contentType: "application/json", .agentCoreSessionID: id],
                         body: .init(byteBuffer: ByteBuffer(string: "{}")))
     }
 
     // MARK: - InvokeAgentRuntimeCommand
 
-    private func command(_ request: Request, runtime: String) async throws(AgentCoreError) -> Response {
+    private func command(_ request: Request, _ runtime: RuntimeAddress) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
         let body = try await Self.collect(request.body, limit: 256 << 10)
         let command = try CommandRequest(body: body)
-        let session = try await sessions.session(runtime: runtime, sessionID: id)
+        let session = try await sessions.session(runtime, sessionID: id)
         let running: RunningCommand
         do { running = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
         var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
@@ -187,11 +226,11 @@ public struct DataPlane: HTTPResponder {
 
     // MARK: - GetAgentCard
 
-    private func agentCard(_ request: Request, runtime: String, requestID: String) async throws(AgentCoreError) -> Response {
+    private func agentCard(_ request: Request, _ runtime: RuntimeAddress, requestID: String) async throws(AgentCoreError) -> Response {
         let id = try sessionID(request)
-        let session = try await sessions.session(runtime: runtime, sessionID: id)
+        let session = try await sessions.session(runtime, sessionID: id)
         guard session.runtime.serverProtocol == .a2a else {
-            throw AgentCoreError(.validation, "GetAgentCard is only for A2A runtimes; \(runtime) serves \(session.runtime.serverProtocol.rawValue)")
+            throw AgentCoreError(.validation, "GetAgentCard is only for A2A runtimes; \(runtime.name) serves \(session.runtime.serverProtocol.rawValue)")
         }
         let invocation = Invocation(target: session, sessionID: id, requestID: requestID, requestHeaders: request.headers)
         let head = HTTPRequestHead(version: .http1_1, method: .GET, uri: "/.well-known/agent-card.json",

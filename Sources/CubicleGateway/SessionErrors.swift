@@ -6,7 +6,7 @@ extension AgentCoreError {
     /// the types; AWS's own message where the contract fixes one).
     init(_ error: SessionError) {
         switch error {
-        case .runtimeNotFound, .sessionNotFound: self.init(.resourceNotFound, error.description)
+        case .runtimeNotFound, .sessionNotFound, .endpointNotFound: self.init(.resourceNotFound, error.description)
         case .shuttingDown: self.init(.throttling, error.description)
         case .quotaReached: self.init(.serviceQuotaExceeded, error.description)
         case .couldNotStart: self.init(.runtimeClient, error.description)
@@ -19,7 +19,7 @@ extension AgentCoreError {
 
 extension SessionManager {
     /// `acquire`, answering in AgentCore's errors.
-    func session(runtime: String, sessionID: String) async throws(AgentCoreError) -> Session {
-        do { return try await acquire(runtime: runtime, sessionID: sessionID) } catch { throw AgentCoreError(error) }
+    func session(_ address: RuntimeAddress, sessionID: String) async throws(AgentCoreError) -> Session {
+        do { return try await acquire(runtime: address.name, qualifier: address.qualifier, sessionID: sessionID) } catch { throw AgentCoreError(error) }
     }
 }

@@ -34,7 +34,7 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
                                                  withDecoderLimitConfiguration: limits)
             try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
-            try sync.addHandler(WarmInvokeForwarder { runtime, id in sessions.liveSession(runtime: runtime, sessionID: id) })
+            try sync.addHandler(WarmInvokeForwarder { runtime, qualifier, id in sessions.liveSession(runtime: runtime, qualifier: qualifier, sessionID: id) })
             return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
         }
     }
@@ -66,7 +66,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
 
     /// A live session by runtime and id, without a hop to the registry actor: the forwarder runs on the
     /// event loop, and a task switch per request is what the warm road exists to avoid.
-    typealias Lookup = @Sendable (_ runtime: String, _ sessionID: String) -> (any InvocationTarget)?
+    typealias Lookup = @Sendable (_ runtime: String, _ qualifier: String?, _ sessionID: String) -> (any InvocationTarget)?
     private let lookup: Lookup
     private var context: ChannelHandlerContext?
     private var reading = Reading.betweenRequests
@@ -78,9 +78,9 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private var reads = ReadGate()
     /// The last invocation handed on (its session may have been starting): once no response is owed, an
     /// agent link is opened on this loop for it, so the client's next invocation can be forwarded.
-    private var warmingUp: (runtime: String, id: String)?
+    private var warmingUp: (runtime: String, qualifier: String?, id: String)?
     /// The last invocation target and the runtime it names: a client sends the same one again and again.
-    private var lastTarget: (path: String, runtime: String)?
+    private var lastTarget: (path: String, runtime: String, qualifier: String?)?
 
     init(lookup: @escaping Lookup) { self.lookup = lookup }
 
@@ -136,9 +136,9 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if case .end = unwrapOutboundIn(data) {
             responsesOwed -= 1
-            if responsesOwed == 0, let (runtime, id) = warmingUp {
+            if responsesOwed == 0, let (runtime, qualifier, id) = warmingUp {
                 warmingUp = nil
-                lookup(runtime, id)?.agent.warm(on: context.eventLoop)
+                lookup(runtime, qualifier, id)?.agent.warm(on: context.eventLoop)
             }
         }
         context.write(data, promise: promise)
@@ -158,15 +158,15 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     }
 
     /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
-    func invocation(_ head: HTTPRequest) -> (runtime: String, id: String)? {
+    func invocation(_ head: HTTPRequest) -> (runtime: String, qualifier: String?, id: String)? {
         guard head.method == .post, let target = head.path,
               let id = try? Validate.sessionID(head.headerFields[.agentCoreSessionID]) else { return nil }
-        if let last = lastTarget, last.path == target { return (last.runtime, id) }
+        if let last = lastTarget, last.path == target { return (last.runtime, last.qualifier, id) }
         let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         guard case .invoke(let address)? = try? Route.parse(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : nil)
         else { return nil }
-        lastTarget = (target, address.name)
-        return (address.name, id)
+        lastTarget = (target, address.name, address.qualifier)
+        return (address.name, address.qualifier, id)
     }
 
     /// Reads stop while the agent cannot take more of the request, and while pipelined requests wait.
@@ -211,8 +211,8 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         // A client asking to close after this response is left to Hummingbird, which closes it.
         guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
               let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
-              let (runtime, id) = forwarder.invocation(head),
-              let target = lookup(runtime, id) else { return nil }
+              let (runtime, qualifier, id) = forwarder.invocation(head),
+              let target = lookup(runtime, qualifier, id) else { return nil }
         guard let link = target.agent.take(on: client.eventLoop) else {
             target.agent.warm(on: client.eventLoop)
             return nil

@@ -103,7 +103,7 @@ public struct AdminAPI: HTTPResponder {
                 }
             }
             if method == .get, rest == ["runtimes"] {
-                return Self.json(.ok, ["runtimes": .array(sessions.config.runtimes.map(Self.runtimeJSON))])
+                return Self.json(.ok, ["runtimes": .array(runtimesJSON())])
             }
             if method == .get, rest == ["events"] { return events() }
             if rest == ["images"], method == .get { return imageList() }
@@ -117,9 +117,9 @@ public struct AdminAPI: HTTPResponder {
     /// The store's images: reference, manifest, size, the runtimes that use them, and whether it is ready.
     private func imageList() -> Response {
         guard let images else { return Self.json(.ok, ["images": .array([])]) }
-        let runtimes = sessions.config.runtimes
+        let runtimes = sessions.catalog.allConfigs
         let list: [JSON] = images.store.images.map { image in
-            let users = runtimes.filter { $0.containerUri == image.reference }.map { JSON.string($0.name) }
+            let users = Set(runtimes.filter { $0.containerUri == image.reference }.map(\.name)).sorted().map { JSON.string($0) }
             return ["reference": .string(image.reference), "manifest": .string(image.manifest.description), "size": .int(image.size),
                     "layers": .int(Int64(image.layers.count)), "runtimes": .array(users)]
         }
@@ -129,7 +129,7 @@ public struct AdminAPI: HTTPResponder {
     /// Removes every image no runtime names, and the blobs and layers only they used.
     private func imagePrune() throws -> Response {
         guard let images else { return Self.json(.ok, ["removed": .array([])]) }
-        let keep = Set(sessions.config.runtimes.compactMap(\.containerUri))
+        let keep = Set(sessions.catalog.allConfigs.compactMap(\.containerUri))
         do {
             let removed = try images.store.prune(keeping: keep)
             return Self.json(.ok, ["removed": .array(removed.map { .string($0) })])
@@ -252,10 +252,38 @@ public struct AdminAPI: HTTPResponder {
 
     // MARK: - Encoding
 
+    /// Every runtime: its status, versions (with their live sessions), endpoints, and DEFAULT's configuration.
+    func runtimesJSON() -> [JSON] {
+        var live: [String: [Int: Int]] = [:]
+        for s in sessions.liveSessions { live[s.runtime.name, default: [:]][s.runtime.version, default: 0] += 1 }
+        return sessions.catalog.records.map { record in
+            var o = (sessions.catalog.config(record.id, version: record.endpoint("DEFAULT")?.liveVersion ?? 0).map(Self.runtimeJSON) ?? [:]).objectValue ?? [:]
+            o["name"] = .string(record.id)
+            o["agentRuntimeName"] = .string(record.name)
+            o["status"] = .string(record.status.rawValue)
+            o["declared"] = .bool(record.declared)
+            if let f = record.failureReason { o["failureReason"] = .string(f) }
+            o["versions"] = .array(record.versions.map { v in
+                var vo: [String: JSON] = ["version": .int(Int64(v.version)), "status": .string(v.status.rawValue),
+                                          "sessions": .int(Int64(live[record.id]?[v.version] ?? 0))]
+                if let f = v.failureReason { vo["failureReason"] = .string(f) }
+                return .object(vo)
+            })
+            o["endpoints"] = .array(record.endpoints.map { e in
+                var eo: [String: JSON] = ["name": .string(e.name), "status": .string(e.status.rawValue)]
+                if let v = e.liveVersion { eo["liveVersion"] = .int(Int64(v)) }
+                if let v = e.targetVersion { eo["targetVersion"] = .int(Int64(v)) }
+                return .object(eo)
+            })
+            return .object(o)
+        }
+    }
+
     static func runtimeJSON(_ r: RuntimeConfig) -> JSON {
         [
-            "name": .string(r.name), "command": .array(r.command.map { .string($0) }),
-            "codeDirectory": r.codeDirectory.map { .string($0) } ?? .null, "protocol": .string(r.serverProtocol.rawValue),
+            "name": .string(r.name), "version": .int(Int64(r.version)), "command": .array(r.command.map { .string($0) }),
+            "codeDirectory": r.codeDirectory.map { .string($0) } ?? .null, "containerUri": r.containerUri.map { .string($0) } ?? .null,
+            "networkMode": .string(r.networkMode.rawValue), "protocol": .string(r.serverProtocol.rawValue),
             "idleRuntimeSessionTimeout": .int(Int64(r.idleRuntimeSessionTimeout)), "maxLifetime": .int(Int64(r.maxLifetime)),
             "limits": OperatorJSON.limits(r.limits),
         ]

@@ -27,7 +27,12 @@ public struct RuntimeConfig: Equatable, Sendable {
         public init() {}
     }
 
+    /// The runtime's id: its name for a runtime declared in the YAML file, `NAME-XXXXXXXXXX` for one made
+    /// through the control plane. Sessions, metrics and pools are keyed by it.
     public var name: String
+    /// Which of the runtime's immutable versions this is (declared runtimes: 1, and the next on a SIGHUP
+    /// that changes them).
+    public var version = 1
     /// argv of the agent, run inside the sandbox (the code directory is at /app).
     public var command: [String]
     public var codeDirectory: String?
@@ -102,6 +107,8 @@ public struct DaemonConfig: Equatable, Sendable {
     public var networkNamespacePool = 4
     /// The region sessions are told they run in (AWS_REGION), as AgentCore's runtime tells them.
     public var region = "us-east-1"
+    /// The account in runtime ARNs the control plane makes (LocalStack's default).
+    public var accountID = "000000000000"
     /// How to reach registries: plain HTTP only where `insecure`, and credentials.
     public var registries: [RegistryAccess] = []
     /// Where each role's credentials come from, for runtimes that name a `roleArn`.
@@ -153,6 +160,10 @@ public struct DaemonConfig: Equatable, Sendable {
                 throw ConfigError("region", "must be a region name such as us-east-1")
             }
             config.region = region
+        }
+        if let account = try top.string("accountId") {
+            guard account.utf8.count == 12, account.allSatisfy(\.isNumber) else { throw ConfigError("accountId", "must be 12 digits") }
+            config.accountID = account
         }
         if let list = top.node("roleCredentials") {
             guard case .sequence(let items) = list else { throw ConfigError("roleCredentials", "must be a list") }

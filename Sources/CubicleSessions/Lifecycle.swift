@@ -9,6 +9,8 @@ public enum EndReason: Equatable, Sendable, CustomStringConvertible {
     case startFailed(String)
     case sandboxFailed(String)
     case daemonShutdown
+    /// DeleteAgentRuntime (or the runtime's removal from the YAML file) ended it.
+    case runtimeDeleted
 
     /// A short stable name for metrics, logs and `--json`.
     public var name: String {
@@ -22,6 +24,7 @@ public enum EndReason: Equatable, Sendable, CustomStringConvertible {
         case .startFailed: "start_failed"
         case .sandboxFailed: "sandbox_failed"
         case .daemonShutdown: "daemon_shutdown"
+        case .runtimeDeleted: "runtime_deleted"
         }
     }
 

@@ -82,7 +82,7 @@ public final class Session: Sendable {
     /// Beside the sandbox's own facts, what a restarted daemon needs to take this session over.
     func recordOwnership() {
         let (id, created) = identity.withLock { $0 }
-        var fields: [String: JSON] = ["session": .string(id), "runtime": .string(runtime.name), "created": .int(Int64(created)),
+        var fields: [String: JSON] = ["session": .string(id), "runtime": .string(runtime.name), "version": .int(Int64(runtime.version)), "created": .int(Int64(created)),
                                       "agentPID": .int(Int64(agentPID))]
         if let link { fields["link"] = .int(Int64(link.index)) }
         let facts = JSON.object(fields)

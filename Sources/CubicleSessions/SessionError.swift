@@ -2,6 +2,8 @@
 /// AgentCore's wire error (`AgentCoreError(_: SessionError)` in CubicleGateway); the admin API into its own.
 public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     case runtimeNotFound(String)
+    /// The runtime exists, but not the endpoint or version asked for, or it has no READY version behind it.
+    case endpointNotFound(String)
     case sessionNotFound(String)
     /// cubicled is stopping and starts no session.
     case shuttingDown
@@ -17,6 +19,7 @@ public enum SessionError: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .runtimeNotFound(let name): "Runtime \(name) not found"
+        case .endpointNotFound(let why): why
         case .sessionNotFound(let id): "Session \(id) not found or already ended"
         case .shuttingDown: "cubicled is shutting down"
         case .quotaReached(let n): "Live session quota of \(n) reached; stop a session or wait for one to end"

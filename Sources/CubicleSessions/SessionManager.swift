@@ -15,6 +15,8 @@ import NIOCore
 /// `WarmPools`', and taking over after a restart is `Adoption`'s.
 public actor SessionManager {
     public nonisolated let config: DaemonConfig
+    /// The runtimes, their versions and endpoints: what a new session gets is resolved here.
+    public nonisolated let catalog: RuntimeCatalog
     public nonisolated let launcher: SandboxLauncher
     /// Operators' live event feed.
     public nonisolated let events: SessionEvents
@@ -29,11 +31,13 @@ public actor SessionManager {
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
                 logger: Logger, clock: @escaping MonotonicClock = systemClock, network: SessionNetworking? = nil,
-                images: PreparedImages? = nil) {
+                images: PreparedImages? = nil, catalog: RuntimeCatalog? = nil) {
         let events = SessionEvents()
+        let catalog = catalog ?? RuntimeCatalog(declared: config)
         let supervisor = SessionSupervisor(config: config, launcher: launcher, seccompProgram: seccompProgram, group: group,
-                                           clock: clock, logger: logger, events: events, network: network, images: images)
+                                           clock: clock, logger: logger, events: events, catalog: catalog, networkSlot: NetworkSlot(), images: images)
         self.config = config
+        self.catalog = catalog
         self.launcher = launcher
         self.events = events
         self.supervisor = supervisor
@@ -41,9 +45,17 @@ public actor SessionManager {
         supervisor.endings.set { [weak self] session, summary, wasWarm in
             await self?.ended(session, summary, wasWarm: wasWarm)
         }
+        if let network { attach(network) }
+    }
+
+    /// PUBLIC networking, once it runs (at start, or with the first PUBLIC runtime the control plane makes).
+    public nonisolated var network: SessionNetworking? { supervisor.network }
+
+    public nonisolated func attach(_ network: SessionNetworking) {
+        guard supervisor.networkSlot.set(network) else { return }
         // A refused connection is an event of the session that made it (a warm sandbox's has no one to tell).
-        let index = self.index
-        network?.onDenied { denial in
+        let index = self.index, events = self.events
+        network.onDenied { denial in
             Telemetry.egressDenied(runtime: denial.runtime)
             guard let id = denial.sessionID, let session = index.session(SessionKey(runtime: denial.runtime, id: id)) else { return }
             events.publish("egress_denied", session: session, ["destination": .string(denial.destination.description),
@@ -64,20 +76,32 @@ public actor SessionManager {
     public var liveCount: Int { index.count + starting.count }
 
     /// The session for an invocation: a live one straight from the index, without a hop to the actor;
-    /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox.
-    public nonisolated func acquire(runtime name: String, sessionID: String) async throws(SessionError) -> Session {
-        if let s = liveSession(runtime: name, sessionID: sessionID) { return s }
-        return try await acquireOrStart(runtime: name, sessionID: sessionID)
+    /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox. A live
+    /// session stays on the version it started with; a new one gets what `qualifier` serves now.
+    public nonisolated func acquire(runtime name: String, qualifier: String? = nil, sessionID: String) async throws(SessionError) -> Session {
+        let runtime = try resolve(name, qualifier: qualifier)
+        if let s = index.session(SessionKey(runtime: name, id: sessionID)), s.isLive { return s }
+        return try await acquireOrStart(runtime, sessionID: sessionID)
     }
 
-    /// A live session from the index alone, never starting one: for callers that cannot wait.
-    public nonisolated func liveSession(runtime name: String, sessionID: String) -> Session? {
-        guard let s = index.session(SessionKey(runtime: name, id: sessionID)), s.isLive else { return nil }
+    /// The configuration a new session of `name` gets through `qualifier` (DEFAULT when nil).
+    public nonisolated func resolve(_ name: String, qualifier: String?) throws(SessionError) -> RuntimeConfig {
+        do { return try catalog.resolve(name, qualifier: qualifier) } catch {
+            if case .noRuntime = error { throw .runtimeNotFound(name) }
+            throw .endpointNotFound(error.description)
+        }
+    }
+
+    /// A live session from the index alone, never starting one: for callers that cannot wait. Nil also when
+    /// `qualifier` names no ready endpoint, so the caller takes the road that says why.
+    public nonisolated func liveSession(runtime name: String, qualifier: String? = nil, sessionID: String) -> Session? {
+        guard let s = index.session(SessionKey(runtime: name, id: sessionID)), s.isLive,
+              (try? catalog.resolve(name, qualifier: qualifier)) != nil else { return nil }
         return s
     }
 
-    private func acquireOrStart(runtime name: String, sessionID: String) async throws(SessionError) -> Session {
-        guard let runtime = config.runtime(named: name) else { throw .runtimeNotFound(name) }
+    private func acquireOrStart(_ runtime: RuntimeConfig, sessionID: String) async throws(SessionError) -> Session {
+        let name = runtime.name
         let key = SessionKey(runtime: name, id: sessionID)
         if let s = index.session(key), s.isLive { return s }
         let task: Task<Session, any Error>
@@ -110,8 +134,8 @@ public actor SessionManager {
     }
 
     /// StopRuntimeSession: ends a live session at once and waits until nothing of it remains.
-    public func stop(runtime name: String, sessionID: String) async throws(SessionError) {
-        guard config.runtime(named: name) != nil else { throw .runtimeNotFound(name) }
+    public func stop(runtime name: String, qualifier: String? = nil, sessionID: String) async throws(SessionError) {
+        _ = try resolve(name, qualifier: qualifier)
         let key = SessionKey(runtime: name, id: sessionID)
         if index.session(key) == nil, let t = starting[key] { _ = try? await t.value }
         guard let s = index.session(key), s.isLive else { throw .sessionNotFound(sessionID) }
@@ -122,6 +146,29 @@ public actor SessionManager {
     @discardableResult
     public nonisolated func end(_ session: Session, _ reason: EndReason) async -> SessionSummary {
         await supervisor.end(session, reason)
+    }
+
+    /// A runtime is gone (DeleteAgentRuntime, or removed from the YAML file): its live sessions end with
+    /// `runtime_deleted`, its warm sandboxes too, and no new one starts (the catalog no longer has it).
+    public func endRuntime(_ name: String) async {
+        for t in starting.filter({ $0.key.runtime == name }).values { _ = try? await t.value }
+        let pooled = await pools.drain(name)
+        let live = index.all.filter { $0.runtime.name == name }
+        let supervisor = self.supervisor
+        await withTaskGroup(of: Void.self) { group in
+            for s in live + pooled { group.addTask { _ = await supervisor.end(s, .runtimeDeleted) } }
+        }
+    }
+
+    /// A runtime's DEFAULT endpoint moved to another version: its warm sandboxes of the old one end and the
+    /// pool refills with the new. Live sessions stay on the version they started with.
+    public func runtimeChanged(_ name: String) async {
+        let pooled = await pools.drain(name)
+        let supervisor = self.supervisor
+        await withTaskGroup(of: Void.self) { group in
+            for s in pooled { group.addTask { _ = await supervisor.end(s, .stopped) } }
+        }
+        if let current = catalog.defaultConfigs.first(where: { $0.name == name }) { await pools.refill(current) }
     }
 
     /// Ends every session and warm sandbox (daemon shutdown) and waits for their teardown.

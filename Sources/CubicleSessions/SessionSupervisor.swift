@@ -25,8 +25,11 @@ struct SessionSupervisor: Sendable {
     let clock: MonotonicClock
     let logger: Logger
     let events: SessionEvents
-    /// Links, policy, DNS and credentials for PUBLIC sessions; nil when no runtime is PUBLIC.
-    let network: SessionNetworking?
+    /// The runtimes and their versions, for adoption.
+    let catalog: RuntimeCatalog
+    /// Links, policy, DNS and credentials for PUBLIC sessions: started with the first PUBLIC runtime.
+    let networkSlot: NetworkSlot
+    var network: SessionNetworking? { networkSlot.value }
     /// The runtimes' images, prepared at start; nil when no runtime names one.
     let images: PreparedImages?
     let endings = Endings()
@@ -374,5 +377,20 @@ extension Session {
             env.append("\(k)=\(v)")
         }
         return env
+    }
+}
+
+/// PUBLIC networking, set once when it starts: at daemon start, or later with the first PUBLIC runtime.
+public final class NetworkSlot: Sendable {
+    private let network = Mutex<SessionNetworking?>(nil)
+    public init() {}
+    public var value: SessionNetworking? { network.withLock { $0 } }
+    /// False if one was set already.
+    func set(_ n: SessionNetworking) -> Bool {
+        network.withLock { current in
+            guard current == nil else { return false }
+            current = n
+            return true
+        }
     }
 }

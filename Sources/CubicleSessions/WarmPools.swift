@@ -21,20 +21,30 @@ actor WarmPools {
 
     init(supervisor: SessionSupervisor) { self.supervisor = supervisor }
 
-    var sessions: [Session] { supervisor.config.runtimes.flatMap { idle[$0.name] ?? [] } }
+    var sessions: [Session] { idle.keys.sorted().flatMap { idle[$0] ?? [] } }
 
     /// Starts filling every runtime's pool; called once the daemon serves.
     func fill() {
-        for runtime in supervisor.config.runtimes where runtime.warmPool > 0 { refill(runtime) }
+        for runtime in supervisor.catalog.defaultConfigs where runtime.warmPool > 0 { refill(runtime) }
     }
 
-    /// A pooled sandbox made session `id`'s, or nil when the runtime has none ready.
+    /// Takes every pooled sandbox of `runtime` out, for the caller to end (its version changed, or it is gone).
+    func drain(_ runtime: String) -> [Session] {
+        idle.removeValue(forKey: runtime) ?? []
+    }
+
+    /// A pooled sandbox made session `id`'s, or nil when the runtime has none ready of this version.
     func claim(_ runtime: RuntimeConfig, as id: String) -> Session? {
         guard runtime.warmPool > 0 else { return nil }
         defer { run(after: Self.refillDelayNanoseconds) { await $0.refill(runtime) } }
         while var pool = idle[runtime.name], !pool.isEmpty {
             let candidate = pool.removeFirst()
             idle[runtime.name] = pool
+            // One of another version (a named endpoint's, or one started just before an update) stays pooled.
+            guard candidate.runtime.version == runtime.version else {
+                idle[runtime.name, default: []].append(candidate)
+                return nil
+            }
             guard candidate.claim(as: id) else { continue }
             if let link = candidate.link { supervisor.network?.name(link.address, sessionID: id) }
             Telemetry.sessionStarted(runtime: runtime.name)
@@ -51,7 +61,8 @@ actor WarmPools {
     /// A pooled sandbox that ended before anyone claimed it (its agent died, it failed its health checks).
     func ended(_ session: Session) {
         idle[session.runtime.name]?.removeAll { $0 === session }
-        refill(session.runtime)
+        // Refilled with what the runtime's DEFAULT serves now, if it still exists.
+        if let current = supervisor.catalog.defaultConfigs.first(where: { $0.name == session.runtime.name }) { refill(current) }
     }
 
     /// Stops refilling, waits for sandboxes being started, and hands back the pooled ones for the caller to end.
@@ -64,8 +75,8 @@ actor WarmPools {
         return pooled
     }
 
-    private func refill(_ runtime: RuntimeConfig) {
-        guard !shuttingDown else { return }
+    func refill(_ runtime: RuntimeConfig) {
+        guard !shuttingDown, supervisor.catalog.defaultConfigs.contains(where: { $0.name == runtime.name && $0.version == runtime.version }) else { return }
         let missing = runtime.warmPool - (idle[runtime.name]?.count ?? 0) - (starting[runtime.name] ?? 0)
         guard missing > 0 else { return }
         starting[runtime.name, default: 0] += missing
@@ -88,6 +99,11 @@ actor WarmPools {
         }
         if shuttingDown {
             _ = await supervisor.end(session, .daemonShutdown)
+            return
+        }
+        // The runtime changed or went while this one started: it is not what the pool should hold.
+        guard supervisor.catalog.defaultConfigs.contains(where: { $0.name == runtime.name && $0.version == runtime.version }) else {
+            _ = await supervisor.end(session, .runtimeDeleted)
             return
         }
         idle[runtime.name, default: []].append(session)

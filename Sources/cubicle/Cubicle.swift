@@ -163,12 +163,22 @@ struct Runtimes: ParsableCommand {
     func run() throws {
         let reply = try options.client.get("/v1/runtimes")
         if options.json { return FileHandleOut.stdout(reply.text + "\n") }
-        var t = Table(["RUNTIME", "PROTOCOL", "MEMORY", "CPUS", "PIDS", "IDLE TIMEOUT", "MAX LIFETIME", "COMMAND"])
+        var t = Table(["RUNTIME", "STATUS", "VERSIONS (SESSIONS)", "ENDPOINTS", "PROTOCOL", "MEMORY", "CPUS", "IDLE TIMEOUT", "MAX LIFETIME", "ARTIFACT"])
         for r in reply["runtimes"]?.arrayValue ?? [] {
-            t.rows.append([r["name"]?.stringValue ?? "?", r["protocol"]?.stringValue ?? "?", Format.bytes(r["limits"]?["memoryBytes"]?.intValue),
-                           r["limits"]?["cpus"]?.doubleValue.map { Format.oneDecimal($0) } ?? "-", r["limits"]?["pids"]?.intValue.map { String($0) } ?? "-",
-                           Format.duration(Double(r["idleRuntimeSessionTimeout"]?.intValue ?? 0)), Format.duration(Double(r["maxLifetime"]?.intValue ?? 0)),
-                           (r["command"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: " ")])
+            // v1(0) v2(3): each version and its live sessions; DEFAULT=2 named=1: where each endpoint points.
+            let versions = (r["versions"]?.arrayValue ?? []).map { v in
+                "v\(v["version"]?.intValue ?? 0)(\(v["sessions"]?.intValue ?? 0))" + (v["status"]?.stringValue == "READY" ? "" : ":" + (v["status"]?.stringValue ?? "?"))
+            }.joined(separator: " ")
+            let endpoints = (r["endpoints"]?.arrayValue ?? []).map { e in
+                "\(e["name"]?.stringValue ?? "?")=\(e["liveVersion"]?.intValue.map { String($0) } ?? "-")"
+                    + (e["targetVersion"]?.intValue != e["liveVersion"]?.intValue ? "->\(e["targetVersion"]?.intValue.map { String($0) } ?? "-")" : "")
+            }.joined(separator: " ")
+            let status = (r["status"]?.stringValue ?? "?") + (r["declared"]?.boolValue == true ? " (declared)" : "")
+            let artifact = r["containerUri"]?.stringValue ?? (r["command"]?.arrayValue ?? []).compactMap(\.stringValue).joined(separator: " ")
+            t.rows.append([r["name"]?.stringValue ?? "?", status, versions, endpoints, r["protocol"]?.stringValue ?? "-",
+                           Format.bytes(r["limits"]?["memoryBytes"]?.intValue), r["limits"]?["cpus"]?.doubleValue.map { Format.oneDecimal($0) } ?? "-",
+                           r["idleRuntimeSessionTimeout"]?.intValue.map { Format.duration(Double($0)) } ?? "-",
+                           r["maxLifetime"]?.intValue.map { Format.duration(Double($0)) } ?? "-", artifact])
         }
         FileHandleOut.stdout(t.render())
     }

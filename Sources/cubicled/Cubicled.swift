@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import ArgumentParser
+import CubicleControlPlane
 import CubicleGateway
 import CubicleImages
 import CubicleLinux
@@ -17,6 +18,7 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import ServiceLifecycle
+import UnixSignals
 import Synchronization
 
 
@@ -67,8 +69,17 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("session-network"), help: "IPv4 range PUBLIC sessions get addresses from; its first address is their gateway, DNS and metadata endpoint. Unique per cubicled on a host.")
     var sessionNetwork = "10.213.0.0/16"
 
-    @Option(name: .customLong("data-dir"), help: "Where the image store lives (images/ under it); made only when a runtime names a containerUri.")
+    @Option(name: .customLong("data-dir"), help: "Where what outlives cubicled lives: the runtime store (runtimes.db) and the image store (images/).")
     var dataDir = "/var/lib/cubicle"
+
+    @Option(name: .customLong("store"), help: "Where runtimes made through the control plane are kept: sqlite:/PATH (default: sqlite:<data-dir>/runtimes.db) or postgres://USER[:PASSWORD]@HOST[:PORT]/DB, shared by a fleet.")
+    var store: String?
+
+    @Option(name: .customLong("account-id"), help: "The 12-digit account in runtime ARNs (default: the config's accountId, else 000000000000).")
+    var accountID: String?
+
+    @Option(name: .customLong("code-root"), help: "A host directory under which control-plane runtimes may name code directories (host:/DIR) and image layouts (oci:/DIR); repeatable. None by default.")
+    var codeRoots: [String] = []
 
     @Option(name: .customLong("region"), help: "The region sessions are told (AWS_REGION) and the metadata endpoint reports (default: the config's, else us-east-1).")
     var region: String?
@@ -101,7 +112,16 @@ struct Cubicled: AsyncParsableCommand {
             loaded = DaemonConfig.embedded(demoCodeDirectory: try Self.installDemoAgent(from: exeDirectory, stateDir: stateDir))
         }
         if let region { loaded.region = region }
+        if let accountID {
+            guard accountID.utf8.count == 12, accountID.allSatisfy(\.isNumber) else { throw ValidationError("--account-id must be 12 digits, was \(accountID)") }
+            loaded.accountID = accountID
+        }
         let daemonConfig = loaded
+        let storeLocation = store ?? "sqlite:\(dataDir)/runtimes.db"
+        guard let location = StoreLocation.parse(storeLocation) else {
+            throw ValidationError("--store must be sqlite:/PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DB, was \(storeLocation)")
+        }
+        for root in codeRoots where !root.hasPrefix("/") { throw ValidationError("--code-root must be an absolute path, was \(root)") }
         // Sessions must run out of their own limits before the host runs out of file handles.
         let budget = daemonConfig.fileBudget
         do {
@@ -135,19 +155,39 @@ struct Cubicled: AsyncParsableCommand {
         for source in daemonConfig.roleCredentials {
             do { try source.check() } catch { throw StartupRefused("roleCredentials \(source.roleArn): \(error)") }
         }
-        let network = try await startNetwork(daemonConfig, group: group, logger: logger)
-        // Every image a runtime names, pulled and unpacked before any session can ask for it.
-        var images: PreparedImages?
-        let uris = Set(daemonConfig.runtimes.compactMap(\.containerUri))
-        if !uris.isEmpty {
-            let store: ImageStore
-            do { store = try ImageStore(root: dataDir + "/images") } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
-            let prepared = PreparedImages(store: store, registries: daemonConfig.registries, logger: logger)
-            await prepared.prepare(uris)
-            images = prepared
-        }
+        do { try Files.makeDirectories(dataDir, mode: 0o700) } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
+        let imageStore: ImageStore
+        do { imageStore = try ImageStore(root: dataDir + "/images") } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
+        let images = PreparedImages(store: imageStore, registries: daemonConfig.registries, logger: logger)
+        let runtimeStore: any RuntimeStore
+        do { runtimeStore = try await Self.openStore(location, logger: logger) } catch { throw StartupRefused("--store \(location): \(error)") }
+        let catalog = RuntimeCatalog(declared: daemonConfig, now: Double(time(nil)))
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger,
-                                     network: network, images: images)
+                                     images: images, catalog: catalog)
+        // PUBLIC networking starts with the first PUBLIC runtime, declared or made through the control plane.
+        let networkLogger = logger
+        let networkStarter = NetworkStarter { [self] in
+            let network = try await self.startNetwork(daemonConfig, group: group, logger: networkLogger)
+            manager.attach(network)
+            return network
+        }
+        var documentContext = RuntimeDocument.Context()
+        documentContext.lifecycleMinimumSeconds = daemonConfig.lifecycleMinimumSeconds
+        documentContext.mappedRoles = Set(daemonConfig.roleCredentials.map(\.roleArn))
+        documentContext.codeRoots = codeRoots
+        let controlPlane = ControlPlane(store: runtimeStore, catalog: catalog, sessions: manager, images: images,
+                                        settings: .init(region: daemonConfig.region, accountID: daemonConfig.accountID, document: documentContext),
+                                        logger: logger, ensureNetwork: { _ = try await networkStarter.start(adopting: false) })
+        do { try await controlPlane.start(declared: daemonConfig.runtimes) } catch { throw StartupRefused("--store \(location): \(error)") }
+        var network: SessionNetworking?
+        if catalog.allConfigs.contains(where: { $0.networkMode == .public }) {
+            do { network = try await networkStarter.start(adopting: true) } catch let e as StartupRefused { throw e } catch {
+                throw StartupRefused("PUBLIC networking could not start: \(error)")
+            }
+        }
+        // Every image a runtime names, pulled and unpacked before any session can ask for it.
+        let uris = Set(catalog.allConfigs.compactMap(\.containerUri))
+        if !uris.isEmpty { await images.prepare(uris) }
         // Sessions a killed predecessor left running are served again before any request can arrive.
         let (adopted, removed) = await manager.adoptLeftovers()
         network?.adoptionDone()
@@ -191,7 +231,9 @@ struct Cubicled: AsyncParsableCommand {
 
         let readyLogger = logger
         let app = Application(
-            responder: DataPlane(sessions: manager, group: group, logger: logger, prometheus: registry),
+            responder: DataPlane(sessions: manager, group: group, logger: logger, prometheus: registry,
+                                 controlPlane: LoopbackCongestion.isLoopback(host: host) ? controlPlane : nil,
+                                 controlPlaneRefusal: "The control plane answers only on a loopback listener until cubicled authenticates callers: it decides what code runs as which role on this host"),
             server: .dataPlane(sessions: manager, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
@@ -202,7 +244,7 @@ struct Cubicled: AsyncParsableCommand {
             eventLoopGroupProvider: .shared(group),
             logger: logger)
         let sessionsService = SessionsService(manager: manager, stateDir: stateDir, host: hostConfig, adminSocket: adminSocket, notify: notify,
-                                              network: network, images: images, logger: logger)
+                                              images: images, controlPlane: controlPlane, configPath: config, logger: logger)
         let services = ServiceGroup(configuration: .init(
             // Shut down in reverse: sessions end first (cutting their in-flight streams, refusing new
             // sessions), then the listener drains what is left and stops.
@@ -212,9 +254,15 @@ struct Cubicled: AsyncParsableCommand {
         try await services.run()
     }
 
-    /// The network room, only when some runtime is PUBLIC: SANDBOX-only daemons touch no host networking.
-    func startNetwork(_ config: DaemonConfig, group: any EventLoopGroup, logger: Logger) async throws -> SessionNetworking? {
-        guard config.runtimes.contains(where: { $0.networkMode == .public }) else { return nil }
+    static func openStore(_ location: StoreLocation, logger: Logger) async throws -> any RuntimeStore {
+        switch location {
+        case .sqlite(let path): return try SQLiteRuntimeStore(path: path)
+        case .postgres(let p): return try await PostgresRuntimeStore.connect(p, logger: logger)
+        }
+    }
+
+    /// The network room, only once some runtime is PUBLIC: SANDBOX-only daemons touch no host networking.
+    func startNetwork(_ config: DaemonConfig, group: any EventLoopGroup, logger: Logger) async throws -> SessionNetworking {
         guard let range = CIDR(sessionNetwork), case .v4 = range.base, range.prefix <= 29 else {
             throw ValidationError("--session-network must be an IPv4 CIDR of /29 or larger, was \(sessionNetwork)")
         }
@@ -300,12 +348,30 @@ struct SessionsService: Service {
     let host: SandboxHostConfig
     let adminSocket: String
     let notify: ServiceNotify
-    let network: SessionNetworking?
     let images: PreparedImages?
+    let controlPlane: ControlPlane
+    let configPath: String?
     let logger: Logger
 
     func run() async throws {
         await manager.startWarmPools()
+        // SIGHUP: the config file's runtimes again; sessions of unchanged runtimes go on.
+        let reloads = Task { [configPath, controlPlane, logger] in
+            for await _ in await UnixSignalsSequence(trapping: .sighup) {
+                guard let configPath else {
+                    logger.notice("SIGHUP: no --config to reload")
+                    continue
+                }
+                do {
+                    let parsed = try DaemonConfig.parse(yaml: try Files.read(configPath))
+                    let counts = await controlPlane.reload(declared: parsed.runtimes)
+                    logger.notice("config reloaded", metadata: ["added": "\(counts.added)", "changed": "\(counts.changed)", "removed": "\(counts.removed)"])
+                } catch {
+                    logger.error("SIGHUP: config not reloaded, the running runtimes stay", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+        defer { reloads.cancel() }
         do { try manager.watchCPUThrottling() } catch {
             logger.warning("sessions stay at the host's CPU weight even when throttled", metadata: ["error": "\(error)"])
         }
@@ -313,10 +379,11 @@ struct SessionsService: Service {
         try? notify.stopping()
         let count = await manager.liveCount
         logger.notice("shutting down", metadata: ["sessions": "\(count)"])
+        await controlPlane.shutdown()
         await manager.shutdown()
         manager.launcher.shutdown()
         // Every session has ended and released its link: the table goes too.
-        network?.shutdown()
+        manager.network?.shutdown()
         await images?.shutdown()
         unlink(adminSocket)
         StateDirectory(stateDir).removeAll()  // the root only if nothing else lives there
@@ -350,5 +417,31 @@ final class ListenerCount: Sendable {
             return count == 0
         }
         if last { whenAll() }
+    }
+}
+
+/// Starts PUBLIC networking once, whoever asks first (the start, or a control-plane runtime's work);
+/// later callers get the same result.
+actor NetworkStarter {
+    private let make: @Sendable () async throws -> SessionNetworking
+    private var started: Task<SessionNetworking, any Error>?
+
+    init(_ make: @escaping @Sendable () async throws -> SessionNetworking) { self.make = make }
+
+    /// `adopting`: the daemon's start, which calls `adoptionDone` itself after taking over its predecessor's
+    /// sessions; otherwise links are made at once.
+    func start(adopting: Bool) async throws -> SessionNetworking {
+        if let started { return try await started.value }
+        let make = self.make
+        let task = Task { try await make() }
+        started = task
+        do {
+            let network = try await task.value
+            if !adopting { network.adoptionDone() }
+            return network
+        } catch {
+            started = nil  // a later runtime may try again (the operator may have fixed the cause)
+            throw error
+        }
     }
 }
