@@ -168,7 +168,7 @@ public final class Session: Sendable {
     /// The same with `usage` given: an ended session's cgroup is gone, and its teardown kept the last figures.
     func summary(usage: CgroupUsage) -> SessionSummary {
         let (lc, ping, warm) = state.withLock { ($0.lifecycle, $0.lastPing, $0.warm) }
-        return SessionSummary(id: id, runtime: runtime.name, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
+        return SessionSummary(id: id, runtime: runtime.name, runtimeVersion: runtime.version, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
                               createdUnixTime: createdUnixTime, invocations: lc.invocations, lastPing: ping,
                               initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: usage)
     }
@@ -178,6 +178,8 @@ public final class Session: Sendable {
 public struct SessionSummary: Sendable {
     public var id: String
     public var runtime: String
+    /// The runtime version the session started with, and keeps until it ends.
+    public var runtimeVersion: Int
     public var state: String
     public var endReason: EndReason?
     public var createdUnixTime: Int

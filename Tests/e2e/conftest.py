@@ -87,6 +87,12 @@ class Daemon:
             args += ["--config", str(path)]
         if insecure_no_auth:
             args.append("--insecure-no-auth")
+        # A data directory (the runtime store, images) of the daemon's own unless the test names one, so
+        # parallel daemons never share a store by accident.
+        self.data_dir = None
+        if "--data-dir" not in extra_args:
+            self.data_dir = f"/tmp/cubicle-e2e-data-{tag}"
+            args += ["--data-dir", self.data_dir]
         args += list(extra_args)
         self.args, self.env = args, None if env is None else {**os.environ, **env}
         self.log = open(self.log_path, "wb")
@@ -169,6 +175,13 @@ class Daemon:
             aws_access_key_id="local", aws_secret_access_key="local",
             config=Config(retries={"max_attempts": 1}, read_timeout=120, **config))
 
+    def control(self, **config):
+        """boto3's bedrock-agentcore-control client for this daemon (the same endpoint as the data plane)."""
+        return boto3.client(
+            "bedrock-agentcore-control", endpoint_url=self.endpoint, region_name="us-east-1",
+            aws_access_key_id="local", aws_secret_access_key="local",
+            config=Config(retries={"max_attempts": 1}, read_timeout=120, **config))
+
     def invoke(self, payload, session_id, runtime="demo", client=None, **kwargs):
         c = client or self.client()
         response = c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + runtime, runtimeSessionId=session_id,
@@ -224,6 +237,8 @@ class Daemon:
                 except OSError:
                     pass
         subprocess.run(["rm", "-rf", self.state_dir], check=False)
+        if self.data_dir:
+            subprocess.run(["rm", "-rf", self.data_dir], check=False)
 
 
 @pytest.fixture
