@@ -51,6 +51,66 @@ def host_runtime(code_dir, **extra):
     return args
 
 
+class HeldRegistry:
+    """A registry that takes connections and answers nothing until `release`, then 404 to everything: an
+    image pull that holds a version's work (UPDATING) for exactly as long as a test needs."""
+
+    def __init__(self):
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held, self.released = [], threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.released.is_set():
+                self._answer(conn)
+            else:
+                self.held.append(conn)
+
+    @staticmethod
+    def _answer(conn):
+        try:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        except OSError:
+            pass
+        conn.close()
+
+    def release(self):
+        self.released.set()
+        for conn in self.held:
+            self._answer(conn)
+
+    def close(self):
+        self.release()
+        self.listener.close()
+
+    def config(self):
+        """A cubicled config with the demo runtime that reaches this registry over plain HTTP."""
+        return f"""registries: [{{host: "{self.address}", insecure: true}}]
+runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+"""
+
+    def artifact(self):
+        return {"agentRuntimeArtifact": {"containerConfiguration": {"containerUri": f"{self.address}/agents/x:v1"}}}
+
+
+@pytest.fixture
+def held_registry():
+    r = HeldRegistry()
+    yield r
+    r.close()
+
+
 @pytest.fixture
 def code_dir(tmp_path):
     d = tmp_path / "code"
@@ -163,8 +223,8 @@ runtimes:
     assert d.invoke_json({"prompt": "2+5"}, new_session_id())["answer"] == 7
 
 
-def test_hostile_and_malformed_calls_get_the_modelled_errors_and_change_nothing(start_daemon, code_dir):
-    d = start_daemon(extra_args=["--code-root", str(code_dir)])
+def test_hostile_and_malformed_calls_get_the_modelled_errors_and_change_nothing(start_daemon, code_dir, held_registry):
+    d = start_daemon(held_registry.config(), extra_args=["--code-root", str(code_dir)])
     cp = d.control()
     good = host_runtime(code_dir, tags={"cubicle:command": "/app/cubicle-demo-agent"})
 
@@ -219,10 +279,7 @@ def test_hostile_and_malformed_calls_get_the_modelled_errors_and_change_nothing(
     # Concurrent updates of one runtime while its last update's work runs (an image pull from a registry
     # that accepts and never answers, so the work is held for as long as the test needs): exactly one makes
     # version 2, the others are ConflictException.
-    hang = socket.socket()
-    hang.bind(("127.0.0.1", 0))
-    hang.listen(16)
-    stuck = {"agentRuntimeArtifact": {"containerConfiguration": {"containerUri": f"127.0.0.1:{hang.getsockname()[1]}/agents/x:v1"}}}
+    stuck = held_registry.artifact()
     results = []
 
     def update(i):
@@ -239,7 +296,7 @@ def test_hostile_and_malformed_calls_get_the_modelled_errors_and_change_nothing(
         assert sorted(results) == ["2"] + ["ConflictException"] * 5, results
         assert cp.get_agent_runtime(agentRuntimeId=rid)["status"] == "UPDATING"
     finally:
-        hang.close()
+        held_registry.release()
     failed = wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid), want=("UPDATE_FAILED",))
     assert "agents/x" in failed["failureReason"], failed
     assert [v["agentRuntimeVersion"] for v in cp.list_agent_runtime_versions(agentRuntimeId=rid)["agentRuntimes"]] == ["2", "1"]
