@@ -157,5 +157,6 @@ let package = Package(
         .testTarget(name: "CubicleImagesTests", dependencies: ["CubicleImages", "CubicleLinux"]),
         .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork", "CubicleDNSWire"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
+        .testTarget(name: "CubicleRuntimesTests", dependencies: ["CubicleRuntimes", "CubicleAgentCore", "CubicleJSON"]),
     ]
 )

@@ -182,3 +182,46 @@ import Testing
         #expect(m.headers[1].1 == "runtimeClientError")
     }
 }
+
+/// bedrock-agentcore-control's routes, beside the data plane's on one listener.
+@Suite struct ControlRouteTests {
+    @Test func everyOperation() throws {
+        let cases: [(String, String, ControlRoute)] = [
+            ("PUT", "/runtimes/", .createRuntime), ("POST", "/runtimes/", .listRuntimes),
+            ("GET", "/runtimes/a-0123456789/", .getRuntime(id: "a-0123456789")), ("PUT", "/runtimes/a-0123456789/", .updateRuntime(id: "a-0123456789")),
+            ("DELETE", "/runtimes/a-0123456789/", .deleteRuntime(id: "a-0123456789")), ("POST", "/runtimes/a-0123456789/versions/", .listVersions(id: "a-0123456789")),
+            ("PUT", "/runtimes/a-0123456789/runtime-endpoints/", .createEndpoint(id: "a-0123456789")),
+            ("POST", "/runtimes/a-0123456789/runtime-endpoints/", .listEndpoints(id: "a-0123456789")),
+            ("GET", "/runtimes/a-0123456789/runtime-endpoints/e1/", .getEndpoint(id: "a-0123456789", name: "e1")),
+            ("PUT", "/runtimes/a-0123456789/runtime-endpoints/e1/", .updateEndpoint(id: "a-0123456789", name: "e1")),
+            ("DELETE", "/runtimes/a-0123456789/runtime-endpoints/e1/", .deleteEndpoint(id: "a-0123456789", name: "e1")),
+            ("POST", "/tags/" + PercentEncoding.encode("arn:aws:bedrock-agentcore:us-east-1:000000000000:runtime/a-0123456789"),
+             .tagResource(arn: "arn:aws:bedrock-agentcore:us-east-1:000000000000:runtime/a-0123456789")),
+        ]
+        for (method, path, route) in cases { #expect(try ControlRoute.parse(method: method, path: path) == route, "\(method) \(path)") }
+    }
+
+    @Test func theDataPlanesRoutesAreNotTheControlPlanes() throws {
+        let arn = PercentEncoding.encode("arn:aws:bedrock-agentcore:us-east-1:123456789012:runtime/demo")
+        for path in ["/runtimes/\(arn)/invocations", "/runtimes/\(arn)/stopruntimesession", "/runtimes/\(arn)/commands", "/ping", "/metrics"] {
+            #expect(try ControlRoute.parse(method: "POST", path: path) == nil, "\(path)")
+        }
+        // And the other way round: no control-plane path is a data-plane operation.
+        for path in ["/runtimes/", "/runtimes/a-0123456789/", "/runtimes/a-0123456789/versions/", "/runtimes/a-0123456789/runtime-endpoints/"] {
+            #expect(throws: AgentCoreError.self) { try Route.parse(method: "POST", path: path, query: nil) }
+        }
+    }
+
+    @Test func hostileIdentifiersAreValidationErrors() {
+        for path in ["/runtimes/..%2F..%2Fetc/", "/runtimes/%ZZ/", "/runtimes/a-0123456789/runtime-endpoints/bad-name/",
+                     "/runtimes/" + String(repeating: "a", count: 101) + "/"] {
+            let e = #expect(throws: AgentCoreError.self) { try ControlRoute.parse(method: "GET", path: path) }
+            #expect(e?.kind == .validation, "\(path)")
+        }
+        #expect(throws: AgentCoreError.self) { try ControlRoute.parse(method: "GET", path: "/tags/short") }
+    }
+
+    @Test func repeatedQueryNamesKeepEveryValue() {
+        #expect(QueryString.parseAll("tagKeys=a&tagKeys=b%20c&x=1") == ["tagKeys": ["a", "b c"], "x": ["1"]])
+    }
+}

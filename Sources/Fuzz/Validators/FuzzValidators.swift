@@ -1,4 +1,4 @@
-// libFuzzer target for the data plane's request validators: routes and ARNs, session ids, command bodies,
+// libFuzzer target for both planes' request validators: routes and ARNs (the control plane's too), session ids, command bodies,
 // percent-decoding and the JSON parser. Each must accept or throw its typed error, and what it accepts must
 // keep its promise (a session id is 33...256 printable ASCII; a runtime name is valid).
 // Built with -D CUBICLE_FUZZ -sanitize=fuzzer (make fuzz); without them it replays the files it is given.
@@ -22,6 +22,19 @@ func fuzzOne(_ bytes: [UInt8]) {
                      "accepted a bad session id")
     }
     if let decoded = PercentEncoding.decode(field(1)) { _ = decoded }
+    // The control plane's routes: what they accept carries identifiers that match the model's patterns.
+    if let control = try? ControlRoute.parse(method: field(0), path: field(1)) {
+        switch control {
+        case .getRuntime(let id), .updateRuntime(let id), .deleteRuntime(let id), .listVersions(let id), .createEndpoint(let id), .listEndpoints(let id):
+            precondition(RuntimeAddress.isValidName(id), "accepted a bad runtime id")
+        case .getEndpoint(let id, let name), .updateEndpoint(let id, let name), .deleteEndpoint(let id, let name):
+            precondition(RuntimeAddress.isValidName(id) && ControlRoute.isEndpointName(name), "accepted a bad endpoint")
+        case .tagResource(let arn), .untagResource(let arn), .listTags(let arn):
+            precondition((20...1011).contains(arn.utf8.count), "accepted a bad resource ARN")
+        case .createRuntime, .listRuntimes: break
+        }
+    }
+    _ = QueryString.parseAll(field(2))
     if let command = try? CommandRequest(body: Array(field(4).utf8)) {
         precondition(!command.command.isEmpty && !command.command.utf8.contains(0), "accepted a bad command")
     }
