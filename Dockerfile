@@ -6,7 +6,7 @@ ARG SWIFT_VERSION=6.3
 FROM swift:${SWIFT_VERSION}-bookworm AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libseccomp-dev libnftables-dev libarchive-dev libcap-dev make \
+ && apt-get install -y --no-install-recommends libseccomp-dev libnftables-dev libarchive-dev libsqlite3-dev libcap-dev make \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -14,11 +14,11 @@ COPY . .
 RUN make install DESTDIR=/staging PREFIX=/usr/local SYSTEMD_UNIT_DIR=
 
 FROM debian:bookworm-slim
-# libseccomp2 for cubicled's filter compiler, libnftables1 for PUBLIC sessions' egress rules, libarchive13 for image layers, libstdc++ for the static Swift runtime; the sandboxes bind this
+# libseccomp2 for cubicled's filter compiler, libnftables1 for PUBLIC sessions' egress rules, libarchive13 for image layers, libsqlite3-0 for the runtime store, libstdc++ for the static Swift runtime; the sandboxes bind this
 # image's /usr, /lib and /etc files read-only, so what agents need (python3, certificates) is added here.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libseccomp2 libnftables1 libarchive13 libstdc++6 ca-certificates \
+ && apt-get install -y --no-install-recommends libseccomp2 libnftables1 libarchive13 libsqlite3-0 libstdc++6 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /staging/ /
 EXPOSE 8080
