@@ -99,7 +99,7 @@ let package = Package(
         // The control plane's operations: runtimes, versions, endpoints and tags over the store, and the work
         // behind each status (images, code directories, networking, pools).
         .target(name: "CubicleControlPlane", dependencies: [
-            "CubicleRuntimes", "CubicleSessions", "CubicleImages", "CubicleAgentCore", "CubicleJSON", "CubicleLinux",
+            "CubicleRuntimes", "CubicleSessions", "CubicleImages", "CubicleAgentCore", "CubicleJSON", "CubicleLinux", "CubicleSandbox",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "Logging", package: "swift-log"),
         ]),

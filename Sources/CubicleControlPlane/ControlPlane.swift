@@ -6,6 +6,7 @@ import CubicleImages
 import CubicleJSON
 import CubicleLinux
 import CubicleRuntimes
+import CubicleSandbox
 import CubicleSessions
 import Crypto
 import Logging
@@ -84,6 +85,14 @@ public actor ControlPlane {
         var counts = (added: 0, changed: 0, removed: 0)
         let now = clock()
         for var r in runtimes {
+            // What a session of it needs is ready before it is served, as at start.
+            if let uri = r.containerUri, let images, images.prepared(uri) == nil { await images.prepare([uri]) }
+            if r.networkMode == .public {
+                do { try await ensureNetwork() } catch {
+                    logger.error("SIGHUP: a PUBLIC runtime's networking could not start; it is not served", metadata: ["runtime": "\(r.name)", "error": "\(error)"])
+                    continue
+                }
+            }
             if let old = declared[r.name], let record = catalog.record(r.name) {
                 var previous = old
                 previous.version = r.version
@@ -308,6 +317,7 @@ public actor ControlPlane {
         }
         catalog.remove(id)
         logger.notice("runtime deleted", metadata: ["runtime": "\(id)"])
+        work[id] = nil
     }
 
     private func getRuntime(_ id: String, version: String?) throws(AgentCoreError) -> JSON {
@@ -531,6 +541,8 @@ public actor ControlPlane {
                 var st = stat()
                 guard stat(dir, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { throw Failure("code directory \(dir) is not a directory on this host") }
             }
+            // As at start: the host's file table must back every session before a session could fill it.
+            try ensureFileBudget(with: config)
         } catch {
             failure = "\(error)"
         }
@@ -563,6 +575,21 @@ public actor ControlPlane {
             logger.notice(failure == nil ? "runtime version ready" : "runtime version failed",
                           metadata: ["runtime": "\(id)", "version": "\(version)", "reason": "\(failure ?? "-")"])
             await sessions.runtimeChanged(id)
+        }
+    }
+
+    /// fs.file-max raised, if need be, so that `maxSessions` sessions of the largest runtime (this new version
+    /// among them) and every warm pool run out of their own limits before the host's file table.
+    private func ensureFileBudget(with config: RuntimeConfig) throws {
+        let all = catalog.allConfigs + [config]
+        let limits = all.map { FileBudget.Session(memoryBytes: $0.limits.memoryBytes, pids: Int64($0.limits.pids), openFiles: Int64($0.limits.openFiles)) }
+        let sessionsCount = sessions.config.maxSessions + catalog.defaultConfigs.reduce(0) { $0 + $1.warmPool } + config.warmPool
+        do {
+            if let raised = try FileBudget.ensure(maxSessions: sessionsCount, sessions: limits) {
+                logger.notice("raised fs.file-max for a new runtime version", metadata: ["runtime": "\(config.name)", "from": "\(raised.from)", "to": "\(raised.to)"])
+            }
+        } catch {
+            throw Failure("fs.file-max is too low for sessions of this version and cannot be raised (\(error)); lower cubicle:memory or maxSessions")
         }
     }
 

@@ -13,6 +13,15 @@ import Synchronization
 
 /// How PUBLIC sessions reach the world: the daemon's side of it.
 public struct NetworkSettings: Sendable {
+    /// The table's and links' names come from the session network, which is unique per daemon on a host:
+    /// five base-36 characters, always five, since links are named `c<tag><index>` and a shorter tag would
+    /// run into the index (one network in 36 gave four, and tests looking for the tag in a link name failed).
+    public static func tag(forSessionNetwork text: String) -> String {
+        let hash = text.utf8.reduce(UInt64(14_695_981_039_346_656_037)) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }
+        let digits = String(hash % 60_466_176, radix: 36)
+        return String(repeating: "0", count: 5 - digits.count) + digits
+    }
+
     /// The sessions' IPv4 range. Its first address is the gateway every session routes through, where the
     /// session DNS and the metadata endpoint answer; sessions get the addresses after it.
     public var sessionNetwork: CIDR

@@ -129,7 +129,7 @@ public struct AdminAPI: HTTPResponder {
     /// Removes every image no runtime names, and the blobs and layers only they used.
     private func imagePrune() throws -> Response {
         guard let images else { return Self.json(.ok, ["removed": .array([])]) }
-        let keep = Set(sessions.catalog.allConfigs.compactMap(\.containerUri))
+        let keep = sessions.catalog.imagesInUse
         do {
             let removed = try images.store.prune(keeping: keep)
             return Self.json(.ok, ["removed": .array(removed.map { .string($0) })])

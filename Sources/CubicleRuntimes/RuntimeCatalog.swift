@@ -66,6 +66,28 @@ public final class RuntimeCatalog: Sendable {
     /// A version's configuration, ready or not served any more by an endpoint (adoption after a restart).
     public func config(_ id: String, version: Int) -> RuntimeConfig? { entries.withLock { $0[id]?.configs[version] } }
 
+    /// The configuration a session left by a previous cubicled is served again with: its version's; for a
+    /// declared runtime, whose versions restart at 1 with each daemon, what the file says now.
+    public func adoptable(_ id: String, version: Int) -> RuntimeConfig? {
+        entries.withLock { all in
+            guard let e = all[id], e.record.status != .deleting else { return nil }
+            return e.configs[version] ?? (e.record.declared ? e.configs[e.record.latestVersion] : nil)
+        }
+    }
+
+    /// Every image any version names, ready or still being prepared: what the image store must keep.
+    public var imagesInUse: Set<String> {
+        entries.withLock { all in
+            var uris = Set(all.values.flatMap { $0.configs.values.compactMap(\.containerUri) })
+            for e in all.values {
+                for v in e.record.versions {
+                    if let uri = v.document["agentRuntimeArtifact"]?["containerConfiguration"]?["containerUri"]?.stringValue { uris.insert(uri) }
+                }
+            }
+            return uris
+        }
+    }
+
     /// What each runtime's DEFAULT endpoint serves now: what warm pools hold.
     public var defaultConfigs: [RuntimeConfig] {
         entries.withLock { all in

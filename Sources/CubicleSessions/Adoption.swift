@@ -35,7 +35,7 @@ struct Adoption {
         let config = supervisor.config, catalog = supervisor.catalog
         guard let facts = try? JSON.parse(try Files.read(directory.sessionRecord)),
               let id = facts["session"]?.stringValue, (try? Validate.sessionID(id)) != nil,
-              let runtime = facts["runtime"]?.stringValue.flatMap({ catalog.config($0, version: Int(facts["version"]?.intValue ?? 1)) }),
+              let runtime = facts["runtime"]?.stringValue.flatMap({ catalog.adoptable($0, version: Int(facts["version"]?.intValue ?? 1)) }),
               let created = facts["created"]?.intValue, !isLive(SessionKey(runtime: runtime.name, id: id)) else { return nil }
         let sandbox: Sandbox
         let agentPID: pid_t

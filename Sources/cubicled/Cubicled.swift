@@ -277,9 +277,7 @@ struct Cubicled: AsyncParsableCommand {
         }
         if upstreams.isEmpty { upstreams = NetworkSettings.hostResolvers() }
         guard !upstreams.isEmpty else { throw StartupRefused("PUBLIC runtimes need a DNS upstream: /etc/resolv.conf names no IPv4 nameserver; pass --dns-upstream") }
-        // The table's and links' names come from the session network, which is unique per daemon on a host.
-        let hash = sessionNetwork.utf8.reduce(UInt64(14_695_981_039_346_656_037)) { ($0 ^ UInt64($1)) &* 1_099_511_628_211 }
-        let tag = String(String(hash % 60_466_176, radix: 36).suffix(5))
+        let tag = NetworkSettings.tag(forSessionNetwork: sessionNetwork)
         let settings = NetworkSettings(sessionNetwork: range, egressInterface: egress, dnsUpstreams: upstreams, tag: tag, region: config.region)
         do {
             let network = try await SessionNetworking(settings: settings, group: group, logger: logger)

@@ -75,3 +75,20 @@ import Testing
         #expect(policy().answers("example.org"))
     }
 }
+
+@Suite struct NetworkTagTests {
+    @Test func theTagIsAlwaysFiveCharactersAndStable() {
+        // 10.227.89.0/24 hashes to a four-digit number in base 36: the case that once gave a four-character tag.
+        #expect(NetworkSettings.tag(forSessionNetwork: "10.227.89.0/24") == "0fljh")
+        var seen = Set<String>()
+        for a in 0..<64 {
+            for b in 0..<16 {
+                let tag = NetworkSettings.tag(forSessionNetwork: "10.\(200 + b).\(a).0/24")
+                #expect(tag.count == 5 && tag.allSatisfy { $0.isLowercase || $0.isNumber })
+                seen.insert(tag)
+            }
+        }
+        #expect(seen.count > 1000, "distinct networks get distinct tags")
+        #expect(NetworkSettings.tag(forSessionNetwork: "10.213.0.0/16") == NetworkSettings.tag(forSessionNetwork: "10.213.0.0/16"))
+    }
+}

@@ -5,6 +5,7 @@ host inside the test's own network namespace (fake_internet.py); cubicled's --eg
 end of that link, so even a wrong policy could not send a packet off this machine."""
 import json
 import os
+import shutil
 import subprocess
 import time
 
@@ -373,3 +374,45 @@ print(json.dumps([len(held), refused]))
 ''')
     assert rc == 0, err
     assert json.loads(out) == [16, 8], out
+
+
+def test_a_public_runtime_made_through_the_control_plane(start_daemon, internet, tmp_path):
+    """networkConfiguration PUBLIC, roleArn and the egress lists (cubicle: tags) through boto3: a daemon that
+    started with no PUBLIC runtime starts its networking in the runtime's CREATING work, and its sessions get
+    the policy and the role's credentials as a declared runtime's do."""
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(os.path.join(PRODUCTS, "cubicle-demo-agent"), code / "cubicle-demo-agent")
+    os.chmod(tmp_path, 0o755)
+    creds = write_credentials(tmp_path)
+    net = session_network()
+    d = start_daemon(f"""lifecycleMinimumSeconds: 1
+roleCredentials:
+  - {{roleArn: "{ROLE}", profile: tutor, sharedCredentialsFile: {creds}}}
+runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+""", extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net, "--code-root", str(code)])
+    assert "PUBLIC networking ready" not in d.log_text(), "a SANDBOX-only daemon touches no host networking"
+    cp = d.control()
+    a, b = internet.hosts["a"], internet.hosts["b"]
+    r = cp.create_agent_runtime(agentRuntimeName="web_cp", agentRuntimeArtifact={"containerConfiguration": {"containerUri": f"host:{code}"}},
+                                roleArn=ROLE, networkConfiguration={"networkMode": "PUBLIC"},
+                                tags={"cubicle:command": "/app/cubicle-demo-agent", "cubicle:egress.allow": f"{a}/32 api.example.test"})
+    deadline = time.time() + 30
+    while cp.get_agent_runtime(agentRuntimeId=r["agentRuntimeId"])["status"] == "CREATING":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert cp.get_agent_runtime(agentRuntimeId=r["agentRuntimeId"])["status"] == "READY"
+    assert "PUBLIC networking ready" in d.log_text()
+    sid = new_session_id()
+    d.invoke({"prompt": "hi"}, sid, runtime=r["agentRuntimeId"])
+    got = connect_from(d, sid, f"{a}:80", f"{b}:80")
+    assert got[f"{a}:80"][0] == "ok" and got[f"{b}:80"][0] != "ok", got
+    names = resolve_in(d, sid, "api.example.test", "other.test")
+    assert names["api.example.test"] == a and names["other.test"].startswith("error:"), names
+    rc, out, err = run_in(d, sid, metadata_script())
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["role"] == [200, "tutor"] and json.loads(got["creds"][1])["AccessKeyId"] == "AKIATESTTUTOR0000001", got

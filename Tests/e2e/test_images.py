@@ -168,7 +168,7 @@ def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_d
     _, called = mcp_call(c, mcp_sid, {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
                                       "params": {"name": "add_numbers", "arguments": {"a": 2, "b": 5}}}, session)
     assert called["result"]["content"][0]["text"] == "7"
-    assert [i["runtimes"] for i in d.cubicle_json("images")["images"]] == [["sdk", "stream", "mcp"]]
+    assert [i["runtimes"] for i in d.cubicle_json("images")["images"]] == [["mcp", "sdk", "stream"]]
     # Its Python is the image's; nothing of the host's /usr is there (seen through the agent's own root).
     root = f"/proc/{d.cubicle_json('inspect', s1)['agentHostPID']}/root"
     assert os.path.exists(root + "/usr/lib/python3.11/os.py") and os.path.exists(root + "/opt/agent-venv/bin/python")
