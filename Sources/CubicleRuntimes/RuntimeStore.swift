@@ -1,3 +1,4 @@
+import CubicleAgentCore
 import CubicleJSON
 
 /// Where runtimes, their versions and endpoints, and client tokens are kept: SQLite embedded (one host),
@@ -58,8 +59,8 @@ public enum StoreLocation: Equatable, Sendable, CustomStringConvertible {
             let credentials = rest[..<at], hostPort = rest[rest.index(after: at)..<slash]
             let database = String(rest[rest.index(after: slash)...].prefix { $0 != "?" })
             let userParts = credentials.split(separator: ":", maxSplits: 1, omittingEmptySubsequences: false)
-            guard let user = userParts.first.flatMap({ PercentEncodingLite.decode(String($0)) }), !user.isEmpty, !database.isEmpty else { return nil }
-            let password = userParts.count > 1 ? PercentEncodingLite.decode(String(userParts[1])) : nil
+            guard let user = userParts.first.flatMap({ PercentEncoding.decode(String($0)) }), !user.isEmpty, !database.isEmpty else { return nil }
+            let password = userParts.count > 1 ? PercentEncoding.decode(String(userParts[1])) : nil
             var host = String(hostPort), port = 5432
             if let colon = hostPort.lastIndex(of: ":"), !hostPort.hasSuffix("]") {
                 guard let p = Int(hostPort[hostPort.index(after: colon)...]), (1...65535).contains(p) else { return nil }
@@ -79,23 +80,6 @@ public enum StoreLocation: Equatable, Sendable, CustomStringConvertible {
         case .sqlite(let path): "sqlite:\(path)"
         case .postgres(let p): "postgres://\(p.user)@\(p.host):\(p.port)/\(p.database)"
         }
-    }
-}
-
-enum PercentEncodingLite {
-    static func decode(_ s: String) -> String? {
-        var out: [UInt8] = []
-        var it = Array(s.utf8)[...]
-        while let c = it.popFirst() {
-            if c == 0x25 {
-                guard it.count >= 2, let v = UInt8(String(decoding: it.prefix(2), as: UTF8.self), radix: 16) else { return nil }
-                out.append(v)
-                it = it.dropFirst(2)
-            } else {
-                out.append(c)
-            }
-        }
-        return String(validating: out, as: UTF8.self)
     }
 }
 

@@ -153,21 +153,21 @@ public actor SessionManager {
     public func endRuntime(_ name: String) async {
         for t in starting.filter({ $0.key.runtime == name }).values { _ = try? await t.value }
         let pooled = await pools.drain(name)
-        let live = index.all.filter { $0.runtime.name == name }
+        await endAll(index.all.filter { $0.runtime.name == name } + pooled, .runtimeDeleted)
+    }
+
+    /// Ends `sessions` at once and waits until every one is torn down.
+    private func endAll(_ sessions: [Session], _ reason: EndReason) async {
         let supervisor = self.supervisor
         await withTaskGroup(of: Void.self) { group in
-            for s in live + pooled { group.addTask { _ = await supervisor.end(s, .runtimeDeleted) } }
+            for s in sessions { group.addTask { _ = await supervisor.end(s, reason) } }
         }
     }
 
     /// A runtime's DEFAULT endpoint moved to another version: its warm sandboxes of the old one end and the
     /// pool refills with the new. Live sessions stay on the version they started with.
     public func runtimeChanged(_ name: String) async {
-        let pooled = await pools.drain(name)
-        let supervisor = self.supervisor
-        await withTaskGroup(of: Void.self) { group in
-            for s in pooled { group.addTask { _ = await supervisor.end(s, .stopped) } }
-        }
+        await endAll(await pools.drain(name), .stopped)
         if let current = catalog.defaultConfigs.first(where: { $0.name == name }) { await pools.refill(current) }
     }
 
@@ -176,10 +176,7 @@ public actor SessionManager {
         shuttingDown = true
         for t in starting.values { _ = try? await t.value }
         let pooled = await pools.shutdown()
-        let supervisor = self.supervisor
-        await withTaskGroup(of: Void.self) { group in
-            for s in index.all + pooled { group.addTask { _ = await supervisor.end(s, .daemonShutdown) } }
-        }
+        await endAll(index.all + pooled, .daemonShutdown)
         events.finishAll()
     }
 
