@@ -101,6 +101,8 @@ let package = Package(
         .target(name: "CubicleControlPlane", dependencies: [
             "CubicleRuntimes", "CubicleSessions", "CubicleImages", "CubicleAgentCore", "CubicleJSON", "CubicleLinux", "CubicleSandbox",
             .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "Logging", package: "swift-log"),
         ]),
         .target(name: "CubicleGateway", dependencies: [
@@ -115,6 +117,7 @@ let package = Package(
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
             "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork", "CubicleImages",
+            "CubicleControlPlane",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),

@@ -9,6 +9,8 @@ import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
 import Crypto
+import HTTPTypes
+import Hummingbird
 import Logging
 
 /// The AgentCore control plane: runtimes, their immutable versions and endpoints, made, changed and
@@ -224,6 +226,9 @@ public actor ControlPlane {
     }
 
     // MARK: Runtimes
+
+    /// The largest request body a control-plane call may have (50 variables of 5,000 bytes and the rest).
+    public static let maxBodyBytes = 1 << 20
 
     static let createMembers: Set<String> = ["agentRuntimeName", "clientToken", "tags"]
     static let updateMembers: Set<String> = ["clientToken"]
@@ -780,5 +785,37 @@ public actor ControlPlane {
     struct Failure: Error, CustomStringConvertible {
         let description: String
         init(_ d: String) { description = d }
+    }
+}
+
+extension ControlPlane {
+    /// An answer as HTTP carries it: the status, the error type (for `x-amzn-ErrorType`) and the JSON body.
+    public struct HTTPAnswer: Sendable {
+        public var status: Int
+        public var errorType: String?
+        public var body: [UInt8]?
+    }
+
+    /// One control-plane request, from any listener that serves it (the loopback data-plane listener, the
+    /// admin socket): nil when no control-plane operation matches. Errors come back in AgentCore's shape.
+    public func serve(method: String, path: String, query: String, body: [UInt8]) async -> HTTPAnswer? {
+        do {
+            guard let route = try ControlRoute.parse(method: method, path: path) else { return nil }
+            let answer = try await handle(route, query: query, body: body)
+            logger.info("control plane", metadata: ["operation": "\(route.operation)", "status": "\(answer.status)"])
+            return HTTPAnswer(status: answer.status, errorType: nil, body: answer.body?.serialized())
+        } catch {
+            return HTTPAnswer(status: error.status, errorType: error.kind.rawValue, body: error.body)
+        }
+    }
+}
+
+extension ControlPlane.HTTPAnswer {
+    /// As Hummingbird sends it, with `x-amzn-ErrorType` on errors so boto3 raises the modelled exception.
+    public var response: Response {
+        var headers: HTTPFields = [:]
+        if body != nil { headers[.contentType] = "application/json" }
+        if let errorType, let name = HTTPField.Name(AgentCoreError.errorTypeHeader) { headers[name] = errorType }
+        return Response(status: .init(code: status), headers: headers, body: body.map { .init(byteBuffer: ByteBuffer(bytes: $0)) } ?? .init())
     }
 }

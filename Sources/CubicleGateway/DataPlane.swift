@@ -91,18 +91,14 @@ public struct DataPlane: HTTPResponder {
 
     /// A `bedrock-agentcore-control` operation.
     private func controlPlane(_ request: Request, path: String, query: String) async throws(AgentCoreError) -> Response {
-        guard let route = try ControlRoute.parse(method: request.method.rawValue, path: path) else {
+        guard try ControlRoute.parse(method: request.method.rawValue, path: path) != nil else {
             throw AgentCoreError(.resourceNotFound, "No operation matches \(request.method.rawValue) \(String(path.prefix(200)))")
         }
         guard let controlPlane else {
             throw AgentCoreError(.accessDenied, controlPlaneRefusal ?? "The control plane is not served by this cubicled")
         }
-        let body = try await Self.collect(request.body, limit: 1 << 20)
-        let answer = try await controlPlane.handle(route, query: query, body: body)
-        logger.info("control plane", metadata: ["operation": "\(route.operation)", "status": "\(answer.status)"])
-        guard let json = answer.body else { return Response(status: .init(code: answer.status)) }
-        return Response(status: .init(code: answer.status), headers: [.contentType: "application/json"],
-                        body: .init(byteBuffer: ByteBuffer(bytes: json.serialized())))
+        let body = try await Self.collect(request.body, limit: ControlPlane.maxBodyBytes)
+        return await controlPlane.serve(method: request.method.rawValue, path: path, query: query, body: body)!.response
     }
 
     /// Prometheus text: everything Telemetry records, with live sessions by state counted now.

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import AsyncAlgorithms
 import CubicleAgentCore
+import CubicleControlPlane
 import CubicleJSON
 import CubicleImages
 import CubicleLinux
@@ -61,12 +62,17 @@ public struct AdminAPI: HTTPResponder {
     let access: AdminAccess
 
     let images: PreparedImages?
+    /// The control plane, served here too: the socket is root's (or `--admin-group`'s) alone, whatever
+    /// address the data plane listens on.
+    let controlPlane: ControlPlane?
 
-    public init(sessions: SessionManager, group: any EventLoopGroup, access: AdminAccess, images: PreparedImages? = nil) {
+    public init(sessions: SessionManager, group: any EventLoopGroup, access: AdminAccess, images: PreparedImages? = nil,
+                controlPlane: ControlPlane? = nil) {
         self.sessions = sessions
         self.group = group
         self.access = access
         self.images = images
+        self.controlPlane = controlPlane
     }
 
     struct Failure: Error {
@@ -85,6 +91,17 @@ public struct AdminAPI: HTTPResponder {
             let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
             let query = QueryString.parse(parts.count > 1 ? String(parts[1]) : "")
             let path = parts[0].split(separator: "/").map { PercentEncoding.decode(String($0)) ?? String($0) }
+            if path.first != "v1", let controlPlane {
+                var body: [UInt8] = []
+                for try await buffer in request.body {
+                    body += buffer.readableBytesView
+                    guard body.count <= ControlPlane.maxBodyBytes else { throw Failure(.contentTooLarge, "request body over \(ControlPlane.maxBodyBytes) bytes") }
+                }
+                if let answer = await controlPlane.serve(method: request.method.rawValue, path: String(parts[0]),
+                                                          query: parts.count > 1 ? String(parts[1]) : "", body: body) {
+                    return answer.response
+                }
+            }
             guard path.first == "v1" else { throw Failure(.notFound, "no such admin endpoint: \(parts[0])") }
             let rest = Array(path.dropFirst())
             let method = request.method

@@ -217,7 +217,7 @@ struct Cubicled: AsyncParsableCommand {
         let socketPath = adminSocket
         let adminLogger = logger
         let admin = Application(
-            responder: AdminAPI(sessions: manager, group: group, access: access, images: images),
+            responder: AdminAPI(sessions: manager, group: group, access: access, images: images, controlPlane: controlPlane),
             configuration: .init(address: .unixDomainSocket(path: adminSocket), serverName: "cubicled-admin"),
             onServerRunning: { _ in
                 // The socket is made with the umask's mode; narrow it before anyone is told it exists.

@@ -396,9 +396,34 @@ runtimes:
     assert [r["name"] for r in d.cubicle_json("runtimes")["runtimes"]] == ["demo"]
 
 
-def test_the_control_plane_answers_only_on_loopback(start_daemon):
-    """Until callers are authenticated, a listener other hosts can reach refuses every control-plane call."""
-    d = start_daemon(listen_host="0.0.0.0", insecure_no_auth=True)
+def admin_call(d, method, path, body=None):
+    """An HTTP request over the admin socket (root's alone), as `curl --unix-socket` makes it."""
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(d.admin_socket)
+    c = UnixConnection("localhost", timeout=10)
+    c.request(method, path, body=json.dumps(body) if body is not None else None, headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    return r.status, r.getheader("x-amzn-ErrorType"), r.read()
+
+
+def test_the_control_plane_answers_only_on_loopback_and_the_admin_socket(start_daemon, code_dir):
+    """Until callers are authenticated, a listener other hosts can reach refuses every control-plane call;
+    the admin socket, root's alone, serves it whatever the listener."""
+    d = start_daemon(listen_host="0.0.0.0", insecure_no_auth=True, extra_args=["--code-root", str(code_dir)])
     code, message = error_code(lambda: d.control().list_agent_runtimes())
     assert code == "AccessDeniedException" and "loopback" in message
+    code, _ = error_code(lambda: d.control().create_agent_runtime(agentRuntimeName="sneaky", **host_runtime(code_dir)))
+    assert code == "AccessDeniedException"
     assert d.invoke_json({"prompt": "2+5"}, new_session_id())["answer"] == 7, "the data plane still serves"
+    status, _, body = admin_call(d, "PUT", "/runtimes/", {"agentRuntimeName": "by_root", "tags": {"cubicle:command": "/app/cubicle-demo-agent"},
+                                                         **host_runtime(code_dir)})
+    assert status == 202, body
+    rid = json.loads(body)["agentRuntimeId"]
+    status, _, body = admin_call(d, "POST", "/runtimes/")
+    assert status == 200 and {r["agentRuntimeId"] for r in json.loads(body)["agentRuntimes"]} == {"demo", rid}
+    status, error_type, _ = admin_call(d, "GET", "/runtimes/nosuch-0123456789/")
+    assert (status, error_type) == (404, "ResourceNotFoundException")
