@@ -341,6 +341,16 @@ def test_a_failed_version_keeps_the_last_good_one_serving(start_daemon, code_dir
     assert d.cubicle_json("inspect", s)["runtimeVersion"] == 1
     code, _ = error_code(lambda: invoke(d, arn, new_session_id(), {"prompt": "hi"}, qualifier="2"))
     assert code == "ResourceNotFoundException"
+    # StopRuntimeSession and InvokeAgentRuntimeCommand honour the qualifier too.
+    c = d.client()
+    code, _ = error_code(lambda: c.stop_runtime_session(agentRuntimeArn=arn, runtimeSessionId=s, qualifier="nosuch"))
+    assert code == "ResourceNotFoundException"
+    code, _ = error_code(lambda: c.invoke_agent_runtime_command(agentRuntimeArn=arn, runtimeSessionId=s, qualifier="2", body={"command": "true"}))
+    assert code == "ResourceNotFoundException"
+    r = c.invoke_agent_runtime_command(agentRuntimeArn=arn, runtimeSessionId=s, qualifier="1", body={"command": "echo $TUTOR", "timeout": 30})
+    assert any("chunk" in e and "contentDelta" in e["chunk"] for e in r["stream"])
+    c.stop_runtime_session(agentRuntimeArn=arn, runtimeSessionId=s, qualifier="DEFAULT")
+    assert s not in [x["id"] for x in d.cubicle_json("ps")["sessions"]]
     # A failed create: the runtime exists, CREATE_FAILED, and cannot be invoked.
     rid2 = cp.create_agent_runtime(agentRuntimeName="agent_g", tags={"cubicle:command": "/app/cubicle-demo-agent"},
                                    **host_runtime(code_dir.parent / "missing"))["agentRuntimeId"]
