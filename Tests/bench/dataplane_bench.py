@@ -191,7 +191,7 @@ def main():
     haproxy = None
     state = f"/tmp/cubicle-bench-{tag}"
     daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state,
-                               "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
+                               "--data-dir", f"{work}/data", "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
     agent = subprocess.Popen([f"{PRODUCTS}/cubicle-demo-agent"], env={"PORT": str(agent_port)}, stdout=subprocess.DEVNULL)
     try:
         wait_http(port)

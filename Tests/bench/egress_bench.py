@@ -132,7 +132,7 @@ runtimes:
 """)
     os.makedirs(f"{state}-code")
     subprocess.run(["cp", f"{PRODUCTS}/cubicle-demo-agent", f"{state}-code/"], check=True)
-    daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state, "--admin-socket", admin,
+    daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state, "--admin-socket", admin, "--data-dir", f"{state}-data",
                                "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning", "--config", config,
                                "--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", session_network()])
     spawn = {"sbx": [], "pub": []}
@@ -184,7 +184,7 @@ runtimes:
         daemon.wait(timeout=60)
         internet.close()
         os.unlink(config)
-        subprocess.run(["rm", "-rf", f"{state}-code"])
+        subprocess.run(["rm", "-rf", f"{state}-code", f"{state}-data"])
 
     ms = lambda x: f"{x * 1e3:.2f} ms"
     sbx50, pub50 = statistics.median(spawn["sbx"]), statistics.median(spawn["pub"])

@@ -65,7 +65,7 @@ def run_daemon(yield_cpu, hogs):
         f.write(CONFIG.replace("codeDirectory: " + os.environ["CUBICLE_PRODUCTS"], f"codeDirectory: {PRODUCTS}"))
     admin = f"{work}/admin.sock"
     d = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--config", f"{work}/c.yaml",
-                          "--state-dir", f"/tmp/cubicle-bench-{tag}", "--admin-socket", admin,
+                          "--state-dir", f"/tmp/cubicle-bench-{tag}", "--admin-socket", admin, "--data-dir", f"{work}/data-{tag}",
                           "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
     rows = []
     try:

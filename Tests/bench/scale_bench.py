@@ -106,7 +106,7 @@ runtimes:
 """)
     avail_before = meminfo()
     daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--config", config,
-                               "--state-dir", f"/tmp/cubicle-bench-{tag}", "--admin-socket", f"{work}/admin.sock",
+                               "--state-dir", f"/tmp/cubicle-bench-{tag}", "--admin-socket", f"{work}/admin.sock", "--data-dir", f"{work}/data",
                                "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning"])
     rows, teardown, rate = [], None, None
     try:

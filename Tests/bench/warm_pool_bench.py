@@ -87,7 +87,7 @@ def main():
     with open(config, "w") as f:
         f.write("runtimes:\n" + python_runtime("sdk", "runtime_context_agent.py", venv)
                 + python_runtime("sdkpool", "runtime_context_agent.py", venv, extra=f"    warmPool: {pool}\n"))
-    daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state, "--admin-socket", admin,
+    daemon = subprocess.Popen([f"{PRODUCTS}/cubicled", "--listen", f"127.0.0.1:{port}", "--state-dir", state, "--admin-socket", admin, "--data-dir", f"{state}-data",
                                "--cgroup-parent", f"cubicle-bench-{tag}", "--log-level", "warning", "--config", config])
     body = json.dumps({"prompt": "2+5", "user_id": "1"}).encode()
     try:
@@ -106,6 +106,7 @@ def main():
         daemon.terminate()
         daemon.wait(timeout=60)
         os.unlink(config)
+        subprocess.run(["rm", "-rf", f"{state}-data"])
 
     ms = lambda x: f"{x * 1e3:.2f} ms"
     p50_without, p50_with = statistics.median(without), statistics.median(with_pool)
