@@ -534,6 +534,7 @@ public actor ControlPlane {
     private func prepare(_ id: String, version: Int) async {
         guard let record = catalog.record(id), let v = record.version(version) else { return }
         var failure: String?
+        var prewarmed: [Session] = []
         do {
             let config = try RuntimeDocument.config(v.document, id: id, version: version, context: settings.document)
             if config.networkMode == .public { try await ensureNetwork() }
@@ -548,10 +549,17 @@ public actor ControlPlane {
             }
             // As at start: the host's file table must back every session before a session could fill it.
             try ensureFileBudget(with: config)
+            // The warm pool of what DEFAULT will serve, started now; an agent that cannot start fails here.
+            if version == record.latestVersion, config.warmPool > 0 {
+                do { prewarmed = try await sessions.prewarm(config) } catch { throw Failure("its warm pool could not start: \(error)") }
+            }
         } catch {
             failure = "\(error)"
         }
-        if Task.isCancelled { return }
+        if Task.isCancelled {
+            await sessions.discard(prewarmed)
+            return
+        }
         let now = clock()
         let settled = await change(id) { r in
             let failedStatus: RuntimeStatus = version == 1 ? .createFailed : .updateFailed
@@ -579,7 +587,9 @@ public actor ControlPlane {
         if settled {
             logger.notice(failure == nil ? "runtime version ready" : "runtime version failed",
                           metadata: ["runtime": "\(id)", "version": "\(version)", "reason": "\(failure ?? "-")"])
-            await sessions.runtimeChanged(id)
+            await sessions.runtimeChanged(id, prewarmed: prewarmed)
+        } else {
+            await sessions.discard(prewarmed)
         }
     }
 

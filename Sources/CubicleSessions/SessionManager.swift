@@ -166,10 +166,32 @@ public actor SessionManager {
 
     /// A runtime's DEFAULT endpoint moved to another version: its warm sandboxes of the old one end and the
     /// pool refills with the new. Live sessions stay on the version they started with.
-    public func runtimeChanged(_ name: String) async {
-        await endAll(await pools.drain(name), .stopped)
-        if let current = catalog.defaultConfigs.first(where: { $0.name == name }) { await pools.refill(current) }
+    /// `prewarmed`: sandboxes of the version DEFAULT serves now, started while it was being prepared.
+    public func runtimeChanged(_ name: String, prewarmed: [Session] = []) async {
+        let current = catalog.defaultConfigs.first { $0.name == name }
+        await endAll(await pools.drain(name, keeping: current?.version), .stopped)
+        guard let current else { return await endAll(prewarmed, .runtimeDeleted) }
+        let fitting = prewarmed.filter { $0.runtime.version == current.version }
+        await endAll(prewarmed.filter { $0.runtime.version != current.version } + (await pools.add(fitting, as: current)), .stopped)
+        await pools.refill(current)
     }
+
+    /// A version's warm pool, started before the version is READY (the control plane's work), so the first
+    /// sessions after it find it warm; an agent that cannot start fails the version instead of a session.
+    public func prewarm(_ runtime: RuntimeConfig) async throws(SessionError) -> [Session] {
+        var made: [Session] = []
+        for _ in 0..<runtime.warmPool {
+            guard !shuttingDown else { break }
+            do { made.append(try await supervisor.start(runtime, sessionID: nil)) } catch {
+                await endAll(made, .stopped)
+                throw (error as? SessionError) ?? .couldNotStart("\(error)")
+            }
+        }
+        return made
+    }
+
+    /// Ends sandboxes nobody will pool (a version's work was cancelled or failed after its prewarm).
+    public func discard(_ sessions: [Session]) async { await endAll(sessions, .stopped) }
 
     /// Ends every session and warm sandbox (daemon shutdown) and waits for their teardown.
     public func shutdown() async {

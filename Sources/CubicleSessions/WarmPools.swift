@@ -29,8 +29,21 @@ actor WarmPools {
     }
 
     /// Takes every pooled sandbox of `runtime` out, for the caller to end (its version changed, or it is gone).
-    func drain(_ runtime: String) -> [Session] {
-        idle.removeValue(forKey: runtime) ?? []
+    func drain(_ runtime: String, keeping version: Int? = nil) -> [Session] {
+        let all = idle.removeValue(forKey: runtime) ?? []
+        guard let version else { return all }
+        let kept = all.filter { $0.runtime.version == version }
+        if !kept.isEmpty { idle[runtime] = kept }
+        return all.filter { $0.runtime.version != version }
+    }
+
+    /// Sandboxes started for `runtime` elsewhere (a version's prewarm) join its pool, up to its size;
+    /// returns what did not fit (or came during shutdown) for the caller to end.
+    func add(_ sessions: [Session], as runtime: RuntimeConfig) -> [Session] {
+        guard !shuttingDown else { return sessions }
+        let room = max(0, runtime.warmPool - (idle[runtime.name]?.count ?? 0) - (starting[runtime.name] ?? 0))
+        idle[runtime.name, default: []] += sessions.prefix(room)
+        return Array(sessions.dropFirst(room))
     }
 
     /// A pooled sandbox made session `id`'s, or nil when the runtime has none ready of this version.

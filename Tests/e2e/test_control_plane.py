@@ -437,3 +437,29 @@ def test_the_control_plane_answers_only_on_loopback_and_the_admin_socket(start_d
     assert status == 200 and {r["agentRuntimeId"] for r in json.loads(body)["agentRuntimes"]} == {"demo", rid}
     status, error_type, _ = admin_call(d, "GET", "/runtimes/nosuch-0123456789/")
     assert (status, error_type) == (404, "ResourceNotFoundException")
+
+
+def test_a_versions_warm_pool_is_filled_before_it_is_ready(start_daemon, code_dir):
+    """cubicle:warmPool sandboxes of a version start in its CREATING/UPDATING work: READY means the first
+    sessions find them warm; an update swaps the pool to the new version; an agent that cannot start fails
+    the version, not a session."""
+    d = start_daemon(extra_args=["--code-root", str(code_dir)])
+    cp = d.control()
+    tags = {"cubicle:command": "/app/cubicle-demo-agent", "cubicle:warmPool": "2"}
+    rid = cp.create_agent_runtime(agentRuntimeName="pooled", tags=tags, **host_runtime(code_dir))["agentRuntimeId"]
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    warm = [w for w in d.cubicle_json("ps")["warm"] if w["runtime"] == rid]
+    assert [(w["state"], w["runtimeVersion"]) for w in warm] == [("warm", 1)] * 2, warm
+    cp.update_agent_runtime(agentRuntimeId=rid, environmentVariables={"V": "2"}, **host_runtime(code_dir))
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    warm = [w for w in d.cubicle_json("ps")["warm"] if w["runtime"] == rid]
+    assert sorted(w["runtimeVersion"] for w in warm) == [2, 2], warm
+    # The agent's program is missing in version 3: its pool cannot start, so the version fails and 2 serves.
+    cp.tag_resource(resourceArn=f"arn:aws:bedrock-agentcore:us-east-1:000000000000:runtime/{rid}", tags={"cubicle:command": "/app/missing-agent"})
+    cp.update_agent_runtime(agentRuntimeId=rid, **host_runtime(code_dir))
+    failed = wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid), want=("UPDATE_FAILED",))
+    assert "warm pool could not start" in failed["failureReason"], failed
+    arn = failed["agentRuntimeArn"]
+    s = new_session_id()
+    invoke(d, arn, s, {"prompt": "hi"})
+    assert d.cubicle_json("inspect", s)["runtimeVersion"] == 2

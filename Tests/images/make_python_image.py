@@ -90,7 +90,7 @@ def libraries(paths):
             parts = line.split()
             for part in parts:
                 if part.startswith("/") and os.path.exists(part):
-                    found.add(part)
+                    found.add(os.path.normpath(part))  # a wheel's libraries come as .../pkg/../pkg.libs/...
     return sorted(found)
 
 
@@ -107,6 +107,8 @@ def main(layout, venv, agents, tag):
     runtime.symlink("bin", "usr/bin")
     # Each library under the name the loader looks for (its soname's path), with the file's contents.
     for lib in libraries(elves):
+        if lib.startswith(os.path.realpath(venv) + "/") or lib.startswith(venv.rstrip("/") + "/"):
+            continue  # a wheel's own libraries are in the venv's layer, found through its RPATH
         name = ("usr" + lib) if lib.startswith("/lib/") else lib.lstrip("/")
         if name.startswith("lib64/"):
             continue  # the loader, reached through the usr/lib64 link below
