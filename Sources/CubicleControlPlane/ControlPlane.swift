@@ -350,7 +350,6 @@ public actor ControlPlane {
             o["lifecycleConfiguration"] = ["idleRuntimeSessionTimeout": .int(Int64(CubicleAgentCore.Limits.defaultIdleTimeoutSeconds)),
                                            "maxLifetime": .int(Int64(CubicleAgentCore.Limits.defaultMaxLifetimeSeconds))]
         }
-        if o["roleArn"] == nil { o["roleArn"] = .string("arn:aws:iam::\(settings.accountID):role/cubicle-declared") }
         if record.declared { o["description"] = .string("Declared in cubicled's config file: change it there") }
         return .object(o)
     }
