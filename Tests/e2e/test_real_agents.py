@@ -108,7 +108,10 @@ def vm_kib(pid, field):
 
 
 def test_100_mb_round_trip_through_the_sdk_agent_is_byte_exact_and_cubicled_stays_small(start_daemon, venv):
-    d = start_daemon(config(python_runtime("large", "large_payload_agent.py", venv, memory="1536MiB")))
+    # While the agent parses 100 MB of JSON its one Python process cannot answer /ping; on this suite's
+    # loaded 2-core host that took longer than three 0.2 s polls with 1 s timeouts, and the session was ended
+    # as unhealthy mid-response. The health policy is not what this test checks.
+    d = start_daemon(config(python_runtime("large", "large_payload_agent.py", venv, memory="1536MiB"), unhealthyAfterFailures=100))
     c = d.client()
     sid = new_session_id()
     assert invoke_json(c, "large", sid, {"data": "warm"})["bytes"] == 4
