@@ -182,6 +182,8 @@ runtimes:
     assert [(v["version"], v["sessions"]) for v in row["versions"]] == [(1, 2), (2, 1)], row
     assert {e["name"]: e["liveVersion"] for e in row["endpoints"]} == {"DEFAULT": 2, "pinned": 1}
     assert next(r for r in runtimes if r["name"] == "demo")["declared"] is True
+    table = d.cubicle("runtimes").stdout
+    assert "v1(2) v2(1)" in table and "DEFAULT=2 pinned=1" in table and "READY (declared)" in table, table
 
     # Pages, as the paginators walk them.
     versions = [v["agentRuntimeVersion"] for page in cp.get_paginator("list_agent_runtime_versions").paginate(
