@@ -277,6 +277,17 @@ def daemon(start_daemon):
     return start_daemon()
 
 
+def demo_config(top=""):
+    """A config with the embedded demo agent as its one declared runtime and `top` (YAML lines) above it:
+    for tests whose runtimes come through the control plane."""
+    return f"""lifecycleMinimumSeconds: 1
+{top}runtimes:
+  - name: demo
+    command: [/app/cubicle-demo-agent]
+    codeDirectory: {PRODUCTS}
+"""
+
+
 def short_lifecycle_config(idle=2, max_lifetime=60, extra_runtimes="", **top):
     lines = ["lifecycleMinimumSeconds: 1", "healthPollSeconds: 0.2"] + [f"{k}: {v}" for k, v in top.items()]
     return "\n".join(lines) + f"""

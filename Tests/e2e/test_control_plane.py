@@ -13,7 +13,7 @@ import urllib.request
 import botocore.exceptions
 import pytest
 
-from conftest import PRODUCTS, new_session_id
+from conftest import PRODUCTS, demo_config, new_session_id
 from test_images import push, python_image_layout, registry  # noqa: F401 (the fixture)
 
 ROLE = "arn:aws:iam::123456789012:role/AgentRuntimeRole"
@@ -93,12 +93,7 @@ class HeldRegistry:
 
     def config(self):
         """A cubicled config with the demo runtime that reaches this registry over plain HTTP."""
-        return f"""registries: [{{host: "{self.address}", insecure: true}}]
-runtimes:
-  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-"""
+        return demo_config(f"registries: [{{host: \"{self.address}\", insecure: true}}]\n")
 
     def artifact(self):
         return {"agentRuntimeArtifact": {"containerConfiguration": {"containerUri": f"{self.address}/agents/x:v1"}}}
@@ -127,13 +122,7 @@ def test_the_tutorials_deploy_invoke_update_and_clean_up(start_daemon, registry,
     named endpoint, listed page by page, the whole state kept across a SIGKILL and restart of cubicled, then
     deleted: its sessions end, and invoking it is ResourceNotFoundException."""
     push(registry, tmp_path, "agents/tutor", layout=python_image_layout())
-    d = start_daemon(f"""lifecycleMinimumSeconds: 1
-registries: [{{host: "{registry}", insecure: true}}]
-runtimes:
-  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-""")
+    d = start_daemon(demo_config(f"registries: [{{host: \"{registry}\", insecure: true}}]\n"))
     cp = d.control()
     artifact = {"containerConfiguration": {"containerUri": f"{registry}/agents/tutor:v1"}}
     created = cp.create_agent_runtime(agentRuntimeName="strands_tutor", agentRuntimeArtifact=artifact, roleArn=ROLE,

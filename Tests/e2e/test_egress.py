@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ARN_PREFIX, PRODUCTS, new_session_id
+from conftest import ARN_PREFIX, PRODUCTS, demo_config, new_session_id
 from fake_internet import FakeInternet, session_network
 
 NAMES = {"api.example.test": "a", "x.wild.test": "b", "y.wild.test": "c", "denied.wild.test": "d", "other.test": "e",
@@ -386,14 +386,7 @@ def test_a_public_runtime_made_through_the_control_plane(start_daemon, internet,
     os.chmod(tmp_path, 0o755)
     creds = write_credentials(tmp_path)
     net = session_network()
-    d = start_daemon(f"""lifecycleMinimumSeconds: 1
-roleCredentials:
-  - {{roleArn: "{ROLE}", profile: tutor, sharedCredentialsFile: {creds}}}
-runtimes:
-  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-""", extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net, "--code-root", str(code)])
+    d = start_daemon(demo_config(f"roleCredentials: [{{roleArn: \"{ROLE}\", profile: tutor, sharedCredentialsFile: {creds}}}]\n"), extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", net, "--code-root", str(code)])
     assert "PUBLIC networking ready" not in d.log_text(), "a SANDBOX-only daemon touches no host networking"
     cp = d.control()
     a, b = internet.hosts["a"], internet.hosts["b"]

@@ -13,7 +13,7 @@ import botocore.exceptions
 import pytest
 
 from agent_venv import TUTORIAL_REQUIREMENTS, VENV_IN_SANDBOX, VenvUnavailable, ensure_agent_venv
-from conftest import PRODUCTS, new_session_id
+from conftest import demo_config, new_session_id
 from test_images import registry  # noqa: F401 (the fixture)
 from fake_internet import FakeInternet, session_network
 
@@ -153,16 +153,10 @@ def test_the_tutorials_strands_agent_deployed_invoked_and_cleaned_up_through_the
         creds = tmp_path / "aws-credentials"
         creds.write_text(f"[tutor]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = tutor-secret\n")
         os.chmod(creds, 0o600)
-        d = start_daemon(f"""lifecycleMinimumSeconds: 1
-healthPollSeconds: 0.5
+        d = start_daemon(demo_config(f"""healthPollSeconds: 0.5
 registries: [{{host: "{registry}", insecure: true}}]
-roleCredentials:
-  - {{roleArn: "{ROLE}", profile: tutor, sharedCredentialsFile: {creds}}}
-runtimes:
-  - name: demo
-    command: [/app/cubicle-demo-agent]
-    codeDirectory: {PRODUCTS}
-""", extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", session_network()])
+roleCredentials: [{{roleArn: "{ROLE}", profile: tutor, sharedCredentialsFile: {creds}}}]
+"""), extra_args=["--egress-interface", internet.link, "--dns-upstream", internet.dns, "--session-network", session_network()])
         control = d.control()
         created = control.create_agent_runtime(
             agentRuntimeName="strands_tutorial", roleArn=ROLE,
