@@ -100,7 +100,11 @@ struct Cubicled: AsyncParsableCommand {
             throw StartupRefused("--listen \(listen) can be reached from other hosts, and cubicled checks no caller: anyone who can connect could invoke agents and run commands in any session whose id they know. Listen on 127.0.0.1 or ::1 behind an authenticating proxy, or pass --insecure-no-auth to serve it anyway.")
         }
         let exeDirectory = Self.executableDirectory()
+        // A daemon that refuses to start leaves no state directory of its own making behind.
+        let madeStateDir = !Files.exists(stateDir)
         try Files.makeDirectories(stateDir, mode: 0o700)
+        var serving = false
+        defer { if !serving && madeStateDir { rmdir(stateDir) } }
         Self.raiseOpenFileLimit(logger: logger)
 
         var loaded: DaemonConfig
@@ -251,6 +255,7 @@ struct Cubicled: AsyncParsableCommand {
             services: [.init(service: app), .init(service: admin), .init(service: sessionsService)],
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
+        serving = true
         try await services.run()
     }
 

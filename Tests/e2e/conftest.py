@@ -98,7 +98,17 @@ class Daemon:
         self.log = open(self.log_path, "wb")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except Exception:
+                # A daemon that did not start (some tests expect that) is not the fixture's to stop later:
+                # nothing of it may outlive the test.
+                if self.process.poll() is None:
+                    self.process.kill()
+                    self.process.wait()
+                self.log.close()
+                self.force_cleanup()
+                raise
 
     @property
     def port(self):

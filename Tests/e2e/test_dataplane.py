@@ -340,6 +340,18 @@ def test_a_listener_other_hosts_can_reach_needs_insecure_no_auth(tmp_path, liste
     assert not state.exists() and not (tmp_path / "admin.sock").exists(), "refused before anything was made"
 
 
+@pytest.mark.parametrize("config, says", [("runtimes: [", "is not valid YAML"), ("runtimes: []\n", "must be a non-empty list")])
+def test_a_daemon_that_refuses_its_config_leaves_no_state_directory(tmp_path, config, says):
+    """A refusal after the state directory was made (here: the config) removes the directory it made."""
+    state, path = tmp_path / "state", tmp_path / "bad.yaml"
+    path.write_text(config)
+    r = subprocess.run([os.path.join(PRODUCTS, "cubicled"), "--listen", "127.0.0.1:0", "--state-dir", str(state), "--config", str(path),
+                        "--admin-socket", str(tmp_path / "admin.sock"), "--data-dir", str(tmp_path / "data"),
+                        "--cgroup-parent", f"cubicle-e2e-refused-{uuid.uuid4().hex[:8]}"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and says in r.stderr, (r.returncode, r.stderr)
+    assert not state.exists(), "the refused daemon left its state directory"
+
+
 @pytest.mark.parametrize("listen_host", ["127.0.0.2", "[::1]"])
 def test_loopback_listeners_need_no_flag(start_daemon, listen_host):
     d = start_daemon(listen_host=listen_host)
