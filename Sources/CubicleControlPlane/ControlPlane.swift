@@ -77,7 +77,12 @@ public actor ControlPlane {
         }
         let changes = store.changes()
         watcher = Task { [weak self] in
-            for await id in changes { await self?.reloadFromStore(id) }
+            for await change in changes {
+                switch change {
+                case .runtime(let id): await self?.reloadFromStore(id)
+                case .everything: await self?.resync()
+                }
+            }
         }
     }
 
@@ -134,6 +139,23 @@ public actor ControlPlane {
         for t in work.values { await t.value }
         work = [:]
         await store.close()
+    }
+
+    /// What other daemons wrote while this one was not listening: every stored runtime whose revision differs
+    /// from the catalog's is reloaded, and one the catalog serves but the store no longer has is gone.
+    private func resync() async {
+        let stored: [RuntimeRecord]
+        do { stored = try await store.all() } catch {
+            logger.warning("could not compare the catalog with the store", metadata: ["error": "\(error)"])
+            return
+        }
+        for record in stored where declared[record.id] == nil && catalog.record(record.id)?.revision != record.revision {
+            await reloadFromStore(record.id)
+        }
+        let ids = Set(stored.map(\.id))
+        for record in catalog.records where !record.declared && !ids.contains(record.id) {
+            await reloadFromStore(record.id)
+        }
     }
 
     /// Another daemon changed runtime `id`: the catalog follows the store. Work is the writer's.

@@ -123,18 +123,21 @@ public final class PostgresRuntimeStore: RuntimeStore {
     }
 
     /// Runtime ids other daemons changed, from a connection held for LISTEN; it reconnects after a failure.
-    public func changes() -> AsyncStream<String> {
-        let (stream, continuation) = AsyncStream<String>.makeStream(bufferingPolicy: .bufferingNewest(1024))
+    /// Each time LISTEN is in place (the first time too: the daemon loaded the store before it) the reader is
+    /// told to compare everything, since NOTIFYs sent while no one listened are gone.
+    public func changes() -> AsyncStream<StoreChange> {
+        let (stream, continuation) = AsyncStream<StoreChange>.makeStream(bufferingPolicy: .bufferingNewest(1024))
         let client = self.client, logger = self.logger, writer = self.writer
         let task = Task {
             while !Task.isCancelled {
                 do {
                     try await client.withConnection { c in
                         try await c.listen(on: Self.channel) { notifications in
+                            continuation.yield(.everything)
                             for try await n in notifications {
                                 let parts = n.payload.split(separator: ":", maxSplits: 1).map(String.init)
                                 guard parts.count == 2, parts[0] != writer else { continue }
-                                continuation.yield(parts[1])
+                                continuation.yield(.runtime(parts[1]))
                             }
                         }
                     }

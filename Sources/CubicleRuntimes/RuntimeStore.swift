@@ -15,10 +15,19 @@ public protocol RuntimeStore: Sendable {
     func clientToken(_ token: String) async throws(StoreError) -> ClientTokenRecord?
     /// Records a token's first use; `.conflict` if it was recorded meanwhile.
     func saveClientToken(_ record: ClientTokenRecord) async throws(StoreError)
-    /// Ids of runtimes another writer changed (PostgreSQL's LISTEN/NOTIFY); a store no one else writes never
-    /// yields. Ends with the store.
-    func changes() -> AsyncStream<String>
+    /// What other writers changed (PostgreSQL's LISTEN/NOTIFY); a store no one else writes never yields.
+    /// Ends with the store.
+    func changes() -> AsyncStream<StoreChange>
     func close() async
+}
+
+/// A change another writer made.
+public enum StoreChange: Equatable, Sendable {
+    /// This runtime changed (or went).
+    case runtime(String)
+    /// Anything may have changed: the feed was (re)connected, and what was written while it was down was
+    /// not heard. The reader compares the whole store with what it serves.
+    case everything
 }
 
 public enum StoreError: Error, Equatable, Sendable, CustomStringConvertible {

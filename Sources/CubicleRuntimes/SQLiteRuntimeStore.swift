@@ -108,7 +108,7 @@ public final class SQLiteRuntimeStore: RuntimeStore {
         }
     }
 
-    public func changes() -> AsyncStream<String> { AsyncStream { $0.finish() } }
+    public func changes() -> AsyncStream<StoreChange> { AsyncStream { $0.finish() } }
 
     public func close() async { try? queue.close() }
 

@@ -45,8 +45,15 @@ def postgres():
             break
         assert server.poll() is None and time.time() < deadline, open(data + ".log").read()
         time.sleep(0.1)
+    class Server:
+        url = f"postgres://cubicle@127.0.0.1:{port}/postgres"
+
+        @staticmethod
+        def sql(statement):
+            return subprocess.run([f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-U", "cubicle", "-d", "postgres", "-tAc", statement],
+                                  check=True, capture_output=True, text=True, **as_postgres).stdout
     try:
-        yield f"postgres://cubicle@127.0.0.1:{port}/postgres"
+        yield Server
     finally:
         server.send_signal(signal.SIGINT)  # fast shutdown
         try:
@@ -73,7 +80,7 @@ def eventually(check, timeout=20):
 
 # postgres before start_daemon: the daemons stop before the server does.
 def test_two_cubicleds_share_the_runtimes_in_one_postgresql(postgres, start_daemon, code_dir, held_registry):  # noqa: F811
-    args = ["--store", postgres, "--code-root", str(code_dir)]
+    args = ["--store", postgres.url, "--code-root", str(code_dir)]
     a, b = start_daemon(held_registry.config(), extra_args=args), start_daemon(held_registry.config(), extra_args=args)
     ca, cb = a.control(), b.control()
     created = ca.create_agent_runtime(agentRuntimeName="fleet_agent", tags={"cubicle:command": "/app/cubicle-demo-agent"},
@@ -132,6 +139,16 @@ def test_two_cubicleds_share_the_runtimes_in_one_postgresql(postgres, start_daem
     with pytest.raises(botocore.exceptions.ClientError) as e:
         invoke(b, arn, new_session_id(), {"prompt": "hi"})
     assert e.value.response["Error"]["Code"] == "ResourceNotFoundException"
+
+    # Every LISTEN connection cut, and a runtime created through A at once, while B's feed is down (it
+    # reconnects after 0.5 s): the NOTIFY reaches no one, and B learns of the runtime by comparing the whole
+    # store with its catalog once it listens again.
+    assert postgres.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").strip() == "2"
+    rid3 = ca.create_agent_runtime(agentRuntimeName="fleet_missed", tags={"cubicle:command": "/app/cubicle-demo-agent"},
+                                   **host_runtime(code_dir))["agentRuntimeId"]
+    wait_status(lambda: ca.get_agent_runtime(agentRuntimeId=rid3))
+    eventually(lambda: cb.get_agent_runtime(agentRuntimeId=rid3)["status"] == "READY")
+    assert "LISTEN lost" in b.log_text()
 
     # Restarted, a daemon finds the fleet's runtimes where it left them.
     rid2 = ca.create_agent_runtime(agentRuntimeName="fleet_two", tags={"cubicle:command": "/app/cubicle-demo-agent"},
