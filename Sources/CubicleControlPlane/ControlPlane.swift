@@ -169,19 +169,16 @@ public actor ControlPlane {
                 }
                 return
             }
-            // Images this daemon has not prepared yet are prepared here before the version is served.
+            // What its ready versions need on this daemon (an image, PUBLIC networking) is made ready before
+            // they are served here.
+            let configs = readyConfigs(record)
             if let images {
-                let uris = Set(record.versions.filter { $0.status == .ready }.compactMap { v in
-                    try? RuntimeDocument.config(v.document, id: id, version: v.version, context: settings.document).containerUri
-                }.filter { images.prepared($0) == nil })
+                let uris = Set(configs.values.compactMap(\.containerUri).filter { images.prepared($0) == nil })
                 if !uris.isEmpty { await images.prepare(uris) }
             }
-            if record.versions.contains(where: { $0.status == .ready }), record.status == .ready,
-               (try? RuntimeDocument.config(record.version(record.latestVersion)!.document, id: id, version: record.latestVersion, context: settings.document))?.networkMode == .public {
-                try? await ensureNetwork()
-            }
+            if configs.values.contains(where: { $0.networkMode == .public }) { try? await ensureNetwork() }
             let before = catalog.record(id)?.endpoint(RuntimeEndpointRecord.defaultName)?.liveVersion
-            publish(record)
+            catalog.set(record, configs: configs)
             if record.status == .deleting {
                 await sessions.endRuntime(id)
             } else if before != record.endpoint(RuntimeEndpointRecord.defaultName)?.liveVersion {
@@ -193,12 +190,14 @@ public actor ControlPlane {
     }
 
     /// The catalog's view of `record`: configurations for its READY versions.
-    private func publish(_ record: RuntimeRecord) {
+    private func publish(_ record: RuntimeRecord) { catalog.set(record, configs: readyConfigs(record)) }
+
+    private func readyConfigs(_ record: RuntimeRecord) -> [Int: RuntimeConfig] {
         var configs: [Int: RuntimeConfig] = [:]
         for v in record.versions where v.status == .ready {
             if let c = try? RuntimeDocument.config(v.document, id: record.id, version: v.version, context: settings.document) { configs[v.version] = c }
         }
-        catalog.set(record, configs: configs)
+        return configs
     }
 
     private func resumeWork(_ record: RuntimeRecord) {

@@ -92,13 +92,9 @@ public struct AdminAPI: HTTPResponder {
             let query = QueryString.parse(parts.count > 1 ? String(parts[1]) : "")
             let path = parts[0].split(separator: "/").map { PercentEncoding.decode(String($0)) ?? String($0) }
             if path.first != "v1", let controlPlane {
-                var body: [UInt8] = []
-                for try await buffer in request.body {
-                    body += buffer.readableBytesView
-                    guard body.count <= ControlPlane.maxBodyBytes else { throw Failure(.contentTooLarge, "request body over \(ControlPlane.maxBodyBytes) bytes") }
-                }
+                let body = try await request.body.collect(upTo: ControlPlane.maxBodyBytes)
                 if let answer = await controlPlane.serve(method: request.method.rawValue, path: String(parts[0]),
-                                                          query: parts.count > 1 ? String(parts[1]) : "", body: body) {
+                                                          query: parts.count > 1 ? String(parts[1]) : "", body: Array(body.readableBytesView)) {
                     return answer.response
                 }
             }

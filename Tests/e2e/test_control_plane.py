@@ -136,6 +136,8 @@ def test_the_tutorials_deploy_invoke_update_and_clean_up(start_daemon, registry,
     assert (got["agentRuntimeVersion"], got["description"], got["roleArn"]) == ("1", "the tutorial's agent", ROLE)
     assert got["agentRuntimeArtifact"] == artifact and got["networkConfiguration"] == {"networkMode": "SANDBOX"}
     assert cp.list_tags_for_resource(resourceArn=arn)["tags"] == {"cubicle:memory": "1GiB", "team": "docs"}
+    # The store is root's alone: the file 0600 in a 0700 data directory.
+    assert os.stat(d.data_dir).st_mode & 0o777 == 0o700 and os.stat(os.path.join(d.data_dir, "runtimes.db")).st_mode & 0o777 == 0o600
 
     s1 = new_session_id()
     r = invoke(d, arn, s1, {"prompt": "What is 2+5?", "user_id": "1"})

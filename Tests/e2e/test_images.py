@@ -104,26 +104,40 @@ def test_a_runtime_from_an_image_in_a_registry(start_daemon, registry, tmp_path)
     assert not any("e2e" in f for _, _, files in os.walk(data) for f in files)
 
 
-def python_image_layout():
-    """The SDK agents with Python inside (Tests/images/make_python_image.py), built once per venv and script
-    under .build/ and shared by parallel workers through a lock."""
+MAKE_PYTHON_IMAGE = os.path.join(REPO, "Tests", "images", "make_python_image.py")
+AGENTS = os.path.join(REPO, "sandbox", "agents")
+
+
+def python_image_cached(name, venv, build):
+    """A directory `build(dir)` fills with an image made by make_python_image.py from `venv` and the agents,
+    built once per script, venv and agents under .build/ and shared by parallel workers through a lock."""
     import fcntl
     import hashlib
+    h = hashlib.sha256(open(MAKE_PYTHON_IMAGE, "rb").read() + venv.encode())
+    for root, dirs, files in sorted(os.walk(AGENTS)):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for f in sorted(files):
+            h.update(f.encode() + open(os.path.join(root, f), "rb").read())
+    directory = os.path.join(REPO, ".build", f"{name}-{h.hexdigest()[:12]}")
+    with open(os.path.join(REPO, ".build", f"{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(directory):
+            subprocess.run(["rm", "-rf", directory + ".tmp"], check=True)
+            os.makedirs(directory + ".tmp")
+            build(directory + ".tmp")
+            os.rename(directory + ".tmp", directory)
+    return directory
+
+
+def python_image_layout():
+    """The SDK agents with Python inside (Tests/images/make_python_image.py)."""
     from agent_venv import VenvUnavailable, ensure_agent_venv
     try:
         venv = ensure_agent_venv()
     except VenvUnavailable as e:
         pytest.skip(str(e))
-    script = os.path.join(REPO, "Tests", "images", "make_python_image.py")
-    key = hashlib.sha256(open(script, "rb").read() + venv.encode()).hexdigest()[:12]
-    layout = os.path.join(REPO, ".build", f"python-image-{key}")
-    with open(os.path.join(REPO, ".build", "python-image.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(layout, "index.json")):
-            subprocess.run(["rm", "-rf", layout], check=True)
-            subprocess.run(["python3", script, layout + ".tmp", venv, os.path.join(REPO, "sandbox", "agents"), "v1"], check=True)
-            os.rename(layout + ".tmp", layout)
-    return layout
+    return os.path.join(python_image_cached("python-image", venv, lambda d: subprocess.run(
+        ["python3", MAKE_PYTHON_IMAGE, os.path.join(d, "layout"), venv, AGENTS, "v1"], check=True)), "layout")
 
 
 def test_the_sdk_agent_as_an_image_answers_as_the_host_venv_runtime_does(start_daemon, registry, tmp_path):

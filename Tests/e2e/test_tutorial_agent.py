@@ -112,27 +112,18 @@ def the_tutorials_five_invocations(ask, requests_log):
 def strands_image(tutorial_venv):
     """The tutorial's Strands agent as an image (Tests/images/make_python_image.py: Python, the tutorial's
     virtualenv, sandbox/agents and a test CA at /app/test-ca.pem), with Bedrock's certificate signed by that
-    CA; built once per virtualenv under .build/ and shared by parallel workers through a lock."""
-    import fcntl
-    import hashlib
+    CA; built once (test_images.python_image_cached)."""
     import shutil
-    repo = os.path.dirname(os.path.dirname(AGENTS))
-    script = os.path.join(repo, "Tests", "images", "make_python_image.py")
-    key = hashlib.sha256(open(script, "rb").read() + open(os.path.join(AGENTS, "strands_tutorial_agent.py"), "rb").read()
-                         + tutorial_venv.encode()).hexdigest()[:12]
-    base = os.path.join(repo, ".build", f"strands-image-{key}")
-    with open(os.path.join(repo, ".build", "strands-image.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.exists(os.path.join(base, "layout", "index.json")):
-            subprocess.run(["rm", "-rf", base], check=True)
-            os.makedirs(base)
-            from pathlib import Path
-            ca_dir, _, _ = make_certificates(Path(base), days=3650)
-            agents = os.path.join(base, "agents")
-            shutil.copytree(AGENTS, agents, ignore=shutil.ignore_patterns("__pycache__"))
-            shutil.copy(ca_dir / "ca.pem", os.path.join(agents, "test-ca.pem"))
-            subprocess.run(["python3", script, os.path.join(base, "layout.tmp"), tutorial_venv, agents, "v1"], check=True)
-            os.rename(os.path.join(base, "layout.tmp"), os.path.join(base, "layout"))
+    from pathlib import Path
+    from test_images import MAKE_PYTHON_IMAGE, python_image_cached
+
+    def build(base):
+        ca_dir, _, _ = make_certificates(Path(base), days=3650)
+        agents = os.path.join(base, "agents")
+        shutil.copytree(AGENTS, agents, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ca_dir / "ca.pem", os.path.join(agents, "test-ca.pem"))
+        subprocess.run(["python3", MAKE_PYTHON_IMAGE, os.path.join(base, "layout"), tutorial_venv, agents, "v1"], check=True)
+    base = python_image_cached("strands-image", tutorial_venv, build)
     return os.path.join(base, "layout"), os.path.join(base, "keys", "server.pem"), os.path.join(base, "keys", "server.key")
 
 
