@@ -35,7 +35,7 @@ test:
 # FUZZ_SECONDS, from the seed corpus in Tests/Fuzz/corpus (what they find new stays in .build/fuzz-corpus;
 # a crash is written to .build/fuzz-artifacts and fails the target). `make test` runs it for 20 s each.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS = rpc-frames event-stream validators dns
+FUZZ_TARGETS = rpc-frames event-stream validators dns sigv4
 FUZZ_BUILD = $(SWIFT) build -c release --scratch-path .build/fuzz -Xswiftc -sanitize=fuzzer,address -Xswiftc -DCUBICLE_FUZZ -Xswiftc -use-ld=lld
 
 fuzz:

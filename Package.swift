@@ -28,7 +28,8 @@ let package = Package(
         .package(url: "https://github.com/jpsim/Yams.git", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
         .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
-        .package(url: "https://github.com/apple/swift-crypto.git", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-crypto.git", from: "4.5.2"),
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
         .package(url: "https://github.com/swift-server/async-http-client.git", from: "1.37.0"),
         .package(url: "https://github.com/groue/GRDB.swift.git", from: "7.10.0"),
         .package(url: "https://github.com/vapor/postgres-nio.git", from: "1.33.2"),
@@ -105,8 +106,19 @@ let package = Package(
             .product(name: "HTTPTypes", package: "swift-http-types"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Who may call: SigV4 verification against the principals file, IAM-style permissions, and each
+        // runtime's JWT authorizer (OIDC discovery, JWKS, claims).
+        .target(name: "CubicleAuth", dependencies: [
+            "CubicleAgentCore", "CubicleJSON",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "JWTKit", package: "jwt-kit"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "AsyncHTTPClient", package: "async-http-client"),
+            .product(name: "Yams", package: "Yams"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .target(name: "CubicleGateway", dependencies: [
-            "CubicleSessions", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
+            "CubicleAuth", "CubicleSessions", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
             .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
             .product(name: "Hummingbird", package: "hummingbird"),
@@ -128,7 +140,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
+            "CubicleGateway", "CubicleAuth", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -145,6 +157,7 @@ let package = Package(
         .executableTarget(name: "cubicle-fuzz-rpc-frames", dependencies: ["CubicleRPC", "FuzzReplay"], path: "Sources/Fuzz/RPCFrames"),
         .executableTarget(name: "cubicle-fuzz-event-stream", dependencies: ["CubicleAgentCore", "FuzzReplay"], path: "Sources/Fuzz/EventStream"),
         .executableTarget(name: "cubicle-fuzz-dns", dependencies: ["CubicleDNSWire", "FuzzReplay"], path: "Sources/Fuzz/DNS"),
+        .executableTarget(name: "cubicle-fuzz-sigv4", dependencies: ["CubicleAgentCore", "FuzzReplay"], path: "Sources/Fuzz/SigV4"),
         .executableTarget(name: "cubicle-fuzz-validators", dependencies: ["CubicleAgentCore", "CubicleJSON", "FuzzReplay"], path: "Sources/Fuzz/Validators"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
         .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux", "CubicleImages"]),
@@ -160,6 +173,8 @@ let package = Package(
         .testTarget(name: "CubicleImagesTests", dependencies: ["CubicleImages", "CubicleLinux"]),
         .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork", "CubicleDNSWire"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
+        .testTarget(name: "CubicleAuthTests", dependencies: ["CubicleAuth", "CubicleAgentCore", "CubicleJSON",
+                                                       .product(name: "Crypto", package: "swift-crypto")]),
         .testTarget(name: "CubicleRuntimesTests", dependencies: ["CubicleRuntimes", "CubicleAgentCore", "CubicleJSON"]),
     ]
 )

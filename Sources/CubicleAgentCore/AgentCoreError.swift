@@ -14,11 +14,17 @@ public struct AgentCoreError: Error, Equatable, Sendable, CustomStringConvertibl
         case serviceQuotaExceeded = "ServiceQuotaExceededException"
         case runtimeClient = "RuntimeClientError"
         case internalServer = "InternalServerException"
+        // Authentication, as AWS's front door answers it (403 each): no credentials, a malformed
+        // Authorization header, an access key it does not know, a signature that does not match or is stale.
+        case missingAuthenticationToken = "MissingAuthenticationTokenException"
+        case incompleteSignature = "IncompleteSignatureException"
+        case unrecognizedClient = "UnrecognizedClientException"
+        case invalidSignature = "InvalidSignatureException"
 
         public var status: Int {
             switch self {
             case .validation: 400
-            case .accessDenied: 403
+            case .accessDenied, .missingAuthenticationToken, .incompleteSignature, .unrecognizedClient, .invalidSignature: 403
             case .resourceNotFound: 404
             case .conflict, .controlConflict: 409
             case .throttling: 429

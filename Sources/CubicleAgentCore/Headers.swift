@@ -16,18 +16,20 @@ public enum AgentCoreHeader {
     /// Whether a client header is passed to the agent. Content-Type and Accept travel with the body;
     /// the session and request ids are set by cubicled; everything else needs a rule.
     /// - Parameter allowlist: the runtime's request header allowlist, lowercased.
-    public static func forwardsToAgent(_ name: String, value: String, allowlist: Set<String>) -> Bool {
-        forwardsToAgent(lowercased: name.lowercased(), value: value, allowlist: allowlist)
+    public static func forwardsToAgent(_ name: String, value: String, allowlist: Set<String>, authorizer: Bool = false) -> Bool {
+        forwardsToAgent(lowercased: name.lowercased(), value: value, allowlist: allowlist, authorizer: authorizer)
     }
 
     /// - Parameter lower: the header's name, already lowercased (HTTP types keep a canonical one).
-    public static func forwardsToAgent(lowercased lower: String, value: String, allowlist: Set<String>) -> Bool {
+    /// - Parameter authorizer: the runtime has a JWT authorizer, whose bearer token the agent gets (as AWS
+    ///   passes it); a SigV4 Authorization never reaches an agent.
+    public static func forwardsToAgent(lowercased lower: String, value: String, allowlist: Set<String>, authorizer: Bool = false) -> Bool {
         if alwaysForwarded.contains(lower) { return true }
+        if lower == "authorization" { return authorizer && value.hasPrefix("Bearer ") && value.utf8.count <= 16384 }
         guard value.utf8.count <= maxForwardedValueBytes else { return false }
         if lower.hasPrefix(customPrefix) && lower.utf8.count > customPrefix.utf8.count { return true }
-        // Authorization passes only with an authorizer, which Cubicle does not have; no allowlist entry
-        // can make other x-amz* headers (signatures, security tokens) reach the agent.
-        if lower == "authorization" || lower.hasPrefix("x-amz") { return false }
+        // No allowlist entry can make x-amz* headers (signatures, security tokens) reach the agent.
+        if lower.hasPrefix("x-amz") { return false }
         return allowlist.contains(lower)
     }
 

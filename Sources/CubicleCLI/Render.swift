@@ -76,11 +76,12 @@ struct SessionCells {
 public enum SessionTable {
     /// `warm`: warm-pool sandboxes, shown after the sessions with "-" for a session id.
     public static func render(_ sessions: [JSON], warm: [JSON] = [], now: Double, all: Bool) -> String {
-        var t = Table(["SESSION", "RUNTIME", "STATE", "AGE", "IDLE", "MEMORY", "PIDS", "INVOCATIONS"] + (all ? ["END REASON"] : []))
+        var t = Table(["SESSION", "RUNTIME", "OWNER", "STATE", "AGE", "IDLE", "MEMORY", "PIDS", "INVOCATIONS"] + (all ? ["END REASON"] : []))
         for s in sessions + warm {
             let c = SessionCells(json: s)
             let id = c.state == "warm" ? "-" : c.id
-            var row: [String] = [id, c.runtime, c.state, c.age(now: now), c.idle, c.memory, c.pids, c.invocations]
+            let owner = c.state == "warm" ? "-" : (s["owner"]?.stringValue ?? "-")
+            var row: [String] = [id, c.runtime, owner, c.state, c.age(now: now), c.idle, c.memory, c.pids, c.invocations]
             if all { row.append(s["endReason"]?.stringValue ?? "-") }
             t.rows.append(row)
         }

@@ -1,7 +1,9 @@
 import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleAgentLink
+import CubicleAuth
 import CubicleControlPlane
+import CubicleRuntimes
 import CubicleSessions
 import Dispatch
 import HTTPTypes
@@ -27,9 +29,12 @@ public struct DataPlane: HTTPResponder {
     /// Why the control plane does not answer here, if it does not: until callers are authenticated, it
     /// changes what runs as which role only for this host's own users, on loopback.
     let controlPlaneRefusal: String?
+    /// Who may call, checked for every request but /ping and /metrics.
+    let admission: Admission
 
     public init(sessions: SessionManager, group: any EventLoopGroup, logger: Logger, prometheus: PrometheusCollectorRegistry,
-                controlPlane: ControlPlane? = nil, controlPlaneRefusal: String? = nil) {
+                admission: Admission, controlPlane: ControlPlane? = nil, controlPlaneRefusal: String? = nil) {
+        self.admission = admission
         self.sessions = sessions
         self.group = group
         self.logger = logger
@@ -59,7 +64,7 @@ public struct DataPlane: HTTPResponder {
                 response = await metrics()
             case .invoke(let address):
                 do {
-                    response = try await invoke(request, address, requestID: requestID)
+                    response = try await invoke(request, address, path: path, query: query ?? "", requestID: requestID)
                 } catch {
                     // A name from the client labels a metric only if it is configured, so made-up names cannot
                     // grow the registry without bound.
@@ -68,11 +73,11 @@ public struct DataPlane: HTTPResponder {
                     throw error
                 }
             case .stopSession(let address):
-                response = try await stop(request, address)
+                response = try await stop(request, address, path: path, query: query ?? "")
             case .command(let address):
-                response = try await command(request, address)
+                response = try await command(request, address, path: path, query: query ?? "")
             case .agentCard(let address):
-                response = try await agentCard(request, address, requestID: requestID)
+                response = try await agentCard(request, address, path: path, query: query ?? "", requestID: requestID)
             }
             response.headers[.xAmznRequestID] = requestID
             return response
@@ -91,13 +96,15 @@ public struct DataPlane: HTTPResponder {
 
     /// A `bedrock-agentcore-control` operation.
     private func controlPlane(_ request: Request, path: String, query: String) async throws(AgentCoreError) -> Response {
-        guard try ControlRoute.parse(method: request.method.rawValue, path: path) != nil else {
+        guard let route = try ControlRoute.parse(method: request.method.rawValue, path: path) else {
             throw AgentCoreError(.resourceNotFound, "No operation matches \(request.method.rawValue) \(String(path.prefix(200)))")
         }
+        let credential = try admission.credential(request, path: path, query: query)
         guard let controlPlane else {
             throw AgentCoreError(.accessDenied, controlPlaneRefusal ?? "The control plane is not served by this cubicled")
         }
         let body = try await Self.collect(request.body, limit: ControlPlane.maxBodyBytes)
+        _ = try admission.controlCaller(credential, payloadHash: Self.hash(body), action: route.action, resource: route.resource(admission.authenticator))
         return await controlPlane.serve(method: request.method.rawValue, path: path, query: query, body: body)!.response
     }
 
@@ -120,19 +127,46 @@ public struct DataPlane: HTTPResponder {
         try Validate.sessionID(request.headers[.agentCoreSessionID])
     }
 
+    /// What new sessions of `address` get: its authorizer decides how callers are checked.
+    private func config(_ address: RuntimeAddress) throws(AgentCoreError) -> RuntimeConfig {
+        do { return try sessions.resolve(address.name, qualifier: address.qualifier) } catch { throw AgentCoreError(error) }
+    }
+
+    static func hash(_ bytes: [UInt8]) -> String {
+        var h = PayloadHash()
+        h.update(bytes)
+        return h.finish()
+    }
+
     // MARK: - InvokeAgentRuntime
 
     /// The task road: for a session to find or start, or when the warm road does not apply (no idle link on
     /// this loop, a body without Content-Length). Answers as `ForwardedInvoke` does, through `Invocation`.
-    private func invoke(_ request: Request, _ runtime: RuntimeAddress, requestID: String) async throws(AgentCoreError) -> Response {
-        let id = try sessionID(request)
+    private func invoke(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String, requestID: String) async throws(AgentCoreError) -> Response {
+        let credential = try admission.credential(request, path: path, query: query)
         let declaredLength = request.headers[.contentLength].flatMap { Int($0) }
         try Validate.payloadLength(declaredLength)
-        let session = try await sessions.session(runtime, sessionID: id)
+        // A signature covers the body: it is read and hashed whole (spooled past a megabyte) before the
+        // agent may see any of it.
+        let spooled: SpooledBody?
+        if case .signature = credential {
+            spooled = try await SpooledBody.read(request.body, limit: Limits.maxPayloadBytes, directory: admission.spoolDirectory)
+        } else {
+            spooled = nil
+        }
+        var actions = ["bedrock-agentcore:InvokeAgentRuntime"]
+        if request.headers[.agentCoreUserID] != nil { actions.append("bedrock-agentcore:InvokeAgentRuntimeForUser") }
+        let caller = try await admission.caller(credential, payloadHash: spooled?.hash, runtime: runtime.name, actions: actions) { () throws(AgentCoreError) in try config(runtime) }
+        let id = try sessionID(request)
+        let session = try await sessions.session(runtime, owner: caller.owner, sessionID: id)
         let invocation = Invocation(target: session, sessionID: id, requestID: requestID, requestHeaders: request.headers)
         let inFlight = invocation.inFlight
         let body = request.body
         let agentRequest = AgentRequest(head: invocation.agentHead(declaredLength: declaredLength), bodyLength: declaredLength) { writer in
+            if let spooled {
+                try await spooled.write(to: writer) { inFlight.received($0) }
+                return
+            }
             var total = 0
             for try await buffer in body {
                 total += buffer.readableBytes
@@ -195,21 +229,33 @@ public struct DataPlane: HTTPResponder {
 
     // MARK: - StopRuntimeSession
 
-    private func stop(_ request: Request, _ runtime: RuntimeAddress) async throws(AgentCoreError) -> Response {
+    private func stop(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String) async throws(AgentCoreError) -> Response {
+        let credential = try admission.credential(request, path: path, query: query)
+        let body = try await Self.collect(request.body, limit: 64 << 10)
+        let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
+                                                actions: ["bedrock-agentcore:StopRuntimeSession"]) { () throws(AgentCoreError) in try config(runtime) }
         let id = try sessionID(request)
-        _ = try await Self.collect(request.body, limit: 64 << 10)
-        do { try await sessions.stop(runtime: runtime.name, qualifier: runtime.qualifier, sessionID: id) } catch { throw AgentCoreError(error) }
+        // Keyed by the caller: another caller's session under this id is not found, by the same lookup.
+        do { try await sessions.stop(runtime: runtime.name, qualifier: runtime.qualifier, owner: caller.owner, sessionID: id) } catch { throw AgentCoreError(error) }
         return Response(status: .ok, headers: [.contentType: "application/json", .agentCoreSessionID: id],
                         body: .init(byteBuffer: ByteBuffer(string: "{}")))
     }
 
     // MARK: - InvokeAgentRuntimeCommand
 
-    private func command(_ request: Request, _ runtime: RuntimeAddress) async throws(AgentCoreError) -> Response {
-        let id = try sessionID(request)
+    private func command(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String) async throws(AgentCoreError) -> Response {
+        let credential = try admission.credential(request, path: path, query: query)
         let body = try await Self.collect(request.body, limit: 256 << 10)
+        let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
+                                                actions: ["bedrock-agentcore:InvokeAgentRuntimeCommand"]) { () throws(AgentCoreError) in try config(runtime) }
+        let id = try sessionID(request)
         let command = try CommandRequest(body: body)
-        let session = try await sessions.session(runtime, sessionID: id)
+        // Commands run in a live session of the caller's only, never starting one: the same lookup answers
+        // "not found" whether or not another caller has a session under this id.
+        guard let session = sessions.liveSession(runtime: runtime.name, qualifier: runtime.qualifier, owner: caller.owner, sessionID: id) else {
+            _ = try config(runtime)
+            throw AgentCoreError(.resourceNotFound, SessionError.sessionNotFound(id).description)
+        }
         let running: RunningCommand
         do { running = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
         var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
@@ -222,9 +268,13 @@ public struct DataPlane: HTTPResponder {
 
     // MARK: - GetAgentCard
 
-    private func agentCard(_ request: Request, _ runtime: RuntimeAddress, requestID: String) async throws(AgentCoreError) -> Response {
+    private func agentCard(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String, requestID: String) async throws(AgentCoreError) -> Response {
+        let credential = try admission.credential(request, path: path, query: query)
+        let body = try await Self.collect(request.body, limit: 64 << 10)
+        let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
+                                                actions: ["bedrock-agentcore:GetAgentCard"]) { () throws(AgentCoreError) in try config(runtime) }
         let id = try sessionID(request)
-        let session = try await sessions.session(runtime, sessionID: id)
+        let session = try await sessions.session(runtime, owner: caller.owner, sessionID: id)
         guard session.runtime.serverProtocol == .a2a else {
             throw AgentCoreError(.validation, "GetAgentCard is only for A2A runtimes; \(runtime.name) serves \(session.runtime.serverProtocol.rawValue)")
         }

@@ -47,8 +47,9 @@ struct Invocation: Sendable {
         var fields = HTTPHeaders()
         fields.reserveCapacity(requestHeaders.count + 4)
         fields.add(name: "Host", value: "localhost")
-        let allowlist = target.runtime.requestHeaderAllowlist
-        for field in requestHeaders where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist) {
+        let allowlist = target.runtime.requestHeaderAllowlist, authorizer = target.runtime.authorizer != nil
+        for field in requestHeaders where AgentCoreHeader.forwardsToAgent(lowercased: field.name.canonicalName, value: field.value, allowlist: allowlist,
+                                                                          authorizer: authorizer) {
             guard field.name != .agentCoreSessionID, field.name != .agentCoreRequestID, field.name != .contentLength else { continue }
             fields.add(name: field.name.rawName, value: field.value)
         }
@@ -162,6 +163,7 @@ enum RequestID {
 extension HTTPField.Name {
     static let agentCoreSessionID = HTTPField.Name(AgentCoreHeader.sessionID)!
     static let agentCoreRequestID = HTTPField.Name(AgentCoreHeader.requestID)!
+    static let agentCoreUserID = HTTPField.Name(AgentCoreHeader.userID)!
     static let xAmznErrorType = HTTPField.Name(AgentCoreError.errorTypeHeader)!
     static let xAmznRequestID = HTTPField.Name("x-amzn-RequestId")!
 }

@@ -19,7 +19,7 @@ extension AgentCoreError {
 
 extension SessionManager {
     /// `acquire`, answering in AgentCore's errors.
-    func session(_ address: RuntimeAddress, sessionID: String) async throws(AgentCoreError) -> Session {
-        do { return try await acquire(runtime: address.name, qualifier: address.qualifier, sessionID: sessionID) } catch { throw AgentCoreError(error) }
+    func session(_ address: RuntimeAddress, owner: String, sessionID: String) async throws(AgentCoreError) -> Session {
+        do { return try await acquire(runtime: address.name, qualifier: address.qualifier, owner: owner, sessionID: sessionID) } catch { throw AgentCoreError(error) }
     }
 }

@@ -1,5 +1,6 @@
 import CubicleAgentCore
 import CubicleAgentLink
+import CubicleAuth
 import CubicleSessions
 import Dispatch
 import HTTPTypes
@@ -20,6 +21,7 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
     let responder: HTTPChannelHandler.Responder
     let idleTimeout: TimeAmount?
     let sessions: SessionManager
+    let authenticator: Authenticator
 
     func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
@@ -34,7 +36,12 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
                                                  withDecoderLimitConfiguration: limits)
             try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
             try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
-            try sync.addHandler(WarmInvokeForwarder { runtime, qualifier, id in sessions.liveSession(runtime: runtime, qualifier: qualifier, sessionID: id) })
+            // A runtime with a JWT authorizer takes the task road: its tokens are checked asynchronously.
+            try sync.addHandler(WarmInvokeForwarder(authenticator: authenticator) { runtime, qualifier, owner, id in
+                guard let session = sessions.liveSession(runtime: runtime, qualifier: qualifier, owner: owner, sessionID: id),
+                      (try? sessions.resolve(runtime, qualifier: qualifier))?.authorizer == nil else { return nil }
+                return session
+            })
             return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
         }
     }
@@ -46,8 +53,8 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
 
 extension HTTPServerBuilder {
     /// HTTP/1 with InvokeAgentRuntime for live sessions forwarded on the event loop.
-    public static func dataPlane(sessions: SessionManager, idleTimeout: TimeAmount?) -> HTTPServerBuilder {
-        .init { responder in DataPlaneChannel(responder: responder, idleTimeout: idleTimeout, sessions: sessions) }
+    public static func dataPlane(sessions: SessionManager, authenticator: Authenticator, idleTimeout: TimeAmount?) -> HTTPServerBuilder {
+        .init { responder in DataPlaneChannel(responder: responder, idleTimeout: idleTimeout, sessions: sessions, authenticator: authenticator) }
     }
 }
 
@@ -62,12 +69,19 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     typealias OutboundIn = HTTPResponsePart
     typealias OutboundOut = HTTPResponsePart
 
-    private enum Reading { case betweenRequests, passingOn, forwarding }
+    private enum Reading { case betweenRequests, passingOn, forwarding, verifying }
 
-    /// A live session by runtime and id, without a hop to the registry actor: the forwarder runs on the
-    /// event loop, and a task switch per request is what the warm road exists to avoid.
-    typealias Lookup = @Sendable (_ runtime: String, _ qualifier: String?, _ sessionID: String) -> (any InvocationTarget)?
+    /// A live session by runtime, owner and id, without a hop to the registry actor: the forwarder runs on
+    /// the event loop, and a task switch per request is what the warm road exists to avoid.
+    typealias Lookup = @Sendable (_ runtime: String, _ qualifier: String?, _ owner: String, _ sessionID: String) -> (any InvocationTarget)?
     private let lookup: Lookup
+    /// With a principals file, a signed invocation is held here until its body's hash verifies the signature;
+    /// only then does any of it go to the agent. Anything that does not verify, or is not permitted, is
+    /// handed to the task road whole, which checks it again and answers the refusal.
+    private let authenticator: Authenticator?
+    private var held: (head: HTTPRequest, check: PendingSignature, parts: [HTTPRequestPart], hash: PayloadHash)?
+    /// The next head goes to the task road whatever it is (a held request being handed on).
+    private var bypass = false
     private var context: ChannelHandlerContext?
     private var reading = Reading.betweenRequests
     /// Requests handed on whose responses have not ended; a forwarded response must not interleave with them.
@@ -78,11 +92,14 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private var reads = ReadGate()
     /// The last invocation handed on (its session may have been starting): once no response is owed, an
     /// agent link is opened on this loop for it, so the client's next invocation can be forwarded.
-    private var warmingUp: (runtime: String, qualifier: String?, id: String)?
+    private var warmingUp: (runtime: String, qualifier: String?, owner: String, id: String)?
     /// The last invocation target and the runtime it names: a client sends the same one again and again.
     private var lastTarget: (path: String, runtime: String, qualifier: String?)?
 
-    init(lookup: @escaping Lookup) { self.lookup = lookup }
+    init(authenticator: Authenticator? = nil, lookup: @escaping Lookup) {
+        self.authenticator = (authenticator?.requiresSignatures ?? false) ? authenticator : nil
+        self.lookup = lookup
+    }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
@@ -107,18 +124,35 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private func handle(_ part: HTTPRequestPart, _ context: ChannelHandlerContext) {
         switch reading {
         case .betweenRequests:
-            if case .head(let head) = part, responsesOwed == 0,
-               let forwarded = ForwardedInvoke.start(head, lookup: lookup, client: context, forwarder: self) {
-                exchange = forwarded
-                reading = .forwarding
-                return
+            if case .head(let head) = part, responsesOwed == 0, !bypass {
+                if let authenticator {
+                    if let check = signedInvocation(head, authenticator) {
+                        held = (head, check, [], PayloadHash())
+                        reading = .verifying
+                        return
+                    }
+                } else if let forwarded = ForwardedInvoke.start(head, owner: SessionKey.anonymousOwner, lookup: lookup, client: context, forwarder: self) {
+                    exchange = forwarded
+                    reading = .forwarding
+                    return
+                }
             }
             if case .head(let head) = part {
+                bypass = false
                 reading = .passingOn
                 responsesOwed += 1
-                if let invocation = invocation(head) { warmingUp = invocation }
+                if authenticator == nil, let (runtime, qualifier, id) = invocation(head) { warmingUp = (runtime, qualifier, SessionKey.anonymousOwner, id) }
             }
             context.fireChannelRead(wrapInboundOut(part))
+        case .verifying:
+            guard var h = held else { return }
+            if case .body(let buffer) = part { buffer.withUnsafeReadableBytes { h.hash.update(bufferPointer: $0) } }
+            h.parts.append(part)
+            held = h
+            guard case .end = part else { return }
+            held = nil
+            reading = .betweenRequests
+            verified(h, context)
         case .passingOn:
             if case .end = part { reading = .betweenRequests }
             context.fireChannelRead(wrapInboundOut(part))
@@ -136,9 +170,9 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         if case .end = unwrapOutboundIn(data) {
             responsesOwed -= 1
-            if responsesOwed == 0, let (runtime, qualifier, id) = warmingUp {
+            if responsesOwed == 0, let (runtime, qualifier, owner, id) = warmingUp {
                 warmingUp = nil
-                lookup(runtime, qualifier, id)?.agent.warm(on: context.eventLoop)
+                lookup(runtime, qualifier, owner, id)?.agent.warm(on: context.eventLoop)
             }
         }
         context.write(data, promise: promise)
@@ -155,6 +189,39 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         exchange?.clientClosed()
         exchange = nil
         context.fireErrorCaught(error)
+    }
+
+    /// A signed InvokeAgentRuntime the warm road may carry once verified: small enough to hold, with a
+    /// signature whose head checks pass. Anything else goes to the task road.
+    private func signedInvocation(_ head: HTTPRequest, _ authenticator: Authenticator) -> PendingSignature? {
+        let fields = head.headerFields
+        guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
+              let length = fields[.contentLength].flatMap({ Int($0) }), (0...SpooledBody.memoryLimit).contains(length),
+              invocation(head) != nil, let target = head.path,
+              fields[.authorization].map({ !$0.hasPrefix("Bearer ") }) ?? false else { return nil }
+        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        return try? authenticator.begin(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : "",
+                                        authority: head.authority) { name in HTTPField.Name(name).map { fields[values: $0] } ?? [] }
+    }
+
+    /// A held request whose body has all come: forwarded if its signature verifies, it is permitted and its
+    /// session is live with an idle link here; otherwise handed on whole, in order, to the task road.
+    private func verified(_ h: (head: HTTPRequest, check: PendingSignature, parts: [HTTPRequestPart], hash: PayloadHash), _ context: ChannelHandlerContext) {
+        if let authenticator, let caller = try? h.check.verify(payloadHash: h.hash.finish()), let (runtime, qualifier, id) = invocation(h.head) {
+            let arn = authenticator.runtimeARN(runtime)
+            let permitted = authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", arn)
+                && (h.head.headerFields[.agentCoreUserID] == nil || authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntimeForUser", arn))
+            if permitted, let forwarded = ForwardedInvoke.start(h.head, owner: caller.owner, lookup: lookup, client: context, forwarder: self) {
+                exchange = forwarded
+                reading = .forwarding
+                for part in h.parts { handle(part, context) }
+                return
+            }
+            if permitted { warmingUp = (runtime, qualifier, caller.owner, id) }
+        }
+        bypass = true
+        handle(.head(h.head), context)
+        for part in h.parts { handle(part, context) }
     }
 
     /// The runtime and session of a valid InvokeAgentRuntime head; nil for anything else.
@@ -204,7 +271,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private var errorAnswered = false
 
     /// Forwards `head` when it is an InvokeAgentRuntime this road can carry; nil hands it on.
-    static func start(_ head: HTTPRequest, lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext,
+    static func start(_ head: HTTPRequest, owner: String, lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext,
                       forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
         let started = DispatchTime.now().uptimeNanoseconds
         let fields = head.headerFields
@@ -212,7 +279,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
               let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
               let (runtime, qualifier, id) = forwarder.invocation(head),
-              let target = lookup(runtime, qualifier, id) else { return nil }
+              let target = lookup(runtime, qualifier, owner, id) else { return nil }
         guard let link = target.agent.take(on: client.eventLoop) else {
             target.agent.warm(on: client.eventLoop)
             return nil

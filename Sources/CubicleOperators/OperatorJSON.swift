@@ -25,7 +25,7 @@ enum OperatorJSON {
 
     static func summary(_ s: SessionSummary, timeline: Session.Timeline?) -> JSON {
         var o: [String: JSON] = [
-            "id": .string(s.id), "runtime": .string(s.runtime), "runtimeVersion": .int(Int64(s.runtimeVersion)), "state": .string(s.state), "sandbox": .string(s.sandboxID),
+            "id": .string(s.id), "owner": .string(s.owner), "runtime": .string(s.runtime), "runtimeVersion": .int(Int64(s.runtimeVersion)), "state": .string(s.state), "sandbox": .string(s.sandboxID),
             "created": .int(Int64(s.createdUnixTime)), "invocations": .int(Int64(s.invocations)),
             "lastPing": s.lastPing.map { .string($0) } ?? .null, "initPID": .int(Int64(s.initPID)), "agentPID": .int(Int64(s.agentPID)),
             "usage": usage(s.usage),

@@ -1,5 +1,6 @@
 import CubicleAgentCore
 import CubicleImages
+import CubicleJSON
 import CubicleNetwork
 import CubicleSandbox
 import Yams
@@ -57,6 +58,9 @@ public struct RuntimeConfig: Equatable, Sendable {
     /// (`REGISTRY/REPO:TAG`, `...@sha256:DIGEST`, or `oci:PATH[:TAG]` for a layout directory). Its
     /// Entrypoint and Cmd are the agent's argv unless `command` is given.
     public var containerUri: String?
+    /// AgentCore's `authorizerConfiguration.customJWTAuthorizer`: callers bring a bearer token from this
+    /// issuer instead of a SigV4 signature (CubicleAuth checks it), and it reaches the agent.
+    public var authorizer: JWTAuthorizerConfiguration?
 
     public enum NetworkMode: String, Equatable, Sendable {
         case sandbox = "SANDBOX"
@@ -208,6 +212,16 @@ public struct DaemonConfig: Equatable, Sendable {
         return config
     }
 
+    /// A YAML subtree as JSON, for the structures the file shares with the API: scalars are strings.
+    static func json(_ node: Node) -> JSON {
+        switch node {
+        case .scalar(let s): return .string(s.string)
+        case .sequence(let items): return .array(items.map(json))
+        case .mapping(let m): return .object(Dictionary(m.map { ($0.key.string ?? "", json($0.value)) }, uniquingKeysWith: { a, _ in a }))
+        case .alias: return .null
+        }
+    }
+
     /// arn:aws:iam::123456789012:role/NAME (a path allowed), as CreateAgentRuntime's roleArn pattern has it.
     static func isRoleArn(_ s: String) -> Bool {
         let parts = s.split(separator: ":", maxSplits: 5, omittingEmptySubsequences: false)
@@ -282,6 +296,11 @@ public struct DaemonConfig: Equatable, Sendable {
             try lf.rejectUnknown()
         }
         if let n = try f.int("warmPool", 0...1000) { r.warmPool = n }
+        if let a = f.node("authorizerConfiguration") {
+            do { r.authorizer = try JWTAuthorizerConfiguration.parse(Self.json(a), field: "\(path).authorizerConfiguration") } catch {
+                throw ConfigError(error.fields.first?.name ?? "\(path).authorizerConfiguration", error.fields.first?.message ?? error.message)
+            }
+        }
         if let nc = f.node("networkConfiguration") {
             let nf = try Fields(nc, path: "\(path).networkConfiguration")
             if let mode = try nf.string("networkMode") {

@@ -131,9 +131,7 @@ public enum RuntimeDocument {
         if let d = document["description"] {
             guard let s = d.stringValue, (1...4096).contains(s.utf8.count) else { throw AgentCoreError.invalidField("description", "Member must have length between 1 and 4096") }
         }
-        if document["authorizerConfiguration"] != nil {
-            throw AgentCoreError.invalidField("authorizerConfiguration", "JWT authorizers are not supported by this Cubicle yet; leave it out")
-        }
+        if let a = document["authorizerConfiguration"] { r.authorizer = try JWTAuthorizerConfiguration.parse(a) }
         if let h = document["requestHeaderConfiguration"] {
             guard let list = h["requestHeaderAllowlist"]?.arrayValue, h.objectValue?.count == 1, (1...20).contains(list.count) else {
                 throw AgentCoreError.invalidField("requestHeaderConfiguration.requestHeaderAllowlist", "must be a list of 1 to 20 header names")

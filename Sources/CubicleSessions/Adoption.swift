@@ -36,7 +36,10 @@ struct Adoption {
         guard let facts = try? JSON.parse(try Files.read(directory.sessionRecord)),
               let id = facts["session"]?.stringValue, (try? Validate.sessionID(id)) != nil,
               let runtime = facts["runtime"]?.stringValue.flatMap({ catalog.adoptable($0, version: Int(facts["version"]?.intValue ?? 1)) }),
-              let created = facts["created"]?.intValue, !isLive(SessionKey(runtime: runtime.name, id: id)) else { return nil }
+              let created = facts["created"]?.intValue else { return nil }
+        // Records from before sessions had owners were everyone's: the anonymous caller's.
+        let owner = facts["owner"]?.stringValue ?? SessionKey.anonymousOwner
+        guard !owner.isEmpty, owner.utf8.count <= 1024, !isLive(SessionKey(runtime: runtime.name, owner: owner, id: id)) else { return nil }
         let sandbox: Sandbox
         let agentPID: pid_t
         do {
@@ -72,7 +75,7 @@ struct Adoption {
                 return nil
             }
         }
-        let session = supervisor.resume(sandbox, id: id, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs, link: link)
+        let session = supervisor.resume(sandbox, id: id, owner: owner, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs, link: link)
         supervisor.events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
         supervisor.logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
                                                                                         "sandbox": "\(sandbox.id)"])

@@ -1,10 +1,15 @@
 import Synchronization
 
-/// Which runtime and session id a session serves.
+/// Which runtime, caller and session id a session serves. The owner is part of the key, so the same session
+/// id sent by another caller names another session: no caller can reach, or learn of, another's.
 public struct SessionKey: Hashable, Sendable {
     public var runtime: String
+    public var owner: String
     public var id: String
-    public init(runtime: String, id: String) { self.runtime = runtime; self.id = id }
+    public init(runtime: String, owner: String, id: String) { self.runtime = runtime; self.owner = owner; self.id = id }
+
+    /// Everyone's owner while cubicled has no principals file (loopback only).
+    public static let anonymousOwner = "anonymous"
 }
 
 /// The live sessions by key: the registry's one record of them, written only by the registry actor. It is

@@ -20,6 +20,9 @@ public let systemClock: MonotonicClock = { Double(DispatchTime.now().uptimeNanos
 public final class Session: Sendable {
     /// The session id; a warm sandbox (started ahead for the runtime's pool) gets its id when claimed.
     public var id: String { identity.withLock { $0.id } }
+    /// Who created it: a principal's name, `jwt:ISSUER#SUBJECT`, or `anonymous` (SessionKey).
+    public var owner: String { identity.withLock { $0.owner } }
+    public var key: SessionKey { identity.withLock { SessionKey(runtime: runtime.name, owner: $0.owner, id: $0.id) } }
     public var createdUnixTime: Int { identity.withLock { $0.created } }
     public let runtime: RuntimeConfig
     public let sandbox: Sandbox
@@ -32,7 +35,7 @@ public final class Session: Sendable {
     /// cubicled's region, in the agent's environment as AWS_REGION.
     let region: String?
     let clock: MonotonicClock
-    private let identity: Mutex<(id: String, created: Int)>
+    private let identity: Mutex<(id: String, owner: String, created: Int)>
     /// `warm`: in its runtime's pool, not yet any session's. Under the same lock as the lifecycle, so a
     /// claim and an ending cannot both win.
     let state: Mutex<(lifecycle: Lifecycle, lastPing: String?, pingFailures: Int, agentExit: (code: Int32?, signal: Int32?)?,
@@ -64,12 +67,12 @@ public final class Session: Sendable {
 
     /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
     /// from when it was really created.
-    init(id: String?, runtime: RuntimeConfig, sandbox: Sandbox, agent: AgentTransport, agentPID: Int32, clock: @escaping MonotonicClock,
-         createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil) {
+    init(id: String?, owner: String = SessionKey.anonymousOwner, runtime: RuntimeConfig, sandbox: Sandbox, agent: AgentTransport, agentPID: Int32,
+         clock: @escaping MonotonicClock, createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil) {
         self.link = link
         self.region = region
         let nowUnix = Int(time(nil))
-        self.identity = Mutex((id ?? "", createdUnixTime ?? nowUnix))
+        self.identity = Mutex((id ?? "", owner, createdUnixTime ?? nowUnix))
         self.runtime = runtime
         self.sandbox = sandbox
         self.agent = agent
@@ -81,8 +84,8 @@ public final class Session: Sendable {
 
     /// Beside the sandbox's own facts, what a restarted daemon needs to take this session over.
     func recordOwnership() {
-        let (id, created) = identity.withLock { $0 }
-        var fields: [String: JSON] = ["session": .string(id), "runtime": .string(runtime.name), "version": .int(Int64(runtime.version)), "created": .int(Int64(created)),
+        let (id, owner, created) = identity.withLock { $0 }
+        var fields: [String: JSON] = ["session": .string(id), "owner": .string(owner), "runtime": .string(runtime.name), "version": .int(Int64(runtime.version)), "created": .int(Int64(created)),
                                       "agentPID": .int(Int64(agentPID))]
         if let link { fields["link"] = .int(Int64(link.index)) }
         let facts = JSON.object(fields)
@@ -98,7 +101,7 @@ public final class Session: Sendable {
 
     /// Makes a healthy warm sandbox session `id`'s, once: its lifecycle starts now, as a new session's
     /// would. false when it is no longer warm or has begun to end.
-    func claim(as id: String) -> Bool {
+    func claim(as id: String, owner: String) -> Bool {
         let now = clock()
         let claimed = state.withLock { s -> Bool in
             guard s.warm, s.lifecycle.isLive else { return false }
@@ -109,7 +112,7 @@ public final class Session: Sendable {
             return true
         }
         if claimed {
-            identity.withLock { $0 = (id, Int(time(nil))) }
+            identity.withLock { $0 = (id, owner, Int(time(nil))) }
             recordOwnership()
         }
         return claimed
@@ -168,7 +171,7 @@ public final class Session: Sendable {
     /// The same with `usage` given: an ended session's cgroup is gone, and its teardown kept the last figures.
     func summary(usage: CgroupUsage) -> SessionSummary {
         let (lc, ping, warm) = state.withLock { ($0.lifecycle, $0.lastPing, $0.warm) }
-        return SessionSummary(id: id, runtime: runtime.name, runtimeVersion: runtime.version, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
+        return SessionSummary(id: id, owner: owner, runtime: runtime.name, runtimeVersion: runtime.version, state: warm && lc.isLive ? "warm" : lc.state.name, endReason: lc.endReason,
                               createdUnixTime: createdUnixTime, invocations: lc.invocations, lastPing: ping,
                               initPID: sandbox.initPID, agentPID: agentPID, sandboxID: sandbox.id, usage: usage)
     }
@@ -177,6 +180,7 @@ public final class Session: Sendable {
 /// What is kept of a session for operators, live or ended.
 public struct SessionSummary: Sendable {
     public var id: String
+    public var owner: String
     public var runtime: String
     /// The runtime version the session started with, and keeps until it ends.
     public var runtimeVersion: Int

@@ -57,7 +57,8 @@ public actor SessionManager {
         let index = self.index, events = self.events
         network.onDenied { denial in
             Telemetry.egressDenied(runtime: denial.runtime)
-            guard let id = denial.sessionID, let session = index.session(SessionKey(runtime: denial.runtime, id: id)) else { return }
+            // By runtime and id: the link's name carries no owner, and this event is for operators alone.
+            guard let id = denial.sessionID, let session = index.all.first(where: { $0.runtime.name == denial.runtime && $0.id == id }) else { return }
             events.publish("egress_denied", session: session, ["destination": .string(denial.destination.description),
                                                                 "port": .int(Int64(denial.port)), "transport": .string(denial.transport)])
         }
@@ -78,10 +79,11 @@ public actor SessionManager {
     /// The session for an invocation: a live one straight from the index, without a hop to the actor;
     /// otherwise a warm sandbox or a new one, on the actor, so racing first calls make one sandbox. A live
     /// session stays on the version it started with; a new one gets what `qualifier` serves now.
-    public nonisolated func acquire(runtime name: String, qualifier: String? = nil, sessionID: String) async throws(SessionError) -> Session {
+    public nonisolated func acquire(runtime name: String, qualifier: String? = nil, owner: String = SessionKey.anonymousOwner,
+                                    sessionID: String) async throws(SessionError) -> Session {
         let runtime = try resolve(name, qualifier: qualifier)
-        if let s = index.session(SessionKey(runtime: name, id: sessionID)), s.isLive { return s }
-        return try await acquireOrStart(runtime, sessionID: sessionID)
+        if let s = index.session(SessionKey(runtime: name, owner: owner, id: sessionID)), s.isLive { return s }
+        return try await acquireOrStart(runtime, owner: owner, sessionID: sessionID)
     }
 
     /// The configuration a new session of `name` gets through `qualifier` (DEFAULT when nil).
@@ -94,15 +96,16 @@ public actor SessionManager {
 
     /// A live session from the index alone, never starting one: for callers that cannot wait. Nil also when
     /// `qualifier` names no ready endpoint, so the caller takes the road that says why.
-    public nonisolated func liveSession(runtime name: String, qualifier: String? = nil, sessionID: String) -> Session? {
-        guard let s = index.session(SessionKey(runtime: name, id: sessionID)), s.isLive,
+    public nonisolated func liveSession(runtime name: String, qualifier: String? = nil, owner: String = SessionKey.anonymousOwner,
+                                        sessionID: String) -> Session? {
+        guard let s = index.session(SessionKey(runtime: name, owner: owner, id: sessionID)), s.isLive,
               (try? catalog.resolve(name, qualifier: qualifier)) != nil else { return nil }
         return s
     }
 
-    private func acquireOrStart(_ runtime: RuntimeConfig, sessionID: String) async throws(SessionError) -> Session {
+    private func acquireOrStart(_ runtime: RuntimeConfig, owner: String, sessionID: String) async throws(SessionError) -> Session {
         let name = runtime.name
-        let key = SessionKey(runtime: name, id: sessionID)
+        let key = SessionKey(runtime: name, owner: owner, id: sessionID)
         if let s = index.session(key), s.isLive { return s }
         let task: Task<Session, any Error>
         if let t = starting[key] {
@@ -112,8 +115,8 @@ public actor SessionManager {
             guard index.count + starting.count < config.maxSessions else { throw .quotaReached(config.maxSessions) }
             let pools = self.pools, supervisor = self.supervisor
             task = Task {
-                if let warm = await pools.claim(runtime, as: sessionID) { return warm }
-                return try await supervisor.start(runtime, sessionID: sessionID)
+                if let warm = await pools.claim(runtime, as: sessionID, owner: owner) { return warm }
+                return try await supervisor.start(runtime, sessionID: sessionID, owner: owner)
             }
             starting[key] = task
         }
@@ -134,9 +137,9 @@ public actor SessionManager {
     }
 
     /// StopRuntimeSession: ends a live session at once and waits until nothing of it remains.
-    public func stop(runtime name: String, qualifier: String? = nil, sessionID: String) async throws(SessionError) {
+    public func stop(runtime name: String, qualifier: String? = nil, owner: String = SessionKey.anonymousOwner, sessionID: String) async throws(SessionError) {
         _ = try resolve(name, qualifier: qualifier)
-        let key = SessionKey(runtime: name, id: sessionID)
+        let key = SessionKey(runtime: name, owner: owner, id: sessionID)
         if index.session(key) == nil, let t = starting[key] { _ = try? await t.value }
         guard let s = index.session(key), s.isLive else { throw .sessionNotFound(sessionID) }
         await end(s, .stopped)
@@ -209,7 +212,7 @@ public actor SessionManager {
             await pools.ended(session)
             return
         }
-        index.remove(session, for: SessionKey(runtime: session.runtime.name, id: session.id))
+        index.remove(session, for: session.key)
         ended.append(summary)
         // Appended as they end, so the expired ones are a prefix, trimmed in batches: a scan or a move of the
         // whole list per ending was a few per cent of the host's CPU at a hundred endings a second (perf).
@@ -220,9 +223,14 @@ public actor SessionManager {
 
     /// Finds a live or ended session by id or unique id prefix, for operators. Live sessions win over ended ones.
     public func find(_ prefix: String) -> Result<FoundSession, LookupError> {
-        let live = index.all.filter { $0.id.hasPrefix(prefix) }
-        if let exact = live.first(where: { $0.id == prefix }) { return .success(.live(exact)) }
+        let all = index.all
+        // A sandbox id names one session even where two callers use the same session id.
+        if let bySandbox = all.first(where: { $0.sandbox.id == prefix }) { return .success(.live(bySandbox)) }
+        let live = all.filter { $0.id.hasPrefix(prefix) }
+        let exact = live.filter { $0.id == prefix }
+        if exact.count == 1 { return .success(.live(exact[0])) }
         if live.count == 1 { return .success(.live(live[0])) }
+        if exact.count > 1 { return .failure(.ambiguous(exact.map { "\($0.sandbox.id) (owner \($0.owner))" }.sorted())) }
         if live.count > 1 { return .failure(.ambiguous(live.map(\.id).sorted())) }
         let ended = endedSessions.filter { $0.id.hasPrefix(prefix) }
         if let last = ended.last(where: { $0.id == prefix }) ?? (Set(ended.map(\.id)).count == 1 ? ended.last : nil) {
@@ -250,7 +258,7 @@ public actor SessionManager {
     public func adoptLeftovers() async -> (adopted: [String], removed: Int) {
         let index = self.index
         let (sessions, removed) = await Adoption(supervisor: supervisor).takeOver { index.session($0) != nil }
-        for s in sessions { index.insert(s, for: SessionKey(runtime: s.runtime.name, id: s.id)) }
+        for s in sessions { index.insert(s, for: s.key) }
         return (sessions.map(\.id), removed)
     }
 }

@@ -65,7 +65,7 @@ struct SessionSupervisor: Sendable {
 
     /// Starts a sandbox and its agent and waits until the agent is healthy. Without a session id it is a
     /// warm sandbox for the runtime's pool.
-    func start(_ runtime: RuntimeConfig, sessionID: String?) async throws -> Session {
+    func start(_ runtime: RuntimeConfig, sessionID: String?, owner: String = SessionKey.anonymousOwner) async throws -> Session {
         let sandbox: Sandbox
         var spec = runtime.sandboxSpec(seccompProgram: seccompProgram)
         var process = ProcessParams(argv: runtime.command, env: Session.environment(for: runtime, region: config.region),
@@ -129,7 +129,7 @@ struct SessionSupervisor: Sendable {
             if let link { network?.detach(link.address) }
             throw SessionError.couldNotStart("Agent could not start: \(error)")
         }
-        let session = Session(id: sessionID, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime),
+        let session = Session(id: sessionID, owner: owner, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime),
                               agentPID: started.pid, clock: clock, link: link, region: config.region)
         if let link, let sessionID { network?.name(link.address, sessionID: sessionID) }
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
@@ -160,9 +160,9 @@ struct SessionSupervisor: Sendable {
     }
 
     /// A session for a sandbox a previous cubicled left running, served again under its id from now on.
-    func resume(_ sandbox: Sandbox, id: String, runtime: RuntimeConfig, agentPID: Int32, created: Int,
+    func resume(_ sandbox: Sandbox, id: String, owner: String, runtime: RuntimeConfig, agentPID: Int32, created: Int,
                 logs: (stdout: Int32, stderr: Int32), link: SessionLink?) -> Session {
-        let session = Session(id: id, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime), agentPID: agentPID,
+        let session = Session(id: id, owner: owner, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime), agentPID: agentPID,
                               clock: clock, createdUnixTime: created, link: link, region: config.region)
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }

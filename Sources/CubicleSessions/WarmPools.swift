@@ -47,7 +47,7 @@ actor WarmPools {
     }
 
     /// A pooled sandbox made session `id`'s, or nil when the runtime has none ready of this version.
-    func claim(_ runtime: RuntimeConfig, as id: String) -> Session? {
+    func claim(_ runtime: RuntimeConfig, as id: String, owner: String) -> Session? {
         guard runtime.warmPool > 0 else { return nil }
         defer { run(after: Self.refillDelayNanoseconds) { await $0.refill(runtime) } }
         while var pool = idle[runtime.name], !pool.isEmpty {
@@ -58,7 +58,7 @@ actor WarmPools {
                 idle[runtime.name, default: []].append(candidate)
                 return nil
             }
-            guard candidate.claim(as: id) else { continue }
+            guard candidate.claim(as: id, owner: owner) else { continue }
             if let link = candidate.link { supervisor.network?.name(link.address, sessionID: id) }
             Telemetry.sessionStarted(runtime: runtime.name)
             supervisor.events.publish("created", session: candidate, ["initPID": .int(Int64(candidate.sandbox.initPID)),

@@ -91,8 +91,13 @@ func invoke(_ conn: HTTPConnection, _ request: HTTPConnection.Request) -> Bool {
         startBackground(seconds: seconds)
         message = "Background work started for \(Tutor.format(seconds)) s. " + message
     }
-    let result: JSON = ["session_id": sessionID.map { .string($0) } ?? .null, "user": user.map { .string($0) } ?? .null,
+    var result: JSON = ["session_id": sessionID.map { .string($0) } ?? .null, "user": user.map { .string($0) } ?? .null,
                         "answer": answer, "turn": .int(Int64(turn)), "pid": .int(Int64(pid)), "message": .string(message)]
+    // What reached the agent of the caller's Authorization: only a JWT authorizer's bearer token should.
+    if let authorization = request.headers["authorization"], case .object(var o) = result {
+        o["authorization"] = .string(authorization)
+        result = .object(o)
+    }
     let wantsStream = payload["stream"]?.boolValue == true || (request.headers["accept"]?.contains("text/event-stream") ?? false)
     let keepAlive = request.keepAlive
     if let code = payload["exit_code"]?.intValue {

@@ -3,6 +3,7 @@ import Glibc
 #endif
 import ArgumentParser
 import CubicleControlPlane
+import CubicleAuth
 import CubicleGateway
 import CubicleImages
 import CubicleLinux
@@ -84,7 +85,10 @@ struct Cubicled: AsyncParsableCommand {
     @Option(name: .customLong("region"), help: "The region sessions are told (AWS_REGION) and the metadata endpoint reports (default: the config's, else us-east-1).")
     var region: String?
 
-    @Flag(name: .customLong("insecure-no-auth"), help: "Serve a --listen address other hosts can reach although the data plane checks no caller: anyone who can connect can invoke agents and run commands in any session whose id they know. Put an authenticating proxy in front.")
+    @Option(name: .customLong("credentials"), help: "The principals file (YAML, root-owned, mode 0600): access keys whose SigV4 signatures are checked on every call, and what each principal may do. Without it, calls are accepted unsigned, and only on a loopback --listen.")
+    var credentials: String?
+
+    @Flag(name: .customLong("insecure-no-auth"), help: "Serve a --listen address other hosts can reach without --credentials: anyone who can connect can invoke agents and run commands in sessions. Put an authenticating proxy in front.")
     var insecureNoAuth = false
 
     func run() async throws {
@@ -94,10 +98,14 @@ struct Cubicled: AsyncParsableCommand {
         guard let (host, port) = Self.parseAddress(listen) else {
             throw ValidationError("--listen must be HOST:PORT, was \(listen)")
         }
-        // The data plane authenticates no one yet, and it runs shell commands in sessions: only this host's
-        // own users may reach it unless the operator says otherwise, in words that say what it costs.
-        if !insecureNoAuth && !LoopbackCongestion.isLoopback(host: host) {
-            throw StartupRefused("--listen \(listen) can be reached from other hosts, and cubicled checks no caller: anyone who can connect could invoke agents and run commands in any session whose id they know. Listen on 127.0.0.1 or ::1 behind an authenticating proxy, or pass --insecure-no-auth to serve it anyway.")
+        // Without principals no caller is checked, and the data plane runs shell commands in sessions: only
+        // this host's own users may reach it unless the operator says otherwise, in words that say what it costs.
+        let loopback = LoopbackCongestion.isLoopback(host: host)
+        var principals: Principals?
+        if let credentials {
+            do { principals = try Principals.load(path: credentials) } catch { throw StartupRefused("--credentials: \(error)") }
+        } else if !insecureNoAuth && !loopback {
+            throw StartupRefused("--listen \(listen) can be reached from other hosts, and without --credentials cubicled checks no caller: anyone who can connect could invoke agents and run commands in sessions. Give --credentials FILE (SigV4 principals), listen on 127.0.0.1 or ::1, or pass --insecure-no-auth to serve it anyway.")
         }
         let exeDirectory = Self.executableDirectory()
         // A daemon that refuses to start leaves no state directory of its own making behind.
@@ -159,7 +167,20 @@ struct Cubicled: AsyncParsableCommand {
         for source in daemonConfig.roleCredentials {
             do { try source.check() } catch { throw StartupRefused("roleCredentials \(source.roleArn): \(error)") }
         }
-        do { try Files.makeDirectories(dataDir, mode: 0o700) } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
+        do {
+            try Files.makeDirectories(dataDir, mode: 0o700)
+            // Signed invocations' bodies past a megabyte wait here, unlinked, while their signature is checked.
+            try Files.makeDirectories(dataDir + "/spool", mode: 0o700)
+        } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
+        let authenticator = Authenticator(principals: principals, region: daemonConfig.region, accountID: daemonConfig.accountID)
+        let admission = Admission(authenticator: authenticator, tokens: JWTVerifier(logger: logger), spoolDirectory: dataDir + "/spool")
+        if let principals {
+            logger.notice("callers are checked", metadata: ["credentials": "\(credentials ?? "")", "principals": "\(principals.principals.count)"])
+        } else {
+            logger.notice(loopback ? "no --credentials: accepting unsigned calls, because the listener is on loopback only"
+                                   : "--insecure-no-auth: accepting unsigned calls from anyone who can reach the listener",
+                          metadata: ["listen": "\(listen)"])
+        }
         let imageStore: ImageStore
         do { imageStore = try ImageStore(root: dataDir + "/images") } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
         let images = PreparedImages(store: imageStore, registries: daemonConfig.registries, logger: logger)
@@ -236,9 +257,12 @@ struct Cubicled: AsyncParsableCommand {
         let readyLogger = logger
         let app = Application(
             responder: DataPlane(sessions: manager, group: group, logger: logger, prometheus: registry,
-                                 controlPlane: LoopbackCongestion.isLoopback(host: host) ? controlPlane : nil,
-                                 controlPlaneRefusal: "The control plane answers only on a loopback listener until cubicled authenticates callers: it decides what code runs as which role on this host"),
-            server: .dataPlane(sessions: manager, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
+                                 admission: admission,
+                                 // It decides what code runs as which role on this host: with no callers checked, only
+                                 // this host's own users may reach it.
+                                 controlPlane: principals != nil || loopback ? controlPlane : nil,
+                                 controlPlaneRefusal: "The control plane answers unsigned calls only on a loopback listener: give cubicled --credentials to serve it here"),
+            server: .dataPlane(sessions: manager, authenticator: authenticator, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",
@@ -256,7 +280,11 @@ struct Cubicled: AsyncParsableCommand {
             gracefulShutdownSignals: [.sigterm, .sigint],
             logger: logger))
         serving = true
-        try await services.run()
+        do { try await services.run() } catch {
+            await admission.tokens.shutdown()
+            throw error
+        }
+        await admission.tokens.shutdown()
     }
 
     static func openStore(_ location: StoreLocation, logger: Logger) async throws -> any RuntimeStore {

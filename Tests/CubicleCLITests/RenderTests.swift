@@ -25,14 +25,14 @@ struct RenderTests {
     }
 
     @Test func psListsWarmSandboxesAfterSessionsWithoutAnID() {
-        let session: JSON = ["id": "session-0123456789abcdef", "runtime": "sdk", "state": "ready", "created": 1000, "invocations": 1,
+        let session: JSON = ["id": "session-0123456789abcdef", "runtime": "sdk", "owner": "alice", "state": "ready", "created": 1000, "invocations": 1,
                              "usage": ["memoryBytes": 1048576, "pids": 3]]
         let warm: JSON = ["id": "", "runtime": "sdk", "state": "warm", "created": 1005, "invocations": 0,
                           "usage": ["memoryBytes": 2097152, "pids": 2]]
         let lines = SessionTable.render([session], warm: [warm], now: 1010, all: false).split(separator: "\n").map { $0.split(separator: " ") }
         #expect(lines.count == 3)
-        #expect(lines[1][1...2] == ["sdk", "ready"] && lines[1][0] != "-")
-        #expect(lines[2].prefix(5) == ["-", "sdk", "warm", "5s", "-"])
+        #expect(lines[1][1...3] == ["sdk", "alice", "ready"] && lines[1][0] != "-")
+        #expect(lines[2].prefix(6) == ["-", "sdk", "-", "warm", "5s", "-"])
     }
 
     /// CPU % is the CPU seconds used between two frames over the wall time between them.

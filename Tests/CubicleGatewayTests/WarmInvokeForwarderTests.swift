@@ -51,7 +51,7 @@ import Testing
             let target = session
             client = EmbeddedChannel(loop: loop)
             try client.pipeline.syncOperations.addHandler(reads)
-            try client.pipeline.syncOperations.addHandler(WarmInvokeForwarder { runtime, _, _ in runtime == "demo" ? target : nil })
+            try client.pipeline.syncOperations.addHandler(WarmInvokeForwarder { runtime, _, _, _ in runtime == "demo" ? target : nil })
             try client.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 9)).wait()
         }
 

@@ -30,6 +30,12 @@ import Testing
         #expect(throws: AgentCoreError.self) { _ = try config(b, tags: tags) }
     }
 
+    @Test func aJWTAuthorizerIsAppliedAndRendered() throws {
+        let authorizer: JSON = ["customJWTAuthorizer": ["discoveryUrl": "https://idp.example/.well-known/openid-configuration", "allowedClients": ["app"]]]
+        let c = try config(body(["authorizerConfiguration": authorizer]))
+        #expect(c.authorizer?.allowedClients == ["app"] && c.authorizer?.json == authorizer)
+    }
+
     @Test func everyFieldCubicleHasIsApplied() throws {
         let c = try config(body(["environmentVariables": ["A": "1"], "lifecycleConfiguration": ["idleRuntimeSessionTimeout": 120, "maxLifetime": 3600],
                                  "protocolConfiguration": ["serverProtocol": "MCP"], "requestHeaderConfiguration": ["requestHeaderAllowlist": ["X-Amzn-Bedrock-AgentCore-Runtime-Custom-H"]],
@@ -55,7 +61,9 @@ import Testing
             (["agentRuntimeArtifact": ["codeConfiguration": ["code": ["s3": ["bucket": "b", "prefix": "p"]], "runtime": "PYTHON_3_12", "entryPoint": ["main.py"]]]], "agentRuntimeArtifact.codeConfiguration"),
             (["networkConfiguration": ["networkMode": "VPC"]], "networkConfiguration.networkMode"),
             (["networkConfiguration": ["networkMode": "PUBLIC", "networkModeConfig": ["subnets": ["subnet-1"]]]], "networkConfiguration.networkModeConfig"),
-            (["authorizerConfiguration": ["customJWTAuthorizer": ["discoveryUrl": "https://x/.well-known/openid-configuration"]]], "authorizerConfiguration"),
+            (["authorizerConfiguration": ["customJWTAuthorizer": ["discoveryUrl": "https://x/keys"]]], "authorizerConfiguration.customJWTAuthorizer.discoveryUrl"),
+            (["authorizerConfiguration": ["customJWTAuthorizer": ["discoveryUrl": "https://x/.well-known/openid-configuration",
+                                                                  "privateEndpoint": ["vpc": "x"]]]], "authorizerConfiguration.customJWTAuthorizer.privateEndpoint"),
             (["filesystemConfigurations": [["sessionStorage": ["mountPath": "/mnt/data"]]]], "filesystemConfigurations"),
             (["protocolConfiguration": ["serverProtocol": "AGUI"]], "protocolConfiguration.serverProtocol"),
             (["protocolConfiguration": ["serverProtocol": "SOAP"]], "protocolConfiguration.serverProtocol"),

@@ -204,13 +204,24 @@ def test_command_streams_output_and_exit_code(daemon):
 
 def test_command_timeout(daemon):
     c = daemon.client()
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "1+1"}, sid)
     start = time.monotonic()
-    r = c.invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=new_session_id(),
+    r = c.invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid,
                                        body={"command": "echo started; sleep 30", "timeout": 1})
     events = [e["chunk"] for e in r["stream"]]
     assert events[-1]["contentStop"]["status"] == "TIMED_OUT"
     assert any(e.get("contentDelta", {}).get("stdout") == "started\n" for e in events)
     assert time.monotonic() - start < 20
+
+
+def test_a_command_needs_a_live_session_and_never_starts_one(daemon):
+    """Commands run in a session the caller already has: an id with no live session (never used, or
+    stopped) is ResourceNotFoundException, and nothing is started for it."""
+    c = daemon.client()
+    with pytest.raises(c.exceptions.ResourceNotFoundException):
+        c.invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=new_session_id(), body={"command": "true"})
+    assert daemon.cubicle_json("ps")["sessions"] == []
 
 
 def test_a_client_gone_mid_command_does_not_keep_its_session_busy(start_daemon):

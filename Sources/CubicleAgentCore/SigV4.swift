@@ -1,0 +1,280 @@
+/// AWS Signature Version 4, the parts that are text: the `Authorization` header, `X-Amz-Date` and the
+/// canonical request, built exactly as botocore builds it (auth.py: `SigV4Auth.canonical_request`) so the
+/// same bytes come out on both ends. No cryptography here: hashing, HMAC and the signing key are
+/// CubicleAuth's, so this parser can be fuzzed without them.
+public enum SigV4 {
+    public static let algorithm = "AWS4-HMAC-SHA256"
+    /// How far a request's date may be from ours, either way (AWS's window).
+    public static let maxSkewSeconds = 300
+
+    /// `AWS4-HMAC-SHA256 Credential=AKID/DATE/REGION/SERVICE/aws4_request, SignedHeaders=a;b, Signature=HEX`.
+    public struct Authorization: Equatable, Sendable {
+        public var accessKeyID: String
+        /// yyyyMMdd, as in the credential scope.
+        public var date: String
+        public var region: String
+        public var service: String
+        /// Lowercased, in the order the client listed them (the canonical request uses that order).
+        public var signedHeaders: [String]
+        /// The 32 bytes the hex signature stands for.
+        public var signature: [UInt8]
+
+        public var scope: String { "\(date)/\(region)/\(service)/aws4_request" }
+    }
+
+    /// Parses the header; anything missing or malformed is IncompleteSignatureException, as AWS answers.
+    public static func parseAuthorization(_ value: String) throws(AgentCoreError) -> Authorization {
+        guard value.utf8.count <= 8192 else { throw incomplete("Authorization header is too long") }
+        guard value.hasPrefix(algorithm + " ") else {
+            throw incomplete("Authorization header must start with \(algorithm) (only Signature Version 4 is accepted)")
+        }
+        var credential: Substring?, signedHeaders: Substring?, signature: Substring?
+        for component in value.dropFirst(algorithm.utf8.count + 1).split(separator: ",") {
+            let part = component.drop { $0 == " " }
+            guard let eq = part.firstIndex(of: "=") else { throw incomplete("Authorization header component is not NAME=VALUE") }
+            let name = part[..<eq], v = part[part.index(after: eq)...].reversed().drop { $0 == " " }.reversed()
+            let text = Substring(String(v))
+            switch name {
+            case "Credential": guard credential == nil else { throw incomplete("Credential is given twice") }; credential = text
+            case "SignedHeaders": guard signedHeaders == nil else { throw incomplete("SignedHeaders is given twice") }; signedHeaders = text
+            case "Signature": guard signature == nil else { throw incomplete("Signature is given twice") }; signature = text
+            default: throw incomplete("Authorization header has an unknown component")
+            }
+        }
+        var missing: [String] = []
+        if credential == nil { missing.append("Authorization header requires 'Credential' parameter.") }
+        if signature == nil { missing.append("Authorization header requires 'Signature' parameter.") }
+        if signedHeaders == nil { missing.append("Authorization header requires 'SignedHeaders' parameter.") }
+        guard missing.isEmpty, let credential, let signedHeaders, let signature else { throw incomplete(missing.joined(separator: " ")) }
+
+        let scope = credential.split(separator: "/", omittingEmptySubsequences: false)
+        guard scope.count == 5, !scope[0].isEmpty, scope[0].utf8.count <= 128 else {
+            throw incomplete("Credential must be ACCESS_KEY_ID/DATE/REGION/SERVICE/aws4_request")
+        }
+        guard scope[4] == "aws4_request" else {
+            throw AgentCoreError(.invalidSignature, "Credential should be scoped with a valid terminator: 'aws4_request', not '\(scope[4].prefix(64))'.")
+        }
+        guard scope[1].utf8.count == 8, scope[1].utf8.allSatisfy(isDigit) else { throw incomplete("Credential's date must be yyyyMMdd") }
+        guard scope[0].utf8.allSatisfy({ isAlphanumeric($0) }) else { throw incomplete("Credential's access key id must be letters and digits") }
+
+        let headers = signedHeaders.split(separator: ";", omittingEmptySubsequences: false).map(String.init)
+        guard !headers.isEmpty, headers.count <= 64, headers.allSatisfy({ !$0.isEmpty && $0.utf8.allSatisfy(isLowerTokenByte) }) else {
+            throw incomplete("SignedHeaders must be lowercase header names separated by ';'")
+        }
+        guard headers.contains("host") else {
+            throw incomplete("'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
+        }
+        guard signature.utf8.count == 64, let bytes = Hex.decode(signature) else { throw incomplete("Signature must be 64 hex digits") }
+        return Authorization(accessKeyID: String(scope[0]), date: String(scope[1]), region: String(scope[2]), service: String(scope[3]),
+                             signedHeaders: headers, signature: bytes)
+    }
+
+    static func incomplete(_ message: String) -> AgentCoreError { AgentCoreError(.incompleteSignature, message) }
+
+    /// `X-Amz-Date` (yyyyMMdd'T'HHmmss'Z') as seconds since the epoch; nil if it is not one.
+    public static func parseDate(_ text: String) -> Int? {
+        let u = Array(text.utf8)
+        guard u.count == 16, u[8] == UInt8(ascii: "T"), u[15] == UInt8(ascii: "Z") else { return nil }
+        func number(_ range: Range<Int>) -> Int? {
+            var n = 0
+            for i in range { guard isDigit(u[i]) else { return nil }; n = n * 10 + Int(u[i] - 0x30) }
+            return n
+        }
+        guard let y = number(0..<4), let mo = number(4..<6), let d = number(6..<8), let h = number(9..<11),
+              let mi = number(11..<13), let s = number(13..<15),
+              (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60, s < 61 else { return nil }
+        return daysFromCivil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s
+    }
+
+    /// The same form, for messages.
+    public static func formatDate(_ seconds: Int) -> String {
+        let days = seconds >= 0 ? seconds / 86_400 : (seconds - 86_399) / 86_400
+        let rest = seconds - days * 86_400
+        let (y, m, d) = civilFromDays(days)
+        func two(_ n: Int) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        return "\(y)\(two(m))\(two(d))T\(two(rest / 3600))\(two(rest / 60 % 60))\(two(rest % 60))Z"
+    }
+
+    // Howard Hinnant's days-from-civil and its inverse: proleptic Gregorian, no calendar library needed.
+    static func daysFromCivil(_ y0: Int, _ m: Int, _ d: Int) -> Int {
+        let y = m <= 2 ? y0 - 1 : y0
+        let era = (y >= 0 ? y : y - 399) / 400
+        let yoe = y - era * 400
+        let doy = (153 * (m + (m > 2 ? -3 : 9)) + 2) / 5 + d - 1
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy
+        return era * 146_097 + doe - 719_468
+    }
+
+    static func civilFromDays(_ z0: Int) -> (Int, Int, Int) {
+        let z = z0 + 719_468
+        let era = (z >= 0 ? z : z - 146_096) / 146_097
+        let doe = z - era * 146_097
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100)
+        let mp = (5 * doy + 2) / 153
+        let d = doy - (153 * mp + 2) / 5 + 1
+        let m = mp < 10 ? mp + 3 : mp - 9
+        return (yoe + era * 400 + (m <= 2 ? 1 : 0), m, d)
+    }
+
+    /// The canonical request's bytes: method, canonical URI, canonical query, canonical headers, the signed
+    /// header list and the payload's hash, joined by newlines.
+    /// - Parameters:
+    ///   - path: the request target's path as it came, still percent-encoded.
+    ///   - query: the raw query string, without `?`.
+    ///   - values: every value of a header, by lowercased name, in the order they came (`host` included).
+    public static func canonicalRequest(method: String, path: String, query: String, signedHeaders: [String],
+                                        values: (String) -> [String], payloadHash: String) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(512)
+        out += method.utf8
+        out.append(0x0A)
+        canonicalURI(path, into: &out)
+        out.append(0x0A)
+        canonicalQuery(query, into: &out)
+        out.append(0x0A)
+        for name in signedHeaders {
+            out += name.utf8
+            out.append(UInt8(ascii: ":"))
+            var first = true
+            for value in values(name) {
+                if !first { out.append(UInt8(ascii: ",")) }
+                first = false
+                trimAll(value, into: &out)
+            }
+            out.append(0x0A)
+        }
+        out.append(0x0A)
+        for (i, name) in signedHeaders.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: ";")) }
+            out += name.utf8
+        }
+        out.append(0x0A)
+        out += payloadHash.utf8
+        return out
+    }
+
+    /// The path with dot segments and empty segments removed (botocore's `remove_dot_segments`), then
+    /// percent-encoded again with `/` kept: a path that came encoded is encoded twice, as AWS does for every
+    /// service but S3.
+    static func canonicalURI(_ path: String, into out: inout [UInt8]) {
+        var segments: [Substring] = []
+        for segment in path.split(separator: "/", omittingEmptySubsequences: true) where segment != "." {
+            if segment == ".." { _ = segments.popLast() } else { segments.append(segment) }
+        }
+        out.append(UInt8(ascii: "/"))
+        for (i, segment) in segments.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: "/")) }
+            encode(segment.utf8, into: &out)
+        }
+        if path.hasSuffix("/"), !segments.isEmpty { out.append(UInt8(ascii: "/")) }
+    }
+
+    /// Pairs decoded and encoded again, sorted by key then value, so the order and encoding a client chose
+    /// do not matter.
+    static func canonicalQuery(_ query: String, into out: inout [UInt8]) {
+        guard !query.isEmpty else { return }
+        var pairs: [([UInt8], [UInt8])] = []
+        for pair in query.utf8.split(separator: UInt8(ascii: "&"), omittingEmptySubsequences: true) {
+            let eq = pair.firstIndex(of: UInt8(ascii: "="))
+            let key = eq.map { pair[pair.startIndex..<$0] } ?? pair[...]
+            let value = eq.map { pair[pair.index(after: $0)...] } ?? pair[pair.endIndex...]
+            var k: [UInt8] = [], v: [UInt8] = []
+            encode(decode(key), into: &k)
+            encode(decode(value), into: &v)
+            pairs.append((k, v))
+        }
+        pairs.sort { $0.0 == $1.0 ? $0.1.lexicographicallyPrecedes($1.1) : $0.0.lexicographicallyPrecedes($1.0) }
+        for (i, (k, v)) in pairs.enumerated() {
+            if i > 0 { out.append(UInt8(ascii: "&")) }
+            out += k
+            out.append(UInt8(ascii: "="))
+            out += v
+        }
+    }
+
+    /// Leading and trailing whitespace dropped and runs of it made one space (botocore: `' '.join(v.split())`).
+    static func trimAll(_ value: String, into out: inout [UInt8]) {
+        var pendingSpace = false, any = false
+        for b in value.utf8 {
+            if b == 0x20 || b == 0x09 || b == 0x0A || b == 0x0D || b == 0x0B || b == 0x0C {
+                pendingSpace = any
+                continue
+            }
+            if pendingSpace { out.append(0x20); pendingSpace = false }
+            out.append(b)
+            any = true
+        }
+    }
+
+    /// Lenient percent-decoding: a `%` not followed by two hex digits stays as it is.
+    static func decode<C: Collection>(_ bytes: C) -> [UInt8] where C.Element == UInt8 {
+        let u = Array(bytes)
+        var out: [UInt8] = []
+        out.reserveCapacity(u.count)
+        var i = 0
+        while i < u.count {
+            if u[i] == UInt8(ascii: "%"), i + 2 < u.count, let h = Hex.value(u[i + 1]), let l = Hex.value(u[i + 2]) {
+                out.append(h << 4 | l)
+                i += 3
+            } else {
+                out.append(u[i])
+                i += 1
+            }
+        }
+        return out
+    }
+
+    /// RFC 3986 unreserved characters stay; every other byte becomes %XX (upper-case hex).
+    static func encode<C: Sequence>(_ bytes: C, into out: inout [UInt8]) where C.Element == UInt8 {
+        let digits = Array("0123456789ABCDEF".utf8)
+        for b in bytes {
+            if isAlphanumeric(b) || b == UInt8(ascii: "-") || b == UInt8(ascii: "_") || b == UInt8(ascii: ".") || b == UInt8(ascii: "~") {
+                out.append(b)
+            } else {
+                out.append(UInt8(ascii: "%"))
+                out.append(digits[Int(b >> 4)])
+                out.append(digits[Int(b & 15)])
+            }
+        }
+    }
+
+    static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
+    static func isAlphanumeric(_ b: UInt8) -> Bool { isDigit(b) || (b | 0x20 >= 0x61 && b | 0x20 <= 0x7A) }
+    static func isLowerTokenByte(_ b: UInt8) -> Bool {
+        isDigit(b) || (b >= 0x61 && b <= 0x7A) || b == UInt8(ascii: "-") || b == UInt8(ascii: "_") || b == UInt8(ascii: ".")
+    }
+
+    /// Lowercase hex, both ways.
+    public enum Hex {
+        public static func value(_ b: UInt8) -> UInt8? {
+            switch b {
+            case 0x30...0x39: b - 0x30
+            case 0x61...0x66: b - 0x61 + 10
+            case 0x41...0x46: b - 0x41 + 10
+            default: nil
+            }
+        }
+
+        public static func decode<S: StringProtocol>(_ text: S) -> [UInt8]? {
+            let u = Array(text.utf8)
+            guard u.count % 2 == 0 else { return nil }
+            var out: [UInt8] = []
+            out.reserveCapacity(u.count / 2)
+            var i = 0
+            while i < u.count {
+                guard let h = value(u[i]), let l = value(u[i + 1]) else { return nil }
+                out.append(h << 4 | l)
+                i += 2
+            }
+            return out
+        }
+
+        public static func encode<C: Sequence>(_ bytes: C) -> String where C.Element == UInt8 {
+            let digits = Array("0123456789abcdef".utf8)
+            var out: [UInt8] = []
+            for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
+            return String(decoding: out, as: UTF8.self)
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import CubicleAgentCore
+import CubicleAuth
+import CubicleJSON
+import Crypto
+import Testing
+
+/// A request botocore 1.43 signed (SigV4Auth.add_auth at 2026-12-05T12:00:00Z): the verifier must reach
+/// the same signature from the same bytes, and refuse every change to what was signed.
+struct SigV4Tests {
+    static let path = "/runtimes/arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A000000000000%3Aruntime%2Fdemo/invocations"
+    static let query = "qualifier=DEFAULT&accountId=000000000000"
+    static let body = Array(#"{"prompt":"hi"}"#.utf8)
+    static let authorization = "AWS4-HMAC-SHA256 Credential=AKIAALICE00000000001/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amzn-bedrock-agentcore-runtime-session-id, Signature=58bd8c5bfa0588422cbc4f28db3843a04e6989344a8a4729ff6e670b4f7bb566"
+    static let signedAt = 1_796_472_000 // 2026-12-05T12:00:00Z
+
+    static func principals() throws -> Principals {
+        try Principals.parse(yaml: """
+            principals:
+              - name: alice
+                accessKeys: [{accessKeyId: AKIAALICE00000000001, secretAccessKey: alicesecretalicesecret0000}]
+                allow: [{actions: ["bedrock-agentcore:Invoke*"], resources: ["arn:aws:bedrock-agentcore:*:*:runtime/demo"]}]
+                deny: [{actions: ["bedrock-agentcore:InvokeAgentRuntimeCommand"], resources: ["*"]}]
+            """)
+    }
+
+    static func headers(_ extra: [(String, String)] = [], drop: String? = nil) -> (String) -> [String] {
+        var all: [(String, String)] = [("authorization", authorization), ("content-type", "application/json"), ("x-amz-date", "20261205T120000Z"),
+                                       ("x-amzn-bedrock-agentcore-runtime-session-id", String(repeating: "s", count: 40)), ("x-amzn-trace-id", "Root=1")]
+        all.removeAll { $0.0 == drop }
+        all += extra
+        return { name in all.filter { $0.0 == name }.map(\.1) }
+    }
+
+    func verify(now: Int = signedAt, path: String = path, query: String = query, authority: String = "127.0.0.1:8080",
+                headers: (String) -> [String] = headers(), body: [UInt8] = body) throws -> Caller {
+        let auth = Authenticator(principals: try Self.principals(), region: "us-east-1", accountID: "000000000000", now: { now })
+        let pending = try #require(try auth.begin(method: "POST", path: path, query: query, authority: authority, headers: headers))
+        var hash = PayloadHash()
+        hash.update(body)
+        return try pending.verify(payloadHash: hash.finish())
+    }
+
+    func refusal(_ kind: AgentCoreError.Kind, _ body: () throws -> Caller) {
+        #expect(throws: AgentCoreError.self) { _ = try body() }
+        do { _ = try body() } catch let e as AgentCoreError { #expect(e.kind == kind, "\(e)") } catch { Issue.record("\(error)") }
+    }
+
+    @Test func botocoreSignatureVerifies() throws {
+        let caller = try verify()
+        #expect(caller.owner == "alice")
+        // Headers botocore leaves unsigned may change or be added (a proxy's trace id), and the query's order.
+        _ = try verify(headers: Self.headers([("x-forwarded-for", "10.0.0.1")]))
+        _ = try verify(query: "accountId=000000000000&qualifier=DEFAULT")
+        _ = try verify(now: Self.signedAt + 299)
+    }
+
+    @Test func changesToWhatWasSignedAreRefused() throws {
+        refusal(.invalidSignature) { try verify(body: Array(#"{"prompt":"ho"}"#.utf8)) }
+        refusal(.invalidSignature) { try verify(path: Self.path.replacingOccurrences(of: "invocations", with: "commands")) }
+        refusal(.invalidSignature) { try verify(query: "qualifier=v2&accountId=000000000000") }
+        refusal(.invalidSignature) { try verify(authority: "127.0.0.1:9090") }
+        refusal(.invalidSignature) { try verify(headers: Self.headers([("x-amzn-bedrock-agentcore-runtime-session-id", "t")])) } // a duplicate of a signed header
+        refusal(.invalidSignature) { try verify(headers: Self.headers([("content-type", "text/plain")], drop: "content-type")) }
+    }
+
+    @Test func datesOutsideFiveMinutesAreRefused() {
+        refusal(.invalidSignature) { try verify(now: Self.signedAt + 301) }
+        refusal(.invalidSignature) { try verify(now: Self.signedAt - 301) }
+    }
+
+    @Test func credentialsAreChecked() {
+        refusal(.missingAuthenticationToken) { try verify(headers: Self.headers(drop: "authorization")) }
+        let unknown = Self.authorization.replacingOccurrences(of: "AKIAALICE00000000001", with: "AKIAMALLORY000000001")
+        refusal(.unrecognizedClient) { try verify(headers: Self.headers([("authorization", unknown)], drop: "authorization")) }
+        refusal(.unrecognizedClient) { try verify(headers: Self.headers([("x-amz-security-token", "forged")])) }
+        let otherRegion = Self.authorization.replacingOccurrences(of: "us-east-1", with: "eu-west-1")
+        refusal(.invalidSignature) { try verify(headers: Self.headers([("authorization", otherRegion)], drop: "authorization")) }
+        refusal(.incompleteSignature) { try verify(headers: Self.headers(drop: "x-amz-date")) }
+    }
+
+    @Test func malformedAuthorizationHeaders() {
+        for bad in ["AWS4-HMAC-SHA256", "AWS AKIA:sig", "AWS4-HMAC-SHA256 Credential=A/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=x-amz-date, Signature=" + String(repeating: "0", count: 64),
+                    "AWS4-HMAC-SHA256 Credential=A/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=host, Signature=zz",
+                    "AWS4-HMAC-SHA256 Credential=A/2026/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=host, Signature=" + String(repeating: "0", count: 64),
+                    "AWS4-HMAC-SHA256 Credential=A/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=Host, Signature=" + String(repeating: "0", count: 64)] {
+            #expect(throws: AgentCoreError.self, "\(bad)") { try SigV4.parseAuthorization(bad) }
+        }
+    }
+
+    @Test func canonicalURIEncodesTwiceAndDropsDotSegments() {
+        func uri(_ path: String) -> String {
+            let c = SigV4.canonicalRequest(method: "GET", path: path, query: "", signedHeaders: ["host"], values: { _ in ["h"] }, payloadHash: "x")
+            return String(decoding: c.split(separator: 0x0A, omittingEmptySubsequences: false)[1], as: UTF8.self)
+        }
+        #expect(uri("/runtimes/a%3Ab/invocations") == "/runtimes/a%253Ab/invocations")
+        #expect(uri("/a/./b/../c//d/") == "/a/c/d/")
+        #expect(uri("") == "/")
+        #expect(uri("/a b") == "/a%20b")
+    }
+
+    @Test func permissionsFollowIAM() throws {
+        let auth = Authenticator(principals: try Self.principals(), region: "us-east-1", accountID: "000000000000")
+        let alice = try #require(try Self.principals().key("AKIAALICE00000000001")).principal
+        let caller = Caller(owner: "alice", kind: .principal(alice))
+        let demo = auth.runtimeARN("demo")
+        #expect(auth.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", demo))
+        #expect(auth.allows(caller, "BEDROCK-AGENTCORE:invokeagentruntime", demo), "actions match case-insensitively")
+        #expect(!auth.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", auth.runtimeARN("other")))
+        #expect(!auth.allows(caller, "bedrock-agentcore:StopRuntimeSession", demo))
+        #expect(!auth.allows(caller, "bedrock-agentcore:InvokeAgentRuntimeCommand", demo), "an explicit deny wins over an allow")
+        do { try auth.authorize(caller, "bedrock-agentcore:StopRuntimeSession", demo) } catch {
+            #expect(error.message == "User: arn:aws:iam::000000000000:user/alice is not authorized to perform: bedrock-agentcore:StopRuntimeSession on resource: \(demo) because no identity-based policy allows the bedrock-agentcore:StopRuntimeSession action")
+        }
+        #expect(Wildcard.matches("a*b?d", "axxxbcd") && !Wildcard.matches("a*b?d", "abd") && Wildcard.matches("*", ""))
+        #expect(!Wildcard.matches(String(repeating: "*a", count: 30), String(repeating: "a", count: 29) + "b"))
+    }
+
+    @Test func principalsFileIsValidated() {
+        for bad in ["principals: {}", "principals: [{name: a}]", "principals: [{name: 'a b', accessKeys: [{accessKeyId: AKIAAAAAAAAAAAAAAAAA, secretAccessKey: 0123456789abcdef}]}]",
+                    "principals: [{name: a, accessKeys: [{accessKeyId: AKIA, secretAccessKey: 0123456789abcdef}]}]",
+                    "principals: [{name: a, accessKeys: [{accessKeyId: AKIAAAAAAAAAAAAAAAAA, secretAccessKey: 0123456789abcdef}], allow: [{actions: ['s3:*'], resources: ['*']}]}]",
+                    "principals: [{name: a, accessKeys: [{accessKeyId: AKIAAAAAAAAAAAAAAAAA, secretAccessKey: 0123456789abcdef}]}, {name: b, accessKeys: [{accessKeyId: AKIAAAAAAAAAAAAAAAAA, secretAccessKey: 0123456789abcdef}]}]"] {
+            #expect(throws: Principals.ConfigurationError.self, "\(bad)") { try Principals.parse(yaml: bad) }
+        }
+    }
+
+    @Test func amzDatesRoundTrip() {
+        #expect(SigV4.parseDate("20261205T120000Z") == Self.signedAt)
+        #expect(SigV4.formatDate(Self.signedAt) == "20261205T120000Z")
+        #expect(SigV4.parseDate("20261305T120000Z") == nil && SigV4.parseDate("2026-12-05T12:00:00Z") == nil)
+    }
+}
+
+struct AuthorizerConfigurationTests {
+    @Test func parsesAndRendersTheModelsShape() throws {
+        let doc = try JSON.parse(#"{"customJWTAuthorizer": {"discoveryUrl": "https://idp.example/.well-known/openid-configuration", "allowedAudience": ["a"], "allowedClients": ["c"], "allowedScopes": ["s"], "customClaims": [{"inboundTokenClaimName": "team", "inboundTokenClaimValueType": "STRING", "authorizingClaimMatchValue": {"claimMatchValue": {"matchValueString": "x"}, "claimMatchOperator": "EQUALS"}}]}}"#)
+        let c = try JWTAuthorizerConfiguration.parse(doc)
+        #expect(c.customClaims.first?.values == ["x"])
+        #expect(try JWTAuthorizerConfiguration.parse(c.json) == c)
+        for bad in [#"{"customJWTAuthorizer": {"discoveryUrl": "https://idp.example/keys"}}"#,
+                    #"{"customJWTAuthorizer": {"discoveryUrl": "https://idp.example/.well-known/openid-configuration", "allowedAudience": []}}"#,
+                    #"{"customJWTAuthorizer": {"discoveryUrl": "https://idp.example/.well-known/openid-configuration", "customClaims": [{"inboundTokenClaimName": "t", "inboundTokenClaimValueType": "STRING", "authorizingClaimMatchValue": {"claimMatchValue": {"matchValueString": "x"}, "claimMatchOperator": "CONTAINS_ANY"}}]}}"#,
+                    #"{"other": {}}"#] {
+            #expect(throws: AgentCoreError.self, "\(bad)") { try JWTAuthorizerConfiguration.parse(try JSON.parse(bad)) }
+        }
+    }
+}
