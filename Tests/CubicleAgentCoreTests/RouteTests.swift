@@ -114,6 +114,9 @@ import Testing
         #expect(AgentCoreHeader.forwardsToAgent("X-Team", value: "t", allowlist: allow))
         #expect(!AgentCoreHeader.forwardsToAgent("X-Other", value: "t", allowlist: allow))
         #expect(!AgentCoreHeader.forwardsToAgent("Authorization", value: "AWS4-HMAC-SHA256 ...", allowlist: ["authorization"]))
+        #expect(!AgentCoreHeader.forwardsToAgent("Authorization", value: "AWS4-HMAC-SHA256 ...", allowlist: [], authorizer: true))
+        #expect(!AgentCoreHeader.forwardsToAgent("Authorization", value: "Bearer t", allowlist: ["authorization"]), "no authorizer: no token")
+        #expect(AgentCoreHeader.forwardsToAgent("Authorization", value: "Bearer t", allowlist: [], authorizer: true))
         #expect(!AgentCoreHeader.forwardsToAgent("X-Amz-Security-Token", value: "t", allowlist: ["x-amz-security-token"]))
         #expect(!AgentCoreHeader.forwardsToAgent("Host", value: "h", allowlist: []))
     }

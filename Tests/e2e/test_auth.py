@@ -420,3 +420,30 @@ def test_a_jwt_runtime_takes_valid_tokens_and_refuses_every_bad_one(start_daemon
     assert bearer(d, old, new_session_id())[:2] == (403, "AccessDeniedException")
     owners = {r["owner"] for r in d.cubicle_json("ps")["sessions"]}
     assert f"jwt:{issuer.url}#user-1" in owners
+
+
+def test_a_jwt_authorizer_made_through_the_control_plane(start_daemon, issuer, tmp_path):
+    """CreateAgentRuntime with authorizerConfiguration: GetAgentRuntime returns it as given, bearer tokens are
+    checked against it, and an update that drops it makes the runtime a SigV4 one again for new calls."""
+    from test_control_plane import host_runtime, wait_status
+    import shutil
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(os.path.join(PRODUCTS, "cubicle-demo-agent"), code / "cubicle-demo-agent")
+    os.chmod(tmp_path, 0o755)
+    d = start_daemon(extra_args=["--code-root", str(code)])
+    cp = d.control()
+    authorizer = {"customJWTAuthorizer": {"discoveryUrl": issuer.url + "/.well-known/openid-configuration", "allowedAudience": ["cubicle-test"]}}
+    tags = {"cubicle:command": "/app/cubicle-demo-agent"}
+    rid = cp.create_agent_runtime(agentRuntimeName="oidc", authorizerConfiguration=authorizer, tags=tags, **host_runtime(code))["agentRuntimeId"]
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    assert cp.get_agent_runtime(agentRuntimeId=rid)["authorizerConfiguration"] == authorizer
+    path = "/runtimes/" + urllib.parse.quote(ARN_PREFIX + rid, safe="") + "/invocations"
+    status, _, data = bearer(d, issuer.token(), new_session_id(), path=path)
+    assert status == 200 and json.loads(data)["answer"] == 4, data
+    assert bearer(d, issuer.token(aud="other"), new_session_id(), path=path)[:2] == (403, "AccessDeniedException")
+    assert error_of(lambda: invoke(d.client(), new_session_id(), runtime=rid))[0] == "AccessDeniedException"
+    cp.update_agent_runtime(agentRuntimeId=rid, **host_runtime(code))
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    assert invoke(d.client(), new_session_id(), runtime=rid)["answer"] == 2
+    assert bearer(d, issuer.token(), new_session_id(), path=path)[:2] == (403, "AccessDeniedException")

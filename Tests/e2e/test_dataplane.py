@@ -339,8 +339,8 @@ def test_client_disconnect_cancels_agent_request(start_daemon):
 
 @pytest.mark.parametrize("listen_host", ["0.0.0.0", "[::]", "192.0.2.1", "example.org"])
 def test_a_listener_other_hosts_can_reach_needs_insecure_no_auth(tmp_path, listen_host):
-    """The data plane checks no caller yet and runs commands in sessions, so cubicled refuses to start on
-    anything but a loopback address unless --insecure-no-auth says the operator knows. It fails (exit 1,
+    """Without --credentials the data plane checks no caller and runs commands in sessions, so cubicled
+    refuses to start on anything but a loopback address unless --insecure-no-auth says the operator knows. It fails (exit 1,
     so a service manager sees it) before it makes its state directory or binds anything, naming the flag."""
     state = tmp_path / "state"
     r = subprocess.run([os.path.join(PRODUCTS, "cubicled"), "--listen", f"{listen_host}:0", "--state-dir", str(state),
