@@ -31,7 +31,7 @@ public enum SigV4 {
         // Bytes, not Characters: this runs for every signed request, on the event loop (a String-based
         // version was a quarter of cubicled's CPU in a warm signed invoke, perf).
         let u = Array(value.utf8)
-        var credential: String?, signedHeaders: String?, signature: String?
+        var credential: Range<Int>?, signedHeaders: Range<Int>?, signature: Range<Int>?
         var i = algorithm.utf8.count + 1
         while i <= u.count {
             var end = i
@@ -42,12 +42,18 @@ public enum SigV4 {
             i = end + 1
             if a == b { continue }
             guard let eq = u[a..<b].firstIndex(of: UInt8(ascii: "=")) else { throw incomplete("Authorization header component is not NAME=VALUE") }
-            let text = String(decoding: u[(eq + 1)..<b], as: UTF8.self)
-            switch String(decoding: u[a..<eq], as: UTF8.self) {
-            case "Credential": guard credential == nil else { throw incomplete("Credential is given twice") }; credential = text
-            case "SignedHeaders": guard signedHeaders == nil else { throw incomplete("SignedHeaders is given twice") }; signedHeaders = text
-            case "Signature": guard signature == nil else { throw incomplete("Signature is given twice") }; signature = text
-            default: throw incomplete("Authorization header has an unknown component")
+            let name = u[a..<eq], text = (eq + 1)..<b
+            if name.elementsEqual("Credential".utf8) {
+                guard credential == nil else { throw incomplete("Credential is given twice") }
+                credential = text
+            } else if name.elementsEqual("SignedHeaders".utf8) {
+                guard signedHeaders == nil else { throw incomplete("SignedHeaders is given twice") }
+                signedHeaders = text
+            } else if name.elementsEqual("Signature".utf8) {
+                guard signature == nil else { throw incomplete("Signature is given twice") }
+                signature = text
+            } else {
+                throw incomplete("Authorization header has an unknown component")
             }
         }
         var missing: [String] = []
@@ -56,26 +62,40 @@ public enum SigV4 {
         if signedHeaders == nil { missing.append("Authorization header requires 'SignedHeaders' parameter.") }
         guard missing.isEmpty, let credential, let signedHeaders, let signature else { throw incomplete(missing.joined(separator: " ")) }
 
-        let scope = credential.utf8.split(separator: UInt8(ascii: "/"), omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        guard scope.count == 5, !scope[0].isEmpty, scope[0].utf8.count <= 128 else {
+        let scope = split(u, credential, UInt8(ascii: "/"))
+        guard scope.count == 5, !scope[0].isEmpty, scope[0].count <= 128 else {
             throw incomplete("Credential must be ACCESS_KEY_ID/DATE/REGION/SERVICE/aws4_request")
         }
-        guard scope[4] == "aws4_request" else {
-            throw AgentCoreError(.invalidSignature, "Credential should be scoped with a valid terminator: 'aws4_request', not '\(scope[4].prefix(64))'.")
+        guard u[scope[4]].elementsEqual("aws4_request".utf8) else {
+            throw AgentCoreError(.invalidSignature, "Credential should be scoped with a valid terminator: 'aws4_request', not '\(String(decoding: u[scope[4]].prefix(64), as: UTF8.self))'.")
         }
-        guard scope[1].utf8.count == 8, scope[1].utf8.allSatisfy(isDigit) else { throw incomplete("Credential's date must be yyyyMMdd") }
-        guard scope[0].utf8.allSatisfy({ isAlphanumeric($0) }) else { throw incomplete("Credential's access key id must be letters and digits") }
+        guard scope[1].count == 8, u[scope[1]].allSatisfy(isDigit) else { throw incomplete("Credential's date must be yyyyMMdd") }
+        guard u[scope[0]].allSatisfy({ isAlphanumeric($0) }) else { throw incomplete("Credential's access key id must be letters and digits") }
 
-        let headers = signedHeaders.utf8.split(separator: UInt8(ascii: ";"), omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
-        guard !headers.isEmpty, headers.count <= 64, headers.allSatisfy({ !$0.isEmpty && $0.utf8.allSatisfy(isLowerTokenByte) }) else {
+        let headerRanges = split(u, signedHeaders, UInt8(ascii: ";"))
+        guard headerRanges.count <= 64, headerRanges.allSatisfy({ !$0.isEmpty && u[$0].allSatisfy(isLowerTokenByte) }) else {
             throw incomplete("SignedHeaders must be lowercase header names separated by ';'")
         }
+        let headers = headerRanges.map { String(decoding: u[$0], as: UTF8.self) }
         guard headers.contains("host") else {
             throw incomplete("'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
         }
-        guard signature.utf8.count == 64, let bytes = Hex.decode(signature) else { throw incomplete("Signature must be 64 hex digits") }
-        return Authorization(accessKeyID: scope[0], date: scope[1], region: scope[2], service: scope[3],
+        guard signature.count == 64, let bytes = Hex.decode(u[signature]) else { throw incomplete("Signature must be 64 hex digits") }
+        func text(_ r: Range<Int>) -> String { String(decoding: u[r], as: UTF8.self) }
+        return Authorization(accessKeyID: text(scope[0]), date: text(scope[1]), region: text(scope[2]), service: text(scope[3]),
                              signedHeaders: headers, signature: bytes)
+    }
+
+    /// The ranges of `u[range]` between separators, empty ones kept.
+    static func split(_ u: [UInt8], _ range: Range<Int>, _ separator: UInt8) -> [Range<Int>] {
+        var out: [Range<Int>] = []
+        var start = range.lowerBound
+        for i in range where u[i] == separator {
+            out.append(start..<i)
+            start = i + 1
+        }
+        out.append(start..<range.upperBound)
+        return out
     }
 
     static func incomplete(_ message: String) -> AgentCoreError { AgentCoreError(.incompleteSignature, message) }
@@ -165,37 +185,56 @@ public enum SigV4 {
 
     /// The path with dot segments and empty segments removed (botocore's `remove_dot_segments`), then
     /// percent-encoded again with `/` kept: a path that came encoded is encoded twice, as AWS does for every
-    /// service but S3.
+    /// service but S3. Bytes throughout: this and the query are most of a verification's work.
     static func canonicalURI(_ path: String, into out: inout [UInt8]) {
-        var segments: [Substring] = []
-        for segment in path.split(separator: "/", omittingEmptySubsequences: true) where segment != "." {
-            if segment == ".." { _ = segments.popLast() } else { segments.append(segment) }
+        let u = Array(path.utf8)
+        var segments: [Range<Int>] = []
+        var i = 0
+        while i < u.count {
+            var end = i
+            while end < u.count, u[end] != UInt8(ascii: "/") { end += 1 }
+            let length = end - i
+            if length == 1, u[i] == UInt8(ascii: ".") {
+            } else if length == 2, u[i] == UInt8(ascii: "."), u[i + 1] == UInt8(ascii: ".") {
+                _ = segments.popLast()
+            } else if length > 0 {
+                segments.append(i..<end)
+            }
+            i = end + 1
         }
         out.append(UInt8(ascii: "/"))
-        for (i, segment) in segments.enumerated() {
-            if i > 0 { out.append(UInt8(ascii: "/")) }
-            encode(segment.utf8, into: &out)
+        for (n, segment) in segments.enumerated() {
+            if n > 0 { out.append(UInt8(ascii: "/")) }
+            encode(u[segment], into: &out)
         }
-        if path.hasSuffix("/"), !segments.isEmpty { out.append(UInt8(ascii: "/")) }
+        if u.last == UInt8(ascii: "/"), !segments.isEmpty { out.append(UInt8(ascii: "/")) }
     }
 
     /// Pairs decoded and encoded again, sorted by key then value, so the order and encoding a client chose
     /// do not matter.
     static func canonicalQuery(_ query: String, into out: inout [UInt8]) {
         guard !query.isEmpty else { return }
+        let u = Array(query.utf8)
         var pairs: [([UInt8], [UInt8])] = []
-        for pair in query.utf8.split(separator: UInt8(ascii: "&"), omittingEmptySubsequences: true) {
-            let eq = pair.firstIndex(of: UInt8(ascii: "="))
-            let key = eq.map { pair[pair.startIndex..<$0] } ?? pair[...]
-            let value = eq.map { pair[pair.index(after: $0)...] } ?? pair[pair.endIndex...]
-            var k: [UInt8] = [], v: [UInt8] = []
-            encode(decode(key), into: &k)
-            encode(decode(value), into: &v)
-            pairs.append((k, v))
+        var i = 0
+        while i < u.count {
+            var end = i
+            while end < u.count, u[end] != UInt8(ascii: "&") { end += 1 }
+            if end > i {
+                var eq = i
+                while eq < end, u[eq] != UInt8(ascii: "=") { eq += 1 }
+                var k: [UInt8] = [], v: [UInt8] = []
+                encode(decode(u[i..<eq])[...], into: &k)
+                if eq < end { encode(decode(u[(eq + 1)..<end])[...], into: &v) }
+                pairs.append((k, v))
+            }
+            i = end + 1
         }
-        pairs.sort { $0.0 == $1.0 ? $0.1.lexicographicallyPrecedes($1.1) : $0.0.lexicographicallyPrecedes($1.0) }
-        for (i, (k, v)) in pairs.enumerated() {
-            if i > 0 { out.append(UInt8(ascii: "&")) }
+        if pairs.count > 1 {
+            pairs.sort { $0.0 == $1.0 ? $0.1.lexicographicallyPrecedes($1.1) : $0.0.lexicographicallyPrecedes($1.0) }
+        }
+        for (n, (k, v)) in pairs.enumerated() {
+            if n > 0 { out.append(UInt8(ascii: "&")) }
             out += k
             out.append(UInt8(ascii: "="))
             out += v
@@ -217,13 +256,12 @@ public enum SigV4 {
     }
 
     /// Lenient percent-decoding: a `%` not followed by two hex digits stays as it is.
-    static func decode<C: Collection>(_ bytes: C) -> [UInt8] where C.Element == UInt8 {
-        let u = Array(bytes)
+    static func decode(_ u: ArraySlice<UInt8>) -> [UInt8] {
         var out: [UInt8] = []
         out.reserveCapacity(u.count)
-        var i = 0
-        while i < u.count {
-            if u[i] == UInt8(ascii: "%"), i + 2 < u.count, let h = Hex.value(u[i + 1]), let l = Hex.value(u[i + 2]) {
+        var i = u.startIndex
+        while i < u.endIndex {
+            if u[i] == UInt8(ascii: "%"), i + 2 < u.endIndex, let h = Hex.value(u[i + 1]), let l = Hex.value(u[i + 2]) {
                 out.append(h << 4 | l)
                 i += 3
             } else {
@@ -235,17 +273,23 @@ public enum SigV4 {
     }
 
     /// RFC 3986 unreserved characters stay; every other byte becomes %XX (upper-case hex).
-    static func encode<C: Sequence>(_ bytes: C, into out: inout [UInt8]) where C.Element == UInt8 {
-        let digits = Array("0123456789ABCDEF".utf8)
+    static func encode(_ bytes: ArraySlice<UInt8>, into out: inout [UInt8]) {
+        out.reserveCapacity(out.count + bytes.count + 8)
         for b in bytes {
-            if isAlphanumeric(b) || b == UInt8(ascii: "-") || b == UInt8(ascii: "_") || b == UInt8(ascii: ".") || b == UInt8(ascii: "~") {
+            if unreserved[Int(b)] {
                 out.append(b)
             } else {
                 out.append(UInt8(ascii: "%"))
-                out.append(digits[Int(b >> 4)])
-                out.append(digits[Int(b & 15)])
+                out.append(upperHex[Int(b >> 4)])
+                out.append(upperHex[Int(b & 15)])
             }
         }
+    }
+
+    static let upperHex: [UInt8] = Array("0123456789ABCDEF".utf8)
+    static let unreserved: [Bool] = (0..<256).map { b in
+        let c = UInt8(b)
+        return isAlphanumeric(c) || c == UInt8(ascii: "-") || c == UInt8(ascii: "_") || c == UInt8(ascii: ".") || c == UInt8(ascii: "~")
     }
 
     static func isDigit(_ b: UInt8) -> Bool { b >= 0x30 && b <= 0x39 }
@@ -265,13 +309,14 @@ public enum SigV4 {
             }
         }
 
-        public static func decode<S: StringProtocol>(_ text: S) -> [UInt8]? {
-            let u = Array(text.utf8)
+        public static func decode<S: StringProtocol>(_ text: S) -> [UInt8]? { decode(Array(text.utf8)[...]) }
+
+        public static func decode(_ u: ArraySlice<UInt8>) -> [UInt8]? {
             guard u.count % 2 == 0 else { return nil }
             var out: [UInt8] = []
             out.reserveCapacity(u.count / 2)
-            var i = 0
-            while i < u.count {
+            var i = u.startIndex
+            while i < u.endIndex {
                 guard let h = value(u[i]), let l = value(u[i + 1]) else { return nil }
                 out.append(h << 4 | l)
                 i += 2
@@ -279,11 +324,26 @@ public enum SigV4 {
             return out
         }
 
-        public static func encode<C: Sequence>(_ bytes: C) -> String where C.Element == UInt8 {
-            let digits = Array("0123456789abcdef".utf8)
-            var out: [UInt8] = []
-            for b in bytes { out.append(digits[Int(b >> 4)]); out.append(digits[Int(b & 15)]) }
-            return String(decoding: out, as: UTF8.self)
+        public static func encode(_ bytes: UnsafeRawBufferPointer) -> String {
+            String(unsafeUninitializedCapacity: bytes.count * 2) { out in
+                for (i, b) in bytes.enumerated() {
+                    out[2 * i] = lowerHex[Int(b >> 4)]
+                    out[2 * i + 1] = lowerHex[Int(b & 15)]
+                }
+                return bytes.count * 2
+            }
         }
+
+        public static func encode(_ bytes: [UInt8]) -> String { bytes.withUnsafeBytes { encode($0) } }
+
+        /// Lowercase hex of `bytes` appended to `out`, without a String between.
+        public static func append(_ bytes: UnsafeRawBufferPointer, to out: inout [UInt8]) {
+            for b in bytes {
+                out.append(lowerHex[Int(b >> 4)])
+                out.append(lowerHex[Int(b & 15)])
+            }
+        }
+
+        static let lowerHex: [UInt8] = Array("0123456789abcdef".utf8)
     }
 }

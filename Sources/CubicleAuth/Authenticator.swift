@@ -39,9 +39,6 @@ public final class Authenticator: Sendable {
     /// The signing name both AgentCore services use.
     public static let service = "bedrock-agentcore"
     let now: @Sendable () -> Int
-    /// Signing keys by key id, date, region and service: four HMACs saved per request.
-    private let signingKeys = Mutex<[String: SymmetricKey]>([:])
-    static let signingKeysKept = 4096
 
     public init(principals: Principals?, region: String, accountID: String, now: @escaping @Sendable () -> Int = { Int(time(nil)) }) {
         self.principals = principals
@@ -56,23 +53,33 @@ public final class Authenticator: Sendable {
     /// known. Throws the 403s that need no body (no signature, unknown key, stale date...).
     /// - Parameters:
     ///   - authority: the Host header (HTTP/2's :authority).
-    ///   - headers: every value of a header by lowercased name, in the order they came.
+    ///   - headers: every header, its name lowercased, in the order they came.
     public func begin(method: String, path: String, query: String, authority: String?,
-                      headers: (String) -> [String]) throws(AgentCoreError) -> PendingSignature? {
+                      headers: [(name: String, value: String)]) throws(AgentCoreError) -> PendingSignature? {
         guard let principals else { return nil }
-        guard let header = headers("authorization").first else {
+        // One pass for the headers SigV4 itself reads.
+        var authorizations: [String] = [], tokens: [String] = [], dates: [String] = [], declaredHashes: [String] = []
+        for (name, value) in headers where name.utf8.first == UInt8(ascii: "a") || name.utf8.first == UInt8(ascii: "x") {
+            switch name {
+            case "authorization": authorizations.append(value)
+            case "x-amz-date": dates.append(value)
+            case "x-amz-security-token": tokens.append(value)
+            case "x-amz-content-sha256": declaredHashes.append(value)
+            default: break
+            }
+        }
+        guard let header = authorizations.first else {
             throw AgentCoreError(.missingAuthenticationToken, "Missing Authentication Token")
         }
-        guard headers("authorization").count == 1 else { throw AgentCoreError(.incompleteSignature, "Only one Authorization header is allowed") }
+        guard authorizations.count == 1 else { throw AgentCoreError(.incompleteSignature, "Only one Authorization header is allowed") }
         let auth = try SigV4.parseAuthorization(header)
-        guard let (principal, key) = principals.key(auth.accessKeyID) else {
+        guard let entry = principals.keys[auth.accessKeyID] else {
             throw AgentCoreError(.unrecognizedClient, "The security token included in the request is invalid.")
         }
-        let tokens = headers("x-amz-security-token")
+        let principal = principals.principals[entry.principal], key = entry.key
         guard tokens.count <= 1, Self.sameToken(tokens.first, key.sessionToken) else {
             throw AgentCoreError(.unrecognizedClient, "The security token included in the request is invalid.")
         }
-        let dates = headers("x-amz-date")
         guard dates.count == 1, let amzDate = dates.first else {
             throw AgentCoreError(.incompleteSignature, "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
         }
@@ -93,18 +100,19 @@ public final class Authenticator: Sendable {
         if seconds > now + SigV4.maxSkewSeconds {
             throw AgentCoreError(.invalidSignature, "Signature not yet current: \(amzDate) is still later than \(SigV4.formatDate(now + SigV4.maxSkewSeconds)) (\(SigV4.formatDate(now)) + 5 min.)")
         }
-        var values: [[String]] = []
-        values.reserveCapacity(auth.signedHeaders.count)
-        for name in auth.signedHeaders {
-            if name == "host" { values.append(authority.map { [$0] } ?? headers("host")) } else { values.append(headers(name)) }
+        let signed = auth.signedHeaders
+        var values = [[String]](repeating: [], count: signed.count)
+        for (name, value) in headers {
+            if let i = signed.firstIndex(of: name) { values[i].append(value) }
         }
-        let declared = headers("x-amz-content-sha256").first
+        if let i = signed.firstIndex(of: "host"), let authority { values[i] = [authority] }
+        let declared = declaredHashes.first
         if let declared, declared.utf8.count != 64 || SigV4.Hex.decode(declared) == nil {
             throw AgentCoreError(.invalidSignature, "x-amz-content-sha256 must be the payload's SHA-256 in hex: an unsigned payload is not accepted")
         }
         return PendingSignature(caller: Caller(owner: principal.name, kind: .principal(principal)), authorization: auth, amzDate: amzDate,
                                 method: method, path: path, query: query, headerValues: values,
-                                signingKey: signingKey(key, auth), declaredPayloadHash: declared?.lowercased())
+                                signingKey: signingKey(entry, auth), declaredPayloadHash: declared?.lowercased())
     }
 
     /// Session tokens compared in constant time; absent on both sides is a match.
@@ -123,18 +131,18 @@ public final class Authenticator: Sendable {
         return diff == 0
     }
 
-    private func signingKey(_ key: Principals.AccessKey, _ auth: SigV4.Authorization) -> SymmetricKey {
-        let name = "\(key.id)/\(auth.date)/\(auth.region)/\(auth.service)"
-        if let cached = signingKeys.withLock({ $0[name] }) { return cached }
+    /// The HMAC keyed with the signing key of `auth`'s scope, derived once per key and scope (each request
+    /// copies the keyed state).
+    private func signingKey(_ entry: Principals.KeyEntry, _ auth: SigV4.Authorization) -> SigningMAC {
+        if let cached = entry.signing.withLock({ $0 }), cached.date == auth.date, cached.region == auth.region, cached.service == auth.service {
+            return cached.mac
+        }
         func hmac(_ key: SymmetricKey, _ text: String) -> SymmetricKey {
             SymmetricKey(data: Array(HMAC<SHA256>.authenticationCode(for: Array(text.utf8), using: key)))
         }
-        let kDate = hmac(SymmetricKey(data: Array("AWS4\(key.secret)".utf8)), auth.date)
-        let derived = hmac(hmac(hmac(kDate, auth.region), auth.service), "aws4_request")
-        signingKeys.withLock {
-            if $0.count >= Self.signingKeysKept { $0.removeAll(keepingCapacity: true) }
-            $0[name] = derived
-        }
+        let kDate = hmac(SymmetricKey(data: Array("AWS4\(entry.key.secret)".utf8)), auth.date)
+        let derived = SigningMAC(key: hmac(hmac(hmac(kDate, auth.region), auth.service), "aws4_request"))
+        entry.signing.withLock { $0 = (auth.date, auth.region, auth.service, derived) }
         return derived
     }
 
@@ -182,7 +190,7 @@ public struct PendingSignature: Sendable {
     let amzDate: String
     let method: String, path: String, query: String
     let headerValues: [[String]]
-    let signingKey: SymmetricKey
+    let signingKey: SigningMAC
     /// What x-amz-content-sha256 declared, if sent: the body must hash to it as well.
     public let declaredPayloadHash: String?
 
@@ -196,14 +204,49 @@ public struct PendingSignature: Sendable {
                                                values: { name in names.firstIndex(of: name).map { headerValues[$0] } ?? [] },
                                                payloadHash: declaredPayloadHash ?? payloadHash)
         var toSign: [UInt8] = []
-        toSign.reserveCapacity(160)
-        toSign += "\(SigV4.algorithm)\n\(amzDate)\n\(authorization.scope)\n".utf8
-        toSign += SigV4.Hex.encode(SHA256.hash(data: canonical)).utf8
-        // Constant time: swift-crypto compares the codes without an early exit.
-        guard HMAC<SHA256>.isValidAuthenticationCode(authorization.signature, authenticating: toSign, using: signingKey) else {
+        toSign.reserveCapacity(200)
+        toSign += SigV4.algorithm.utf8
+        toSign.append(0x0A)
+        toSign += amzDate.utf8
+        toSign.append(0x0A)
+        for part in [authorization.date, authorization.region, authorization.service] {
+            toSign += part.utf8
+            toSign.append(UInt8(ascii: "/"))
+        }
+        toSign += "aws4_request\n".utf8
+        SHA256.hash(data: canonical).withUnsafeBytes { SigV4.Hex.append($0, to: &toSign) }
+        guard Authenticator.constantTimeEqual(signingKey.code(toSign), authorization.signature) else {
             throw AgentCoreError(.invalidSignature, "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.")
         }
         return caller
+    }
+}
+
+/// HMAC-SHA256 under one signing key, its keyed inner and outer states made once: HMAC(K, m) is
+/// SHA-256((K ^ opad) || SHA-256((K ^ ipad) || m)) (RFC 2104). swift-crypto's `HMAC.update` is generic over
+/// DataProtocol and not inlinable, so every request paid for the unspecialized path; SHA-256 itself is
+/// swift-crypto's, over raw buffers. `SigV4Tests` checks it against botocore's signature.
+struct SigningMAC: Sendable {
+    private let inner: SHA256
+    private let outer: SHA256
+
+    init(key: SymmetricKey) {
+        // The signing key is an HMAC output, 32 bytes: shorter than the block, so it is used as it is.
+        var block = [UInt8](repeating: 0, count: 64)
+        key.withUnsafeBytes { k in for (i, b) in k.enumerated() { block[i] = b } }
+        var inner = SHA256(), outer = SHA256()
+        inner.update(data: block.map { $0 ^ 0x36 })
+        outer.update(data: block.map { $0 ^ 0x5C })
+        self.inner = inner
+        self.outer = outer
+    }
+
+    func code(_ message: [UInt8]) -> [UInt8] {
+        var i = inner
+        message.withUnsafeBytes { i.update(bufferPointer: $0) }
+        var o = outer
+        i.finalize().withUnsafeBytes { o.update(bufferPointer: $0) }
+        return o.finalize().withUnsafeBytes { Array($0) }
     }
 }
 
@@ -213,6 +256,6 @@ public struct PayloadHash: Sendable {
     public init() {}
     public mutating func update(_ bytes: [UInt8]) { hasher.update(data: bytes) }
     public mutating func update(bufferPointer: UnsafeRawBufferPointer) { hasher.update(bufferPointer: bufferPointer) }
-    public func finish() -> String { SigV4.Hex.encode(hasher.finalize()) }
+    public func finish() -> String { hasher.finalize().withUnsafeBytes { SigV4.Hex.encode($0) } }
     public static let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 }

@@ -2,6 +2,8 @@
 import Glibc
 #endif
 import CubicleAgentCore
+import Crypto
+import Synchronization
 import Yams
 
 /// The principals file (`--credentials FILE`): who may call and what each may do, in IAM's vocabulary.
@@ -33,28 +35,38 @@ public struct Principals: Sendable {
         public var resources: [String]
 
         func matches(action: String, resource: String) -> Bool {
-            actions.contains { Wildcard.matches($0.lowercased(), action.lowercased()) } && resources.contains { Wildcard.matches($0, resource) }
+            actions.contains { Wildcard.matches($0, action, caseInsensitive: true) } && resources.contains { Wildcard.matches($0, resource) }
         }
     }
 
     public let principals: [Principal]
-    /// Access key id → (principal index, key).
-    let keys: [String: (principal: Int, key: AccessKey)]
+    /// Access key id → its principal, the key, and the key's last signing key.
+    let keys: [String: KeyEntry]
+
+    /// One access key and the HMAC state its last scope's signing key makes: requests are signed for
+    /// one date, region and service at a time, so deriving it (four HMACs) and keying it (two SHA-256
+    /// blocks) is done once per key and day rather than per request.
+    final class KeyEntry: Sendable {
+        let principal: Int
+        let key: AccessKey
+        let signing = Mutex<(date: String, region: String, service: String, mac: SigningMAC)?>(nil)
+        init(principal: Int, key: AccessKey) { self.principal = principal; self.key = key }
+    }
 
     public init(principals: [Principal], keys: [(principal: String, key: AccessKey)]) throws(ConfigurationError) {
         self.principals = principals
-        var map: [String: (Int, AccessKey)] = [:]
+        var map: [String: KeyEntry] = [:]
         for (name, key) in keys {
             guard let i = principals.firstIndex(where: { $0.name == name }) else { throw ConfigurationError("principal \(name) is not defined") }
             guard map[key.id] == nil else { throw ConfigurationError("access key \(key.id) is given twice") }
-            map[key.id] = (i, key)
+            map[key.id] = KeyEntry(principal: i, key: key)
         }
         self.keys = map
     }
 
     public func key(_ id: String) -> (principal: Principal, key: AccessKey)? {
-        guard let (i, key) = keys[id] else { return nil }
-        return (principals[i], key)
+        guard let entry = keys[id] else { return nil }
+        return (principals[entry.principal], entry.key)
     }
 
     /// An explicit deny wins; otherwise some allow must match (IAM's evaluation, identity policies only).
@@ -150,14 +162,24 @@ enum SigV4Bytes {
 }
 
 /// IAM's `*` and `?`, iteratively with one backtrack point, so a hostile pattern cannot make it exponential.
+/// Over the strings' own UTF-8 storage: it runs for every call, on the event loop.
 public enum Wildcard {
-    public static func matches(_ pattern: String, _ text: String) -> Bool {
-        let p = Array(pattern.utf8), t = Array(text.utf8)
+    public static func matches(_ pattern: String, _ text: String, caseInsensitive: Bool = false) -> Bool {
+        var pattern = pattern, text = text
+        return pattern.withUTF8 { p in text.withUTF8 { t in matches(p, t, caseInsensitive) } }
+    }
+
+    static func matches(_ p: UnsafeBufferPointer<UInt8>, _ t: UnsafeBufferPointer<UInt8>, _ fold: Bool) -> Bool {
+        func same(_ a: UInt8, _ b: UInt8) -> Bool {
+            guard fold else { return a == b }
+            func lower(_ c: UInt8) -> UInt8 { c >= 0x41 && c <= 0x5A ? c | 0x20 : c }
+            return lower(a) == lower(b)
+        }
         var i = 0, j = 0, star = -1, mark = 0
         while j < t.count {
             if i < p.count, p[i] == UInt8(ascii: "*") {
                 star = i; mark = j; i += 1
-            } else if i < p.count, p[i] == UInt8(ascii: "?") || p[i] == t[j] {
+            } else if i < p.count, p[i] == UInt8(ascii: "?") || same(p[i], t[j]) {
                 i += 1; j += 1
             } else if star >= 0 {
                 i = star + 1; mark += 1; j = mark

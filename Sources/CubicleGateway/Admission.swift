@@ -41,10 +41,15 @@ public struct Admission: Sendable {
             guard authorization.count == 1 else { throw AgentCoreError(.accessDenied, "Only one Authorization header is allowed") }
             return .bearer(String(first.dropFirst("Bearer ".count)))
         }
-        let pending = try authenticator.begin(method: request.method.rawValue, path: path, query: query, authority: request.head.authority) { name in
-            HTTPField.Name(name).map { headers[values: $0] } ?? []
-        }
+        let pending = try authenticator.begin(method: request.method.rawValue, path: path, query: query, authority: request.head.authority,
+                                              headers: Self.lowercased(headers))
         return pending.map { .signature($0) } ?? .none
+    }
+
+    /// The fields by lowercased name, in order, for SigV4's lookups: a scan of a few fields costs less
+    /// than a field name made and validated per lookup (perf, a warm signed invoke).
+    static func lowercased(_ fields: HTTPFields) -> [(name: String, value: String)] {
+        fields.map { ($0.name.canonicalName, $0.value) }
     }
 
     /// The caller of an operation on `runtime`, with `payloadHash` the body's SHA-256 where a signature

@@ -79,7 +79,13 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     /// only then does any of it go to the agent. Anything that does not verify, or is not permitted, is
     /// handed to the task road whole, which checks it again and answers the refusal.
     private let authenticator: Authenticator?
-    private var held: (head: HTTPRequest, check: PendingSignature, parts: [HTTPRequestPart], hash: PayloadHash)?
+    private var held: Held?
+    private struct Held {
+        var head: HTTPRequest
+        var check: PendingSignature
+        var parts: [HTTPRequestPart] = []
+        var hash = PayloadHash()
+    }
     /// The next head goes to the task road whatever it is (a held request being handed on).
     private var bypass = false
     private var context: ChannelHandlerContext?
@@ -127,7 +133,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
             if case .head(let head) = part, responsesOwed == 0, !bypass {
                 if let authenticator {
                     if let check = signedInvocation(head, authenticator) {
-                        held = (head, check, [], PayloadHash())
+                        held = Held(head: head, check: check)
                         reading = .verifying
                         return
                     }
@@ -145,11 +151,10 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
             }
             context.fireChannelRead(wrapInboundOut(part))
         case .verifying:
-            guard var h = held else { return }
-            if case .body(let buffer) = part { buffer.withUnsafeReadableBytes { h.hash.update(bufferPointer: $0) } }
-            h.parts.append(part)
-            held = h
-            guard case .end = part else { return }
+            // In place (optional chaining): a copy would copy the hash's state with every part.
+            if case .body(let buffer) = part { buffer.withUnsafeReadableBytes { held?.hash.update(bufferPointer: $0) } }
+            held?.parts.append(part)
+            guard case .end = part, let h = held else { return }
             held = nil
             reading = .betweenRequests
             verified(h, context)
@@ -199,14 +204,15 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
               let length = fields[.contentLength].flatMap({ Int($0) }), (0...SpooledBody.memoryLimit).contains(length),
               invocation(head) != nil, let target = head.path,
               fields[.authorization].map({ !$0.hasPrefix("Bearer ") }) ?? false else { return nil }
-        let parts = target.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-        return try? authenticator.begin(method: "POST", path: String(parts[0]), query: parts.count > 1 ? String(parts[1]) : "",
-                                        authority: head.authority) { name in HTTPField.Name(name).map { fields[values: $0] } ?? [] }
+        let question = target.utf8.firstIndex(of: UInt8(ascii: "?"))
+        let path = question.map { String(target[..<$0]) } ?? target
+        let query = question.map { String(target[target.index(after: $0)...]) } ?? ""
+        return try? authenticator.begin(method: "POST", path: path, query: query, authority: head.authority, headers: Admission.lowercased(fields))
     }
 
     /// A held request whose body has all come: forwarded if its signature verifies, it is permitted and its
     /// session is live with an idle link here; otherwise handed on whole, in order, to the task road.
-    private func verified(_ h: (head: HTTPRequest, check: PendingSignature, parts: [HTTPRequestPart], hash: PayloadHash), _ context: ChannelHandlerContext) {
+    private func verified(_ h: Held, _ context: ChannelHandlerContext) {
         if let authenticator, let caller = try? h.check.verify(payloadHash: h.hash.finish()), let (runtime, qualifier, id) = invocation(h.head) {
             let arn = authenticator.runtimeARN(runtime)
             let permitted = authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", arn)

@@ -23,16 +23,16 @@ struct SigV4Tests {
             """)
     }
 
-    static func headers(_ extra: [(String, String)] = [], drop: String? = nil) -> (String) -> [String] {
+    static func headers(_ extra: [(String, String)] = [], drop: String? = nil) -> [(name: String, value: String)] {
         var all: [(String, String)] = [("authorization", authorization), ("content-type", "application/json"), ("x-amz-date", "20261205T120000Z"),
                                        ("x-amzn-bedrock-agentcore-runtime-session-id", String(repeating: "s", count: 40)), ("x-amzn-trace-id", "Root=1")]
         all.removeAll { $0.0 == drop }
         all += extra
-        return { name in all.filter { $0.0 == name }.map(\.1) }
+        return all.map { (name: $0.0, value: $0.1) }
     }
 
     func verify(now: Int = signedAt, path: String = path, query: String = query, authority: String = "127.0.0.1:8080",
-                headers: (String) -> [String] = headers(), body: [UInt8] = body) throws -> Caller {
+                headers: [(name: String, value: String)] = headers(), body: [UInt8] = body) throws -> Caller {
         let auth = Authenticator(principals: try Self.principals(), region: "us-east-1", accountID: "000000000000", now: { now })
         let pending = try #require(try auth.begin(method: "POST", path: path, query: query, authority: authority, headers: headers))
         var hash = PayloadHash()
