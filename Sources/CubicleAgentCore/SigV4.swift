@@ -111,8 +111,16 @@ public enum SigV4 {
         }
         guard let y = number(0..<4), let mo = number(4..<6), let d = number(6..<8), let h = number(9..<11),
               let mi = number(11..<13), let s = number(13..<15),
-              (1...12).contains(mo), (1...31).contains(d), h < 24, mi < 60, s < 61 else { return nil }
+              (1970...9999).contains(y), (1...12).contains(mo), d >= 1, d <= daysIn(y, mo), h < 24, mi < 60, s < 60 else { return nil }
         return daysFromCivil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + s
+    }
+
+    static func daysIn(_ y: Int, _ m: Int) -> Int {
+        switch m {
+        case 2: (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 ? 29 : 28
+        case 4, 6, 9, 11: 30
+        default: 31
+        }
     }
 
     /// The same form, for messages.

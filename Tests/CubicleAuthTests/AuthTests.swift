@@ -128,6 +128,8 @@ struct SigV4Tests {
         #expect(SigV4.parseDate("20261205T120000Z") == Self.signedAt)
         #expect(SigV4.formatDate(Self.signedAt) == "20261205T120000Z")
         #expect(SigV4.parseDate("20261305T120000Z") == nil && SigV4.parseDate("2026-12-05T12:00:00Z") == nil)
+        #expect(SigV4.parseDate("20260229T000000Z") == nil && SigV4.parseDate("20240229T000000Z") != nil, "February 29th only in a leap year")
+        #expect(SigV4.parseDate("09701101T000000Z") == nil && SigV4.parseDate("20261205T120060Z") == nil, "years from 1970, seconds below 60 (fuzz)")
     }
 }
 

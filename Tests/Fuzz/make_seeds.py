@@ -62,3 +62,11 @@ write("validators", "command", f"POST\n/runtimes/{arn}/commands\n\n{sid}\n{{\"co
 write("validators", "stop", f"POST\n/runtimes/demo/stopruntimesession\naccountId=123456789012\n{sid}\n{{}}".encode())
 write("validators", "ping", b"GET\n/ping\n\n\n")
 write("validators", "json", json.dumps({"a": [1, 2.5, -0.0, True, None, "\u00e9\\n"], "b": {"c": 1e300}}).encode())
+
+# SigV4: Authorization header, X-Amz-Date, path, query, header values (\r-separated), as botocore signs them.
+auth = ("AWS4-HMAC-SHA256 Credential=AKIAALICE00000000001/20261205/us-east-1/bedrock-agentcore/aws4_request, "
+        "SignedHeaders=content-type;host;x-amz-date;x-amzn-bedrock-agentcore-runtime-session-id, "
+        "Signature=58bd8c5bfa0588422cbc4f28db3843a04e6989344a8a4729ff6e670b4f7bb566")
+write("sigv4", "botocore-invoke", f"{auth}\n20261205T120000Z\n/runtimes/{arn}/invocations\nqualifier=DEFAULT&accountId=000000000000\napplication/json\r 127.0.0.1:8080 ".encode())
+write("sigv4", "dot-segments", f"{auth}\n20260229T235959Z\n/a/./b/../c//d/%2E%2E/\nb=2&a=1&a=&=x&%zz=%41\n  spaced   value  ".encode())
+write("sigv4", "presigned-like", b"AWS4-HMAC-SHA256 Credential=A/2/r/s/t, SignedHeaders=host, Signature=00\n19700101T000000Z\n/\nX-Amz-Signature=abc&X-Amz-Date=20261205T120000Z\n")
