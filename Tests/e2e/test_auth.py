@@ -447,3 +447,19 @@ def test_a_jwt_authorizer_made_through_the_control_plane(start_daemon, issuer, t
     wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
     assert invoke(d.client(), new_session_id(), runtime=rid)["answer"] == 2
     assert bearer(d, issuer.token(), new_session_id(), path=path)[:2] == (403, "AccessDeniedException")
+
+
+def test_owners_survive_a_restart(signed_daemon):
+    """A cubicled killed and started again takes each session over with its owner: alice's session answers
+    alice, and bob's same id is still a session of bob's own."""
+    d = signed_daemon
+    alice, bob = client(d, ALICE), client(d, BOB)
+    sid = new_session_id()
+    assert invoke(alice, sid)["turn"] == 1
+    assert invoke(bob, sid)["turn"] == 1
+    d.process.send_signal(9)
+    d.process.wait()
+    d.restart()
+    alice, bob = client(d, ALICE), client(d, BOB)
+    assert invoke(alice, sid)["turn"] == 2 and invoke(bob, sid)["turn"] == 2, "both sessions were taken over, each with its owner"
+    assert sorted(r["owner"] for r in d.cubicle_json("ps")["sessions"]) == ["alice", "bob"]
