@@ -100,27 +100,15 @@ public enum PercentEncoding {
         return String(validating: out, as: UTF8.self)
     }
 
-    /// Encodes everything but RFC 3986 unreserved characters, as botocore does for a URI label.
+    /// Encodes everything but RFC 3986 unreserved characters, as botocore does for a URI label (SigV4's
+    /// canonical URI uses the same encoding).
     public static func encode(_ text: String) -> String {
-        let digits = Array("0123456789ABCDEF".utf8)
         var out: [UInt8] = []
-        for c in text.utf8 {
-            switch c {
-            case 0x41...0x5A, 0x61...0x7A, 0x30...0x39, 0x2D, 0x2E, 0x5F, 0x7E: out.append(c)
-            default: out += [0x25, digits[Int(c >> 4)], digits[Int(c & 0xF)]]
-            }
-        }
+        SigV4.encode(Array(text.utf8)[...], into: &out)
         return String(decoding: out, as: UTF8.self)
     }
 
-    private static func hex(_ c: UInt8) -> UInt8? {
-        switch c {
-        case 0x30...0x39: c - 0x30
-        case 0x41...0x46: c - 0x41 + 10
-        case 0x61...0x66: c - 0x61 + 10
-        default: nil
-        }
-    }
+    private static func hex(_ c: UInt8) -> UInt8? { SigV4.Hex.value(c) }
 }
 
 public enum QueryString {
