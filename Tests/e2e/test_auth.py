@@ -463,3 +463,45 @@ def test_owners_survive_a_restart(signed_daemon):
     alice, bob = client(d, ALICE), client(d, BOB)
     assert invoke(alice, sid)["turn"] == 2 and invoke(bob, sid)["turn"] == 2, "both sessions were taken over, each with its owner"
     assert sorted(r["owner"] for r in d.cubicle_json("ps")["sessions"]) == ["alice", "bob"]
+
+
+def test_every_control_plane_operation_signed_and_checked_per_operation(start_daemon, tmp_path):
+    """With a principal's keys every operation of bedrock-agentcore-control works through boto3, and each is
+    checked as its own IAM action: a principal allowed all but DeleteAgentRuntimeEndpoint is refused exactly that."""
+    from test_control_plane import host_runtime, wait_status
+    import shutil
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(os.path.join(PRODUCTS, "cubicle-demo-agent"), code / "cubicle-demo-agent")
+    os.chmod(tmp_path, 0o755)
+    principals = PRINCIPALS + f"""  - name: builder
+    accessKeys: [{{accessKeyId: AKIABUILDER000000001, secretAccessKey: builder-secret-0123456789abcdef}}]
+    allow: [{{actions: ["bedrock-agentcore:*"], resources: ["*"]}}]
+    deny: [{{actions: ["bedrock-agentcore:DeleteAgentRuntimeEndpoint"], resources: ["arn:aws:bedrock-agentcore:*:*:runtime/*/runtime-endpoint/*"]}}]
+"""
+    d = start_daemon(extra_args=["--credentials", write_credentials(tmp_path, principals), "--code-root", str(code)])
+    cp = client(d, ("AKIABUILDER000000001", "builder-secret-0123456789abcdef"), "bedrock-agentcore-control")
+    rid = cp.create_agent_runtime(agentRuntimeName="signed", tags={"cubicle:command": "/app/cubicle-demo-agent"}, **host_runtime(code))["agentRuntimeId"]
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    cp.update_agent_runtime(agentRuntimeId=rid, description="two", **host_runtime(code))
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    assert [v["agentRuntimeVersion"] for v in cp.list_agent_runtime_versions(agentRuntimeId=rid)["agentRuntimes"]] == ["2", "1"]
+    cp.create_agent_runtime_endpoint(agentRuntimeId=rid, name="pinned", agentRuntimeVersion="1")
+    wait_status(lambda: cp.get_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="pinned"))
+    cp.update_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="pinned", agentRuntimeVersion="2")
+    wait_status(lambda: cp.get_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="pinned"))
+    assert {e["name"] for e in cp.list_agent_runtime_endpoints(agentRuntimeId=rid)["runtimeEndpoints"]} == {"DEFAULT", "pinned"}
+    arn = cp.get_agent_runtime(agentRuntimeId=rid)["agentRuntimeArn"]
+    cp.tag_resource(resourceArn=arn, tags={"team": "blue"})
+    assert cp.list_tags_for_resource(resourceArn=arn)["tags"]["team"] == "blue"
+    cp.untag_resource(resourceArn=arn, tagKeys=["team"])
+    assert "team" not in cp.list_tags_for_resource(resourceArn=arn)["tags"]
+    assert invoke(client(d, ("AKIABUILDER000000001", "builder-secret-0123456789abcdef")), new_session_id(), runtime=rid)["answer"] == 2
+    code_, message, status = error_of(lambda: cp.delete_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="pinned"))
+    assert (code_, status) == ("AccessDeniedException", 403) and "explicit deny" in message and f"runtime/{rid}/runtime-endpoint/pinned" in message
+    client(d, ALICE, "bedrock-agentcore-control").delete_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="pinned")
+    cp.delete_agent_runtime(agentRuntimeId=rid)
+    deadline = time.time() + 30
+    while any(r["agentRuntimeId"] == rid for r in cp.list_agent_runtimes()["agentRuntimes"]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(r["agentRuntimeId"] == rid for r in cp.list_agent_runtimes()["agentRuntimes"])
