@@ -82,6 +82,7 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private var held: Held?
     private struct Held {
         var head: HTTPRequest
+        var carried: ForwardedInvoke.Carried
         var check: PendingSignature
         var parts: [HTTPRequestPart] = []
         var hash = PayloadHash()
@@ -132,8 +133,8 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         case .betweenRequests:
             if case .head(let head) = part, responsesOwed == 0, !bypass {
                 if let authenticator {
-                    if let check = signedInvocation(head, authenticator) {
-                        held = Held(head: head, check: check)
+                    if let (carried, check) = signedInvocation(head, authenticator) {
+                        held = Held(head: head, carried: carried, check: check)
                         reading = .verifying
                         return
                     }
@@ -198,26 +199,27 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
 
     /// A signed InvokeAgentRuntime the warm road may carry once verified: small enough to hold, with a
     /// signature whose head checks pass. Anything else goes to the task road.
-    private func signedInvocation(_ head: HTTPRequest, _ authenticator: Authenticator) -> PendingSignature? {
+    private func signedInvocation(_ head: HTTPRequest, _ authenticator: Authenticator) -> (ForwardedInvoke.Carried, PendingSignature)? {
         let fields = head.headerFields
-        guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
-              let length = fields[.contentLength].flatMap({ Int($0) }), (0...SpooledBody.memoryLimit).contains(length),
-              invocation(head) != nil, let target = head.path,
+        guard let carried = ForwardedInvoke.carriable(head, maxLength: SpooledBody.memoryLimit, forwarder: self), let target = head.path,
               fields[.authorization].map({ !$0.hasPrefix("Bearer ") }) ?? false else { return nil }
         let question = target.utf8.firstIndex(of: UInt8(ascii: "?"))
         let path = question.map { String(target[..<$0]) } ?? target
         let query = question.map { String(target[target.index(after: $0)...]) } ?? ""
-        return try? authenticator.begin(method: "POST", path: path, query: query, authority: head.authority, headers: Admission.lowercased(fields))
+        guard let check = try? authenticator.begin(method: "POST", path: path, query: query, authority: head.authority,
+                                                   headers: Admission.lowercased(fields)) else { return nil }
+        return (carried, check)
     }
 
     /// A held request whose body has all come: forwarded if its signature verifies, it is permitted and its
     /// session is live with an idle link here; otherwise handed on whole, in order, to the task road.
     private func verified(_ h: Held, _ context: ChannelHandlerContext) {
-        if let authenticator, let caller = try? h.check.verify(payloadHash: h.hash.finish()), let (runtime, qualifier, id) = invocation(h.head) {
+        if let authenticator, let caller = try? h.check.verify(payloadHash: h.hash.finish()) {
+            let (_, runtime, qualifier, id) = h.carried
             let arn = authenticator.runtimeARN(runtime)
             let permitted = authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", arn)
                 && (h.head.headerFields[.agentCoreUserID] == nil || authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntimeForUser", arn))
-            if permitted, let forwarded = ForwardedInvoke.start(h.head, owner: caller.owner, lookup: lookup, client: context, forwarder: self) {
+            if permitted, let forwarded = ForwardedInvoke.start(h.head, h.carried, owner: caller.owner, lookup: lookup, client: context, forwarder: self) {
                 exchange = forwarded
                 reading = .forwarding
                 for part in h.parts { handle(part, context) }
@@ -280,12 +282,29 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     static func start(_ head: HTTPRequest, owner: String, lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext,
                       forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
         let started = DispatchTime.now().uptimeNanoseconds
+        guard let carried = carriable(head, maxLength: Limits.maxPayloadBytes, forwarder: forwarder) else { return nil }
+        return start(head, carried, owner: owner, started: started, lookup: lookup, client: client, forwarder: forwarder)
+    }
+
+    /// What the warm road needs of a head it can carry: its declared length, runtime and session.
+    typealias Carried = (length: Int, runtime: String, qualifier: String?, id: String)
+
+    /// An InvokeAgentRuntime head this road can carry, or nil. A client asking to close after this
+    /// response is left to Hummingbird, which closes it.
+    static func carriable(_ head: HTTPRequest, maxLength: Int, forwarder: WarmInvokeForwarder) -> Carried? {
         let fields = head.headerFields
-        // A client asking to close after this response is left to Hummingbird, which closes it.
         guard fields[.transferEncoding] == nil, fields[.expect] == nil, fields[.connection] == nil,
-              let length = fields[.contentLength].flatMap({ Int($0) }), (0...Limits.maxPayloadBytes).contains(length),
-              let (runtime, qualifier, id) = forwarder.invocation(head),
-              let target = lookup(runtime, qualifier, owner, id) else { return nil }
+              let length = fields[.contentLength].flatMap({ Int($0) }), (0...maxLength).contains(length),
+              let (runtime, qualifier, id) = forwarder.invocation(head) else { return nil }
+        return (length, runtime, qualifier, id)
+    }
+
+    /// Forwards a head `carriable` accepted (a held, verified one is not checked twice).
+    static func start(_ head: HTTPRequest, _ carried: Carried, owner: String, started: UInt64 = DispatchTime.now().uptimeNanoseconds,
+                      lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext, forwarder: WarmInvokeForwarder) -> ForwardedInvoke? {
+        let (length, runtime, qualifier, id) = carried
+        let fields = head.headerFields
+        guard let target = lookup(runtime, qualifier, owner, id) else { return nil }
         guard let link = target.agent.take(on: client.eventLoop) else {
             target.agent.warm(on: client.eventLoop)
             return nil
