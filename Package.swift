@@ -77,6 +77,9 @@ let package = Package(
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Session storage: a file system per session (an ext4 image on a loop device), kept across its
+        // sandboxes.
+        .target(name: "CubicleStorage", dependencies: ["CubicleLinux", "CCubicleShim"]),
         // Runtime definitions: the YAML config, the control plane's documents, versions and endpoints, and
         // the store that keeps them (SQLite embedded, PostgreSQL shared by a fleet).
         .target(name: "CubicleRuntimes", dependencies: [
@@ -175,6 +178,7 @@ let package = Package(
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
         .testTarget(name: "CubicleAuthTests", dependencies: ["CubicleAuth", "CubicleAgentCore", "CubicleJSON",
                                                        .product(name: "Crypto", package: "swift-crypto")]),
+        .testTarget(name: "CubicleStorageTests", dependencies: ["CubicleStorage", "CubicleLinux"]),
         .testTarget(name: "CubicleRuntimesTests", dependencies: ["CubicleRuntimes", "CubicleAgentCore", "CubicleJSON"]),
     ]
 )

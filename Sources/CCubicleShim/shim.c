@@ -665,3 +665,46 @@ int cubicle_idmapped_tree(const char *path, int userns_fd) {
 int cubicle_move_mount_to(int fd, const char *target) {
     return (int)syscall(SYS_move_mount, fd, "", AT_FDCWD, target, 0x4 /* MOVE_MOUNT_F_EMPTY_PATH */);
 }
+
+/* A free loop device bound to backing_fd (read-write, LO_FLAGS_AUTOCLEAR: it detaches itself once its last
+ * opener closes it and nothing is mounted from it). Returns the loop device's open descriptor, its number
+ * in *index. LOOP_CTL_GET_FREE and LOOP_CONFIGURE are two steps, so another process may take the device in
+ * between (EBUSY): the next free one is tried, a bounded number of times. */
+#include <linux/loop.h>
+int cubicle_loop_attach(int backing_fd, int *index) {
+    int control = open("/dev/loop-control", O_RDWR | O_CLOEXEC);
+    if (control < 0) return -1;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        int n = ioctl(control, LOOP_CTL_GET_FREE);
+        if (n < 0) { int e = errno; close(control); errno = e; return -1; }
+        char path[32];
+        snprintf(path, sizeof path, "/dev/loop%d", n);
+        int fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd < 0) {
+            if (errno == ENOENT || errno == ENXIO) continue;
+            int e = errno; close(control); errno = e; return -1;
+        }
+        struct loop_config config;
+        memset(&config, 0, sizeof config);
+        config.fd = (unsigned)backing_fd;
+        config.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+        if (ioctl(fd, LOOP_CONFIGURE, &config) == 0) {
+            close(control);
+            *index = n;
+            return fd;
+        }
+        int e = errno;
+        close(fd);
+        if (e != EBUSY) { close(control); errno = e; return -1; }
+    }
+    close(control);
+    errno = EBUSY;
+    return -1;
+}
+
+/* syncfs(2) and a whole-file hole punch, which Swift's Glibc module does not import (_GNU_SOURCE). */
+int cubicle_syncfs(int fd) { return syncfs(fd); }
+
+int cubicle_punch_hole(int fd, long long length) {
+    return fallocate(fd, 0x02 /* FALLOC_FL_PUNCH_HOLE */ | 0x01 /* FALLOC_FL_KEEP_SIZE */, 0, (off_t)length);
+}

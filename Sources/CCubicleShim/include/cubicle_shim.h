@@ -177,6 +177,14 @@ ssize_t cubicle_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nf
 
 /* A detached, read-only, idmapped copy of `path` for the sandbox whose user namespace is userns_fd. */
 int cubicle_idmapped_tree(const char *path, int userns_fd);
+
+/* A free loop device attached to backing_fd, detaching itself when closed and unmounted (LO_FLAGS_AUTOCLEAR):
+ * its open descriptor, its number in *index; -1 and errno on failure. */
+int cubicle_loop_attach(int backing_fd, int *index);
+
+int cubicle_syncfs(int fd);
+/* Gives back every block of the file's first `length` bytes to its file system (FALLOC_FL_PUNCH_HOLE). */
+int cubicle_punch_hole(int fd, long long length);
 /* Attaches a detached mount at `target` (move_mount). */
 int cubicle_move_mount_to(int fd, const char *target);
 
