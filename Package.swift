@@ -79,7 +79,7 @@ let package = Package(
         ]),
         // Session storage: a file system per session (an ext4 image on a loop device), kept across its
         // sandboxes.
-        .target(name: "CubicleStorage", dependencies: ["CubicleLinux", "CCubicleShim"]),
+        .target(name: "CubicleStorage", dependencies: ["CubicleLinux", "CCubicleShim", "CubicleJSON", .product(name: "Crypto", package: "swift-crypto")]),
         // Runtime definitions: the YAML config, the control plane's documents, versions and endpoints, and
         // the store that keeps them (SQLite embedded, PostgreSQL shared by a fleet).
         .target(name: "CubicleRuntimes", dependencies: [
@@ -94,6 +94,7 @@ let package = Package(
         // sandbox's pipes (logs, command output); HTTP is CubicleAgentLink's.
         .target(name: "CubicleSessions", dependencies: [
             "CubicleSandbox", "CubicleAgentCore", "CubicleRPC", "CubicleLinux", "CubicleAgentLink", "CubicleRuntimes", "CubicleNetwork", "CubicleImages",
+            "CubicleStorage", "CCubicleShim",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
@@ -143,7 +144,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleAuth", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
+            "CubicleGateway", "CubicleAuth", "CubicleStorage", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -81,7 +81,7 @@ struct RootFilesystem {
         // root. Every path Cubicle mounts on or writes is first made a real directory or file, component by
         // component without following a symlink (one in the way is replaced), so the path calls after it
         // stay in the image.
-        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev", "/etc", InitConfig.imageUpper] { try realPath(root, dir, directory: true) }
+        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev", "/etc", InitConfig.imageUpper] + config.mountPoints { try realPath(root, dir, directory: true) }
         try mountImageHostBinds(at: root)
         try writeInImage(root, "/etc/hostname", config.hostname + "\n")
         if let nameserver = config.nameserver { try writeInImage(root, "/etc/resolv.conf", "nameserver \(nameserver)\noptions timeout:2 attempts:2\n") }
@@ -153,7 +153,7 @@ struct RootFilesystem {
         let oneCall = try mountFromHost(at: root, sourceFD: sourceFD)
         try writeIdentityFiles(at: root)
         // Where the per-sandbox part mounts (/dev's own pts and shm come with its tmpfs below).
-        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev"] { try mkdirs(root + dir) }
+        for dir in ["/proc", "/tmp", InitConfig.agentHome, "/dev"] + config.mountPoints { try mkdirs(root + dir) }
         // One call makes the root and every bind under it read-only, nosuid and nodev, recursively; /dev,
         // mounted after it, keeps its devices usable.
         if oneCall { try makeReadOnly(root) }

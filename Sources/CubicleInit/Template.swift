@@ -101,9 +101,10 @@ struct TemplateKey: Equatable {
     var rootBytes: Int64
     var agentUID: UInt32
     var agentGID: UInt32
+    var mountPoints: [String]
 
     init(_ config: InitConfig, sources: [String]) {
-        (mounts, self.sources, hostname) = (config.mounts, sources, config.hostname)
+        (mounts, self.sources, hostname, mountPoints) = (config.mounts, sources, config.hostname, config.mountPoints)
         (rootBytes, agentUID, agentGID) = (config.rootBytes, config.agentUID, config.agentGID)
     }
 }

@@ -35,6 +35,9 @@ public struct InitConfig: Equatable, Sendable {
     /// before). They arrive after the configuration, as idmapped mounts (`RPCMethod.imageLayers`); the
     /// root is then an overlay of them with a writable upper layer in the root's tmpfs.
     public var imageLayers = 0
+    /// Empty directories made in the read-only tree, where the host mounts a session's storage
+    /// (`/mnt/NAME`) once the sandbox is its.
+    public var mountPoints: [String] = []
     /// Where an image root's upper layer (its tmpfs) is also mounted, so the host can wipe it at teardown.
     public static let imageUpper = "/.cubicle-upper"
 
@@ -74,6 +77,7 @@ public struct InitConfig: Equatable, Sendable {
             "reconnectSeconds": .int(reconnectSeconds),
             "nameserver": nameserver.map { .string($0) } ?? .null,
             "imageLayers": .int(Int64(imageLayers)),
+            "mountPoints": .array(mountPoints.map(JSON.string)),
         ]
     }
 
@@ -107,6 +111,14 @@ public struct InitConfig: Equatable, Sendable {
         maxProcesses = try field("maxProcesses") { $0.intValue.flatMap { UInt64(exactly: $0) } }
         reconnectSeconds = min(max(json["reconnectSeconds"]?.intValue ?? 0, 0), 86_400)
         imageLayers = Int(min(max(json["imageLayers"]?.intValue ?? 0, 0), 128))
+        mountPoints = []
+        for p in (json["mountPoints"]?.arrayValue ?? []).prefix(8) {
+            guard let path = p.stringValue, path.hasPrefix("/"), path.utf8.count <= 256,
+                  !path.split(separator: "/").contains(where: { $0 == ".." || $0 == "." }) else {
+                throw RPCError(code: RPCError.invalidParams, message: "mount point must be an absolute path without . or ..")
+            }
+            mountPoints.append(path)
+        }
         // A dotted IPv4 address and nothing else: it is written into a file other programs parse.
         if let n = json["nameserver"]?.stringValue {
             guard n.utf8.count <= 15, n.utf8.allSatisfy({ $0 == UInt8(ascii: ".") || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains($0) }) else {

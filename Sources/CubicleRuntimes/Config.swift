@@ -61,6 +61,27 @@ public struct RuntimeConfig: Equatable, Sendable {
     /// AgentCore's `authorizerConfiguration.customJWTAuthorizer`: callers bring a bearer token from this
     /// issuer instead of a SigV4 signature (CubicleAuth checks it), and it reaches the agent.
     public var authorizer: JWTAuthorizerConfiguration?
+    /// AgentCore's `filesystemConfigurations: [{sessionStorage: {mountPath}}]`: a file system per session id
+    /// at `mountPath`, kept when the session ends and mounted again into its next sandbox.
+    public var sessionStorage: SessionStorageConfig?
+
+    public struct SessionStorageConfig: Equatable, Sendable {
+        /// `/mnt/NAME`, one level below /mnt, as AWS validates it (a trailing slash dropped).
+        public var mountPath: String
+        /// The cap on the session's bytes (`limits.sessionStorage`); its inodes follow (one per 16 KiB).
+        public var bytes: Int64 = 1 << 30
+        public init(mountPath: String) { self.mountPath = mountPath }
+
+        /// `/mnt/[a-zA-Z0-9._-]+/?`, 6 to 200 characters, and not `.` or `..`; nil otherwise.
+        public static func mountPath(_ text: String) -> String? {
+            guard (6...200).contains(text.utf8.count), text.hasPrefix("/mnt/") else { return nil }
+            var name = text.dropFirst(5)
+            if name.hasSuffix("/") { name = name.dropLast() }
+            guard !name.isEmpty, name != ".", name != "..",
+                  name.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 | 0x20 >= 0x61 && $0 | 0x20 <= 0x7A) || $0 == 0x2E || $0 == 0x5F || $0 == 0x2D }) else { return nil }
+            return "/mnt/" + name
+        }
+    }
 
     public enum NetworkMode: String, Equatable, Sendable {
         case sandbox = "SANDBOX"
@@ -286,6 +307,7 @@ public struct DaemonConfig: Equatable, Sendable {
         guard r.idleRuntimeSessionTimeout <= r.maxLifetime else {
             throw ConfigError("\(path).lifecycle.idleRuntimeSessionTimeout", "must not exceed maxLifetime (\(r.maxLifetime))")
         }
+        var storageBytes: Int64?
         if let l = f.node("limits") {
             let lf = try Fields(l, path: "\(path).limits")
             if let v = try lf.bytes("memory", (16 << 20)...(1 << 40)) { r.limits.memoryBytes = v }
@@ -293,9 +315,16 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = try lf.int("pids", 8...1_000_000) { r.limits.pids = v }
             if let v = try lf.int("openFiles", 64...1_048_576) { r.limits.openFiles = v }
             if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
+            if let v = try lf.bytes("sessionStorage", (16 << 20)...(1 << 40)) { storageBytes = v }
             try lf.rejectUnknown()
         }
         if let n = try f.int("warmPool", 0...1000) { r.warmPool = n }
+        if let list = f.node("filesystemConfigurations") {
+            let json = Self.json(list)
+            do { r.sessionStorage = try RuntimeDocument.sessionStorage(json, field: "\(path).filesystemConfigurations") } catch {
+                throw ConfigError(error.fields.first?.name ?? "\(path).filesystemConfigurations", error.fields.first?.message ?? error.message)
+            }
+        }
         if let a = f.node("authorizerConfiguration") {
             do { r.authorizer = try JWTAuthorizerConfiguration.parse(Self.json(a), field: "\(path).authorizerConfiguration") } catch {
                 throw ConfigError(error.fields.first?.name ?? "\(path).authorizerConfiguration", error.fields.first?.message ?? error.message)
@@ -347,6 +376,13 @@ public struct DaemonConfig: Equatable, Sendable {
             }
         }
         try f.rejectUnknown()
+        if let storageBytes {
+            guard r.sessionStorage != nil else { throw ConfigError("\(path).limits.sessionStorage", "caps session storage, which needs filesystemConfigurations: [{sessionStorage: {mountPath: /mnt/NAME}}]") }
+            r.sessionStorage?.bytes = storageBytes
+        }
+        if r.sessionStorage != nil, r.warmPool > 0 {
+            throw ConfigError("\(path).warmPool", "warm pools are not available for runtimes with session storage yet: a sandbox gets its session's storage when it starts")
+        }
         return r
     }
 }

@@ -24,7 +24,7 @@ public enum RuntimeDocument {
                                 "filesystemConfigurations", "metadataConfiguration"]
     /// Cubicle's own settings, as `cubicle:` tags on the runtime, read when a version is made.
     public static let settingTags = ["cubicle:command", "cubicle:memory", "cubicle:cpus", "cubicle:pids", "cubicle:openFiles", "cubicle:tmpfs",
-                                     "cubicle:warmPool", "cubicle:egress.allow", "cubicle:egress.deny"]
+                                     "cubicle:warmPool", "cubicle:egress.allow", "cubicle:egress.deny", "cubicle:sessionStorage"]
 
     /// Checks a Create/UpdateAgentRuntime body (`allowed`: the operation's other members) and returns the
     /// version document: its modelled fields plus `cubicle`, the settings taken from `tags`.
@@ -179,12 +179,7 @@ public enum RuntimeDocument {
             }
             r.environment = map
         }
-        if let f = document["filesystemConfigurations"] {
-            guard let list = f.arrayValue else { throw AgentCoreError.invalidField("filesystemConfigurations", "must be a list") }
-            if !list.isEmpty {
-                throw AgentCoreError.invalidField("filesystemConfigurations", "session storage and file system access points are not supported by this Cubicle yet")
-            }
-        }
+        if let f = document["filesystemConfigurations"] { r.sessionStorage = try sessionStorage(f) }
         if let m = document["metadataConfiguration"] {
             // Cubicle's metadata endpoint speaks IMDSv2 only, which meets requireMMDSV2 either way.
             guard m["requireMMDSV2"]?.boolValue != nil, m.objectValue?.count == 1 else {
@@ -215,6 +210,13 @@ public enum RuntimeDocument {
         if let v = try int("cubicle:pids", 8...1_000_000) { r.limits.pids = v }
         if let v = try int("cubicle:openFiles", 64...1_048_576) { r.limits.openFiles = v }
         if let v = try int("cubicle:warmPool", 0...100) { r.warmPool = v }
+        if let v = try size("cubicle:sessionStorage", (16 << 20)...(1 << 40)) {
+            guard r.sessionStorage != nil else { throw AgentCoreError.invalidField("tags.cubicle:sessionStorage", "caps session storage, which needs filesystemConfigurations with sessionStorage") }
+            r.sessionStorage?.bytes = v
+        }
+        if r.sessionStorage != nil, r.warmPool > 0 {
+            throw AgentCoreError.invalidField("tags.cubicle:warmPool", "warm pools are not available for runtimes with session storage yet")
+        }
         for (key, path) in [("cubicle:egress.allow", \EgressPolicy.allow), ("cubicle:egress.deny", \EgressPolicy.deny)] {
             guard let text = settings[key] else { continue }
             guard r.networkMode == .public else { throw AgentCoreError.invalidField("tags.\(key)", "applies to PUBLIC runtimes only") }
@@ -225,6 +227,28 @@ public enum RuntimeDocument {
                 r.egress[keyPath: path].append(entry)
             }
         }
+    }
+
+    /// `filesystemConfigurations`: at most one `sessionStorage` with a `/mnt/NAME` mount path; EFS and S3
+    /// Files access points are AWS's own and refused by name.
+    public static func sessionStorage(_ f: JSON, field: String = "filesystemConfigurations") throws(AgentCoreError) -> RuntimeConfig.SessionStorageConfig? {
+        guard let list = f.arrayValue, list.count <= 5 else { throw AgentCoreError.invalidField(field, "must be a list of at most 5 file system configurations") }
+        var found: RuntimeConfig.SessionStorageConfig?
+        for (i, item) in list.enumerated() {
+            guard let o = item.objectValue, o.count == 1 else { throw AgentCoreError.invalidField("\(field)[\(i)]", "must name exactly one of sessionStorage, efsAccessPoint, s3FilesAccessPoint") }
+            guard let storage = o["sessionStorage"] else {
+                throw AgentCoreError.invalidField("\(field)[\(i)]", "EFS and S3 Files access points are not supported by Cubicle; sessionStorage is")
+            }
+            guard found == nil else { throw AgentCoreError.invalidField("\(field)[\(i)]", "only one sessionStorage per runtime") }
+            guard let text = storage["mountPath"]?.stringValue, storage.objectValue?.count == 1 else {
+                throw AgentCoreError.invalidField("\(field)[\(i)].sessionStorage.mountPath", "Member must not be null")
+            }
+            guard let path = RuntimeConfig.SessionStorageConfig.mountPath(text) else {
+                throw AgentCoreError.invalidField("\(field)[\(i)].sessionStorage.mountPath", "Member must satisfy regular expression pattern: /mnt/[a-zA-Z0-9._-]+/?")
+            }
+            found = RuntimeConfig.SessionStorageConfig(mountPath: path)
+        }
+        return found
     }
 
     static func requireUnderCodeRoot(_ path: String, field: String, _ context: Context) throws(AgentCoreError) {

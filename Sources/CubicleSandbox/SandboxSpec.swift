@@ -30,6 +30,8 @@ public struct SandboxSpec: Sendable {
     /// overlay with a writable upper layer in the root's tmpfs, and no host path is bound but the code
     /// directory, `readOnlyMounts` and the host's resolv.conf and hosts. nil: the host's /usr, /lib* and /etc files.
     public var imageLayers: [String]?
+    /// Empty directories in the sandbox's read-only tree where the host mounts a session's storage.
+    public var mountPoints: [String] = []
     /// The uid and gid the agent and commands run as inside (an image's non-root `User`); 1000 otherwise.
     public var agentUID: UInt32 = 1000
     public var agentGID: UInt32 = 1000
@@ -123,6 +125,7 @@ extension SandboxSpec {
         config.reconnectSeconds = reconnectSeconds
         config.nameserver = nameserver
         config.imageLayers = imageLayers?.count ?? 0
+        config.mountPoints = mountPoints
         config.agentUID = agentUID
         config.agentGID = agentGID
         return config

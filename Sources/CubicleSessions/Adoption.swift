@@ -6,6 +6,7 @@ import CubicleLinux
 import CubicleNetwork
 import CubicleRPC
 import CubicleSandbox
+import CubicleStorage
 
 /// Taking over from a cubicled that died: each sandbox it left whose session record names a configured
 /// runtime and a live agent is reconnected through its reconnect socket and served again under its id;
@@ -75,7 +76,12 @@ struct Adoption {
                 return nil
             }
         }
-        let session = supervisor.resume(sandbox, id: id, owner: owner, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs, link: link)
+        // Its storage stayed mounted inside it and on the host: held again, released at its end.
+        var lease: SessionStorage.Lease?
+        if facts["storage"]?.boolValue == true, runtime.sessionStorage != nil {
+            lease = await supervisor.storage?.adopt(SessionStorage.Key(runtime: runtime.name, owner: owner, id: id))
+        }
+        let session = supervisor.resume(sandbox, id: id, owner: owner, runtime: runtime, agentPID: agentPID, created: Int(created), logs: logs, link: link, storage: lease)
         supervisor.events.publish("adopted", session: session, ["initPID": .int(Int64(sandbox.initPID)), "agentPID": .int(Int64(agentPID))])
         supervisor.logger.notice("session adopted from a previous cubicled", metadata: ["session": "\(id)", "runtime": "\(runtime.name)",
                                                                                         "sandbox": "\(sandbox.id)"])

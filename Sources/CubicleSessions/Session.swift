@@ -8,6 +8,7 @@ import CubicleRPC
 import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
+import CubicleStorage
 import Dispatch
 import Synchronization
 
@@ -34,6 +35,8 @@ public final class Session: Sendable {
     public let link: SessionLink?
     /// cubicled's region, in the agent's environment as AWS_REGION.
     let region: String?
+    /// The session's storage volume, mounted while this sandbox lives.
+    public let storage: SessionStorage.Lease?
     let clock: MonotonicClock
     private let identity: Mutex<(id: String, owner: String, created: Int)>
     /// `warm`: in its runtime's pool, not yet any session's. Under the same lock as the lifecycle, so a
@@ -68,8 +71,10 @@ public final class Session: Sendable {
     /// `createdUnixTime` is given for a session taken over from a daemon that died: its max lifetime counts
     /// from when it was really created.
     init(id: String?, owner: String = SessionKey.anonymousOwner, runtime: RuntimeConfig, sandbox: Sandbox, agent: AgentTransport, agentPID: Int32,
-         clock: @escaping MonotonicClock, createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil) {
+         clock: @escaping MonotonicClock, createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil,
+         storage: SessionStorage.Lease? = nil) {
         self.link = link
+        self.storage = storage
         self.region = region
         let nowUnix = Int(time(nil))
         self.identity = Mutex((id ?? "", owner, createdUnixTime ?? nowUnix))
@@ -88,6 +93,7 @@ public final class Session: Sendable {
         var fields: [String: JSON] = ["session": .string(id), "owner": .string(owner), "runtime": .string(runtime.name), "version": .int(Int64(runtime.version)), "created": .int(Int64(created)),
                                       "agentPID": .int(Int64(agentPID))]
         if let link { fields["link"] = .int(Int64(link.index)) }
+        if storage != nil { fields["storage"] = .bool(true) }
         let facts = JSON.object(fields)
         guard let directory = SandboxDirectory(path: sandbox.stateDirectory) else { return }
         try? Files.writeAtomically(directory.sessionRecord, facts.text, durable: false)

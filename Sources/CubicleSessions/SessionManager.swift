@@ -6,6 +6,7 @@ import CubicleImages
 import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
+import CubicleStorage
 import Logging
 import NIOCore
 
@@ -31,11 +32,12 @@ public actor SessionManager {
 
     public init(config: DaemonConfig, launcher: SandboxLauncher, seccompProgram: [UInt8], group: any EventLoopGroup,
                 logger: Logger, clock: @escaping MonotonicClock = systemClock, network: SessionNetworking? = nil,
-                images: PreparedImages? = nil, catalog: RuntimeCatalog? = nil) {
+                images: PreparedImages? = nil, catalog: RuntimeCatalog? = nil, storage: SessionStorage? = nil) {
         let events = SessionEvents()
         let catalog = catalog ?? RuntimeCatalog(declared: config)
         let supervisor = SessionSupervisor(config: config, launcher: launcher, seccompProgram: seccompProgram, group: group,
-                                           clock: clock, logger: logger, events: events, catalog: catalog, networkSlot: NetworkSlot(), images: images)
+                                           clock: clock, logger: logger, events: events, catalog: catalog, networkSlot: NetworkSlot(), images: images,
+                                           storage: storage)
         self.config = config
         self.catalog = catalog
         self.launcher = launcher
@@ -259,6 +261,8 @@ public actor SessionManager {
         let index = self.index
         let (sessions, removed) = await Adoption(supervisor: supervisor).takeOver { index.session($0) != nil }
         for s in sessions { index.insert(s, for: s.key) }
+        // Volumes whose sandboxes died while no cubicled watched: flushed and unmounted.
+        await supervisor.storage?.unmountUnheld()
         return (sessions.map(\.id), removed)
     }
 }

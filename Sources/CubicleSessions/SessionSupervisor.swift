@@ -8,7 +8,9 @@ import CubicleLinux
 import CubicleNetwork
 import CubicleRPC
 import CubicleRuntimes
+import CCubicleShim
 import CubicleSandbox
+import CubicleStorage
 import Logging
 import NIOCore
 import Synchronization
@@ -32,6 +34,8 @@ struct SessionSupervisor: Sendable {
     var network: SessionNetworking? { networkSlot.value }
     /// The runtimes' images, prepared at start; nil when no runtime names one.
     let images: PreparedImages?
+    /// Sessions' storage volumes; nil when cubicled keeps none (tests without a data directory).
+    let storage: SessionStorage?
     let endings = Endings()
 
     /// Where a supervisor reports ended sessions: the registry, set once it exists.
@@ -121,16 +125,38 @@ struct SessionSupervisor: Sendable {
             logger.error("session start failed", metadata: ["session": "\(sessionID ?? "(warm pool)")", "error": "\(error)"])
             throw SessionError.couldNotStart("Session could not start: \(error)")
         }
+        // The session's storage, in place before its agent starts: its volume mounted on the host (made, or
+        // made anew for a new version), then an idmapped copy attached inside at the mount path.
+        var lease: SessionStorage.Lease?
+        if let fs = runtime.sessionStorage, let sessionID {
+            do {
+                guard let storage else { throw SystemError("session storage: cubicled keeps none", errno: ENOTSUP) }
+                let taken = try await storage.attach(SessionStorage.Key(runtime: runtime.name, owner: owner, id: sessionID), version: runtime.version,
+                                                     limits: .forBytes(fs.bytes), now: Int(time(nil)))
+                lease = taken
+                var step: Int32 = 0
+                guard cubicle_mount_into_sandbox(sandbox.initPID, taken.hostPath, fs.mountPath, &step) == 0 else {
+                    throw SystemError.lastError("attach session storage at \(fs.mountPath) (step \(step))")
+                }
+            } catch {
+                _ = await sandbox.teardown()
+                if let lease { await storage?.release(lease, now: Int(time(nil))) }
+                if let link { network?.detach(link.address) }
+                logger.error("session storage failed", metadata: ["session": "\(sessionID)", "error": "\(error)"])
+                throw SessionError.couldNotStart("Session could not start: its session storage: \(error)")
+            }
+        }
         let started: StartedProcess
         do {
             started = try await sandbox.startAgent(process)
         } catch {
             _ = await sandbox.teardown()
+            if let lease { await storage?.release(lease, now: Int(time(nil))) }
             if let link { network?.detach(link.address) }
             throw SessionError.couldNotStart("Agent could not start: \(error)")
         }
         let session = Session(id: sessionID, owner: owner, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime),
-                              agentPID: started.pid, clock: clock, link: link, region: config.region)
+                              agentPID: started.pid, clock: clock, link: link, region: config.region, storage: lease)
         if let link, let sessionID { network?.name(link.address, sessionID: sessionID) }
         Telemetry.spawned(nanoseconds: sandbox.spawnNanoseconds)
         if sessionID != nil {
@@ -161,9 +187,9 @@ struct SessionSupervisor: Sendable {
 
     /// A session for a sandbox a previous cubicled left running, served again under its id from now on.
     func resume(_ sandbox: Sandbox, id: String, owner: String, runtime: RuntimeConfig, agentPID: Int32, created: Int,
-                logs: (stdout: Int32, stderr: Int32), link: SessionLink?) -> Session {
+                logs: (stdout: Int32, stderr: Int32), link: SessionLink?, storage: SessionStorage.Lease? = nil) -> Session {
         let session = Session(id: id, owner: owner, runtime: runtime, sandbox: sandbox, agent: transport(to: sandbox, runtime), agentPID: agentPID,
-                              clock: clock, createdUnixTime: created, link: link, region: config.region)
+                              clock: clock, createdUnixTime: created, link: link, region: config.region, storage: storage)
         let now = clock()
         session.state.withLock { $0.lifecycle.ready(now: now) }
         supervise(session, stdout: logs.stdout, stderr: logs.stderr)
@@ -313,6 +339,9 @@ struct SessionSupervisor: Sendable {
         let report = await session.sandbox.end(.stopped).value
         // Its elements out of the kernel and its link deleted once nothing inside can send any more.
         if let link = session.link { network?.detach(link.address) }
+        // Its storage flushed and unmounted once nothing inside can write any more; the session's next
+        // sandbox waits for this.
+        if let lease = session.storage { await storage?.release(lease, now: Int(time(nil))) }
         session.state.withLock { $0.lifecycle.ended() }
         session.logs.close()
         // Not awaited: end may be called from one of those tasks.
@@ -362,6 +391,7 @@ extension RuntimeConfig {
         spec.maxProcesses = UInt64(limits.pids)
         spec.maxOpenFiles = UInt64(limits.openFiles)
         spec.cpuCount = Int(limits.cpus.rounded(.up))
+        if let fs = sessionStorage { spec.mountPoints = [fs.mountPath] }
         return spec
     }
 }

@@ -5,6 +5,7 @@ import ArgumentParser
 import CubicleControlPlane
 import CubicleAuth
 import CubicleGateway
+import CubicleStorage
 import CubicleImages
 import CubicleLinux
 import CubicleNetwork
@@ -187,8 +188,10 @@ struct Cubicled: AsyncParsableCommand {
         let runtimeStore: any RuntimeStore
         do { runtimeStore = try await Self.openStore(location, logger: logger) } catch { throw StartupRefused("--store \(location): \(error)") }
         let catalog = RuntimeCatalog(declared: daemonConfig, now: Double(time(nil)))
+        let storage: SessionStorage
+        do { storage = try SessionStorage(root: dataDir + "/storage") } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
         let manager = SessionManager(config: daemonConfig, launcher: launcher, seccompProgram: seccompProgram, group: group, logger: logger,
-                                     images: images, catalog: catalog)
+                                     images: images, catalog: catalog, storage: storage)
         // PUBLIC networking starts with the first PUBLIC runtime, declared or made through the control plane.
         let networkLogger = logger
         let networkStarter = NetworkStarter { [self] in

@@ -30,6 +30,12 @@ import Testing
         #expect(throws: AgentCoreError.self) { _ = try config(b, tags: tags) }
     }
 
+    @Test func sessionStorageIsAppliedWithItsCap() throws {
+        let c = try config(body(["filesystemConfigurations": [["sessionStorage": ["mountPath": "/mnt/work/"]]]]), tags: ["cubicle:sessionStorage": "256MiB"])
+        #expect(c.sessionStorage == { var s = RuntimeConfig.SessionStorageConfig(mountPath: "/mnt/work"); s.bytes = 256 << 20; return s }())
+        #expect(refusal(body(), tags: ["cubicle:sessionStorage": "256MiB"])?.fields.first?.name == "tags.cubicle:sessionStorage", "a cap without storage")
+    }
+
     @Test func aJWTAuthorizerIsAppliedAndRendered() throws {
         let authorizer: JSON = ["customJWTAuthorizer": ["discoveryUrl": "https://idp.example/.well-known/openid-configuration", "allowedClients": ["app"]]]
         let c = try config(body(["authorizerConfiguration": authorizer]))
@@ -64,7 +70,8 @@ import Testing
             (["authorizerConfiguration": ["customJWTAuthorizer": ["discoveryUrl": "https://x/keys"]]], "authorizerConfiguration.customJWTAuthorizer.discoveryUrl"),
             (["authorizerConfiguration": ["customJWTAuthorizer": ["discoveryUrl": "https://x/.well-known/openid-configuration",
                                                                   "privateEndpoint": ["vpc": "x"]]]], "authorizerConfiguration.customJWTAuthorizer.privateEndpoint"),
-            (["filesystemConfigurations": [["sessionStorage": ["mountPath": "/mnt/data"]]]], "filesystemConfigurations"),
+            (["filesystemConfigurations": [["sessionStorage": ["mountPath": "/mnt/a/b"]]]], "filesystemConfigurations[0].sessionStorage.mountPath"),
+            (["filesystemConfigurations": [["efsAccessPoint": ["accessPointArn": "arn:aws:elasticfilesystem:us-east-1:123456789012:access-point/fsap-1", "mountPath": "/mnt/efs"]]]], "filesystemConfigurations[0]"),
             (["protocolConfiguration": ["serverProtocol": "AGUI"]], "protocolConfiguration.serverProtocol"),
             (["protocolConfiguration": ["serverProtocol": "SOAP"]], "protocolConfiguration.serverProtocol"),
             (["lifecycleConfiguration": ["idleRuntimeSessionTimeout": 59]], "lifecycleConfiguration.idleRuntimeSessionTimeout"),

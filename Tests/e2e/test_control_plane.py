@@ -238,7 +238,7 @@ def test_hostile_and_malformed_calls_get_the_modelled_errors_and_change_nothing(
         "code": {"s3": {"bucket": "my-bucket", "prefix": "agent.zip"}}, "runtime": "PYTHON_3_12", "entryPoint": ["main.py"]}})
     assert "discoveryUrl" in refused("ValidationException", authorizerConfiguration={"customJWTAuthorizer": {
         "discoveryUrl": "https://issuer.example.com/keys"}})
-    assert "filesystemConfigurations" in refused("ValidationException", filesystemConfigurations=[{"sessionStorage": {"mountPath": "/mnt/data"}}])
+    assert "mountPath" in refused("ValidationException", filesystemConfigurations=[{"sessionStorage": {"mountPath": "/mnt/a/b"}}])
     assert "cubicle:bogus" in refused("ValidationException", tags={"cubicle:bogus": "1"})
     assert "--code-root" in refused("ValidationException", agentRuntimeArtifact={"containerConfiguration": {"containerUri": "host:/etc"}})
     assert "roleCredentials" in refused("ValidationException", networkConfiguration={"networkMode": "PUBLIC"})

@@ -185,6 +185,10 @@ int cubicle_loop_attach(int backing_fd, int *index);
 int cubicle_syncfs(int fd);
 /* Gives back every block of the file's first `length` bytes to its file system (FALLOC_FL_PUNCH_HOLE). */
 int cubicle_punch_hole(int fd, long long length);
+
+/* The storage mounted at host_path, attached (idmapped, nosuid, nodev) at target inside the sandbox whose
+ * init is init_pid. 0, or -1 with errno and the failing step in *step. */
+int cubicle_mount_into_sandbox(int init_pid, const char *host_path, const char *target, int *step);
 /* Attaches a detached mount at `target` (move_mount). */
 int cubicle_move_mount_to(int fd, const char *target);
 
