@@ -133,7 +133,7 @@ let package = Package(
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
             "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork", "CubicleImages",
-            "CubicleControlPlane",
+            "CubicleControlPlane", "CubicleStorage",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),

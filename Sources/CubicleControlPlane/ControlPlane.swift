@@ -459,6 +459,8 @@ public actor ControlPlane {
         var next = record
         next.endpoints.removeAll { $0.name == name }
         _ = try await write(next, expecting: record.revision)
+        // The storage of sessions made through it goes with it, as AgentCore removes it.
+        await sessions.storage?.remove(runtime: id, endpoint: name)
         return Response(status: 202, body: ["status": "DELETING", "agentRuntimeId": .string(id), "endpointName": .string(name)])
     }
 

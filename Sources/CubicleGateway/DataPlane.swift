@@ -113,6 +113,10 @@ public struct DataPlane: HTTPResponder {
         var counts: [String: Int] = [:]
         for s in sessions.liveSessions { counts[s.lifecycle.state.name, default: 0] += 1 }
         Telemetry.liveSessions(counts)
+        if let storage = sessions.storage {
+            let volumes = await storage.list()
+            Telemetry.sessionStorage(volumes: volumes.count, bytes: volumes.reduce(0) { $0 + $1.bytes })
+        }
         var bytes: [UInt8] = []
         prometheus.emit(into: &bytes)
         return Response(status: .ok, headers: [.contentType: "text/plain; version=0.0.4; charset=utf-8"], body: .init(byteBuffer: ByteBuffer(bytes: bytes)))

@@ -121,6 +121,8 @@ public struct AdminAPI: HTTPResponder {
             if method == .get, rest == ["events"] { return events() }
             if rest == ["images"], method == .get { return imageList() }
             if rest == ["images", "prune"], method == .post { return try imagePrune() }
+            if rest == ["storage"], method == .get { return await storageList() }
+            if rest.count == 2, rest[0] == "storage", method == .delete { return try await storageRemove(rest[1]) }
             throw Failure(.notFound, "no such admin endpoint: \(method.rawValue) \(parts[0])")
         } catch let f as Failure {
             return Self.json(f.status, ["error": .string(f.message)])
@@ -137,6 +139,33 @@ public struct AdminAPI: HTTPResponder {
                     "layers": .int(Int64(image.layers.count)), "runtimes": .array(users)]
         }
         return Self.json(.ok, ["images": .array(list)])
+    }
+
+    /// Every kept session volume: runtime, session, owner, size on disk, last use and when it expires.
+    private func storageList() async -> Response {
+        guard let storage = sessions.storage else { return Self.json(.ok, ["volumes": .array([])]) }
+        let expiry = sessions.config.sessionStorageExpirySeconds
+        let list: [JSON] = await storage.list().map { e in
+            ["name": .string(e.name), "runtime": .string(e.runtime), "session": .string(e.session), "owner": .string(e.owner),
+             "endpoint": .string(e.endpoint), "version": .int(Int64(e.version)), "bytes": .int(e.bytes), "bytesLimit": .int(e.bytesLimit),
+             "created": .int(Int64(e.created)), "lastUsed": .int(Int64(e.lastUsed)), "expires": .int(Int64(e.lastUsed + expiry)), "mounted": .bool(e.mounted)]
+        }
+        return Self.json(.ok, ["volumes": .array(list)])
+    }
+
+    /// Removes one volume, named by its name (or a unique prefix) or by its session id: at once, or at the
+    /// end of the sandbox that has it mounted.
+    private func storageRemove(_ which: String) async throws -> Response {
+        guard let storage = sessions.storage else { throw Failure(.notFound, "no session storage is kept") }
+        let all = await storage.list()
+        let matches = all.filter { $0.name.hasPrefix(which) || $0.session == which }
+        guard !matches.isEmpty else { throw Failure(.notFound, "no session storage matches \(which)") }
+        guard matches.count == 1 else {
+            throw Failure(.conflict, "\(which) matches \(matches.count) volumes: give a longer name (\(matches.map { String($0.name.prefix(12)) }.joined(separator: ", ")))")
+        }
+        let name = matches[0].name
+        await storage.remove { $0.name == name }
+        return Self.json(.ok, ["removed": .string(name), "deferred": .bool(matches[0].mounted)])
     }
 
     /// Removes every image no runtime names, and the blobs and layers only they used.

@@ -7,6 +7,7 @@ import CubicleNetwork
 import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
+import CubicleStorage
 
 /// The JSON operators see: `ps` rows, `inspect`, log lines. Facts come from the kernel at the time of the
 /// request (/proc, the cgroup files, statfs), not from what cubicled believes.
@@ -68,6 +69,13 @@ enum OperatorJSON {
         o["network"] = network(session)
         // The image the session's root is (nil: the host's /usr, /lib* and /etc files).
         o["image"] = session.runtime.containerUri.map { .string($0) } ?? .null
+        // Its storage volume's use, read from the mounted file system now.
+        if let lease = session.storage, let fs = session.runtime.sessionStorage, let u = try? StorageVolume.usage(lease.hostPath) {
+            o["storage"] = ["mountPath": .string(fs.mountPath), "bytesUsed": .int(u.bytes), "bytesLimit": .int(u.bytesLimit),
+                            "inodesUsed": .int(u.inodes), "inodesLimit": .int(u.inodesLimit), "volume": .string(lease.key.name)]
+        } else {
+            o["storage"] = .null
+        }
         return .object(o)
     }
 

@@ -141,6 +141,8 @@ public struct DaemonConfig: Equatable, Sendable {
     /// New sandboxes' inits are cloned from a fork server (cubicle-init started once) instead of each being
     /// exec'd by cubicled; false: exec every time.
     public var initForkServer = true
+    /// Session storage unused this long is removed (AgentCore: 14 days).
+    public var sessionStorageExpirySeconds = 1_209_600
 
     public init(runtimes: [RuntimeConfig]) { self.runtimes = runtimes }
 
@@ -179,6 +181,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.cpuYield("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
         if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }
         if let v = try top.bool("initForkServer") { config.initForkServer = v }
+        if let v = try top.int("sessionStorageExpirySeconds", 1...31_536_000) { config.sessionStorageExpirySeconds = v }
         config.seccompProfile = try top.string("seccompProfile")
         if let region = try top.string("region") {
             guard !region.isEmpty, region.utf8.count <= 32, region.allSatisfy({ $0.isLowercase || $0.isNumber || $0 == "-" }), region.unicodeScalars.allSatisfy(\.isASCII) else {

@@ -50,6 +50,9 @@ public actor SessionManager {
         if let network { attach(network) }
     }
 
+    /// Sessions' storage volumes, for operators and the control plane (removal with a runtime or endpoint).
+    public nonisolated var storage: SessionStorage? { supervisor.storage }
+
     /// PUBLIC networking, once it runs (at start, or with the first PUBLIC runtime the control plane makes).
     public nonisolated var network: SessionNetworking? { supervisor.network }
 
@@ -85,7 +88,7 @@ public actor SessionManager {
                                     sessionID: String) async throws(SessionError) -> Session {
         let runtime = try resolve(name, qualifier: qualifier)
         if let s = index.session(SessionKey(runtime: name, owner: owner, id: sessionID)), s.isLive { return s }
-        return try await acquireOrStart(runtime, owner: owner, sessionID: sessionID)
+        return try await acquireOrStart(runtime, owner: owner, sessionID: sessionID, endpoint: qualifier)
     }
 
     /// The configuration a new session of `name` gets through `qualifier` (DEFAULT when nil).
@@ -105,7 +108,7 @@ public actor SessionManager {
         return s
     }
 
-    private func acquireOrStart(_ runtime: RuntimeConfig, owner: String, sessionID: String) async throws(SessionError) -> Session {
+    private func acquireOrStart(_ runtime: RuntimeConfig, owner: String, sessionID: String, endpoint: String?) async throws(SessionError) -> Session {
         let name = runtime.name
         let key = SessionKey(runtime: name, owner: owner, id: sessionID)
         if let s = index.session(key), s.isLive { return s }
@@ -118,7 +121,7 @@ public actor SessionManager {
             let pools = self.pools, supervisor = self.supervisor
             task = Task {
                 if let warm = await pools.claim(runtime, as: sessionID, owner: owner) { return warm }
-                return try await supervisor.start(runtime, sessionID: sessionID, owner: owner)
+                return try await supervisor.start(runtime, sessionID: sessionID, owner: owner, endpoint: endpoint)
             }
             starting[key] = task
         }
@@ -159,6 +162,8 @@ public actor SessionManager {
         for t in starting.filter({ $0.key.runtime == name }).values { _ = try? await t.value }
         let pooled = await pools.drain(name)
         await endAll(index.all.filter { $0.runtime.name == name } + pooled, .runtimeDeleted)
+        // Its sessions' storage goes with it (every runtime deletion comes here: the API, the store, SIGHUP).
+        await supervisor.storage?.remove(runtime: name)
     }
 
     /// Ends `sessions` at once and waits until every one is torn down.

@@ -69,7 +69,7 @@ struct SessionSupervisor: Sendable {
 
     /// Starts a sandbox and its agent and waits until the agent is healthy. Without a session id it is a
     /// warm sandbox for the runtime's pool.
-    func start(_ runtime: RuntimeConfig, sessionID: String?, owner: String = SessionKey.anonymousOwner) async throws -> Session {
+    func start(_ runtime: RuntimeConfig, sessionID: String?, owner: String = SessionKey.anonymousOwner, endpoint: String? = nil) async throws -> Session {
         let sandbox: Sandbox
         var spec = runtime.sandboxSpec(seccompProgram: seccompProgram)
         var process = ProcessParams(argv: runtime.command, env: Session.environment(for: runtime, region: config.region),
@@ -132,7 +132,7 @@ struct SessionSupervisor: Sendable {
             do {
                 guard let storage else { throw SystemError("session storage: cubicled keeps none", errno: ENOTSUP) }
                 let taken = try await storage.attach(SessionStorage.Key(runtime: runtime.name, owner: owner, id: sessionID), version: runtime.version,
-                                                     limits: .forBytes(fs.bytes), now: Int(time(nil)))
+                                                     endpoint: endpoint ?? "DEFAULT", limits: .forBytes(fs.bytes), now: Int(time(nil)))
                 lease = taken
                 var step: Int32 = 0
                 guard cubicle_mount_into_sandbox(sandbox.initPID, taken.hostPath, fs.mountPath, &step) == 0 else {

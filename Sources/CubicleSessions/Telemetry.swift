@@ -79,6 +79,12 @@ public enum Telemetry {
     }
 
     /// Live sessions by state, set just before each scrape.
+    /// Session storage kept on this host: how many volumes and the bytes their images hold.
+    public static func sessionStorage(volumes: Int, bytes: Int64) {
+        Gauge(label: "cubicle_session_storage_volumes").record(volumes)
+        Gauge(label: "cubicle_session_storage_bytes").record(bytes)
+    }
+
     public static func liveSessions(_ counts: [String: Int]) {
         for state in ["starting", "ready", "stopping"] {
             Gauge(label: "cubicle_sessions_live", dimensions: [("state", state)]).record(counts[state] ?? 0)

@@ -41,6 +41,8 @@ public actor SessionStorage {
     /// Volumes mounted now, by name; a waiter for each that a new sandbox wants.
     private var mounted: Set<String> = []
     private var waiting: [String: [CheckedContinuation<Void, Never>]] = [:]
+    /// Mounted volumes removed meanwhile (their runtime or endpoint deleted): destroyed at release.
+    private var doomed: Set<String> = []
 
     public init(root: String) throws(SystemError) {
         self.root = root
@@ -53,7 +55,7 @@ public actor SessionStorage {
     /// The session's volume mounted on the host: made empty on first use, made anew when the runtime's
     /// version changed since it was last used (AgentCore resets storage on a new version), waiting first
     /// for a sandbox of the same session that is still ending.
-    public func attach(_ key: Key, version: Int, limits: StorageVolume.Limits, now: Int) async throws(SystemError) -> Lease {
+    public func attach(_ key: Key, version: Int, endpoint: String, limits: StorageVolume.Limits, now: Int) async throws(SystemError) -> Lease {
         let name = key.name
         while mounted.contains(name) {
             await withCheckedContinuation { waiting[name, default: []].append($0) }
@@ -72,7 +74,8 @@ public actor SessionStorage {
                 try StorageVolume.create(at: image, limits: limits)
                 created = now
             }
-            let record: JSON = ["runtime": .string(key.runtime), "owner": .string(key.owner), "session": .string(key.id),
+            doomed.remove(name)
+            let record: JSON = ["runtime": .string(key.runtime), "owner": .string(key.owner), "session": .string(key.id), "endpoint": .string(endpoint),
                                 "version": .int(Int64(version)), "created": .int(Int64(created)), "lastUsed": .int(Int64(now)),
                                 "bytesLimit": .int(limits.bytes), "inodesLimit": .int(Int64(limits.inodes))]
             try Files.writeAtomically(meta, record.text, durable: true)
@@ -104,6 +107,11 @@ public actor SessionStorage {
             _ = umount2(lease.hostPath, Int32(MNT_DETACH))
         }
         if let loop { await Self.waitUntilDetached(loop) }
+        if doomed.remove(lease.key.name) != nil {
+            destroy(directory(lease.key))
+            free(lease.key.name)
+            return
+        }
         let meta = directory(lease.key) + "/meta.json"
         if let text = try? Files.read(meta), case .object(var o)? = try? JSON.parse(text) {
             o["lastUsed"] = .int(Int64(now))
@@ -130,6 +138,77 @@ public actor SessionStorage {
             if (try? StorageVolume.unmount(path)) == nil { _ = umount2(path, Int32(MNT_DETACH)) }
             if let loop { await Self.waitUntilDetached(loop) }
         }
+    }
+
+    // MARK: - What is kept
+
+    /// One session's volume, as operators see it.
+    public struct Entry: Sendable {
+        public var name: String
+        public var runtime: String
+        public var owner: String
+        public var session: String
+        public var endpoint: String
+        public var version: Int
+        public var created: Int
+        public var lastUsed: Int
+        /// What the image holds on the data directory's file system.
+        public var bytes: Int64
+        public var bytesLimit: Int64
+        public var mounted: Bool
+    }
+
+    /// Every kept volume, oldest use first.
+    public func list() -> [Entry] {
+        var out: [Entry] = []
+        for runtime in (try? Files.listDirectory(root + "/volumes")) ?? [] {
+            for name in (try? Files.listDirectory("\(root)/volumes/\(runtime)")) ?? [] {
+                let dir = "\(root)/volumes/\(runtime)/\(name)"
+                guard let text = try? Files.read(dir + "/meta.json"), let m = try? JSON.parse(text) else { continue }
+                out.append(Entry(name: name, runtime: m["runtime"]?.stringValue ?? runtime, owner: m["owner"]?.stringValue ?? "",
+                                 session: m["session"]?.stringValue ?? "", endpoint: m["endpoint"]?.stringValue ?? "DEFAULT",
+                                 version: Int(m["version"]?.intValue ?? 0), created: Int(m["created"]?.intValue ?? 0),
+                                 lastUsed: Int(m["lastUsed"]?.intValue ?? 0), bytes: StorageVolume.allocatedBytes(dir + "/volume.img"),
+                                 bytesLimit: m["bytesLimit"]?.intValue ?? 0, mounted: mounted.contains(name)))
+            }
+        }
+        return out.sorted { $0.lastUsed < $1.lastUsed }
+    }
+
+    /// Removes the volumes `which` selects: at once where unmounted, at their sandbox's end where mounted.
+    /// Returns how many were selected.
+    @discardableResult
+    public func remove(where which: (Entry) -> Bool) -> Int {
+        var n = 0
+        for entry in list() where which(entry) {
+            n += 1
+            if entry.mounted {
+                doomed.insert(entry.name)
+            } else {
+                destroy("\(root)/volumes/\(entry.runtime)/\(entry.name)")
+            }
+        }
+        return n
+    }
+
+    /// A runtime's volumes (all of them, or those its sessions made through `endpoint`), as AgentCore
+    /// removes them with the runtime or the endpoint.
+    @discardableResult
+    public func remove(runtime: String, endpoint: String? = nil) -> Int {
+        remove { $0.runtime == runtime && (endpoint == nil || $0.endpoint == endpoint) }
+    }
+
+    /// Volumes not used for `seconds` (AgentCore: 14 days), removed; mounted ones are in use, so never.
+    @discardableResult
+    public func expire(now: Int, after seconds: Int) -> Int {
+        remove { !$0.mounted && $0.lastUsed + seconds <= now }
+    }
+
+    /// The image given back block by block, then its record and directory.
+    private func destroy(_ dir: String) {
+        try? StorageVolume.destroy(image: dir + "/volume.img")
+        unlink(dir + "/meta.json")
+        rmdir(dir)
     }
 
     static func isMountPoint(_ path: String) -> Bool { loopDevice(mountedAt: path) != nil }

@@ -11,7 +11,7 @@ struct Cubicle: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cubicle",
         abstract: "See and control cubicled's live sessions.",
-        subcommands: [PS.self, Inspect.self, Logs.self, Exec.self, Stop.self, Runtimes.self, Images.self, Events.self, Top.self, Invoke.self])
+        subcommands: [PS.self, Inspect.self, Logs.self, Exec.self, Stop.self, Runtimes.self, Images.self, Storage.self, Events.self, Top.self, Invoke.self])
 
     static func main() {
         do {
@@ -214,6 +214,44 @@ struct Images: ParsableCommand {
             if options.json { return FileHandleOut.stdout(reply.text + "\n") }
             let removed = (reply["removed"]?.arrayValue ?? []).compactMap(\.stringValue)
             FileHandleOut.stdout(removed.isEmpty ? "nothing to prune\n" : removed.map { "removed \($0)\n" }.joined())
+        }
+    }
+}
+
+struct Storage: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Session storage: each session id's kept volume, its size, last use and expiry.",
+                                                    subcommands: [List.self, Remove.self], defaultSubcommand: List.self)
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "ls", abstract: "List the kept session volumes.")
+        @OptionGroup var options: Options
+
+        func run() throws {
+            let reply = try options.client.get("/v1/storage")
+            if options.json { return FileHandleOut.stdout(reply.text + "\n") }
+            let now = Double(time(nil))
+            var t = Table(["NAME", "RUNTIME", "SESSION", "OWNER", "SIZE", "LIMIT", "LAST USE", "EXPIRES IN", "MOUNTED"])
+            for v in reply["volumes"]?.arrayValue ?? [] {
+                let last = Double(v["lastUsed"]?.intValue ?? 0), expires = Double(v["expires"]?.intValue ?? 0)
+                t.rows.append([String((v["name"]?.stringValue ?? "?").prefix(12)), v["runtime"]?.stringValue ?? "?", v["session"]?.stringValue ?? "?",
+                               v["owner"]?.stringValue ?? "?", Format.bytes(v["bytes"]?.intValue), Format.bytes(v["bytesLimit"]?.intValue),
+                               Format.duration(max(0, now - last)) + " ago", Format.duration(max(0, expires - now)),
+                               v["mounted"]?.boolValue == true ? "yes" : "no"])
+            }
+            FileHandleOut.stdout(t.render())
+        }
+    }
+
+    struct Remove: ParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "rm", abstract: "Remove a session's volume (at once, or when its live sandbox ends), leaving nothing of it readable.")
+        @OptionGroup var options: Options
+        @Argument(help: "The volume's name (or a unique prefix of it) or its session id.") var volume: String
+
+        func run() throws {
+            let reply = try options.client.request("DELETE", "/v1/storage/" + PercentEncoding.encode(volume))
+            if options.json { return FileHandleOut.stdout(reply.text + "\n") }
+            let name = reply["removed"]?.stringValue ?? volume
+            FileHandleOut.stdout(reply["deferred"]?.boolValue == true ? "removing \(name) when its session's sandbox ends\n" : "removed \(name)\n")
         }
     }
 }

@@ -406,6 +406,18 @@ struct SessionsService: Service {
             }
         }
         defer { reloads.cancel() }
+        // Session storage untouched for sessionStorageExpirySeconds (14 days) is removed, as AgentCore does.
+        let expiry = manager.config.sessionStorageExpirySeconds
+        let sweeps = Task { [manager, logger] in
+            let every = UInt64(max(1, min(expiry / 4, 3600)))
+            while !Task.isCancelled {
+                if let removed = await manager.storage?.expire(now: Int(time(nil)), after: expiry), removed > 0 {
+                    logger.notice("session storage expired", metadata: ["volumes": "\(removed)"])
+                }
+                try? await Task.sleep(nanoseconds: every * 1_000_000_000)
+            }
+        }
+        defer { sweeps.cancel() }
         do { try manager.watchCPUThrottling() } catch {
             logger.warning("sessions stay at the host's CPU weight even when throttled", metadata: ["error": "\(error)"])
         }

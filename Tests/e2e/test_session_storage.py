@@ -141,3 +141,105 @@ def test_a_new_runtime_version_starts_with_empty_storage(start_daemon, tmp_path)
     cp.update_agent_runtime(agentRuntimeId=rid, filesystemConfigurations=fs, **host_runtime(code))
     wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
     assert cmd("cat /mnt/work/f 2>/dev/null || echo empty") == "empty\n", "a new version starts on empty storage"
+
+
+def volumes(d):
+    return d.cubicle_json("storage")["volumes"]  # ls, the default
+
+
+def test_operators_see_and_remove_volumes_and_unused_ones_expire(start_daemon):
+    d = start_daemon(storage_config().replace("lifecycleMinimumSeconds: 1", "lifecycleMinimumSeconds: 1\nsessionStorageExpirySeconds: 3"))
+    sid, other = new_session_id(), new_session_id()
+    run(d, sid, "head -c 3000000 /dev/urandom > /mnt/data/blob")
+    run(d, other, "true")
+    sandbox = [r for r in d.cubicle_json("ps")["sessions"] if r["id"] == sid][0]["sandbox"]
+    inspect = d.cubicle_json("inspect", sandbox)
+    assert inspect["storage"]["mountPath"] == "/mnt/data" and inspect["storage"]["bytesUsed"] >= 3000000
+    assert inspect["storage"]["bytesLimit"] <= 32 << 20
+    listed = {v["session"]: v for v in volumes(d)}
+    assert set(listed) == {sid, other} and listed[sid]["mounted"] and listed[sid]["bytes"] >= 3000000
+    assert sid in d.cubicle("storage").stdout
+    import urllib.request
+    with urllib.request.urlopen(d.endpoint + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "cubicle_session_storage_volumes 2" in text and sid not in text
+    # rm of a mounted volume waits for its sandbox; of an unmounted one, at once.
+    rm = subprocess.run([os.path.join(PRODUCTS, "cubicle"), "storage", "rm", "--admin-socket", d.admin_socket, other],
+                        capture_output=True, text=True, timeout=30)
+    assert "when its session's sandbox ends" in rm.stdout, rm.stderr
+    d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=other)
+    assert other not in {v["session"] for v in volumes(d)}
+    # Unused past sessionStorageExpirySeconds (3 s here): removed by the sweep.
+    d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
+    import time
+    deadline = time.time() + 20
+    while volumes(d) and time.time() < deadline:
+        time.sleep(0.25)
+    assert volumes(d) == [], "expired"
+    assert "session storage expired" in d.log_text()
+    assert run(d, sid, "ls /mnt/data | grep -c blob || true")[0].strip() == "0", "the id starts over on an empty volume"
+
+
+def test_deleting_a_runtime_or_an_endpoint_removes_its_storage(start_daemon, tmp_path):
+    from test_control_plane import host_runtime, wait_status
+    import shutil
+    code = tmp_path / "code"
+    code.mkdir()
+    shutil.copy(os.path.join(PRODUCTS, "cubicle-demo-agent"), code / "cubicle-demo-agent")
+    os.chmod(tmp_path, 0o755)
+    d = start_daemon(storage_config(), extra_args=["--code-root", str(code)])
+    cp, c = d.control(), d.client()
+    fs = [{"sessionStorage": {"mountPath": "/mnt/work"}}]
+    rid = cp.create_agent_runtime(agentRuntimeName="gone", filesystemConfigurations=fs, tags={"cubicle:command": "/app/cubicle-demo-agent"},
+                                  **host_runtime(code))["agentRuntimeId"]
+    wait_status(lambda: cp.get_agent_runtime(agentRuntimeId=rid))
+    cp.create_agent_runtime_endpoint(agentRuntimeId=rid, name="side", agentRuntimeVersion="1")
+    wait_status(lambda: cp.get_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="side"))
+    via_default, via_side = new_session_id(), new_session_id()
+    for sid, qualifier in ((via_default, "DEFAULT"), (via_side, "side")):
+        c.invoke_agent_runtime(agentRuntimeArn=ARN_PREFIX + rid, runtimeSessionId=sid, qualifier=qualifier, payload=b"{}")["response"].read()
+        c.stop_runtime_session(agentRuntimeArn=ARN_PREFIX + rid, runtimeSessionId=sid, qualifier=qualifier)
+    images = {v["session"]: os.path.join(d.data_dir, "storage", "volumes", rid, v["name"], "volume.img") for v in volumes(d)}
+    assert set(images) == {via_default, via_side} and all(os.path.exists(p) for p in images.values())
+    cp.delete_agent_runtime_endpoint(agentRuntimeId=rid, endpointName="side")
+    assert {v["session"] for v in volumes(d)} == {via_default}, "the endpoint's sessions' storage went with it"
+    assert not os.path.exists(images[via_side])
+    cp.delete_agent_runtime(agentRuntimeId=rid)
+    import time
+    deadline = time.time() + 30
+    while volumes(d) and time.time() < deadline:
+        time.sleep(0.2)
+    assert volumes(d) == [] and not os.path.exists(images[via_default]), "the runtime's storage went with it"
+
+
+WHEEL = r'''
+import zipfile, base64, hashlib
+files = {"cubicle_hello/__init__.py": b"GREETING = 'installed into session storage'\n",
+         "cubicle_hello-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: cubicle-hello\nVersion: 1.0\n",
+         "cubicle_hello-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+record = []
+with zipfile.ZipFile("/tmp/cubicle_hello-1.0-py3-none-any.whl", "w") as z:
+    for name, data in files.items():
+        z.writestr(name, data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    record.append("cubicle_hello-1.0.dist-info/RECORD,,")
+    z.writestr("cubicle_hello-1.0.dist-info/RECORD", "\n".join(record) + "\n")
+'''
+
+
+def test_a_package_installed_into_storage_is_there_in_the_next_sandbox(start_daemon):
+    """The issue's coding agent: a virtualenv made in /mnt/data and a package installed into it (a wheel the
+    session builds itself: the sandbox has no network), then a stop; the next sandbox imports it."""
+    d = start_daemon(storage_config().replace("32MiB", "256MiB"))
+    sid = new_session_id()
+    script = WHEEL.replace("'", "'\"'\"'")
+    out, code = run(d, sid, f"python3 -c '{script}' && python3 -m venv /mnt/data/venv >/dev/null 2>&1 && "
+                            "/mnt/data/venv/bin/python -m pip install -q --no-index /tmp/cubicle_hello-1.0-py3-none-any.whl 2>&1; echo rc=$?",
+                    timeout=300)
+    if "No module named venv" in out or "ensurepip" in out:
+        pytest.skip(f"the host's python3 has no venv/ensurepip, which the sandbox sees through /usr: {out}")
+    assert out.strip().endswith("rc=0"), out
+    d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
+    out, code = run(d, sid, "/mnt/data/venv/bin/python -c 'import cubicle_hello; print(cubicle_hello.GREETING)'; ls /tmp | grep -c whl || true")
+    assert out == "installed into session storage\n0\n", out
