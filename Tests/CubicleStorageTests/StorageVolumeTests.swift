@@ -26,6 +26,15 @@ final class Scratch {
 
 @Suite(.enabled(if: canMount, "needs root and /dev/loop-control: session storage is an ext4 image on a loop device"))
 struct StorageVolumeTests {
+    /// A new volume of `limits` in a scratch directory, mounted at its `mnt`.
+    func mountedVolume(_ limits: StorageVolume.Limits) throws -> (scratch: Scratch, image: String, mnt: String) {
+        let s = Scratch()
+        let image = s.file("session.img"), mnt = s.file("mnt")
+        mkdir(mnt, 0o700)
+        try StorageVolume.create(at: image, limits: limits)
+        try StorageVolume.mount(image: image, at: mnt)
+        return (s, image, mnt)
+    }
     func put(_ path: String, _ text: String) throws {
         let fd = try sys("create \(path)") { open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644) }
         defer { close(fd) }
@@ -67,12 +76,8 @@ struct StorageVolumeTests {
     }
 
     @Test func fillingItGivesENOSPCInsideAndNothingOutside() throws {
-        let s = Scratch()
-        let image = s.file("session.img"), mnt = s.file("mnt")
-        mkdir(mnt, 0o700)
-        try StorageVolume.create(at: image, limits: .forBytes(16 << 20))
-        try StorageVolume.mount(image: image, at: mnt)
-        defer { try? StorageVolume.unmount(mnt) }
+        let (s, image, mnt) = try mountedVolume(.forBytes(16 << 20))
+        defer { withExtendedLifetime(s) { try? StorageVolume.unmount(mnt) } }
         #expect(fill(mnt + "/big", bytes: 64 << 20) == ENOSPC, "the byte cap holds")
         let usage = try StorageVolume.usage(mnt)
         #expect(usage.bytesLimit <= 16 << 20 && usage.bytes > 8 << 20)
@@ -81,12 +86,8 @@ struct StorageVolumeTests {
     }
 
     @Test func anInodeFloodStopsAtItsOwnCap() throws {
-        let s = Scratch()
-        let image = s.file("session.img"), mnt = s.file("mnt")
-        mkdir(mnt, 0o700)
-        try StorageVolume.create(at: image, limits: StorageVolume.Limits(bytes: 64 << 20, inodes: 1024))
-        try StorageVolume.mount(image: image, at: mnt)
-        defer { try? StorageVolume.unmount(mnt) }
+        let (scratch, _, mnt) = try mountedVolume(StorageVolume.Limits(bytes: 64 << 20, inodes: 1024))
+        defer { withExtendedLifetime(scratch) { try? StorageVolume.unmount(mnt) } }
         var made = 0, stopped: Int32 = 0
         for i in 0..<5000 {
             let fd = open(mnt + "/f\(i)", O_WRONLY | O_CREAT | O_EXCL, 0o644)
@@ -100,11 +101,8 @@ struct StorageVolumeTests {
     }
 
     @Test func aDestroyedImageLeavesNothingReadable() throws {
-        let s = Scratch()
-        let image = s.file("session.img"), mnt = s.file("mnt")
-        mkdir(mnt, 0o700)
-        try StorageVolume.create(at: image, limits: .forBytes(16 << 20))
-        try StorageVolume.mount(image: image, at: mnt)
+        let (scratch, image, mnt) = try mountedVolume(.forBytes(16 << 20))
+        defer { withExtendedLifetime(scratch) {} }
         let canary = "cubicle-storage-canary-" + String(UInt64.random(in: 0...UInt64.max), radix: 16)
         try put(mnt + "/secret", String(repeating: canary + "\n", count: 4096))
         try StorageVolume.unmount(mnt)
