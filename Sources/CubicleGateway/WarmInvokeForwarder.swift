@@ -83,7 +83,6 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
     private struct Held {
         var head: HTTPRequest
         var carried: ForwardedInvoke.Carried
-        var check: PendingSignature
         var parts: [HTTPRequestPart] = []
         var hash = PayloadHash()
     }
@@ -133,8 +132,8 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         case .betweenRequests:
             if case .head(let head) = part, responsesOwed == 0, !bypass {
                 if let authenticator {
-                    if let (carried, check) = signedInvocation(head, authenticator) {
-                        held = Held(head: head, carried: carried, check: check)
+                    if let carried = signedInvocation(head) {
+                        held = Held(head: head, carried: carried)
                         reading = .verifying
                         return
                     }
@@ -197,24 +196,30 @@ final class WarmInvokeForwarder: ChannelDuplexHandler {
         context.fireErrorCaught(error)
     }
 
-    /// A signed InvokeAgentRuntime the warm road may carry once verified: small enough to hold, with a
-    /// signature whose head checks pass. Anything else goes to the task road.
-    private func signedInvocation(_ head: HTTPRequest, _ authenticator: Authenticator) -> (ForwardedInvoke.Carried, PendingSignature)? {
-        let fields = head.headerFields
-        guard let carried = ForwardedInvoke.carriable(head, maxLength: SpooledBody.memoryLimit, forwarder: self), let target = head.path,
-              fields[.authorization].map({ !$0.hasPrefix("Bearer ") }) ?? false else { return nil }
+    /// A signed InvokeAgentRuntime the warm road may carry once verified: small enough to hold, signed
+    /// (not a bearer token). Anything else goes to the task road.
+    private func signedInvocation(_ head: HTTPRequest) -> ForwardedInvoke.Carried? {
+        guard let carried = ForwardedInvoke.carriable(head, maxLength: SpooledBody.memoryLimit, forwarder: self),
+              head.headerFields[.authorization].map({ !$0.hasPrefix("Bearer ") }) ?? false else { return nil }
+        return carried
+    }
+
+    /// The held request's signature checked whole, head and body together once the body has come: the
+    /// verification's code and data stay hot in one pass (split around the body's parts, it cost more).
+    private func verify(_ h: Held, _ authenticator: Authenticator) -> Caller? {
+        guard let target = h.head.path else { return nil }
         let question = target.utf8.firstIndex(of: UInt8(ascii: "?"))
         let path = question.map { String(target[..<$0]) } ?? target
         let query = question.map { String(target[target.index(after: $0)...]) } ?? ""
-        guard let check = try? authenticator.begin(method: "POST", path: path, query: query, authority: head.authority,
-                                                   headers: Admission.lowercased(fields)) else { return nil }
-        return (carried, check)
+        guard let check = try? authenticator.begin(method: "POST", path: path, query: query, authority: h.head.authority,
+                                                   headers: Admission.lowercased(h.head.headerFields)) else { return nil }
+        return try? check.verify(payloadHash: h.hash.finish())
     }
 
     /// A held request whose body has all come: forwarded if its signature verifies, it is permitted and its
     /// session is live with an idle link here; otherwise handed on whole, in order, to the task road.
     private func verified(_ h: Held, _ context: ChannelHandlerContext) {
-        if let authenticator, let caller = try? h.check.verify(payloadHash: h.hash.finish()) {
+        if let authenticator, let caller = verify(h, authenticator) {
             let (_, runtime, qualifier, id) = h.carried
             let arn = authenticator.runtimeARN(runtime)
             let permitted = authenticator.allows(caller, "bedrock-agentcore:InvokeAgentRuntime", arn)
