@@ -383,9 +383,6 @@ public struct DaemonConfig: Equatable, Sendable {
             guard r.sessionStorage != nil else { throw ConfigError("\(path).limits.sessionStorage", "caps session storage, which needs filesystemConfigurations: [{sessionStorage: {mountPath: /mnt/NAME}}]") }
             r.sessionStorage?.bytes = storageBytes
         }
-        if r.sessionStorage != nil, r.warmPool > 0 {
-            throw ConfigError("\(path).warmPool", "warm pools are not available for runtimes with session storage yet: a sandbox gets its session's storage when it starts")
-        }
         return r
     }
 }

@@ -214,9 +214,7 @@ public enum RuntimeDocument {
             guard r.sessionStorage != nil else { throw AgentCoreError.invalidField("tags.cubicle:sessionStorage", "caps session storage, which needs filesystemConfigurations with sessionStorage") }
             r.sessionStorage?.bytes = v
         }
-        if r.sessionStorage != nil, r.warmPool > 0 {
-            throw AgentCoreError.invalidField("tags.cubicle:warmPool", "warm pools are not available for runtimes with session storage yet")
-        }
+
         for (key, path) in [("cubicle:egress.allow", \EgressPolicy.allow), ("cubicle:egress.deny", \EgressPolicy.deny)] {
             guard let text = settings[key] else { continue }
             guard r.networkMode == .public else { throw AgentCoreError.invalidField("tags.\(key)", "applies to PUBLIC runtimes only") }

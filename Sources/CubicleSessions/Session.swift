@@ -35,8 +35,15 @@ public final class Session: Sendable {
     public let link: SessionLink?
     /// cubicled's region, in the agent's environment as AWS_REGION.
     let region: String?
-    /// The session's storage volume, mounted while this sandbox lives.
-    public let storage: SessionStorage.Lease?
+    /// The session's storage volume, mounted while this sandbox lives: from its start, or (a warm sandbox)
+    /// from its claim.
+    public var storage: SessionStorage.Lease? { storageLease.withLock { $0 } }
+    private let storageLease: Mutex<SessionStorage.Lease?>
+
+    func hold(_ lease: SessionStorage.Lease) {
+        storageLease.withLock { $0 = lease }
+        recordOwnership()
+    }
     let clock: MonotonicClock
     private let identity: Mutex<(id: String, owner: String, created: Int)>
     /// `warm`: in its runtime's pool, not yet any session's. Under the same lock as the lifecycle, so a
@@ -74,7 +81,7 @@ public final class Session: Sendable {
          clock: @escaping MonotonicClock, createdUnixTime: Int? = nil, link: SessionLink? = nil, region: String? = nil,
          storage: SessionStorage.Lease? = nil) {
         self.link = link
-        self.storage = storage
+        self.storageLease = Mutex(storage)
         self.region = region
         let nowUnix = Int(time(nil))
         self.identity = Mutex((id ?? "", owner, createdUnixTime ?? nowUnix))

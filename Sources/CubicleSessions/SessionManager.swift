@@ -120,7 +120,16 @@ public actor SessionManager {
             guard index.count + starting.count < config.maxSessions else { throw .quotaReached(config.maxSessions) }
             let pools = self.pools, supervisor = self.supervisor
             task = Task {
-                if let warm = await pools.claim(runtime, as: sessionID, owner: owner) { return warm }
+                if let warm = await pools.claim(runtime, as: sessionID, owner: owner) {
+                    guard runtime.sessionStorage != nil else { return warm }
+                    do {
+                        try await supervisor.attachStorage(toClaimed: warm, owner: owner, sessionID: sessionID, endpoint: endpoint)
+                        return warm
+                    } catch {
+                        // The claimed sandbox is given up; a sandbox of its own tries the storage again.
+                        _ = await supervisor.end(warm, .startFailed("its session storage: \(error)"))
+                    }
+                }
                 return try await supervisor.start(runtime, sessionID: sessionID, owner: owner, endpoint: endpoint)
             }
             starting[key] = task

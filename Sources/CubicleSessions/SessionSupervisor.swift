@@ -128,19 +128,11 @@ struct SessionSupervisor: Sendable {
         // The session's storage, in place before its agent starts: its volume mounted on the host (made, or
         // made anew for a new version), then an idmapped copy attached inside at the mount path.
         var lease: SessionStorage.Lease?
-        if let fs = runtime.sessionStorage, let sessionID {
+        if runtime.sessionStorage != nil, let sessionID {
             do {
-                guard let storage else { throw SystemError("session storage: cubicled keeps none", errno: ENOTSUP) }
-                let taken = try await storage.attach(SessionStorage.Key(runtime: runtime.name, owner: owner, id: sessionID), version: runtime.version,
-                                                     endpoint: endpoint ?? "DEFAULT", limits: .forBytes(fs.bytes), now: Int(time(nil)))
-                lease = taken
-                var step: Int32 = 0
-                guard cubicle_mount_into_sandbox(sandbox.initPID, taken.hostPath, fs.mountPath, &step) == 0 else {
-                    throw SystemError.lastError("attach session storage at \(fs.mountPath) (step \(step))")
-                }
+                lease = try await attachStorage(to: sandbox, runtime, owner: owner, sessionID: sessionID, endpoint: endpoint)
             } catch {
                 _ = await sandbox.teardown()
-                if let lease { await storage?.release(lease, now: Int(time(nil))) }
                 if let link { network?.detach(link.address) }
                 logger.error("session storage failed", metadata: ["session": "\(sessionID)", "error": "\(error)"])
                 throw SessionError.couldNotStart("Session could not start: its session storage: \(error)")
@@ -183,6 +175,28 @@ struct SessionSupervisor: Sendable {
                                "spawn_us": "\(sandbox.spawnNanoseconds / 1000)"])
         session.lifecycleMayStart.resolve(.success(()))
         return session
+    }
+
+    /// The session's volume mounted on the host and attached inside `sandbox` at its mount path; released
+    /// again if the attach fails.
+    func attachStorage(to sandbox: Sandbox, _ runtime: RuntimeConfig, owner: String, sessionID: String, endpoint: String?) async throws -> SessionStorage.Lease {
+        guard let fs = runtime.sessionStorage else { throw SystemError("session storage: the runtime has none", errno: EINVAL) }
+        guard let storage else { throw SystemError("session storage: cubicled keeps none", errno: ENOTSUP) }
+        let lease = try await storage.attach(SessionStorage.Key(runtime: runtime.name, owner: owner, id: sessionID), version: runtime.version,
+                                             endpoint: endpoint ?? "DEFAULT", limits: .forBytes(fs.bytes), now: Int(time(nil)))
+        var step: Int32 = 0
+        guard cubicle_mount_into_sandbox(sandbox.initPID, lease.hostPath, fs.mountPath, &step) == 0 else {
+            let error = SystemError.lastError("attach session storage at \(fs.mountPath) (step \(step))")
+            await storage.release(lease, now: Int(time(nil)))
+            throw error
+        }
+        return lease
+    }
+
+    /// A warm sandbox just claimed by a session with storage: the volume attached before the session's
+    /// first request reaches its agent. The agent sees the mount path fill in at that moment.
+    func attachStorage(toClaimed session: Session, owner: String, sessionID: String, endpoint: String?) async throws {
+        session.hold(try await attachStorage(to: session.sandbox, session.runtime, owner: owner, sessionID: sessionID, endpoint: endpoint))
     }
 
     /// A session for a sandbox a previous cubicled left running, served again under its id from now on.

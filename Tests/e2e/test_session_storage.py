@@ -243,3 +243,22 @@ def test_a_package_installed_into_storage_is_there_in_the_next_sandbox(start_dae
     d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
     out, code = run(d, sid, "/mnt/data/venv/bin/python -c 'import cubicle_hello; print(cubicle_hello.GREETING)'; ls /tmp | grep -c whl || true")
     assert out == "installed into session storage\n0\n", out
+
+
+def test_a_warm_sandbox_gets_the_sessions_storage_when_claimed(start_daemon):
+    """With warmPool, a new session claims a sandbox started ahead: its volume is attached at the claim,
+    before the first request reaches the agent, and comes back in the next warm sandbox of that id."""
+    d = start_daemon(storage_config().replace("    limits: {sessionStorage: 32MiB}", "    limits: {sessionStorage: 32MiB}\n    warmPool: 1"))
+    import time
+    deadline = time.time() + 30
+    while not d.cubicle_json("ps").get("warm") and time.time() < deadline:
+        time.sleep(0.1)
+    sid = new_session_id()
+    assert run(d, sid, "echo warm > /mnt/data/w; stat -c %u /mnt/data")[0] == "1000\n"
+    assert "session claimed a warm sandbox" in d.log_text()
+    d.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
+    deadline = time.time() + 30
+    while not d.cubicle_json("ps").get("warm") and time.time() < deadline:
+        time.sleep(0.1)
+    assert run(d, sid, "cat /mnt/data/w")[0] == "warm\n"
+    assert d.log_text().count("session claimed a warm sandbox") >= 2
