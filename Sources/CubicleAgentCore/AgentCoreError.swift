@@ -79,6 +79,11 @@ public struct AgentCoreError: Error, Equatable, Sendable, CustomStringConvertibl
         return JSON.object(o).serialized()
     }
 
+    /// A synchronous invocation the agent did not answer within its runtime's request time limit.
+    public static func requestTimeLimit(_ seconds: Int) -> AgentCoreError {
+        AgentCoreError(.runtimeClient, "The agent did not answer within the runtime's \(seconds) s limit for a synchronous request; stream the response (text/event-stream) for longer work")
+    }
+
     // The messages AWS itself uses where the contract fixes one.
     public static let initializationTimeout = AgentCoreError(
         .runtimeClient, "Runtime initialization time exceeded. Please make sure that initialization completes in 30s.")

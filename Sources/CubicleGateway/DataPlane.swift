@@ -181,8 +181,12 @@ public struct DataPlane: HTTPResponder {
         }
         let agentResponse: AgentResponse
         let head: (status: HTTPResponse.Status, fields: HTTPFields)
+        // AgentCore's request time limits: the synchronous limit until the response begins; then the whole
+        // exchange ends at the limit for its kind (a stream's, for text/event-stream).
+        let limits = session.runtime.limits
+        let begun = ContinuousClock.now
         do {
-            agentResponse = try await session.agent.send(agentRequest)
+            agentResponse = try await Self.within(seconds: limits.requestSeconds) { try await session.agent.send(agentRequest) }
             do { head = try invocation.clientHead(agentResponse.head) } catch {
                 agentResponse.abort()
                 throw error
@@ -191,7 +195,15 @@ public struct DataPlane: HTTPResponder {
             throw await invocation.failure(error)
         }
         inFlight.attach(status: head.status.code, abort: agentResponse.abort)
+        let streamed = agentResponse.head.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") ?? false
+        let deadline = begun + .seconds(streamed ? limits.streamSeconds : limits.requestSeconds)
+        // Past it the response is cut: the client sees its connection end, the agent its request cancelled.
+        let cutter = Task { [agentResponse] in
+            try? await Task.sleep(until: deadline, clock: .continuous)
+            if !Task.isCancelled { agentResponse.abort() }
+        }
         if let length = agentResponse.head.headers.first(name: "content-length").flatMap({ Int($0) }), length <= Self.wholeResponseLimit {
+            defer { cutter.cancel() }
             // Small and of known length: read whole, so head and body reach the client in one write.
             var whole = ByteBuffer()
             do {
@@ -206,7 +218,21 @@ public struct DataPlane: HTTPResponder {
             inFlight.complete()
             return Response(status: head.status, headers: head.fields, body: .init(byteBuffer: whole))
         }
-        return Response(status: head.status, headers: head.fields, body: Self.stream(agentResponse, inFlight))
+        return Response(status: head.status, headers: head.fields, body: Self.stream(agentResponse, inFlight, cutter: cutter))
+    }
+
+    /// `operation`, or the synchronous request limit's error once `seconds` have passed (the operation is
+    /// cancelled, which abandons the exchange with the agent).
+    static func within<T: Sendable>(seconds: Int, _ operation: @escaping @Sendable () async throws -> T) async throws -> T {
+        try await withThrowingTaskGroup(of: T.self) { group in
+            group.addTask { try await operation() }
+            group.addTask {
+                try await Task.sleep(for: .seconds(seconds))
+                throw AgentCoreError.requestTimeLimit(seconds)
+            }
+            defer { group.cancelAll() }
+            return try await group.next()!
+        }
     }
 
     /// Agent responses up to this size with a Content-Length are sent to the client in one piece.
@@ -214,9 +240,10 @@ public struct DataPlane: HTTPResponder {
 
     /// The agent's body as it comes; if the client goes away the exchange is aborted, which closes
     /// the agent's connection.
-    static func stream(_ response: AgentResponse, _ inFlight: InFlight) -> ResponseBody {
+    static func stream(_ response: AgentResponse, _ inFlight: InFlight, cutter: Task<Void, Never>? = nil) -> ResponseBody {
         let contentLength = response.head.headers.first(name: "content-length").flatMap { Int($0) }
         return ResponseBody(contentLength: contentLength) { writer in
+            defer { cutter?.cancel() }
             do {
                 for try await buffer in response.body {
                     inFlight.sent(buffer.readableBytes)

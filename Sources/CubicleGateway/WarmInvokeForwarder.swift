@@ -282,6 +282,10 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private var answeredBeforeRequestEnded = false
     /// Failed before the response began, and AgentCore's error has been written.
     private var errorAnswered = false
+    /// AgentCore's request time limit: the synchronous one until the response begins, then the one for its
+    /// kind (a stream's for text/event-stream), both from the request's start.
+    private var timeLimit: Scheduled<Void>?
+    private let begun = NIODeadline.now()
 
     /// Forwards `head` when it is an InvokeAgentRuntime this road can carry; nil hands it on.
     static func start(_ head: HTTPRequest, owner: String, lookup: WarmInvokeForwarder.Lookup, client: ChannelHandlerContext,
@@ -317,6 +321,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
         Telemetry.forwardedOnEventLoop(runtime: runtime)
         let invocation = Invocation(target: target, sessionID: id, requestID: RequestID.make(), requestHeaders: fields, started: started)
         let forwarded = ForwardedInvoke(forwarder: forwarder, client: client, link: link, invocation: invocation)
+        forwarded.limit(at: forwarded.begun + .seconds(Int64(target.runtime.limits.requestSeconds)))
         link.attach(forwarded)
         // Not flushed: the body usually came in the same read, and goes out in the same write.
         link.write(.head(invocation.agentHead(declaredLength: length)))
@@ -331,6 +336,22 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     }
 
     private var inFlight: InFlight { invocation.inFlight }
+
+    private func limit(at deadline: NIODeadline) {
+        timeLimit?.cancel()
+        timeLimit = client.eventLoop.scheduleTask(deadline: deadline) { [self] in self.timedOut() }
+    }
+
+    /// Before the response began: AgentCore's error; after: the response is cut.
+    private func timedOut() {
+        guard !over else { return }
+        let limits = invocation.target.runtime.limits
+        if responseKeepAlive == nil {
+            agentFailed(AgentCoreError.requestTimeLimit(limits.requestSeconds))
+        } else {
+            agentFailed(AgentLinkError("the response passed the runtime's request time limit"))
+        }
+    }
 
     /// The request is not finished and the agent's socket buffer is full.
     var agentIsFull: Bool { !over && !requestDone && !link.isWritable }
@@ -365,6 +386,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     func clientClosed() {
         guard !over else { return }
         over = true
+        timeLimit?.cancel()
         link.detach()
         link.close()
         inFlight.abort()
@@ -381,6 +403,9 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
             let client: (status: HTTPResponse.Status, fields: HTTPFields)
             do { client = try invocation.clientHead(head) } catch { return agentFailed(error) }
             responseKeepAlive = head.isKeepAlive
+            if head.headers.first(name: "content-type")?.lowercased().hasPrefix("text/event-stream") == true {
+                limit(at: begun + .seconds(Int64(invocation.target.runtime.limits.streamSeconds)))
+            }
             inFlight.attach(status: client.status.code, abort: {})
             var fields = client.fields
             if let length = head.headers.first(name: "content-length") { fields[.contentLength] = length }
@@ -408,6 +433,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private func finishIfDone() {
         guard requestDone, responseDone, !over else { return }
         over = true
+        timeLimit?.cancel()
         inFlight.complete()
         link.detach()
         let reusable = !answeredBeforeRequestEnded && responseKeepAlive == true
@@ -420,6 +446,7 @@ final class ForwardedInvoke: AgentLinkSink, @unchecked Sendable {
     private func agentFailed(_ error: any Error) {
         guard !over else { return }
         over = true
+        timeLimit?.cancel()
         link.detach()
         link.close()
         inFlight.abort()

@@ -25,6 +25,10 @@ public struct RuntimeConfig: Equatable, Sendable {
         public var openFiles = 4096
         /// Size of the session's writable /tmp.
         public var tmpfsBytes: Int64 = 512 << 20
+        /// AgentCore's request time limits: a synchronous invocation (its whole response) ends after
+        /// `requestSeconds` (15 minutes), a streamed one (text/event-stream) after `streamSeconds` (60).
+        public var requestSeconds = 900
+        public var streamSeconds = 3600
         public init() {}
     }
 
@@ -318,6 +322,8 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = try lf.int("pids", 8...1_000_000) { r.limits.pids = v }
             if let v = try lf.int("openFiles", 64...1_048_576) { r.limits.openFiles = v }
             if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
+            if let v = try lf.int("requestSeconds", 1...86_400) { r.limits.requestSeconds = v }
+            if let v = try lf.int("streamSeconds", 1...86_400) { r.limits.streamSeconds = v }
             if let v = try lf.bytes("sessionStorage", (16 << 20)...(1 << 40)) { storageBytes = v }
             try lf.rejectUnknown()
         }

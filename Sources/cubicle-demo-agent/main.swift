@@ -98,6 +98,8 @@ func invoke(_ conn: HTTPConnection, _ request: HTTPConnection.Request) -> Bool {
         o["authorization"] = .string(authorization)
         result = .object(o)
     }
+    // {"delay_seconds": N}: answer only after N seconds (request time limits are tested with it).
+    if let delay = payload["delay_seconds"]?.intValue, delay > 0 { sleep(UInt32(min(delay, 3600))) }
     let wantsStream = payload["stream"]?.boolValue == true || (request.headers["accept"]?.contains("text/event-stream") ?? false)
     let keepAlive = request.keepAlive
     if let code = payload["exit_code"]?.intValue {

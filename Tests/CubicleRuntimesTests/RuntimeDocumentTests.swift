@@ -36,6 +36,14 @@ import Testing
         #expect(refusal(body(), tags: ["cubicle:sessionStorage": "256MiB"])?.fields.first?.name == "tags.cubicle:sessionStorage", "a cap without storage")
     }
 
+    @Test func requestTimeLimitsDefaultToAgentCoresAndTakeTags() throws {
+        let plain = try config(body())
+        #expect(plain.limits.requestSeconds == 900 && plain.limits.streamSeconds == 3600, "15 and 60 minutes, as AgentCore")
+        let c = try config(body(), tags: ["cubicle:requestSeconds": "30", "cubicle:streamSeconds": "120"])
+        #expect(c.limits.requestSeconds == 30 && c.limits.streamSeconds == 120)
+        #expect(refusal(body(), tags: ["cubicle:requestSeconds": "0"])?.fields.first?.name == "tags.cubicle:requestSeconds")
+    }
+
     @Test func aJWTAuthorizerIsAppliedAndRendered() throws {
         let authorizer: JSON = ["customJWTAuthorizer": ["discoveryUrl": "https://idp.example/.well-known/openid-configuration", "allowedClients": ["app"]]]
         let c = try config(body(["authorizerConfiguration": authorizer]))
