@@ -178,7 +178,8 @@ let package = Package(
         .testTarget(name: "CubicleNetworkTests", dependencies: ["CubicleNetwork", "CubicleDNSWire"]),
         .testTarget(name: "CubicleCLITests", dependencies: ["CubicleCLI", "CubicleJSON"]),
         .testTarget(name: "CubicleAuthTests", dependencies: ["CubicleAuth", "CubicleAgentCore", "CubicleJSON",
-                                                       .product(name: "Crypto", package: "swift-crypto")]),
+                                                       .product(name: "Crypto", package: "swift-crypto"),
+                                                       .product(name: "Logging", package: "swift-log")]),
         .testTarget(name: "CubicleStorageTests", dependencies: ["CubicleStorage", "CubicleLinux"]),
         .testTarget(name: "CubicleRuntimesTests", dependencies: ["CubicleRuntimes", "CubicleAgentCore", "CubicleJSON"]),
     ]

@@ -41,6 +41,8 @@ public struct Admission: Sendable {
             guard authorization.count == 1 else { throw AgentCoreError(.accessDenied, "Only one Authorization header is allowed") }
             return .bearer(String(first.dropFirst("Bearer ".count)))
         }
+        // Without principals nothing is checked: no copy of the fields for a lookup that would not happen.
+        guard authenticator.requiresSignatures else { return .none }
         let pending = try authenticator.begin(method: request.method.rawValue, path: path, query: query, authority: request.head.authority,
                                               headers: Self.lowercased(headers))
         return pending.map { .signature($0) } ?? .none

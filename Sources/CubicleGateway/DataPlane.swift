@@ -284,7 +284,6 @@ public struct DataPlane: HTTPResponder {
         // Commands run in a live session of the caller's only, never starting one: the same lookup answers
         // "not found" whether or not another caller has a session under this id.
         guard let session = sessions.liveSession(runtime: runtime.name, qualifier: runtime.qualifier, owner: caller.owner, sessionID: id) else {
-            _ = try config(runtime)
             throw AgentCoreError(.resourceNotFound, SessionError.sessionNotFound(id).description)
         }
         let running: RunningCommand

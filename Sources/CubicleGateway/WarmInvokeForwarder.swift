@@ -38,9 +38,7 @@ struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
             try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
             // A runtime with a JWT authorizer takes the task road: its tokens are checked asynchronously.
             try sync.addHandler(WarmInvokeForwarder(authenticator: authenticator) { runtime, qualifier, owner, id in
-                guard let session = sessions.liveSession(runtime: runtime, qualifier: qualifier, owner: owner, sessionID: id),
-                      (try? sessions.resolve(runtime, qualifier: qualifier))?.authorizer == nil else { return nil }
-                return session
+                sessions.liveSession(runtime: runtime, qualifier: qualifier, owner: owner, sessionID: id) { $0.authorizer == nil }
             })
             return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
         }

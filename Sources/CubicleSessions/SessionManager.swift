@@ -101,10 +101,12 @@ public actor SessionManager {
 
     /// A live session from the index alone, never starting one: for callers that cannot wait. Nil also when
     /// `qualifier` names no ready endpoint, so the caller takes the road that says why.
+    /// - Parameter serving: what the endpoint serves now must pass it too (the warm road leaves runtimes
+    ///   with a JWT authorizer to the task road), checked on the same catalog lookup.
     public nonisolated func liveSession(runtime name: String, qualifier: String? = nil, owner: String = SessionKey.anonymousOwner,
-                                        sessionID: String) -> Session? {
+                                        sessionID: String, serving: (RuntimeConfig) -> Bool = { _ in true }) -> Session? {
         guard let s = index.session(SessionKey(runtime: name, owner: owner, id: sessionID)), s.isLive,
-              (try? catalog.resolve(name, qualifier: qualifier)) != nil else { return nil }
+              let config = try? catalog.resolve(name, qualifier: qualifier), serving(config) else { return nil }
         return s
     }
 

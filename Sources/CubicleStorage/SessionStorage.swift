@@ -24,8 +24,7 @@ public actor SessionStorage {
 
         /// The directory name: a digest, so no id, however odd, reaches the file system.
         public var name: String {
-            let digest = SHA256.hash(data: Array("\(runtime)\u{0}\(owner)\u{0}\(id)".utf8))
-            return digest.map { b in String(b, radix: 16).count == 1 ? "0" + String(b, radix: 16) : String(b, radix: 16) }.joined()
+            Hex.encode(Array(SHA256.hash(data: Array("\(runtime)\u{0}\(owner)\u{0}\(id)".utf8))))
         }
     }
 

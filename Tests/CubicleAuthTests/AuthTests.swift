@@ -2,6 +2,7 @@ import CubicleAgentCore
 import CubicleAuth
 import CubicleJSON
 import Crypto
+import Logging
 import Testing
 
 /// A request botocore 1.43 signed (SigV4Auth.add_auth at 2026-12-05T12:00:00Z): the verifier must reach
@@ -130,6 +131,25 @@ struct SigV4Tests {
         #expect(SigV4.parseDate("20261305T120000Z") == nil && SigV4.parseDate("2026-12-05T12:00:00Z") == nil)
         #expect(SigV4.parseDate("20260229T000000Z") == nil && SigV4.parseDate("20240229T000000Z") != nil, "February 29th only in a leap year")
         #expect(SigV4.parseDate("09701101T000000Z") == nil && SigV4.parseDate("20261205T120060Z") == nil, "years from 1970, seconds below 60 (fuzz)")
+    }
+}
+
+struct JWTVerifierTests {
+    /// docs/security.md: discovery and keys come over https, or plain http to loopback only. 0.0.0.0 is not
+    /// a loopback name to the check, but a connection to it stays on this host: without the check the
+    /// fetch is tried and fails otherwise ("could not fetch"), and no packet leaves the machine either way.
+    @Test func anIssuerIsReachedOverHTTPSOrLoopbackOnly() async throws {
+        let verifier = JWTVerifier(logger: Logger(label: "test"))
+        let token = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsifQ.eyJzdWIiOiJ4In0.c2ln"
+        for url in ["http://0.0.0.0:1/.well-known/openid-configuration"] {
+            do {
+                _ = try await verifier.verify(token, for: JWTAuthorizerConfiguration(discoveryURL: url))
+                Issue.record("\(url) was used")
+            } catch {
+                #expect(error.kind == .accessDenied && error.message.contains("must be https"), "\(error)")
+            }
+        }
+        await verifier.shutdown()
     }
 }
 

@@ -54,6 +54,11 @@ def test_files_come_back_with_the_same_session_id_and_no_other(start_daemon):
     assert init_pid(d, sid) != first_init, "a new sandbox"
     other, _ = run(d, new_session_id(), "ls -A /mnt/data | grep -v lost+found | wc -l")
     assert other.strip() == "0", "another id sees an empty volume"
+    # docs/security.md: images 0600 in 0700 directories, root's alone.
+    for root, dirs, files in os.walk(os.path.join(d.data_dir, "storage", "volumes")):
+        assert os.stat(root).st_mode & 0o777 == 0o700, root
+        for f in files:
+            assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o600, f
 
 
 def test_kept_across_idle_timeout_and_a_sigkill_of_cubicled(start_daemon):

@@ -30,16 +30,22 @@ def post(d, sid, payload, conn=None):
     return c, c.getresponse()
 
 
+def on_road(d, road):
+    """A new session id and the connection to use: none for the task road (the session starts with the
+    call); for the warm road, one whose session has answered twice, so its link is warm on this loop."""
+    sid, conn = new_session_id(), None
+    if road == "warm":
+        for prompt in ("1+1", "1+2"):
+            conn, r = post(d, sid, {"prompt": prompt}, conn)
+            assert r.status == 200, r.read()
+            r.read()
+    return sid, conn
+
+
 @pytest.mark.parametrize("road", ["task", "warm"])
 def test_a_synchronous_request_past_its_limit_gets_runtime_client_error(start_daemon, road):
     d = start_daemon(limits_config())
-    sid = new_session_id()
-    conn = None
-    if road == "warm":
-        conn, r = post(d, sid, {"prompt": "1+1"})
-        assert r.status == 200 and json.loads(r.read())["answer"] == 2
-        conn, r = post(d, sid, {"prompt": "1+2"}, conn)  # the link is warm on this loop now
-        r.read()
+    sid, conn = on_road(d, road)
     conn, r = post(d, sid, {"prompt": "2+2", "delay_seconds": 5}, conn)
     data = r.read()
     assert r.status == 424 and r.getheader("x-amzn-ErrorType") == "RuntimeClientError", (r.status, data)
@@ -56,11 +62,7 @@ def test_a_synchronous_request_past_its_limit_gets_runtime_client_error(start_da
 @pytest.mark.parametrize("road", ["task", "warm"])
 def test_streams_run_past_the_synchronous_limit_and_are_cut_at_theirs(start_daemon, road):
     d = start_daemon(limits_config())
-    sid = new_session_id()
-    conn = None
-    if road == "warm":
-        conn, r = post(d, sid, {"prompt": "1+1"})
-        r.read()
+    sid, conn = on_road(d, road)
     # 3 s of events: past the 2 s synchronous limit, within the 4 s stream limit.
     conn, r = post(d, sid, {"stream": True, "stream_events": 30, "stream_interval_ms": 100}, conn)
     events = [line for line in r.read().split(b"\n") if b'"event":"progress"' in line]
