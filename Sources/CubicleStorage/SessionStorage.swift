@@ -99,13 +99,9 @@ public actor SessionStorage {
     /// After its sandbox is gone: what the session wrote flushed to the image, the volume unmounted, its
     /// loop device waited out, and the next sandbox of the session let in.
     public func release(_ lease: Lease, now: Int) async {
-        let loop = Self.loopDevice(mountedAt: lease.hostPath)
-        do { try StorageVolume.unmount(lease.hostPath) } catch {
-            // Still busy: detached, so the file system goes with its last user; the loop device wait below
-            // is what keeps the next mount out until then.
-            _ = umount2(lease.hostPath, Int32(MNT_DETACH))
-        }
-        if let loop { await Self.waitUntilDetached(loop) }
+        // A volume still held after the wait is left detached, going with its last user; the session's
+        // next sandbox mounts the image anew.
+        try? await StorageVolume.unmount(lease.hostPath)
         if doomed.remove(lease.key.name) != nil {
             destroy(directory(lease.key))
             free(lease.key.name)
@@ -133,9 +129,7 @@ public actor SessionStorage {
         for name in (try? Files.listDirectory(root + "/mounts")) ?? [] where !mounted.contains(name) {
             let path = "\(root)/mounts/\(name)"
             guard Self.isMountPoint(path) else { continue }
-            let loop = Self.loopDevice(mountedAt: path)
-            if (try? StorageVolume.unmount(path)) == nil { _ = umount2(path, Int32(MNT_DETACH)) }
-            if let loop { await Self.waitUntilDetached(loop) }
+            try? await StorageVolume.unmount(path)
         }
     }
 
@@ -210,26 +204,5 @@ public actor SessionStorage {
         rmdir(dir)
     }
 
-    static func isMountPoint(_ path: String) -> Bool { loopDevice(mountedAt: path) != nil }
-
-    /// The loop device mounted at `path`, from the host's mount table.
-    static func loopDevice(mountedAt path: String) -> String? {
-        guard let table = try? Files.read("/proc/self/mountinfo") else { return nil }
-        for line in table.split(separator: "\n") {
-            let fields = line.split(separator: " ")
-            guard fields.count > 9, fields[4] == path, let dash = fields.firstIndex(of: "-"), dash + 2 < fields.count else { continue }
-            let source = fields[dash + 2]
-            if source.hasPrefix("/dev/loop") { return String(source.dropFirst("/dev/".count)) }
-        }
-        return nil
-    }
-
-    /// A loop device with AUTOCLEAR lets go of its image once its file system is gone: until then another
-    /// mount of the image would be a second writer.
-    static func waitUntilDetached(_ loop: String) async {
-        for _ in 0..<500 {
-            if !Files.exists("/sys/block/\(loop)/loop/backing_file") { return }
-            try? await Task.sleep(nanoseconds: 10_000_000)
-        }
-    }
+    static func isMountPoint(_ path: String) -> Bool { StorageVolume.loopDevice(mountedAt: path) != nil }
 }

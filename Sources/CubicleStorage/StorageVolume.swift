@@ -67,12 +67,42 @@ public enum StorageVolume {
     }
 
     /// Flushes what the session wrote to the image and unmounts it: after this returns, the image holds
-    /// it even if the host loses power.
-    public static func unmount(_ target: String) throws(SystemError) {
+    /// it even if the host loses power, and its loop device has let go of it, so mounting it again is
+    /// not a second writer.
+    ///
+    /// A plain unmount can find the mount busy for a moment with nothing of ours using it: a child forked
+    /// elsewhere in the process while we held a descriptor on the volume (the syncfs below, a file the
+    /// caller wrote) keeps that descriptor until it execs. Then the volume is detached instead and the
+    /// file system goes with that last reference; the loop device is waited out either way, for up to
+    /// `patience` seconds.
+    public static func unmount(_ target: String, patience: Double = 5) async throws(SystemError) {
+        let loop = loopDevice(mountedAt: target)
         let fd = try sys("open \(target)") { open(target, O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         _ = cubicle_syncfs(fd)
         close(fd)
-        try sys("unmount \(target)") { umount2(target, Int32(UMOUNT_NOFOLLOW)) }
+        if umount2(target, Int32(UMOUNT_NOFOLLOW)) != 0 {
+            guard errno == EBUSY else { throw SystemError.lastError("unmount \(target)") }
+            try sys("detach \(target)") { umount2(target, Int32(MNT_DETACH | UMOUNT_NOFOLLOW)) }
+        }
+        guard let loop else { return }
+        let polls = max(1, Int(patience * 100))
+        for _ in 0..<polls {
+            if !Files.exists("/sys/block/\(loop)/loop/backing_file") { return }
+            try? await Task.sleep(nanoseconds: 10_000_000)
+        }
+        throw SystemError("wait for \(loop) to let go of the volume unmounted from \(target)", errno: EBUSY)
+    }
+
+    /// The loop device mounted at `path`, from the host's mount table (nil: not a volume's mount point).
+    public static func loopDevice(mountedAt path: String) -> String? {
+        guard let table = try? Files.read("/proc/self/mountinfo") else { return nil }
+        for line in table.split(separator: "\n") {
+            let fields = line.split(separator: " ")
+            guard fields.count > 9, fields[4] == path, let dash = fields.firstIndex(of: "-"), dash + 2 < fields.count else { continue }
+            let source = fields[dash + 2]
+            if source.hasPrefix("/dev/loop") { return String(source.dropFirst("/dev/".count)) }
+        }
+        return nil
     }
 
     /// Bytes and inodes in use on a mounted volume.
