@@ -55,6 +55,7 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOWebSocket", package: "swift-nio"),
         ]),
         // Per-session networking: the egress policy as a pure value today; links, nftables, the session DNS and
         // the metadata endpoint with PUBLIC sessions.
@@ -125,6 +126,7 @@ let package = Package(
             "CubicleAuth", "CubicleSessions", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
             .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
+            .product(name: "NIOWebSocket", package: "swift-nio"),
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
             .product(name: "Metrics", package: "swift-metrics"),

@@ -5,6 +5,10 @@ public enum Route: Equatable, Sendable {
     case stopSession(RuntimeAddress)
     case command(RuntimeAddress)
     case agentCard(RuntimeAddress)
+    /// A WebSocket to the agent's `/ws` (an upgrade; anything else there is refused).
+    case webSocket(RuntimeAddress)
+    /// An interactive shell in a session (a WebSocket upgrade too).
+    case shell(RuntimeAddress)
     case ping
     case metrics
 
@@ -25,6 +29,8 @@ public enum Route: Equatable, Sendable {
         case ("POST", ["stopruntimesession"]): make = Route.stopSession
         case ("POST", ["commands"]): make = Route.command
         case ("GET", ["invocations", ".well-known", "agent-card.json"]): make = Route.agentCard
+        case ("GET", ["ws"]): make = Route.webSocket
+        case ("GET", ["ws", "shells"]): make = Route.shell
         default: throw AgentCoreError(.resourceNotFound, "No operation matches \(method) \(String(path.prefix(200)))")
         }
         guard let identifier = PercentEncoding.decode(segments[1]) else {

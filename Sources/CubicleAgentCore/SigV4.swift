@@ -86,6 +86,49 @@ public enum SigV4 {
                              signedHeaders: headers, signature: bytes)
     }
 
+    /// A presigned URL's signature: the `X-Amz-*` query parameters botocore's `SigV4QueryAuth` adds.
+    public struct Presigned: Equatable, Sendable {
+        public var authorization: Authorization
+        public var amzDate: String
+        /// Seconds from `amzDate` the URL is good for (1 to 604800, AWS's range).
+        public var expires: Int
+        public var securityToken: String?
+        /// The query as it came without `X-Amz-Signature`: what the canonical request covers.
+        public var signedQuery: String
+    }
+
+    /// The query's presigned signature; nil when it has no `X-Amz-Signature` (not presigned). What is
+    /// missing or malformed is IncompleteSignatureException, as for the header.
+    public static func parsePresigned(query: String) throws(AgentCoreError) -> Presigned? {
+        guard query.utf8.count <= 16384 else { return nil }
+        var params: [String: String] = [:]
+        var kept: [Substring] = []
+        for pair in query.split(separator: "&", omittingEmptySubsequences: true) {
+            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let key = PercentEncoding.decode(String(kv[0])) ?? ""
+            if key.hasPrefix("X-Amz-") {
+                guard params[key] == nil else { throw incomplete("\(key) is given twice") }
+                params[key] = kv.count > 1 ? (PercentEncoding.decode(String(kv[1])) ?? "") : ""
+            }
+            if key != "X-Amz-Signature" { kept.append(pair) }
+        }
+        guard let signature = params["X-Amz-Signature"] else { return nil }
+        guard params["X-Amz-Algorithm"] == algorithm else { throw incomplete("X-Amz-Algorithm must be \(algorithm)") }
+        guard let credential = params["X-Amz-Credential"], let signedHeaders = params["X-Amz-SignedHeaders"],
+              let amzDate = params["X-Amz-Date"], let expiresText = params["X-Amz-Expires"] else {
+            throw incomplete("A presigned URL needs X-Amz-Credential, X-Amz-Date, X-Amz-Expires, X-Amz-SignedHeaders and X-Amz-Signature")
+        }
+        guard let expires = Int(expiresText), (1...604_800).contains(expires) else {
+            throw incomplete("X-Amz-Expires must be a number of seconds from 1 to 604800")
+        }
+        for field in [credential, signedHeaders, signature] where field.utf8.contains(where: { $0 == UInt8(ascii: ",") || $0 == 0x20 }) {
+            throw incomplete("X-Amz-Credential, X-Amz-SignedHeaders and X-Amz-Signature cannot hold ',' or spaces")
+        }
+        let authorization = try parseAuthorization("\(algorithm) Credential=\(credential), SignedHeaders=\(signedHeaders), Signature=\(signature)")
+        return Presigned(authorization: authorization, amzDate: amzDate, expires: expires, securityToken: params["X-Amz-Security-Token"],
+                         signedQuery: kept.joined(separator: "&"))
+    }
+
     /// The ranges of `u[range]` between separators, empty ones kept.
     static func split(_ u: [UInt8], _ range: Range<Int>, _ separator: UInt8) -> [Range<Int>] {
         var out: [Range<Int>] = []

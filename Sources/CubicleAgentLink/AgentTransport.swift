@@ -26,11 +26,13 @@ public final class AgentTransport: Sendable {
         var open: [ObjectIdentifier: AgentLink] = [:]
         /// Background opens, one per loop at a time; cancelled by `close`.
         var opening: [ObjectIdentifier: Task<Void, Never>] = [:]
+        /// WebSockets to the agent, open until either end closes them or the session ends.
+        var webSockets: [ObjectIdentifier: any Channel] = [:]
         var closed = false
     }
     private let state = Mutex(State())
-    private let connector: Connector
-    private let group: any EventLoopGroup
+    let connector: Connector
+    let group: any EventLoopGroup
 
     public init(group: any EventLoopGroup, maxIdleNanoseconds: UInt64 = defaultMaxIdleNanoseconds, inUseGrace: TimeAmount = defaultInUseGrace,
                 connector: @escaping Connector) {
@@ -112,19 +114,35 @@ public final class AgentTransport: Sendable {
     /// agent that has exited, whose last response may still be in flight to us. Bounded, so nothing that
     /// waits on such a link can outlive its session by more than that.
     public func close(keepingInUse: Bool = false) {
-        let (idle, inUse, opening) = state.withLock { s -> ([AgentLink], [AgentLink], [Task<Void, Never>]) in
+        let (idle, inUse, opening, webSockets) = state.withLock { s -> ([AgentLink], [AgentLink], [Task<Void, Never>], [any Channel]) in
             s.closed = true
             let idle = s.idle
             s.idle = []
             let idleIDs = Set(idle.map { ObjectIdentifier($0) })
-            return (idle, s.open.values.filter { !idleIDs.contains(ObjectIdentifier($0)) }, Array(s.opening.values))
+            return (idle, s.open.values.filter { !idleIDs.contains(ObjectIdentifier($0)) }, Array(s.opening.values), Array(s.webSockets.values))
         }
         opening.forEach { $0.cancel() }
+        webSockets.forEach { $0.close(promise: nil) }
         idle.forEach { $0.close() }
         if keepingInUse { inUse.forEach { $0.close(after: inUseGrace) } } else { inUse.forEach { $0.close() } }
     }
 
     // MARK: -
+
+    var isClosed: Bool { state.withLock { $0.closed } }
+
+    /// Keeps `channel` (a WebSocket's) until it closes, so `close` ends it with the session; throws if
+    /// the session is already ending.
+    func track(_ channel: any Channel) throws {
+        let key = ObjectIdentifier(channel)
+        let admitted = state.withLock { s -> Bool in
+            guard !s.closed else { return false }
+            s.webSockets[key] = channel
+            return true
+        }
+        guard admitted else { throw AgentLinkError("the session is ending") }
+        channel.closeFuture.whenComplete { [weak self] _ in self?.state.withLock { _ = $0.webSockets.removeValue(forKey: key) } }
+    }
 
     private func take(where matches: (AgentLink) -> Bool) -> AgentLink? {
         let (found, stale) = state.withLock { s -> (AgentLink?, [AgentLink]) in

@@ -68,20 +68,33 @@ public final class Authenticator: Sendable {
             default: break
             }
         }
-        guard let header = authorizations.first else {
+        // A signature in the Authorization header, or in the query of a presigned URL (a WebSocket
+        // client cannot always set headers on its upgrade).
+        let auth: SigV4.Authorization, amzDate: String, signedQuery: String, presigned: SigV4.Presigned?
+        if let header = authorizations.first {
+            guard authorizations.count == 1 else { throw AgentCoreError(.incompleteSignature, "Only one Authorization header is allowed") }
+            auth = try SigV4.parseAuthorization(header)
+            presigned = nil
+            signedQuery = query
+            guard dates.count == 1, let date = dates.first else {
+                throw AgentCoreError(.incompleteSignature, "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
+            }
+            amzDate = date
+        } else if let p = try SigV4.parsePresigned(query: query) {
+            auth = p.authorization
+            presigned = p
+            signedQuery = p.signedQuery
+            amzDate = p.amzDate
+            tokens += p.securityToken.map { [$0] } ?? []
+        } else {
             throw AgentCoreError(.missingAuthenticationToken, "Missing Authentication Token")
         }
-        guard authorizations.count == 1 else { throw AgentCoreError(.incompleteSignature, "Only one Authorization header is allowed") }
-        let auth = try SigV4.parseAuthorization(header)
         guard let entry = principals.keys[auth.accessKeyID] else {
             throw AgentCoreError(.unrecognizedClient, "The security token included in the request is invalid.")
         }
         let principal = principals.principals[entry.principal], key = entry.key
         guard tokens.count <= 1, Self.sameToken(tokens.first, key.sessionToken) else {
             throw AgentCoreError(.unrecognizedClient, "The security token included in the request is invalid.")
-        }
-        guard dates.count == 1, let amzDate = dates.first else {
-            throw AgentCoreError(.incompleteSignature, "Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
         }
         guard let seconds = SigV4.parseDate(amzDate) else {
             throw AgentCoreError(.incompleteSignature, "X-Amz-Date must be in ISO8601 basic format: yyyyMMdd'T'HHmmss'Z'")
@@ -94,7 +107,12 @@ public final class Authenticator: Sendable {
         }
         guard auth.region == region else { throw AgentCoreError(.invalidSignature, "Credential should be scoped to a valid region. ") }
         let now = self.now()
-        if seconds < now - SigV4.maxSkewSeconds {
+        if let presigned {
+            // A presigned URL is good from its date (give or take the usual skew) until it expires.
+            if seconds + presigned.expires < now {
+                throw AgentCoreError(.invalidSignature, "Signature expired: the presigned URL of \(amzDate) expired after \(presigned.expires) seconds, before \(SigV4.formatDate(now)).")
+            }
+        } else if seconds < now - SigV4.maxSkewSeconds {
             throw AgentCoreError(.invalidSignature, "Signature expired: \(amzDate) is now earlier than \(SigV4.formatDate(now - SigV4.maxSkewSeconds)) (\(SigV4.formatDate(now)) - 5 min.)")
         }
         if seconds > now + SigV4.maxSkewSeconds {
@@ -111,8 +129,8 @@ public final class Authenticator: Sendable {
             throw AgentCoreError(.invalidSignature, "x-amz-content-sha256 must be the payload's SHA-256 in hex: an unsigned payload is not accepted")
         }
         return PendingSignature(caller: Caller(owner: principal.name, kind: .principal(principal)), authorization: auth, amzDate: amzDate,
-                                method: method, path: path, query: query, headerValues: values,
-                                signingKey: signingKey(entry, auth), declaredPayloadHash: declared?.lowercased())
+                                method: method, path: path, query: signedQuery, headerValues: values,
+                                signingKey: signingKey(entry, auth), declaredPayloadHash: declared?.lowercased(), presigned: presigned != nil)
     }
 
     /// Session tokens compared in constant time; absent on both sides is a match.
@@ -193,16 +211,27 @@ public struct PendingSignature: Sendable {
     let signingKey: SigningMAC
     /// What x-amz-content-sha256 declared, if sent: the body must hash to it as well.
     public let declaredPayloadHash: String?
+    /// Signed in the query: the payload may also have been signed as `UNSIGNED-PAYLOAD` (S3's presigning
+    /// rule, which some clients apply everywhere); presigned URLs are for requests without a body.
+    let presigned: Bool
 
     /// Checks the signature over the request with the body's SHA-256 (lowercase hex).
     public func verify(payloadHash: String) throws(AgentCoreError) -> Caller {
         if let declaredPayloadHash, declaredPayloadHash != payloadHash {
             throw AgentCoreError(.invalidSignature, "The provided 'x-amz-content-sha256' header does not match what was computed.")
         }
+        if presigned, payloadHash == PayloadHash.empty, declaredPayloadHash == nil, (try? check(payloadHash: "UNSIGNED-PAYLOAD")) != nil {
+            return caller
+        }
+        try check(payloadHash: declaredPayloadHash ?? payloadHash)
+        return caller
+    }
+
+    private func check(payloadHash: String) throws(AgentCoreError) {
         let names = authorization.signedHeaders
         let canonical = SigV4.canonicalRequest(method: method, path: path, query: query, signedHeaders: names,
                                                values: { name in names.firstIndex(of: name).map { headerValues[$0] } ?? [] },
-                                               payloadHash: declaredPayloadHash ?? payloadHash)
+                                               payloadHash: payloadHash)
         var toSign: [UInt8] = []
         toSign.reserveCapacity(200)
         toSign += SigV4.algorithm.utf8
@@ -218,7 +247,6 @@ public struct PendingSignature: Sendable {
         guard Authenticator.constantTimeEqual(signingKey.code(toSign), authorization.signature) else {
             throw AgentCoreError(.invalidSignature, "The request signature we calculated does not match the signature you provided. Check your AWS Secret Access Key and signing method. Consult the service documentation for details.")
         }
-        return caller
     }
 }
 

@@ -34,8 +34,8 @@ public struct Admission: Sendable {
     }
 
     /// Reads the head's credential; throws the 403s that need no body.
-    func credential(_ request: Request, path: String, query: String) throws(AgentCoreError) -> Credential {
-        let headers = request.headers
+    func credential(_ request: HTTPRequest, path: String, query: String) throws(AgentCoreError) -> Credential {
+        let headers = request.headerFields
         let authorization = headers[values: .authorization]
         if let first = authorization.first, first.hasPrefix("Bearer ") {
             guard authorization.count == 1 else { throw AgentCoreError(.accessDenied, "Only one Authorization header is allowed") }
@@ -43,7 +43,7 @@ public struct Admission: Sendable {
         }
         // Without principals nothing is checked: no copy of the fields for a lookup that would not happen.
         guard authenticator.requiresSignatures else { return .none }
-        let pending = try authenticator.begin(method: request.method.rawValue, path: path, query: query, authority: request.head.authority,
+        let pending = try authenticator.begin(method: request.method.rawValue, path: path, query: query, authority: request.authority,
                                               headers: Self.lowercased(headers))
         return pending.map { .signature($0) } ?? .none
     }

@@ -78,6 +78,10 @@ public struct DataPlane: HTTPResponder {
                 response = try await command(request, address, path: path, query: query ?? "")
             case .agentCard(let address):
                 response = try await agentCard(request, address, path: path, query: query ?? "", requestID: requestID)
+            case .webSocket, .shell:
+                // Upgrades are taken before a request gets here (DataPlaneChannel): this one did not ask for
+                // one, or came after another request on its connection.
+                throw AgentCoreError(.validation, "\(path) is a WebSocket endpoint: open it with a WebSocket upgrade (GET with Upgrade: websocket) as the first request of a connection")
             }
             response.headers[.xAmznRequestID] = requestID
             return response
@@ -99,7 +103,7 @@ public struct DataPlane: HTTPResponder {
         guard let route = try ControlRoute.parse(method: request.method.rawValue, path: path) else {
             throw AgentCoreError(.resourceNotFound, "No operation matches \(request.method.rawValue) \(String(path.prefix(200)))")
         }
-        let credential = try admission.credential(request, path: path, query: query)
+        let credential = try admission.credential(request.head, path: path, query: query)
         guard let controlPlane else {
             throw AgentCoreError(.accessDenied, controlPlaneRefusal ?? "The control plane is not served by this cubicled")
         }
@@ -147,7 +151,7 @@ public struct DataPlane: HTTPResponder {
     /// The task road: for a session to find or start, or when the warm road does not apply (no idle link on
     /// this loop, a body without Content-Length). Answers as `ForwardedInvoke` does, through `Invocation`.
     private func invoke(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String, requestID: String) async throws(AgentCoreError) -> Response {
-        let credential = try admission.credential(request, path: path, query: query)
+        let credential = try admission.credential(request.head, path: path, query: query)
         let declaredLength = request.headers[.contentLength].flatMap { Int($0) }
         try Validate.payloadLength(declaredLength)
         // A signature covers the body: it is read and hashed whole (spooled past a megabyte) before the
@@ -261,7 +265,7 @@ public struct DataPlane: HTTPResponder {
     // MARK: - StopRuntimeSession
 
     private func stop(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String) async throws(AgentCoreError) -> Response {
-        let credential = try admission.credential(request, path: path, query: query)
+        let credential = try admission.credential(request.head, path: path, query: query)
         let body = try await Self.collect(request.body, limit: 64 << 10)
         let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
                                                 actions: ["bedrock-agentcore:StopRuntimeSession"]) { () throws(AgentCoreError) in try config(runtime) }
@@ -275,7 +279,7 @@ public struct DataPlane: HTTPResponder {
     // MARK: - InvokeAgentRuntimeCommand
 
     private func command(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String) async throws(AgentCoreError) -> Response {
-        let credential = try admission.credential(request, path: path, query: query)
+        let credential = try admission.credential(request.head, path: path, query: query)
         let body = try await Self.collect(request.body, limit: 256 << 10)
         let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
                                                 actions: ["bedrock-agentcore:InvokeAgentRuntimeCommand"]) { () throws(AgentCoreError) in try config(runtime) }
@@ -299,7 +303,7 @@ public struct DataPlane: HTTPResponder {
     // MARK: - GetAgentCard
 
     private func agentCard(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String, requestID: String) async throws(AgentCoreError) -> Response {
-        let credential = try admission.credential(request, path: path, query: query)
+        let credential = try admission.credential(request.head, path: path, query: query)
         let body = try await Self.collect(request.body, limit: 64 << 10)
         let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
                                                 actions: ["bedrock-agentcore:GetAgentCard"]) { () throws(AgentCoreError) in try config(runtime) }

@@ -43,7 +43,8 @@ struct Invocation: Sendable {
     }
 
     /// What the agent is sent: the client's headers the contract lets through, and the session and request ids.
-    func agentHead(declaredLength: Int?) -> HTTPRequestHead {
+    /// `uri`: the protocol's invocation path unless given (a WebSocket's `/ws`).
+    func agentHead(declaredLength: Int?, method: HTTPMethod = .POST, uri: String? = nil) -> HTTPRequestHead {
         var fields = HTTPHeaders()
         fields.reserveCapacity(requestHeaders.count + 4)
         fields.add(name: "Host", value: "localhost")
@@ -56,7 +57,7 @@ struct Invocation: Sendable {
         fields.add(name: AgentCoreHeader.sessionID, value: sessionID)
         fields.add(name: AgentCoreHeader.requestID, value: requestID)
         if let declaredLength { fields.add(name: "Content-Length", value: String(declaredLength)) }
-        return HTTPRequestHead(version: .http1_1, method: .POST, uri: target.runtime.serverProtocol.invocationPath, headers: fields)
+        return HTTPRequestHead(version: .http1_1, method: method, uri: uri ?? target.runtime.serverProtocol.invocationPath, headers: fields)
     }
 
     /// The client's response head from the agent's: its status, its Content-Type (JSON when it gave none),

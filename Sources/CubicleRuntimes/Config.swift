@@ -29,6 +29,8 @@ public struct RuntimeConfig: Equatable, Sendable {
         /// `requestSeconds` (15 minutes), a streamed one (text/event-stream) after `streamSeconds` (60).
         public var requestSeconds = 900
         public var streamSeconds = 3600
+        /// A WebSocket (to the agent's `/ws`, or a shell) is closed after `webSocketSeconds` (60 minutes).
+        public var webSocketSeconds = 3600
         public init() {}
     }
 
@@ -324,6 +326,7 @@ public struct DaemonConfig: Equatable, Sendable {
             if let v = try lf.bytes("tmpfs", (1 << 20)...(1 << 40)) { r.limits.tmpfsBytes = v }
             if let v = try lf.int("requestSeconds", 1...86_400) { r.limits.requestSeconds = v }
             if let v = try lf.int("streamSeconds", 1...86_400) { r.limits.streamSeconds = v }
+            if let v = try lf.int("webSocketSeconds", 1...86_400) { r.limits.webSocketSeconds = v }
             if let v = try lf.bytes("sessionStorage", (16 << 20)...(1 << 40)) { storageBytes = v }
             try lf.rejectUnknown()
         }

@@ -25,7 +25,7 @@ public enum RuntimeDocument {
     /// Cubicle's own settings, as `cubicle:` tags on the runtime, read when a version is made.
     public static let settingTags = ["cubicle:command", "cubicle:memory", "cubicle:cpus", "cubicle:pids", "cubicle:openFiles", "cubicle:tmpfs",
                                      "cubicle:warmPool", "cubicle:egress.allow", "cubicle:egress.deny", "cubicle:sessionStorage",
-                                     "cubicle:requestSeconds", "cubicle:streamSeconds"]
+                                     "cubicle:requestSeconds", "cubicle:streamSeconds", "cubicle:webSocketSeconds"]
 
     /// Checks a Create/UpdateAgentRuntime body (`allowed`: the operation's other members) and returns the
     /// version document: its modelled fields plus `cubicle`, the settings taken from `tags`.
@@ -213,6 +213,7 @@ public enum RuntimeDocument {
         if let v = try int("cubicle:warmPool", 0...100) { r.warmPool = v }
         if let v = try int("cubicle:requestSeconds", 1...86_400) { r.limits.requestSeconds = v }
         if let v = try int("cubicle:streamSeconds", 1...86_400) { r.limits.streamSeconds = v }
+        if let v = try int("cubicle:webSocketSeconds", 1...86_400) { r.limits.webSocketSeconds = v }
         if let v = try size("cubicle:sessionStorage", (16 << 20)...(1 << 40)) {
             guard r.sessionStorage != nil else { throw AgentCoreError.invalidField("tags.cubicle:sessionStorage", "caps session storage, which needs filesystemConfigurations with sessionStorage") }
             r.sessionStorage?.bytes = v

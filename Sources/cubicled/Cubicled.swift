@@ -265,7 +265,7 @@ struct Cubicled: AsyncParsableCommand {
                                  // this host's own users may reach it.
                                  controlPlane: principals != nil || loopback ? controlPlane : nil,
                                  controlPlaneRefusal: "The control plane answers unsigned calls only on a loopback listener: give cubicled --credentials to serve it here"),
-            server: .dataPlane(sessions: manager, authenticator: authenticator, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
+            server: .dataPlane(sessions: manager, admission: admission, logger: logger, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",
