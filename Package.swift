@@ -122,8 +122,19 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // Interactive shells in sessions (a terminal per shell, kept across reconnects) and the WebSocket
+        // upgrade both listeners serve them through.
+        .target(name: "CubicleShells", dependencies: [
+            "CubicleSessions", "CubicleSandbox", "CubicleRPC", "CubicleAgentCore", "CubicleAgentLink", "CCubicleShim",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOWebSocket", package: "swift-nio"),
+            .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
+            .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+        ]),
         .target(name: "CubicleGateway", dependencies: [
-            "CubicleAuth", "CubicleSessions", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
+            "CubicleAuth", "CubicleSessions", "CubicleShells", "CubicleControlPlane", "CubicleAgentCore", "CubicleAgentLink", "CubicleRuntimes",
             .product(name: "NIOHTTPTypes", package: "swift-nio-extras"),
             .product(name: "NIOHTTPTypesHTTP1", package: "swift-nio-extras"),
             .product(name: "NIOWebSocket", package: "swift-nio"),
@@ -135,18 +146,22 @@ let package = Package(
         // The operator API on the admin socket: sessions, logs, exec, stop, runtimes, events.
         .target(name: "CubicleOperators", dependencies: [
             "CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux", "CubicleNetwork", "CubicleImages",
-            "CubicleControlPlane", "CubicleStorage",
+            "CubicleControlPlane", "CubicleStorage", "CubicleShells",
             .product(name: "Hummingbird", package: "hummingbird"),
             .product(name: "AsyncAlgorithms", package: "swift-async-algorithms"),
         ]),
         // What the `cubicle` CLI does, apart from parsing its arguments: the HTTP client, tables, `top`.
         .target(name: "CubicleCLI", dependencies: ["CubicleJSON"]),
         .executableTarget(name: "cubicle", dependencies: [
-            "CubicleCLI", "CubicleAgentCore",
+            "CubicleCLI", "CubicleAgentCore", "CubicleAgentLink", "CubicleJSON",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOWebSocket", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .executableTarget(name: "cubicled", dependencies: [
-            "CubicleGateway", "CubicleAuth", "CubicleStorage", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages",
+            "CubicleGateway", "CubicleAuth", "CubicleStorage", "CubicleSessions", "CubicleRuntimes", "CubicleOperators", "CubicleControlPlane", "CubicleNetwork", "CubicleImages", "CubicleShells",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

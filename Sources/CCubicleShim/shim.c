@@ -394,6 +394,9 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
         int stdio[3] = {s->stdin_fd, s->stdout_fd, s->stderr_fd};
         if (place_fds(stdio, 3, 0) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
         if (syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC) < 0) child_fail(errfd, CUBICLE_STEP_DUP_FDS);
+        /* A shell's terminal: job control (Ctrl-C to the foreground group, not to us) needs it to be the
+         * controlling terminal of the session setsid() just made. */
+        if (s->controlling_tty && ioctl(0, TIOCSCTTY, 0) < 0) child_fail(errfd, CUBICLE_STEP_CONTROLLING_TTY);
         if (s->cwd && chdir(s->cwd) < 0) child_fail(errfd, CUBICLE_STEP_CHDIR);
         for (int i = 0; i < s->nrlimits; i++) {
             struct rlimit rl = {(rlim_t)s->rlimits[i].soft, (rlim_t)s->rlimits[i].hard};
@@ -448,6 +451,30 @@ pid_t cubicle_process_spawn_run(const cubicle_process_spawn *s, cubicle_spawn_er
     /* On failure error->step is set and the caller still reaps pid. */
     (void)read_exec_result(err_pipe[0], error);
     return pid;
+}
+
+int cubicle_open_pty(uint16_t rows, uint16_t cols, uint32_t uid, uint32_t gid, int *master, int *peer) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+    if (m < 0) return -1;
+    /* TIOCGPTPEER opens the peer through the master, never by a path another process could swap. */
+    int p = -1;
+    struct winsize size = {rows, cols, 0, 0};
+    if (unlockpt(m) < 0 || (p = ioctl(m, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0 ||
+        fchown(p, uid, gid) < 0 || fchmod(p, 0620) < 0 || ioctl(m, TIOCSWINSZ, &size) < 0) {
+        int saved = errno;
+        if (p >= 0) close(p);
+        close(m);
+        errno = saved;
+        return -1;
+    }
+    *master = m;
+    *peer = p;
+    return 0;
+}
+
+int cubicle_set_window_size(int fd, uint16_t rows, uint16_t cols) {
+    struct winsize size = {rows, cols, 0, 0};
+    return ioctl(fd, TIOCSWINSZ, &size);
 }
 
 int cubicle_mount_setattr_readonly(const char *path, int nodev) {

@@ -9,6 +9,7 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOHTTPTypesHTTP1
+import CubicleShells
 import NIOWebSocket
 
 /// The data plane's WebSocket upgrades: `/runtimes/{arn}/ws` to the agent's `/ws`, and
@@ -18,19 +19,10 @@ import NIOWebSocket
 struct LiveConnections: Sendable {
     let sessions: SessionManager
     let admission: Admission
+    let shells: ShellRegistry
     let logger: Logger
 
-    /// What becomes of an upgrade request.
-    enum Decision: Sendable {
-        /// Not a WebSocket route of ours: the request goes on as HTTP.
-        case notOurs
-        case refused(AgentCoreError, requestID: String)
-        /// Upgraded with these headers; `serve` then runs for the life of the client's socket, and
-        /// `abandon` if the 101 never goes out (the client left meanwhile).
-        case accepted(HTTPHeaders, serve: @Sendable (NIOAsyncChannel<WebSocketFrame, WebSocketFrame>) async -> Void, abandon: @Sendable () -> Void)
-    }
-
-    func decide(_ head: HTTPRequestHead) async -> Decision {
+    func decide(_ head: HTTPRequestHead) async -> UpgradeDecision {
         let parts = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         let path = String(parts[0]), query = parts.count > 1 ? String(parts[1]) : ""
         let route: Route
@@ -39,11 +31,11 @@ struct LiveConnections: Sendable {
         do throws(AgentCoreError) {
             switch route {
             case .webSocket(let address): return try await agentSocket(head, address, path: path, query: query, requestID: requestID)
-            case .shell: throw AgentCoreError(.resourceNotFound, "shells: not yet")
+            case .shell(let address): return try await shell(head, address, path: path, query: query, requestID: requestID)
             default: return .notOurs
             }
         } catch {
-            return .refused(error, requestID: requestID)
+            return .refused(status: error.status, headers: Invocation.errorHeaders(error, requestID: requestID), body: error.body)
         }
     }
 
@@ -66,7 +58,7 @@ struct LiveConnections: Sendable {
     // MARK: - To the agent's /ws
 
     private func agentSocket(_ head: HTTPRequestHead, _ address: RuntimeAddress, path: String, query: String,
-                             requestID: String) async throws(AgentCoreError) -> Decision {
+                             requestID: String) async throws(AgentCoreError) -> UpgradeDecision {
         let (caller, request, given) = try await admit(head, address, path: path, query: query,
                                                       action: "bedrock-agentcore:InvokeAgentRuntimeWithWebSocketStream")
         // Without one, as AgentCore does, a new session: its id comes back in the 101.
@@ -82,16 +74,16 @@ struct LiveConnections: Sendable {
         if let protocols = head.headers.first(name: "sec-websocket-protocol") { upgrade.headers.add(name: "Sec-WebSocket-Protocol", value: protocols) }
         let agentHead = upgrade
         let limits = session.runtime.limits
-        let opened: AgentWebSocket
+        let opened: WebSocketClient.Result
         do {
             opened = try await DataPlane.within(seconds: limits.requestSeconds) { try await session.agent.openWebSocket(agentHead) }
         } catch {
             invocation.inFlight.abort()
             throw await invocation.failure(error)
         }
-        guard case .open(let agent, let subprotocol) = opened else {
+        guard case .open(let agent, let subprotocol, _) = opened else {
             invocation.inFlight.abort()
-            if case .refused(let status) = opened {
+            if case .refused(let status, _) = opened {
                 throw AgentCoreError(.runtimeClient, "The agent refused the WebSocket upgrade with status \(status): it serves no WebSocket on /ws")
             }
             throw AgentCoreError(.runtimeClient, "The agent refused the WebSocket upgrade")
@@ -107,6 +99,38 @@ struct LiveConnections: Sendable {
         }, abandon: {
             agent.channel.close(promise: nil)
             invocation.inFlight.abort()
+        })
+    }
+
+    // MARK: - Shells
+
+    /// InvokeAgentRuntimeCommandShell: a shell in the caller's session (started if new, as AgentCore
+    /// does), found again by `shellId` while it lives.
+    private func shell(_ head: HTTPRequestHead, _ address: RuntimeAddress, path: String, query: String,
+                       requestID: String) async throws(AgentCoreError) -> UpgradeDecision {
+        let (caller, _, given) = try await admit(head, address, path: path, query: query, action: "bedrock-agentcore:InvokeAgentRuntimeCommandShell")
+        let id = try given.map { id throws(AgentCoreError) in try Validate.sessionID(id) } ?? Self.newSessionID()
+        let shellID = QueryString.parse(query)["shellId"] ?? RequestID.make()
+        guard ShellProtocol.validShellID(shellID) else {
+            throw AgentCoreError.invalidField("shellId", "Member must be 1 to 128 printable characters, none of ?, # or &")
+        }
+        let session = try await sessions.session(address, owner: caller.owner, sessionID: id)
+        let (shell, reconnected): (Shell, Bool)
+        do {
+            (shell, reconnected) = try await shells.open(in: session, shellID: shellID, command: ShellRegistry.defaultCommand, rows: 24, cols: 80,
+                                                         term: "xterm-256color")
+        } catch .tooMany {
+            throw AgentCoreError(.serviceQuotaExceeded, "The session has \(ShellRegistry.maxPerSession) shells already")
+        } catch {
+            throw AgentCoreError(.runtimeClient, error.description)
+        }
+        let headers = HTTPHeaders([(AgentCoreHeader.sessionID, id), (ShellProtocol.shellIDHeader, shellID), ("x-amzn-RequestId", requestID)])
+        let seconds = session.runtime.limits.webSocketSeconds
+        return .accepted(headers, serve: { client in
+            _ = await ShellSocket.serve(client, shell: shell, reconnected: reconnected, seconds: seconds)
+        }, abandon: {
+            // A new shell nobody reached goes; one being reconnected to waits as it did.
+            if !reconnected { shell.hangUp() }
         })
     }
 
@@ -150,15 +174,15 @@ enum WebSocketRelay {
                         do {
                             for try await frame in clientIn {
                                 guard window.admit(now: DispatchTime.now().uptimeNanoseconds) else {
-                                    try? await clientOut.write(close(1008, "more than \(maxFramesPerSecond) frames in one second"))
-                                    try? await agentOut.write(close(1008, "the client sent more than \(maxFramesPerSecond) frames in one second", masked: true))
+                                    try? await clientOut.write(WebSocketClose.frame(1008, "more than \(maxFramesPerSecond) frames in one second"))
+                                    try? await agentOut.write(WebSocketClose.frame(1008, "the client sent more than \(maxFramesPerSecond) frames in one second", masked: true))
                                     return .tooManyFrames
                                 }
                                 try await agentOut.write(WebSocketFrame(fin: frame.fin, opcode: frame.opcode, maskKey: .random(), data: frame.unmaskedData))
-                                if frame.opcode == .connectionClose { return .closed(by: "client", code: code(of: frame)) }
+                                if frame.opcode == .connectionClose { return .closed(by: "client", code: WebSocketClose.code(of: frame)) }
                             }
                         } catch {}
-                        try? await agentOut.write(close(1001, "the client went away", masked: true))
+                        try? await agentOut.write(WebSocketClose.frame(1001, "the client went away", masked: true))
                         return .dropped(by: "client")
                     }
                     // Agent to client.
@@ -166,21 +190,21 @@ enum WebSocketRelay {
                         do {
                             for try await frame in agentIn {
                                 try await clientOut.write(WebSocketFrame(fin: frame.fin, opcode: frame.opcode, data: frame.unmaskedData))
-                                if frame.opcode == .connectionClose { return .closed(by: "agent", code: code(of: frame)) }
+                                if frame.opcode == .connectionClose { return .closed(by: "agent", code: WebSocketClose.code(of: frame)) }
                             }
                         } catch {
                             // A frame over the limit (the decoder refused it), or the agent's socket failing.
-                            try? await clientOut.write(close(1009, "the agent sent a frame over \(AgentWebSocket.maxFrameBytes) bytes"))
+                            try? await clientOut.write(WebSocketClose.frame(1009, "the agent sent a frame over \(WebSocketClient.maxFrameBytes) bytes"))
                             return .dropped(by: "agent")
                         }
-                        try? await clientOut.write(close(1001, "the session ended or the agent closed its socket"))
+                        try? await clientOut.write(WebSocketClose.frame(1001, "the session ended or the agent closed its socket"))
                         return .dropped(by: "agent")
                     }
                     group.addTask {
                         try? await Task.sleep(for: .seconds(seconds))
                         if Task.isCancelled { return nil }
-                        try? await clientOut.write(close(1008, "connection time limit of \(seconds) seconds reached"))
-                        try? await agentOut.write(close(1001, "connection time limit of \(seconds) seconds reached", masked: true))
+                        try? await clientOut.write(WebSocketClose.frame(1008, "connection time limit of \(seconds) seconds reached"))
+                        try? await agentOut.write(WebSocketClose.frame(1001, "connection time limit of \(seconds) seconds reached", masked: true))
                         return .timeLimit
                     }
                     var first = End.dropped(by: "client")
@@ -198,38 +222,5 @@ enum WebSocketRelay {
             }
         }
         return result ?? .dropped(by: "client")
-    }
-
-    static func close(_ code: UInt16, _ reason: String, masked: Bool = false) -> WebSocketFrame {
-        var data = ByteBuffer()
-        data.writeInteger(code)
-        data.writeString(String(reason.utf8.prefix(120)) ?? "")
-        return WebSocketFrame(fin: true, opcode: .connectionClose, maskKey: masked ? .random() : nil, data: data)
-    }
-
-    static func code(of frame: WebSocketFrame) -> UInt16? {
-        var data = frame.unmaskedData
-        return data.readInteger(as: UInt16.self)
-    }
-}
-
-/// Events in the last second, for a per-second cap.
-struct RateWindow {
-    let limit: Int
-    private var times: [UInt64] = []
-    private var head = 0
-    init(limit: Int) { self.limit = limit; times.reserveCapacity(limit) }
-
-    /// Records an event at `now` (nanoseconds); false if it makes more than `limit` within a second.
-    mutating func admit(now: UInt64) -> Bool {
-        if times.count < limit {
-            times.append(now)
-            return true
-        }
-        // times is a ring of the last `limit` events; the oldest is at `head`.
-        guard now - times[head] >= 1_000_000_000 else { return false }
-        times[head] = now
-        head = (head + 1) % limit
-        return true
     }
 }

@@ -11,123 +11,28 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTPTypes
 import NIOHTTPTypesHTTP1
-import NIOWebSocket
-
-/// The data plane's HTTP/1 connections: Hummingbird's own pipeline with `WarmInvokeForwarder` placed after
-/// its connection-state handler, so idle timeouts, keep-alive and graceful shutdown see every request,
-/// forwarded or not. Hummingbird's `additionalChannelHandlers` go before that handler, where a forwarded
-/// request would be closed under by an idle timeout or a graceful shutdown, hence this copy of its set-up.
-///
-/// A connection's first request may instead be a WebSocket upgrade (`LiveConnections`): NIO's upgrade
-/// handler holds the request while the upgrade is decided, then either the socket becomes a WebSocket or
-/// the HTTP pipeline is set up as above and the request goes on through it.
-struct DataPlaneChannel: ServerChildChannel, HTTPChannelHandler {
-    enum Connection: Sendable {
-        case http(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>)
-        case webSocket(NIOAsyncChannel<WebSocketFrame, WebSocketFrame>, serve: @Sendable (NIOAsyncChannel<WebSocketFrame, WebSocketFrame>) async -> Void)
-        /// An upgrade refused: the error is the answer, and the connection ends after it.
-        case refused(NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart>, AgentCoreError, requestID: String)
-    }
-    struct Value: ServerChildChannelValue {
-        let connection: EventLoopFuture<Connection>
-        let channel: any Channel
-    }
-    let responder: HTTPChannelHandler.Responder
-    let idleTimeout: TimeAmount?
-    let sessions: SessionManager
-    let authenticator: Authenticator
-    let live: LiveConnections
-
-    func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
-        channel.eventLoop.makeCompletedFuture {
-            try channel.syncOptions?.setOption(.recvAllocator, value: AgentLink.bodyReadAllocator)
-            LoopbackCongestion.apply(to: channel)
-            let decided = NIOLoopBoundBox<LiveConnections.Decision?>(nil, eventLoop: channel.eventLoop)
-            let upgrader = NIOTypedWebSocketServerUpgrader<Connection>(
-                maxFrameSize: AgentWebSocket.maxFrameBytes,
-                shouldUpgrade: { channel, head in
-                    let promise = channel.eventLoop.makePromise(of: LiveConnections.Decision.self)
-                    promise.completeWithTask { await live.decide(head) }
-                    return promise.futureResult.map { decision in
-                        decided.value = decision
-                        if case .accepted(let headers, _, _) = decision { return headers }
-                        return nil
-                    }
-                },
-                upgradePipelineHandler: { channel, _ in
-                    channel.eventLoop.makeCompletedFuture {
-                        guard case .accepted(_, let serve, _)? = decided.value else { throw ChannelError.inappropriateOperationForState }
-                        decided.value = nil
-                        return .webSocket(try NIOAsyncChannel(wrappingChannelSynchronously: channel), serve: serve)
-                    }
-                })
-            // An upgrade accepted whose 101 never went out (the client left while its session started):
-            // what was opened for it is let go.
-            channel.closeFuture.whenComplete { _ in
-                if case .accepted(_, _, let abandon)? = decided.value { decided.value = nil; abandon() }
-            }
-            var configuration = NIOUpgradableHTTPServerPipelineConfiguration<Connection>(upgradeConfiguration: .init(
-                upgraders: [upgrader],
-                notUpgradingCompletionHandler: { channel in
-                    channel.eventLoop.makeCompletedFuture {
-                        if case .refused(let error, let requestID)? = decided.value {
-                            try channel.pipeline.syncOperations.addHandler(HTTP1ToHTTPServerCodec(secure: false))
-                            return .refused(try NIOAsyncChannel(wrappingChannelSynchronously: channel), error, requestID: requestID)
-                        }
-                        return .http(try addHTTPHandlers(channel, logger: logger))
-                    }
-                }))
-            // Hummingbird's HTTP1Channel set-up, limits included.
-            configuration.enablePipelining = false
-            configuration.enableErrorHandling = false
-            configuration.enableResponseHeaderValidation = false
-            configuration.decoderConfiguration.maxHeaderFieldCount = 1000
-            return Value(connection: try channel.pipeline.syncOperations.configureUpgradableHTTPServerPipeline(configuration: configuration), channel: channel)
-        }
-    }
-
-    /// The rest of the HTTP pipeline, with the forwarder added.
-    private func addHTTPHandlers(_ channel: any Channel, logger: Logger) throws -> NIOAsyncChannel<HTTPRequestPart, HTTPResponsePart> {
-        let sync = channel.pipeline.syncOperations
-        try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
-        try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
-        // A runtime with a JWT authorizer takes the task road: its tokens are checked asynchronously.
-        let sessions = self.sessions
-        try sync.addHandler(WarmInvokeForwarder(authenticator: authenticator) { runtime, qualifier, owner, id in
-            sessions.liveSession(runtime: runtime, qualifier: qualifier, owner: owner, sessionID: id) { $0.authorizer == nil }
-        })
-        return try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true))
-    }
-
-    func handle(value: Value, logger: Logger) async {
-        let connection: Connection
-        do { connection = try await value.connection.get() } catch {
-            logger.debug("connection set-up failed: \(error)")
-            return
-        }
-        switch connection {
-        case .http(let http):
-            await handleHTTP(asyncChannel: http, logger: logger)
-        case .webSocket(let socket, let serve):
-            await serve(socket)
-        case .refused(let http, let error, let requestID):
-            try? await http.executeThenClose { _, outbound in
-                var fields = Invocation.errorHeaders(error, requestID: requestID)
-                fields[.connection] = "close"
-                fields[.contentLength] = String(error.body.count)
-                try await outbound.write(contentsOf: [.head(HTTPResponse(status: .init(code: error.status), headerFields: fields)),
-                                                      .body(ByteBuffer(bytes: error.body)), .end(nil)])
-            }
-        }
-    }
-}
+import CubicleShells
 
 extension HTTPServerBuilder {
-    /// HTTP/1 with InvokeAgentRuntime for live sessions forwarded on the event loop, and WebSocket upgrades.
-    public static func dataPlane(sessions: SessionManager, admission: Admission, logger: Logger, idleTimeout: TimeAmount?) -> HTTPServerBuilder {
-        let live = LiveConnections(sessions: sessions, admission: admission, logger: logger)
+    /// The data plane's HTTP/1 connections: HTTP with InvokeAgentRuntime for live sessions forwarded on the
+    /// event loop, and WebSocket upgrades (`LiveConnections`). `WarmInvokeForwarder` goes after Hummingbird's
+    /// connection-state handler, so idle timeouts, keep-alive and graceful shutdown see every request,
+    /// forwarded or not (Hummingbird's `additionalChannelHandlers` go before it, where a forwarded request
+    /// would be closed under by an idle timeout or a graceful shutdown).
+    public static func dataPlane(sessions: SessionManager, admission: Admission, shells: ShellRegistry, logger: Logger,
+                                 idleTimeout: TimeAmount?) -> HTTPServerBuilder {
+        let live = LiveConnections(sessions: sessions, admission: admission, shells: shells, logger: logger)
+        let authenticator = admission.authenticator
         return .init { responder in
-            DataPlaneChannel(responder: responder, idleTimeout: idleTimeout, sessions: sessions, authenticator: admission.authenticator, live: live)
+            UpgradableHTTPChannel(responder: responder, idleTimeout: idleTimeout, prepare: { channel in
+                try channel.syncOptions?.setOption(.recvAllocator, value: AgentLink.bodyReadAllocator)
+                LoopbackCongestion.apply(to: channel)
+            }, handlers: { sync in
+                // A runtime with a JWT authorizer takes the task road: its tokens are checked asynchronously.
+                try sync.addHandler(WarmInvokeForwarder(authenticator: authenticator) { runtime, qualifier, owner, id in
+                    sessions.liveSession(runtime: runtime, qualifier: qualifier, owner: owner, sessionID: id) { $0.authorizer == nil }
+                })
+            }, decide: { head, _ in await live.decide(head) })
         }
     }
 }

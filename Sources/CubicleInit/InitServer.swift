@@ -261,6 +261,13 @@ public struct InitServer {
             return try start(process, role: .agent)
         case .runCommand(let process, let timeout):
             return try start(process, role: .command(deadline: now() + Int64(timeout) * 1000))
+        case .openShell(let process, let rows, let cols):
+            do {
+                let (pid, master) = try supervisor!.spawnOnTerminal(process, rows: rows, cols: cols)
+                return (InitReply.started(pid: pid).json, [master])
+            } catch {
+                throw RPCError(code: RPCError.failed, message: "could not start \(process.argv[0]) on a terminal", step: error.step, errno: error.errno)
+            }
         case .connect(let port):
             return (InitReply.none.json, [try connect(port: port)])
         case .status:

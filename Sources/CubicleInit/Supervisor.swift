@@ -55,6 +55,31 @@ struct Supervisor {
             close(out.write); close(err.write)
             if devnull >= 0 { close(devnull) }
         }
+        do {
+            let pid = try run(params, role: role, stdio: (devnull, out.write, err.write), terminal: false)
+            return (pid, out.read, err.read)
+        } catch {
+            close(out.read); close(err.read)
+            throw error
+        }
+    }
+
+    /// A process on a new terminal: returns its pid and the terminal's master.
+    mutating func spawnOnTerminal(_ params: ProcessParams, rows: Int, cols: Int) throws(SpawnError) -> (pid_t, Int32) {
+        var master: Int32 = -1, peer: Int32 = -1
+        guard cubicle_open_pty(UInt16(rows), UInt16(cols), config.agentUID, config.agentGID, &master, &peer) == 0 else {
+            throw SpawnError(step: "open a terminal", errno: errno)
+        }
+        defer { close(peer) }
+        do {
+            return (try run(params, role: .command(deadline: nil), stdio: (peer, peer, peer), terminal: true), master)
+        } catch {
+            close(master)
+            throw error
+        }
+    }
+
+    private mutating func run(_ params: ProcessParams, role: Role, stdio: (Int32, Int32, Int32), terminal: Bool) throws(SpawnError) -> pid_t {
         let path = Self.resolve(params.argv[0], env: params.env)
         var failure = cubicle_spawn_error()
         let limits = [
@@ -70,12 +95,12 @@ struct Supervisor {
                             params.cwd.withCString { cwd in
                                 var spawn = cubicle_process_spawn(
                                     path: cpath, argv: argv, envp: envp, cwd: cwd,
-                                    stdin_fd: devnull, stdout_fd: out.write, stderr_fd: err.write,
+                                    stdin_fd: stdio.0, stdout_fd: stdio.1, stderr_fd: stdio.2,
                                     uid: config.agentUID, gid: config.agentGID,
                                     rlimits: rl.baseAddress, nrlimits: Int32(rl.count),
                                     seccomp_filter: filter.isEmpty ? nil : filter.baseAddress,
                                     seccomp_len: UInt16(filter.count / 8),
-                                    new_session: 1)
+                                    new_session: 1, controlling_tty: terminal ? 1 : 0)
                                 return cubicle_process_spawn_run(&spawn, &failure)
                             }
                         }
@@ -83,19 +108,15 @@ struct Supervisor {
                 }
             }
         }
-        if pid < 0 {
-            close(out.read); close(err.read)
-            throw SpawnError(step: SpawnStep.name(failure.step), errno: failure.err)
-        }
+        if pid < 0 { throw SpawnError(step: SpawnStep.name(failure.step), errno: failure.err) }
         if failure.step != 0 {
             var status: Int32 = 0
             _ = waitpid(pid, &status, 0)
-            close(out.read); close(err.read)
             throw SpawnError(step: SpawnStep.name(failure.step), errno: failure.err)
         }
         children[pid] = Child(role: role)
         if role == .agent { agentPID = pid }
-        return (pid, out.read, err.read)
+        return pid
     }
 }
 

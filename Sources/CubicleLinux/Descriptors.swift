@@ -7,6 +7,8 @@ import CCubicleShim
 public enum DescriptorKind: Equatable, Sendable {
     case streamSocket(domain: Int32)
     case readablePipe
+    /// The master side of a pseudo-terminal (a descriptor of devpts' ptmx, character device 5:2).
+    case terminalMaster
     case other(mode: UInt32)
 
     public static func of(_ fd: Int32) -> DescriptorKind {
@@ -22,6 +24,8 @@ public enum DescriptorKind: Equatable, Sendable {
             len = socklen_t(MemoryLayout<Int32>.size)
             guard getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) == 0 else { return .other(mode: st.st_mode) }
             return .streamSocket(domain: domain)
+        case S_IFCHR:
+            return st.st_rdev == makeDevice(major: 5, minor: 2) ? .terminalMaster : .other(mode: st.st_mode)
         case S_IFIFO:
             let flags = fcntl(fd, F_GETFL)
             return flags >= 0 && (flags & O_ACCMODE) == O_RDONLY ? .readablePipe : .other(mode: st.st_mode)
@@ -29,6 +33,11 @@ public enum DescriptorKind: Equatable, Sendable {
             return .other(mode: st.st_mode)
         }
     }
+}
+
+/// Linux's dev_t encoding (glibc's makedev).
+func makeDevice(major: UInt64, minor: UInt64) -> UInt64 {
+    ((major & 0xfff) << 8) | ((major & ~0xfff) << 32) | (minor & 0xff) | ((minor & ~0xff) << 12)
 }
 
 public enum Descriptors {

@@ -10,6 +10,7 @@ import CubicleLinux
 import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
+import CubicleShells
 import HTTPTypes
 import Hummingbird
 import NIOCore
@@ -65,9 +66,12 @@ public struct AdminAPI: HTTPResponder {
     /// The control plane, served here too: the socket is root's (or `--admin-group`'s) alone, whatever
     /// address the data plane listens on.
     let controlPlane: ControlPlane?
+    /// Interactive shells (`cubicle exec -it`), beside the data plane's.
+    let shells: ShellRegistry
 
     public init(sessions: SessionManager, group: any EventLoopGroup, access: AdminAccess, images: PreparedImages? = nil,
-                controlPlane: ControlPlane? = nil) {
+                controlPlane: ControlPlane? = nil, shells: ShellRegistry? = nil) {
+        self.shells = shells ?? ShellRegistry(group: group)
         self.sessions = sessions
         self.group = group
         self.access = access
@@ -180,7 +184,7 @@ public struct AdminAPI: HTTPResponder {
         }
     }
 
-    private func authorize(_ channel: any Channel) async throws {
+    func authorize(_ channel: any Channel) async throws {
         guard let provider = channel as? any SocketOptionProvider else { throw Failure(.forbidden, "cannot identify the caller") }
         let credentials: PeerCredentials
         do {
@@ -204,7 +208,7 @@ public struct AdminAPI: HTTPResponder {
         }
     }
 
-    private func live(_ id: String) async throws -> Session {
+    func live(_ id: String) async throws -> Session {
         switch try await find(id) {
         case .live(let s): return s
         case .ended(let summary): throw Failure(.gone, "session \(summary.id) has ended (\(summary.endReason?.name ?? "?"))")

@@ -9,6 +9,9 @@ public enum InitRequest: Equatable, Sendable {
     case startAgent(ProcessParams)
     /// Run a command with the agent's identity; `command.exited` follows. Reply `.started`, [stdout, stderr].
     case runCommand(ProcessParams, timeoutSeconds: Int)
+    /// Start a process on a new terminal of its own (its controlling terminal, sized rows x cols), with the
+    /// agent's identity; `command.exited` follows, without a deadline. Reply `.started`, [the terminal's master].
+    case openShell(ProcessParams, rows: Int, cols: Int)
     /// A TCP connection to 127.0.0.1:port in the sandbox's network namespace. Reply `.none`, [the socket].
     case connect(port: UInt16)
     /// For a daemon that reconnected: is the agent running. Reply `.status`.
@@ -17,11 +20,13 @@ public enum InitRequest: Equatable, Sendable {
     case agentLogs
 
     public static let commandTimeoutRange = 1...86_400
+    public static let terminalSizeRange = 1...1000
 
     public var method: String {
         switch self {
         case .startAgent: RPCMethod.startAgent
         case .runCommand: RPCMethod.runCommand
+        case .openShell: RPCMethod.openShell
         case .connect: RPCMethod.connect
         case .status: RPCMethod.status
         case .agentLogs: RPCMethod.agentLogs
@@ -33,6 +38,8 @@ public enum InitRequest: Equatable, Sendable {
         case .startAgent(let p): p.json
         case .runCommand(let p, let timeout):
             ["process": p.json, "timeoutSeconds": .int(Int64(timeout))]
+        case .openShell(let p, let rows, let cols):
+            ["process": p.json, "rows": .int(Int64(rows)), "cols": .int(Int64(cols))]
         case .connect(let port): ["port": .int(Int64(port))]
         case .status, .agentLogs: [:]
         }
@@ -42,7 +49,7 @@ public enum InitRequest: Equatable, Sendable {
     public var replyDescriptors: Int {
         switch self {
         case .startAgent, .runCommand, .agentLogs: 2
-        case .connect: 1
+        case .connect, .openShell: 1
         case .status: 0
         }
     }
@@ -57,6 +64,12 @@ public enum InitRequest: Equatable, Sendable {
                 throw RPCError(code: RPCError.invalidParams, message: "command.run needs process and timeoutSeconds in \(Self.commandTimeoutRange)")
             }
             self = .runCommand(try ProcessParams(json: process), timeoutSeconds: Int(timeout))
+        case RPCMethod.openShell:
+            guard let process = params["process"], let rows = params["rows"]?.intValue, let cols = params["cols"]?.intValue,
+                  Self.terminalSizeRange.contains(Int(clamping: rows)), Self.terminalSizeRange.contains(Int(clamping: cols)) else {
+                throw RPCError(code: RPCError.invalidParams, message: "shell.open needs process, rows and cols in \(Self.terminalSizeRange)")
+            }
+            self = .openShell(try ProcessParams(json: process), rows: Int(rows), cols: Int(cols))
         case RPCMethod.connect:
             guard let port = params["port"]?.intValue, (1...65535).contains(port) else {
                 throw RPCError(code: RPCError.invalidParams, message: "port must be 1..65535")
@@ -92,7 +105,7 @@ public enum InitReply: Equatable, Sendable {
     /// The reply `request` must get; a reply of another shape is a protocol violation.
     public init(json: JSON, for request: InitRequest) throws(RPCDecodeError) {
         switch request {
-        case .startAgent, .runCommand:
+        case .startAgent, .runCommand, .openShell:
             guard let pid = json["pid"]?.intValue.flatMap({ Int32(exactly: $0) }), pid > 0 else { throw .shape("\(request.method) reply without a pid") }
             self = .started(pid: pid)
         case .status:

@@ -131,6 +131,7 @@ public enum RPCMethod {
     public static let startAgent = "agent.start"
     public static let connect = "agent.connect"
     public static let runCommand = "command.run"
+    public static let openShell = "shell.open"
     public static let status = "sandbox.status"
     public static let agentLogs = "agent.logs"
 

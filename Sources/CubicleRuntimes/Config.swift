@@ -128,6 +128,9 @@ public struct DaemonConfig: Equatable, Sendable {
     /// A client connection with no request in progress — idle between requests, or still trickling its
     /// request head — is closed after this long, so slow or idle clients cannot hold connections forever.
     public var clientIdleTimeoutSeconds: Double = 60
+    /// How long a data-plane shell (InvokeAgentRuntimeCommandShell) whose client left waits for it to
+    /// reconnect with its shellId before it is hung up (AgentCore's window is about 15 minutes).
+    public var shellReconnectSeconds: Double = 900
     /// How long sandboxes outlive a cubicled that was killed, waiting for the next one to take them over.
     /// 0: a sandbox ends as soon as its daemon is gone.
     public var restartGraceSeconds = 60
@@ -183,6 +186,7 @@ public struct DaemonConfig: Equatable, Sendable {
         if let v = try top.int("endedRetentionSeconds", 0...604_800) { config.endedRetentionSeconds = v }
         if let v = try top.double("initializationTimeoutSeconds", 0.1...3600) { config.initializationTimeoutSeconds = v }
         if let v = try top.double("clientIdleTimeoutSeconds", 0.1...3600) { config.clientIdleTimeoutSeconds = v }
+        if let v = try top.double("shellReconnectSeconds", 0...86_400) { config.shellReconnectSeconds = v }
         if let v = try top.int("restartGraceSeconds", 0...86_400) { config.restartGraceSeconds = v }
         if let v = try top.cpuYield("sessionsYieldCPUToHost") { config.sessionsYieldCPUToHost = v }
         if let v = try top.int("networkNamespacePool", 0...256) { config.networkNamespacePool = v }

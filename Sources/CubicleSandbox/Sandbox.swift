@@ -138,6 +138,8 @@ public final class Sandbox: Sendable {
     }
 
     private static let isPipe: @Sendable (DescriptorKind) -> Bool = { $0 == .readablePipe }
+    /// A pseudo-terminal's master: devpts' ptmx (character device 5:2) and nothing else.
+    private static let isTerminalMaster: @Sendable (DescriptorKind) -> Bool = { $0 == .terminalMaster }
     private static let isTCP: @Sendable (DescriptorKind) -> Bool = { if case .streamSocket(let d) = $0 { d == AF_INET || d == AF_INET6 } else { false } }
 
     /// Sends `request` and checks what comes back: a reply of the request's shape with the descriptors it
@@ -184,6 +186,15 @@ public final class Sandbox: Sendable {
 
     public func runCommand(_ params: ProcessParams, timeoutSeconds: Int) async throws(SandboxError) -> StartedProcess {
         try await started(.runCommand(params, timeoutSeconds: timeoutSeconds))
+    }
+
+    /// A process on a terminal of its own in the sandbox (`params` with the agent's identity): its pid inside
+    /// and the terminal's master. Its end comes as a command's does (`waitForCommand`); closing the master
+    /// hangs it up.
+    public func openShell(_ params: ProcessParams, rows: Int, cols: Int) async throws(SandboxError) -> (pid: Int32, master: Int32) {
+        let (reply, fds) = try await call(.openShell(params, rows: rows, cols: cols), descriptors: [Self.isTerminalMaster])
+        guard case .started(let pid) = reply else { fds.forEach { close($0) }; throw .protocolViolation("shell.open: not started") }
+        return (pid, fds[0])
     }
 
     private func started(_ request: InitRequest) async throws(SandboxError) -> StartedProcess {

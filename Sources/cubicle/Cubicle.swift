@@ -123,10 +123,18 @@ struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Run a command in a session, as InvokeAgentRuntimeCommand does; exits with its exit code.")
     @OptionGroup var options: Options
     @Option(name: .customLong("timeout"), help: "Seconds before the command is killed (1...3600).") var timeout = 300
+    @Flag(name: .customShort("i"), help: "Interactive: keep stdin open to the command (with -t).") var interactive = false
+    @Flag(name: .customShort("t"), help: "A terminal: the command runs on a terminal of its own, this one in raw mode (with -i).") var tty = false
     @Argument(help: "Session id or unique prefix.") var id: String
     @Argument(parsing: .postTerminator, help: "The command and its arguments, after --.") var command: [String] = []
 
     func run() throws {
+        if interactive || tty {
+            guard interactive && tty else { throw CLIError("exec takes -i and -t together (-it): an interactive shell on a terminal", exitCode: 2) }
+            let code = try InteractiveShell.run(socketPath: options.adminSocket, session: id, command: command)
+            if code != 0 { throw ExitCode(code) }
+            return
+        }
         guard !command.isEmpty else { throw CLIError("usage: cubicle exec ID -- COMMAND [ARG...]", exitCode: 2) }
         let c = try options.client.open("POST", path(id, "/exec"),
                                         body: ["command": .string(ShellQuote.join(command)), "timeout": .int(Int64(timeout))])

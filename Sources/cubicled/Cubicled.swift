@@ -13,6 +13,7 @@ import CubicleOperators
 import CubicleRuntimes
 import CubicleSandbox
 import CubicleSessions
+import CubicleShells
 import Hummingbird
 import Logging
 import Metrics
@@ -175,6 +176,8 @@ struct Cubicled: AsyncParsableCommand {
         } catch { throw StartupRefused("--data-dir \(dataDir): \(error)") }
         let authenticator = Authenticator(principals: principals, region: daemonConfig.region, accountID: daemonConfig.accountID)
         let admission = Admission(authenticator: authenticator, tokens: JWTVerifier(logger: logger), spoolDirectory: dataDir + "/spool")
+        // Interactive shells, on both listeners; a data-plane shell waits this long for its client to return.
+        let shells = ShellRegistry(group: group, graceSeconds: daemonConfig.shellReconnectSeconds)
         if let principals {
             logger.notice("callers are checked", metadata: ["credentials": "\(credentials ?? "")", "principals": "\(principals.principals.count)"])
         } else {
@@ -244,8 +247,12 @@ struct Cubicled: AsyncParsableCommand {
         try Files.makeDirectories(Files.parent(adminSocket), mode: 0o755)
         let socketPath = adminSocket
         let adminLogger = logger
+        let adminAPI = AdminAPI(sessions: manager, group: group, access: access, images: images, controlPlane: controlPlane, shells: shells)
         let admin = Application(
-            responder: AdminAPI(sessions: manager, group: group, access: access, images: images, controlPlane: controlPlane),
+            responder: adminAPI,
+            server: .init { responder in
+                UpgradableHTTPChannel(responder: responder, idleTimeout: nil) { head, channel in await adminAPI.decideUpgrade(head, channel: channel) }
+            },
             configuration: .init(address: .unixDomainSocket(path: adminSocket), serverName: "cubicled-admin"),
             onServerRunning: { _ in
                 // The socket is made with the umask's mode; narrow it before anyone is told it exists.
@@ -265,7 +272,7 @@ struct Cubicled: AsyncParsableCommand {
                                  // this host's own users may reach it.
                                  controlPlane: principals != nil || loopback ? controlPlane : nil,
                                  controlPlaneRefusal: "The control plane answers unsigned calls only on a loopback listener: give cubicled --credentials to serve it here"),
-            server: .dataPlane(sessions: manager, admission: admission, logger: logger, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
+            server: .dataPlane(sessions: manager, admission: admission, shells: shells, logger: logger, idleTimeout: .nanoseconds(Int64(daemonConfig.clientIdleTimeoutSeconds * 1e9))),
             configuration: .init(address: .hostname(host, port: port), serverName: "cubicled"),
             onServerRunning: { channel in
                 readyLogger.notice("cubicled ready", metadata: ["listen": "\(channel.localAddress.map { "\($0)" } ?? "?")",

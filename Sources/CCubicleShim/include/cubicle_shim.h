@@ -31,6 +31,7 @@ enum cubicle_step {
     CUBICLE_STEP_JOIN_CGROUP = 21,
     CUBICLE_STEP_OOM_SCORE_ADJ = 22,
     CUBICLE_STEP_USERNS_OWNER = 23,
+    CUBICLE_STEP_CONTROLLING_TTY = 24,
 };
 
 /* What every process init starts writes to its oom_score_adj (see cubicle_process_spawn_run). */
@@ -122,7 +123,15 @@ typedef struct {
     const void *seccomp_filter;  /* struct sock_filter[], or NULL */
     uint16_t seccomp_len;        /* number of instructions */
     int new_session;             /* setsid(): one process group to kill on timeout */
+    int controlling_tty;         /* stdin is a terminal: it becomes the new session's controlling terminal */
 } cubicle_process_spawn;
+
+/* A pseudo-terminal of the sandbox's own devpts: the master and its peer, both O_CLOEXEC, the terminal
+ * sized rows x cols and its peer owned by uid:gid (mode 0620), as a login would leave it. -1 and errno on
+ * failure, nothing left open. */
+int cubicle_open_pty(uint16_t rows, uint16_t cols, uint32_t uid, uint32_t gid, int *master, int *peer);
+/* TIOCSWINSZ on a terminal (its master will do). */
+int cubicle_set_window_size(int fd, uint16_t rows, uint16_t cols);
 
 /* Returns -1 when no child was made. Otherwise the pid; error->step is nonzero when the child failed
  * before exec (it has exited and must still be reaped). */

@@ -1,0 +1,248 @@
+"""Interactive shells (issue 29): AgentCore's InvokeAgentRuntimeCommandShell on the data plane
+(`/runtimes/{arn}/ws/shells?shellId=`), a terminal in the session spoken to in its channel protocol
+(the bedrock-agentcore SDK's ShellFramer: one channel byte, then the payload), and `cubicle exec -it` over
+the admin socket, driven in tmux."""
+import json
+import os
+import shutil
+import subprocess
+import time
+import urllib.parse
+import uuid
+
+import pytest
+
+from conftest import ARN_PREFIX, new_session_id
+
+websockets = pytest.importorskip("websockets", reason="the shell tests' client (pip install websockets)")
+from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
+from websockets.sync.client import connect  # noqa: E402
+
+SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
+SHELL_ID_HEADER = "X-Amzn-Bedrock-AgentCore-Shell-Id"
+STDIN, STDOUT, STDERR, STATUS, RESIZE, HEARTBEAT, CLOSE = 0, 1, 2, 3, 4, 5, 0xFF
+
+
+def shell_url(d, shell_id=None, runtime="demo"):
+    arn = urllib.parse.quote(ARN_PREFIX + runtime, safe="")
+    query = f"?{urllib.parse.urlencode({'shellId': shell_id})}" if shell_id else ""
+    return f"ws://127.0.0.1:{d.port}/runtimes/{arn}/ws/shells{query}"
+
+
+class ShellClient:
+    """The SDK's framing over a `websockets` connection."""
+
+    def __init__(self, d, sid, shell_id=None):
+        self.ws = connect(shell_url(d, shell_id), additional_headers={SESSION_HEADER: sid}, open_timeout=60, max_size=None)
+        self.shell_id = self.ws.response.headers[SHELL_ID_HEADER]
+        self.output = b""
+        self.exit_status = None
+        channel, payload = self.frame()
+        assert channel == STATUS
+        self.confirmation = json.loads(payload)
+
+    def frame(self, timeout=10):
+        message = self.ws.recv(timeout=timeout)
+        assert isinstance(message, bytes) and message, "every shell frame is binary, with a channel byte"
+        return message[0], message[1:]
+
+    def send(self, text):
+        self.ws.send(bytes([STDIN]) + text.encode())
+
+    def resize(self, cols, rows):
+        self.ws.send(bytes([RESIZE]) + json.dumps({"width": cols, "height": rows}).encode())
+
+    def next_on(self, wanted, timeout=10):
+        """The next frame on channel `wanted`, keeping terminal output met on the way."""
+        while True:
+            channel, payload = self.frame(timeout=timeout)
+            if channel == wanted:
+                return payload
+            if channel == STDOUT:
+                self.output += payload
+
+    def read_until(self, needle, timeout=15):
+        deadline = time.monotonic() + timeout
+        while needle.encode() not in self.output:
+            left = deadline - time.monotonic()
+            assert left > 0, f"{needle!r} never came; the terminal showed {self.output[-2000:]!r}"
+            channel, payload = self.frame(timeout=left)
+            if channel == STDOUT:
+                self.output += payload
+            elif channel == STATUS:
+                self.exit_status = json.loads(payload)
+        return self.output
+
+    def wait_exit(self, timeout=15):
+        """(exit code from the status frame, close code)."""
+        try:
+            while self.exit_status is None:
+                channel, payload = self.frame(timeout=timeout)
+                if channel == STDOUT:
+                    self.output += payload
+                elif channel == STATUS:
+                    self.exit_status = json.loads(payload)
+            self.ws.recv(timeout=timeout)
+        except ConnectionClosed as e:
+            return exit_code(self.exit_status), e.rcvd.code if e.rcvd else None
+        raise AssertionError("the connection stayed open after the exit status")
+
+
+def exit_code(status):
+    if status is None:
+        return None
+    if status["status"] == "Success":
+        return 0
+    return int(next(c["message"] for c in status["details"]["causes"] if c["reason"] == "ExitCode"))
+
+
+def test_a_shell_runs_commands_resizes_and_reports_its_exit(daemon):
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "1+1"}, sid)
+    sh = ShellClient(daemon, sid)
+    assert sh.confirmation["metadata"] == {"shellId": sh.shell_id, "reconnected": False}
+    assert sh.ws.response.headers[SESSION_HEADER] == sid
+    sh.send("echo hello-$((6*7)); id -u; echo $TERM\n")
+    out = sh.read_until("xterm-256color")
+    assert b"hello-42" in out and b"\n1000" in out.replace(b"\r", b""), "the agent's user, in the agent's session"
+    sh.resize(111, 33)
+    sh.send("stty size\n")
+    sh.read_until("33 111")
+    sh.ws.send(bytes([HEARTBEAT]))
+    assert sh.next_on(HEARTBEAT) == b"", "heartbeats are echoed"
+    sh.send("exit 3\n")
+    assert sh.wait_exit() == (3, 1000), "the exit status, then a normal close"
+
+
+def test_a_dropped_shell_is_resumed_by_its_id_with_what_it_missed(daemon):
+    sid = new_session_id()
+    shell_id = "build-" + uuid.uuid4().hex[:8]
+    sh = ShellClient(daemon, sid, shell_id)
+    assert sh.shell_id == shell_id
+    sh.send("cd /tmp && X=kept; sleep 1; echo missed-$((2+3))\n")
+    sh.ws.close()  # dropped before the output came
+    time.sleep(2)
+    again = ShellClient(daemon, sid, shell_id)
+    assert again.confirmation["metadata"] == {"shellId": shell_id, "reconnected": True}
+    again.read_until("missed-5")
+    again.send("echo $X $(pwd)\n")
+    again.read_until("kept /tmp"), "the same shell: its variables and directory"
+    # A second client takes the shell over; the first is told with 4000.
+    third = ShellClient(daemon, sid, shell_id)
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            again.frame()
+    assert closed.value.rcvd.code == 4000
+    third.ws.send(bytes([CLOSE]))
+    code, close = third.wait_exit()
+    assert code is not None and code != 0 and close == 1000, "CLOSE ends the shell (hung up)"
+    fresh = ShellClient(daemon, sid, shell_id)
+    assert fresh.confirmation["metadata"]["reconnected"] is False, "once ended, the id starts a new shell"
+    fresh.ws.close()
+
+
+def test_ctrl_c_reaches_the_foreground_job_and_the_session_ends_its_shells(daemon):
+    sid = new_session_id()
+    sh = ShellClient(daemon, sid)
+    sh.send("sleep 60\n")
+    time.sleep(1)
+    sh.send("\x03")
+    sh.send("echo after-sleep-$?\n")
+    sh.read_until("after-sleep-130")
+    sh.send("echo still-$((40+2))\n")
+    sh.read_until("still-42"), "Ctrl-C ended sleep, not the shell"
+    daemon.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
+    code, _ = sh.wait_exit()
+    assert code is not None and code != 0, "the session's end ends its shells"
+
+
+def test_hostile_frames_close_the_connection_not_the_shell(daemon):
+    sid = new_session_id()
+    shell_id = "h-" + uuid.uuid4().hex[:8]
+    sh = ShellClient(daemon, sid, shell_id)
+    sh.ws.send(bytes([RESIZE]) + b'{"width": 0, "height": 99999}')
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            sh.frame()
+    assert closed.value.rcvd.code == 1007
+    sh = ShellClient(daemon, sid, shell_id)
+    assert sh.confirmation["metadata"]["reconnected"] is True, "the shell outlived its client's bad frame"
+    sh.ws.send(bytes([0x42]) + b"?")
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            sh.frame()
+    assert closed.value.rcvd.code == 1003
+    with pytest.raises(InvalidStatus) as refused:
+        connect(shell_url(daemon, "bad&id"), additional_headers={SESSION_HEADER: sid}, open_timeout=30)
+    assert refused.value.response.status_code == 400
+    sh = ShellClient(daemon, sid, shell_id)
+    sh.ws.send(bytes([CLOSE]))
+    sh.wait_exit()
+
+
+def test_a_shell_keeps_its_session_busy(start_daemon):
+    from conftest import short_lifecycle_config
+    d = start_daemon(short_lifecycle_config(idle=2), extra_args=[])
+    sid = new_session_id()
+    pid = d.invoke_json({"prompt": "1+1"}, sid)["pid"]
+    sh = ShellClient(d, sid)
+    time.sleep(4)
+    sh.send("echo alive\n")
+    sh.read_until("alive")
+    assert d.invoke_json({"prompt": "1+1"}, sid)["pid"] == pid, "the session outlived its idle timeout with a shell open"
+    sh.ws.send(bytes([CLOSE]))
+    sh.wait_exit()
+
+
+# --- cubicle exec -it, in tmux ---
+
+@pytest.fixture
+def tmux():
+    if not shutil.which("tmux"):
+        pytest.skip("tmux is not installed (apt-get install tmux)")
+    name = "cubicle-" + uuid.uuid4().hex[:8]
+    yield name
+    subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+
+
+def pane(name):
+    return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+
+
+def wait_pane(name, needle, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = pane(name)
+        if needle in text:
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"{needle!r} never showed; the pane:\n{pane(name)}")
+
+
+def test_exec_it_in_tmux_prompt_output_resize_ctrl_c_and_exit_status(daemon, tmux, tmp_path):
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "1+1"}, sid)
+    status_file = tmp_path / "status"
+    command = " ".join(daemon.cubicle_args("exec", "-it", sid, "--", "sh")) + f"; echo $? > {status_file}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", tmux, "-x", "120", "-y", "40", command], check=True)
+    wait_pane(tmux, "$")  # the prompt (capture-pane drops its trailing space)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "echo out-$((6*7))", "Enter"], check=True)
+    wait_pane(tmux, "out-42")
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "stty size", "Enter"], check=True)
+    wait_pane(tmux, "40 120")
+    subprocess.run(["tmux", "resize-window", "-t", tmux, "-x", "100", "-y", "30"], check=True)
+    time.sleep(0.5)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "clear; stty size", "Enter"], check=True)
+    wait_pane(tmux, "30 100")
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "sleep 60", "Enter"], check=True)
+    time.sleep(1)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "C-c"], check=True)
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "echo slept-$?", "Enter"], check=True)
+    wait_pane(tmux, "slept-130")
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "echo still-here", "Enter"], check=True)
+    wait_pane(tmux, "still-here")
+    subprocess.run(["tmux", "send-keys", "-t", tmux, "exit 7", "Enter"], check=True)
+    deadline = time.monotonic() + 20
+    while not status_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status_file.read_text().strip() == "7", "cubicle exec -it exits with the shell's status"
