@@ -181,7 +181,7 @@ let package = Package(
         .executableTarget(name: "cubicle-fuzz-sigv4", dependencies: ["CubicleAgentCore", "FuzzReplay"], path: "Sources/Fuzz/SigV4"),
         .executableTarget(name: "cubicle-fuzz-validators", dependencies: ["CubicleAgentCore", "CubicleJSON", "FuzzReplay"], path: "Sources/Fuzz/Validators"),
         .testTarget(name: "CubicleRPCTests", dependencies: ["CubicleRPC"]),
-        .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux", "CubicleImages"]),
+        .testTarget(name: "CubicleSandboxTests", dependencies: ["CubicleSandbox", "CubicleRPC", "CubicleLinux", "CubicleImages", "CCubicleShim"]),
         .testTarget(name: "CubicleAgentCoreTests", dependencies: ["CubicleAgentCore", "CubicleJSON"]),
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
                                                            .product(name: "NIOPosix", package: "swift-nio"),

@@ -53,11 +53,16 @@ public struct UpgradableHTTPChannel: ServerChildChannel, HTTPChannelHandler {
     public func setup(channel: any Channel, logger: Logger) -> EventLoopFuture<Value> {
         channel.eventLoop.makeCompletedFuture {
             try prepare(channel)
+            // Until its first request head is whole, nothing else times a connection out (Hummingbird's
+            // idle handler joins after it): an idle or trickling client is closed at the same deadline.
+            let firstHead = FirstHeadDeadline(idleTimeout)
+            try channel.pipeline.syncOperations.addHandler(firstHead)
             let decided = NIOLoopBoundBox<UpgradeDecision?>(nil, eventLoop: channel.eventLoop)
             let decide = self.decide
             let upgrader = NIOTypedWebSocketServerUpgrader<Connection>(
                 maxFrameSize: WebSocketClient.maxFrameBytes,
                 shouldUpgrade: { channel, head in
+                    firstHead.cancel(channel)
                     let promise = channel.eventLoop.makePromise(of: UpgradeDecision.self)
                     promise.completeWithTask { await decide(head, channel) }
                     return promise.futureResult.map { decision in
@@ -81,6 +86,7 @@ public struct UpgradableHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                 upgraders: [upgrader],
                 notUpgradingCompletionHandler: { channel in
                     channel.eventLoop.makeCompletedFuture {
+                        firstHead.cancel(channel)
                         let sync = channel.pipeline.syncOperations
                         try sync.addHandler(HTTP1ToHTTPServerCodec(secure: false))
                         if case .refused(let status, let headers, let body)? = decided.value {
@@ -136,6 +142,28 @@ public enum WebSocketClose {
     public static func code(of frame: WebSocketFrame) -> UInt16? {
         var data = frame.unmaskedData
         return data.readInteger(as: UInt16.self)
+    }
+}
+
+/// Closes a connection whose first request head has not come whole within the idle timeout; cancelled
+/// (and gone from the pipeline) once it has.
+final class FirstHeadDeadline: ChannelInboundHandler, RemovableChannelHandler, @unchecked Sendable {
+    typealias InboundIn = NIOAny
+    private let timeout: TimeAmount?
+    private var timer: Scheduled<Void>?
+    init(_ timeout: TimeAmount?) { self.timeout = timeout }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        guard let timeout else { return }
+        let channel = context.channel
+        timer = context.eventLoop.scheduleTask(in: timeout) { channel.close(promise: nil) }
+    }
+
+    /// On the channel's event loop.
+    func cancel(_ channel: any Channel) {
+        timer?.cancel()
+        timer = nil
+        channel.pipeline.syncOperations.removeHandler(self, promise: nil)
     }
 }
 

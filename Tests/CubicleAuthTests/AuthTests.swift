@@ -79,6 +79,32 @@ struct SigV4Tests {
         refusal(.incompleteSignature) { try verify(headers: Self.headers(drop: "x-amz-date")) }
     }
 
+    /// A URL botocore presigned (SigV4QueryAuth, 300 s, at 2026-12-05T15:28:23Z): a WebSocket client's way.
+    static let presignedPath = "/runtimes/arn%3Aaws%3Abedrock-agentcore%3Aus-east-1%3A000000000000%3Aruntime%2Fdemo/ws"
+    static let presignedQuery = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id=ssssssssssssssssssssssssssssssssssssssss&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAALICE00000000001%2F20261205%2Fus-east-1%2Fbedrock-agentcore%2Faws4_request&X-Amz-Date=20261205T152823Z&X-Amz-Expires=300&X-Amz-SignedHeaders=host&X-Amz-Signature=d04b79974ec4a96ccc8ec935a1bbd1c721cc528c5e6501845e2a885d1fb31d71"
+    static let presignedAt = 1_796_484_503
+
+    func verifyPresigned(now: Int = presignedAt, query: String = presignedQuery, authority: String = "127.0.0.1:8080") throws -> Caller {
+        let auth = Authenticator(principals: try Self.principals(), region: "us-east-1", accountID: "000000000000", now: { now })
+        let pending = try #require(try auth.begin(method: "GET", path: Self.presignedPath, query: query, authority: authority,
+                                                  headers: [(name: "host", value: authority)]))
+        return try pending.verify(payloadHash: PayloadHash.empty)
+    }
+
+    @Test func aBotocorePresignedURLVerifiesUntilItExpires() throws {
+        #expect(try verifyPresigned().owner == "alice")
+        _ = try verifyPresigned(now: Self.presignedAt + 300)
+        refusal(.invalidSignature) { try verifyPresigned(now: Self.presignedAt + 301) }
+        refusal(.invalidSignature) { try verifyPresigned(now: Self.presignedAt - 301) }
+        refusal(.invalidSignature) { try verifyPresigned(query: Self.presignedQuery.replacingOccurrences(of: "ssss", with: "tttt")) }
+        refusal(.invalidSignature) { try verifyPresigned(query: Self.presignedQuery.replacingOccurrences(of: "Expires=300", with: "Expires=600")) }
+        refusal(.invalidSignature) { try verifyPresigned(authority: "127.0.0.1:9090") }
+        refusal(.incompleteSignature) { try verifyPresigned(query: Self.presignedQuery.replacingOccurrences(of: "X-Amz-Expires=300&", with: "")) }
+        refusal(.incompleteSignature) { try verifyPresigned(query: Self.presignedQuery.replacingOccurrences(of: "Expires=300", with: "Expires=604801")) }
+        refusal(.incompleteSignature) { try verifyPresigned(query: Self.presignedQuery + "&X-Amz-Signature=00") }
+        refusal(.missingAuthenticationToken) { try verifyPresigned(query: "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id=s") }
+    }
+
     @Test func malformedAuthorizationHeaders() {
         for bad in ["AWS4-HMAC-SHA256", "AWS AKIA:sig", "AWS4-HMAC-SHA256 Credential=A/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=x-amz-date, Signature=" + String(repeating: "0", count: 64),
                     "AWS4-HMAC-SHA256 Credential=A/20261205/us-east-1/bedrock-agentcore/aws4_request, SignedHeaders=host, Signature=zz",

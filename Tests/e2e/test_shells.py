@@ -102,9 +102,11 @@ def test_a_shell_runs_commands_resizes_and_reports_its_exit(daemon):
     sh = ShellClient(daemon, sid)
     assert sh.confirmation["metadata"] == {"shellId": sh.shell_id, "reconnected": False}
     assert sh.ws.response.headers[SESSION_HEADER] == sid
-    sh.send("echo hello-$((6*7)); id -u; echo $TERM\n")
-    out = sh.read_until("xterm-256color")
-    assert b"hello-42" in out and b"\n1000" in out.replace(b"\r", b""), "the agent's user, in the agent's session"
+    sh.send("echo hello-$((6*7)); id -u; echo $TERM; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; echo E$((1+1))ND\n")
+    out = sh.read_until("E2ND").replace(b"\r", b"")
+    assert b"hello-42" in out and b"\n1000\n" in out, "the agent's user, in the agent's session"
+    for line in [b"CapEff:\t0000000000000000", b"CapBnd:\t0000000000000000", b"NoNewPrivs:\t1", b"Seccomp:\t2"]:
+        assert line in out, f"a shell has the agent's confinement: {line!r} (got {out!r})"
     sh.resize(111, 33)
     sh.send("stty size\n")
     sh.read_until("33 111")

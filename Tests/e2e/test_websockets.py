@@ -202,6 +202,7 @@ def test_a_plain_get_and_an_agent_without_ws_are_refused_as_errors(start_daemon,
 
 ALICE = ("AKIAALICE00000000001", "alice-secret-0123456789abcdef")
 BOB = ("AKIABOB0000000000001", "bob-secret-0123456789abcdef00")
+CAROL = ("AKIACAROL00000000001", "carol-secret-0123456789abcdef")
 PRINCIPALS = f"""
 principals:
   - name: alice
@@ -213,6 +214,11 @@ principals:
     accessKeys: [{{accessKeyId: {BOB[0]}, secretAccessKey: {BOB[1]}}}]
     allow:
       - actions: ["bedrock-agentcore:InvokeAgentRuntime"]
+        resources: ["*"]
+  - name: carol
+    accessKeys: [{{accessKeyId: {CAROL[0]}, secretAccessKey: {CAROL[1]}}}]
+    allow:
+      - actions: ["bedrock-agentcore:*"]
         resources: ["*"]
 """
 
@@ -251,3 +257,38 @@ def test_upgrades_are_signed_by_header_or_presigned_url(start_daemon, venv, tmp_
             bad()
         assert info.value.response.status_code == 403
         assert info.value.response.headers["x-amzn-ErrorType"] == code
+
+
+def test_a_shell_answers_only_the_principal_whose_session_it_is(start_daemon, venv, tmp_path):
+    path = tmp_path / "principals.yaml"
+    path.write_text(PRINCIPALS)
+    os.chmod(path, 0o600)
+    d = start_daemon(ws_config(venv), extra_args=["--credentials", str(path)])
+    sid, shell_id = new_session_id(), "shared-name"
+    arn = urllib.parse.quote(ARN_PREFIX + "ws", safe="")
+    url = f"ws://127.0.0.1:{d.port}/runtimes/{arn}/ws/shells?" + urllib.parse.urlencode({"shellId": shell_id, SESSION_HEADER: sid})
+
+    def open_shell(keys):
+        ws = connect(presigned(url, keys), open_timeout=60)
+        message = ws.recv(timeout=10)
+        assert message[0] == 3
+        return ws, json.loads(message[1:])
+
+    alice, confirmation = open_shell(ALICE)
+    assert confirmation["metadata"] == {"shellId": shell_id, "reconnected": False}
+    alice.send(b"\x00export SECRET=alices\n")
+    alice.close()
+    carol, confirmation = open_shell(CAROL)
+    assert confirmation["metadata"]["reconnected"] is False, "the same session id and shellId from another principal: a shell of its own"
+    carol.send(b"\x00echo [$SECRET]\n")
+    seen = b""
+    while b"[]" not in seen and b"[alices]" not in seen:
+        seen += carol.recv(timeout=10)[1:]
+    assert b"[]" in seen, "carol's shell is in carol's own session"
+    carol.close()
+    with pytest.raises(InvalidStatus) as info:
+        connect(presigned(url, BOB), open_timeout=30)
+    assert info.value.response.headers["x-amzn-ErrorType"] == "AccessDeniedException", "InvokeAgentRuntimeCommandShell is its own permission"
+    again, confirmation = open_shell(ALICE)
+    assert confirmation["metadata"]["reconnected"] is True, "alice's shell waited for alice"
+    again.close()
