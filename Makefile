@@ -78,6 +78,8 @@ bench:
 	echo >> $(BENCH_OUT)
 	python3 Tests/bench/auth_bench.py .build/release >> $(BENCH_OUT)
 	echo >> $(BENCH_OUT)
+	python3 Tests/bench/websocket_bench.py .build/release >> $(BENCH_OUT)
+	echo >> $(BENCH_OUT)
 	python3 Tests/bench/scale_bench.py .build/release 1000 30 >> $(BENCH_OUT)
 	echo >> $(BENCH_OUT)
 	python3 Tests/bench/noisy_bench.py .build/release >> $(BENCH_OUT)
