@@ -4,8 +4,9 @@ same agent run on the host and connected to directly, in the same run.
 
     python3 Tests/bench/websocket_bench.py PRODUCTS_DIR   (as root; prints a markdown section)
 
-- echo round trip: one 64-byte text frame out, its echo back, on one connection; rounds alternate between the
-  two targets so drift on the machine hits both alike
+- echo round trip: one 64-byte text frame out, its echo back, on one connection, paced under AgentCore's 250
+  frames a second (cubicled closes a faster client); rounds alternate between the two targets so drift on the
+  machine hits both alike
 - push: the agent sends 2,000 frames of 16 KiB; the time until the client has them all
 """
 import os
@@ -24,7 +25,8 @@ from agent_venv import VenvUnavailable, ensure_agent_venv, python_runtime  # noq
 PRODUCTS = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/release")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
-ROUNDS, PER_ROUND, PUSHES, PUSH_FRAMES, PUSH_BYTES = 20, 100, 5, 2000, 16 << 10
+ROUNDS, PER_ROUND, PUSHES, PUSH_FRAMES, PUSH_BYTES = 10, 100, 5, 2000, 16 << 10
+PACE = 1 / 200  # seconds between echoes: under the 250 frames a second a client may send
 
 
 def free_port():
@@ -80,14 +82,18 @@ def main():
         via = connect(f"ws://127.0.0.1:{port}/runtimes/{arn}/ws", additional_headers={SESSION_HEADER: session}, open_timeout=120, max_size=None)
         direct = connect(f"ws://127.0.0.1:{agent_port}/ws", additional_headers={SESSION_HEADER: session}, open_timeout=30, max_size=None)
         text = "x" * 64
+
+        def echo(ws):
+            t0 = time.perf_counter(); ws.send(text); ws.recv(); t = time.perf_counter() - t0
+            time.sleep(max(0.0, PACE - t))
+            return t
         for ws in (via, direct):
-            for _ in range(200):
-                ws.send(text); ws.recv()
+            for _ in range(50):
+                echo(ws)
         rtt = {"via": [], "direct": []}
         for _ in range(ROUNDS):
             for name, ws in (("via", via), ("direct", direct)):
-                for _ in range(PER_ROUND):
-                    t0 = time.perf_counter(); ws.send(text); ws.recv(); rtt[name].append(time.perf_counter() - t0)
+                rtt[name] += [echo(ws) for _ in range(PER_ROUND)]
         push = {"via": [], "direct": []}
         for _ in range(PUSHES):
             for name, ws in (("via", via), ("direct", direct)):
