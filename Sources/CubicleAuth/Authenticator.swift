@@ -198,7 +198,9 @@ public final class Authenticator: Sendable {
 
     /// What a runtime's JWT authorizer admits a token's bearer to: its own sessions on that runtime.
     static let tokenActions: Set<String> = ["bedrock-agentcore:InvokeAgentRuntime", "bedrock-agentcore:StopRuntimeSession",
-                                            "bedrock-agentcore:InvokeAgentRuntimeCommand", "bedrock-agentcore:GetAgentCard"]
+                                            "bedrock-agentcore:InvokeAgentRuntimeCommand", "bedrock-agentcore:GetAgentCard",
+                                            "bedrock-agentcore:InvokeAgentRuntimeWithWebSocketStream",
+                                            "bedrock-agentcore:InvokeAgentRuntimeCommandShell"]
 }
 
 /// A signature checked as far as the head allows; `verify` finishes it with the payload's hash.

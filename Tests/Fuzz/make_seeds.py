@@ -69,4 +69,12 @@ auth = ("AWS4-HMAC-SHA256 Credential=AKIAALICE00000000001/20261205/us-east-1/bed
         "Signature=58bd8c5bfa0588422cbc4f28db3843a04e6989344a8a4729ff6e670b4f7bb566")
 write("sigv4", "botocore-invoke", f"{auth}\n20261205T120000Z\n/runtimes/{arn}/invocations\nqualifier=DEFAULT&accountId=000000000000\napplication/json\r 127.0.0.1:8080 ".encode())
 write("sigv4", "dot-segments", f"{auth}\n20260229T235959Z\n/a/./b/../c//d/%2E%2E/\nb=2&a=1&a=&=x&%zz=%41\n  spaced   value  ".encode())
+presigned = ("X-Amzn-Bedrock-AgentCore-Runtime-Session-Id=" + "s" * 40 + "&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential="
+             "AKIAALICE00000000001%2F20261205%2Fus-east-1%2Fbedrock-agentcore%2Faws4_request&X-Amz-Date=20261205T152823Z&X-Amz-Expires=300"
+             "&X-Amz-SignedHeaders=host&X-Amz-Signature=d04b79974ec4a96ccc8ec935a1bbd1c721cc528c5e6501845e2a885d1fb31d71")
+write("sigv4", "botocore-presigned", f"\n20261205T152823Z\n/runtimes/{arn}/ws\n{presigned}\n127.0.0.1:8080".encode())
+write("validators", "shell-resize", b"\x04" + json.dumps({"width": 120, "height": 40}).encode())
+write("validators", "shell-status", b"\x03" + json.dumps({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                                                          "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}}).encode())
+write("validators", "shell-route", f"GET\n/runtimes/{arn}/ws/shells\nshellId=build-1\n{sid}\n".encode())
 write("sigv4", "presigned-like", b"AWS4-HMAC-SHA256 Credential=A/2/r/s/t, SignedHeaders=host, Signature=00\n19700101T000000Z\n/\nX-Amz-Signature=abc&X-Amz-Date=20261205T120000Z\n")

@@ -422,6 +422,28 @@ def test_a_jwt_runtime_takes_valid_tokens_and_refuses_every_bad_one(start_daemon
     assert f"jwt:{issuer.url}#user-1" in owners
 
 
+def test_websocket_upgrades_take_bearer_tokens_on_a_jwt_runtime(start_daemon, issuer):
+    websockets = pytest.importorskip("websockets", reason="the WebSocket client (pip install websockets)")
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+    d = start_daemon(jwt_config(issuer))
+    sid = new_session_id()
+    base = f"ws://127.0.0.1:{d.port}/runtimes/" + urllib.parse.quote(ARN_PREFIX + "guarded", safe="")
+    headers = {"X-Amzn-Bedrock-AgentCore-Runtime-Session-Id": sid}
+    with connect(base + "/ws/shells?shellId=jwt-1", additional_headers={**headers, "Authorization": f"Bearer {issuer.token()}"}, open_timeout=60) as ws:
+        status = ws.recv(timeout=10)
+        assert status[0] == 3 and json.loads(status[1:])["metadata"]["shellId"] == "jwt-1", "a valid token opens a shell"
+    for why, extra in {"no token": {}, "a bad token": {"Authorization": f"Bearer {issuer.token(aud='someone-else')}"},
+                       "an expired token": {"Authorization": f"Bearer {issuer.token(exp=int(time.time()) - 120)}"}}.items():
+        with pytest.raises(InvalidStatus) as info:
+            connect(base + "/ws/shells?shellId=jwt-1", additional_headers={**headers, **extra}, open_timeout=30)
+        assert info.value.response.status_code == 403, why
+    # /ws on the same runtime: admitted by the token, then the demo agent (which serves no WebSocket) refuses.
+    with pytest.raises(InvalidStatus) as info:
+        connect(base + "/ws", additional_headers={**headers, "Authorization": f"Bearer {issuer.token()}"}, open_timeout=30)
+    assert info.value.response.status_code == 424
+
+
 def test_a_jwt_authorizer_made_through_the_control_plane(start_daemon, issuer, tmp_path):
     """CreateAgentRuntime with authorizerConfiguration: GetAgentRuntime returns it as given, bearer tokens are
     checked against it, and an update that drops it makes the runtime a SigV4 one again for new calls."""

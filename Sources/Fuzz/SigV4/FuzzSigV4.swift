@@ -1,4 +1,4 @@
-// libFuzzer target for SigV4's text: the Authorization header parser, X-Amz-Date and the canonical request
+// libFuzzer target for SigV4's text: the Authorization header parser, the presigned-URL query parser, X-Amz-Date and the canonical request
 // (URI, query and header canonicalisation). Each must accept or throw its typed error, and what it accepts
 // must keep its promise: a parsed header has a 32-byte signature, a five-part scope and signs `host`; the
 // canonical URI and query contain only unreserved bytes, `%XX` and their separators; the canonical query
@@ -15,6 +15,12 @@ func fuzzOne(_ bytes: [UInt8]) {
     if let auth = try? SigV4.parseAuthorization(field(0)) {
         precondition(auth.signature.count == 32 && auth.signedHeaders.contains("host") && auth.date.utf8.count == 8,
                      "accepted an Authorization header that breaks its promise")
+    }
+    // A presigned URL's query: what it accepts has the header's promises, a sane expiry, and a signed query
+    // without the signature.
+    if let presigned = try? SigV4.parsePresigned(query: field(3)) {
+        precondition(presigned.authorization.signature.count == 32 && (1...604_800).contains(presigned.expires)
+                     && !presigned.signedQuery.contains("X-Amz-Signature="), "accepted a presigned query that breaks its promise")
     }
     if let seconds = SigV4.parseDate(field(1)) {
         precondition(SigV4.parseDate(SigV4.formatDate(seconds)) == seconds, "X-Amz-Date did not survive format/parse")

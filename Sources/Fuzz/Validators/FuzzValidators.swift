@@ -1,4 +1,5 @@
 // libFuzzer target for both planes' request validators: routes and ARNs (the control plane's too), session ids, command bodies,
+// shell frames and shellIds,
 // percent-decoding and the JSON parser. Each must accept or throw its typed error, and what it accepts must
 // keep its promise (a session id is 33...256 printable ASCII; a runtime name is valid).
 // Built with -D CUBICLE_FUZZ -sanitize=fuzzer (make fuzz); without them it replays the files it is given.
@@ -37,6 +38,16 @@ func fuzzOne(_ bytes: [UInt8]) {
     _ = QueryString.parseAll(field(2))
     if let command = try? CommandRequest(body: Array(field(4).utf8)) {
         precondition(!command.command.isEmpty && !command.command.utf8.contains(0), "accepted a bad command")
+    }
+    // A shell client's frames: whatever parses has a known channel; a resize is within a terminal's range.
+    if let (channel, payload) = ShellProtocol.parse(bytes) {
+        if channel == .resize, let size = ShellProtocol.size(fromResize: payload) {
+            precondition((1...1000).contains(size.rows) && (1...1000).contains(size.cols), "accepted an impossible terminal size")
+        }
+        _ = ShellProtocol.exitCode(fromStatus: payload)
+    }
+    if ShellProtocol.validShellID(field(2)) {
+        precondition(!field(2).contains("&") && !field(2).contains("?") && !field(2).contains("#"), "accepted a shellId a query would split")
     }
     if let json = try? JSON.parse(bytes) {
         let again = try? JSON.parse(json.serialized())
