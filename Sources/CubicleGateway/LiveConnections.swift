@@ -39,28 +39,42 @@ struct LiveConnections: Sendable {
         }
     }
 
-    /// The caller, checked for `action` on the runtime; the session id from the header or the query.
+    /// The caller, checked for `action` on the runtime; the session id from the header or the query. A
+    /// browser cannot set `Authorization` on its upgrade: the SDK's browser path sends the bearer token as a
+    /// subprotocol instead (`base64UrlBearerAuthorization.<base64url token>`, beside the bare sentinel),
+    /// which counts as `Authorization: Bearer` and is answered with the sentinel.
     private func admit(_ head: HTTPRequestHead, _ address: RuntimeAddress, path: String, query: String,
-                       action: String) async throws(AgentCoreError) -> (Caller, HTTPRequest, sessionID: String?) {
-        let request: HTTPRequest
+                       action: String) async throws(AgentCoreError) -> Admitted {
+        var request: HTTPRequest
         do { request = try HTTPRequest(head, secure: false, splitCookie: false) } catch {
             throw AgentCoreError(.validation, "The upgrade request's head is not valid HTTP: \(error)")
         }
+        let (token, protocols) = BearerSubprotocol.split(head.headers[canonicalForm: "sec-websocket-protocol"].map(String.init))
+        if let token, request.headerFields[.authorization] == nil { request.headerFields[.authorization] = "Bearer " + token }
         let credential = try admission.credential(request, path: path, query: query)
         let caller = try await admission.caller(credential, payloadHash: PayloadHash.empty, runtime: address.name, actions: [action]) { () throws(AgentCoreError) in
             do throws(SessionError) { return try sessions.resolve(address.name, qualifier: address.qualifier) } catch { throw AgentCoreError(error) }
         }
         let params = QueryString.parse(query)
         let id = request.headerFields[.agentCoreSessionID] ?? params[AgentCoreHeader.sessionID] ?? params["sessionId"]
-        return (caller, request, id)
+        return Admitted(caller: caller, request: request, sessionID: id, protocols: protocols, tokenByProtocol: token != nil)
+    }
+
+    struct Admitted {
+        var caller: Caller
+        var request: HTTPRequest
+        var sessionID: String?
+        /// The subprotocols the client offered, the bearer token's taken out.
+        var protocols: [String]
+        var tokenByProtocol: Bool
     }
 
     // MARK: - To the agent's /ws
 
     private func agentSocket(_ head: HTTPRequestHead, _ address: RuntimeAddress, path: String, query: String,
                              requestID: String) async throws(AgentCoreError) -> UpgradeDecision {
-        let (caller, request, given) = try await admit(head, address, path: path, query: query,
-                                                      action: "bedrock-agentcore:InvokeAgentRuntimeWithWebSocketStream")
+        let admitted = try await admit(head, address, path: path, query: query, action: "bedrock-agentcore:InvokeAgentRuntimeWithWebSocketStream")
+        let caller = admitted.caller, request = admitted.request, given = admitted.sessionID
         // Without one, as AgentCore does, a new session: its id comes back in the 101.
         let id = try given.map { id throws(AgentCoreError) in try Validate.sessionID(id) } ?? Self.newSessionID()
         let session = try await sessions.session(address, owner: caller.owner, sessionID: id)
@@ -71,7 +85,7 @@ struct LiveConnections: Sendable {
         }
         let invocation = Invocation(target: session, sessionID: id, requestID: requestID, requestHeaders: fields)
         var upgrade = invocation.agentHead(declaredLength: nil, method: .GET, uri: "/ws")
-        if let protocols = head.headers.first(name: "sec-websocket-protocol") { upgrade.headers.add(name: "Sec-WebSocket-Protocol", value: protocols) }
+        if !admitted.protocols.isEmpty { upgrade.headers.add(name: "Sec-WebSocket-Protocol", value: admitted.protocols.joined(separator: ", ")) }
         let agentHead = upgrade
         let limits = session.runtime.limits
         let opened: WebSocketClient.Result
@@ -90,7 +104,11 @@ struct LiveConnections: Sendable {
         }
         invocation.inFlight.attach(status: 101) { agent.channel.close(promise: nil) }
         var headers = HTTPHeaders([(AgentCoreHeader.sessionID, id), ("x-amzn-RequestId", requestID)])
-        if let subprotocol { headers.add(name: "Sec-WebSocket-Protocol", value: subprotocol) }
+        if let subprotocol {
+            headers.add(name: "Sec-WebSocket-Protocol", value: subprotocol)
+        } else if admitted.tokenByProtocol {
+            headers.add(name: "Sec-WebSocket-Protocol", value: BearerSubprotocol.sentinel)
+        }
         let logger = self.logger
         return .accepted(headers, serve: { client in
             let end = await WebSocketRelay.run(client: client, agent: agent, seconds: limits.webSocketSeconds)
@@ -108,7 +126,8 @@ struct LiveConnections: Sendable {
     /// does), found again by `shellId` while it lives.
     private func shell(_ head: HTTPRequestHead, _ address: RuntimeAddress, path: String, query: String,
                        requestID: String) async throws(AgentCoreError) -> UpgradeDecision {
-        let (caller, _, given) = try await admit(head, address, path: path, query: query, action: "bedrock-agentcore:InvokeAgentRuntimeCommandShell")
+        let admitted = try await admit(head, address, path: path, query: query, action: "bedrock-agentcore:InvokeAgentRuntimeCommandShell")
+        let caller = admitted.caller, given = admitted.sessionID
         let id = try given.map { id throws(AgentCoreError) in try Validate.sessionID(id) } ?? Self.newSessionID()
         let shellID = QueryString.parse(query)["shellId"] ?? RequestID.make()
         guard ShellProtocol.validShellID(shellID) else {
@@ -124,7 +143,8 @@ struct LiveConnections: Sendable {
         } catch {
             throw AgentCoreError(.runtimeClient, error.description)
         }
-        let headers = HTTPHeaders([(AgentCoreHeader.sessionID, id), (ShellProtocol.shellIDHeader, shellID), ("x-amzn-RequestId", requestID)])
+        var headers = HTTPHeaders([(AgentCoreHeader.sessionID, id), (ShellProtocol.shellIDHeader, shellID), ("x-amzn-RequestId", requestID)])
+        if admitted.tokenByProtocol { headers.add(name: "Sec-WebSocket-Protocol", value: BearerSubprotocol.sentinel) }
         let seconds = session.runtime.limits.webSocketSeconds
         return .accepted(headers, serve: { client in
             _ = await ShellSocket.serve(client, shell: shell, reconnected: reconnected, seconds: seconds)
@@ -135,6 +155,52 @@ struct LiveConnections: Sendable {
     }
 
     static func newSessionID() -> String { RequestID.make() + "-" + RequestID.make().prefix(8) }
+}
+
+/// The bedrock-agentcore SDK's way for a browser to send a bearer token on a WebSocket upgrade.
+enum BearerSubprotocol {
+    static let sentinel = "base64UrlBearerAuthorization"
+
+    /// The token from the offered subprotocols (each header may list several), and the others.
+    static func split(_ headers: [String]) -> (token: String?, others: [String]) {
+        var token: String?, others: [String] = []
+        for item in headers.flatMap({ $0.split(separator: ",") }) {
+            let blank: (Character) -> Bool = { $0 == " " || $0 == "\t" }
+            var p = item.drop(while: blank)
+            while let last = p.last, blank(last) { p = p.dropLast() }
+            if p.hasPrefix(sentinel + ".") {
+                token = token ?? decode(p.dropFirst(sentinel.count + 1))
+            } else if p != sentinel, !p.isEmpty {
+                others.append(String(p))
+            }
+        }
+        return (token, others)
+    }
+
+    /// base64url without padding, as the SDK writes it; nil if it is not that or not UTF-8.
+    static func decode(_ text: Substring) -> String? {
+        guard text.utf8.count <= 8192 else { return nil }
+        var value: UInt32 = 0, bits = 0
+        var out: [UInt8] = []
+        for c in text.utf8 {
+            let v: UInt8
+            switch c {
+            case UInt8(ascii: "A")...UInt8(ascii: "Z"): v = c - UInt8(ascii: "A")
+            case UInt8(ascii: "a")...UInt8(ascii: "z"): v = c - UInt8(ascii: "a") + 26
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0") + 52
+            case UInt8(ascii: "-"): v = 62
+            case UInt8(ascii: "_"): v = 63
+            default: return nil
+            }
+            value = value << 6 | UInt32(v)
+            bits += 6
+            if bits >= 8 {
+                bits -= 8
+                out.append(UInt8(truncatingIfNeeded: value >> UInt32(bits)))
+            }
+        }
+        return String(validating: out, as: UTF8.self)
+    }
 }
 
 /// Frames both ways between a client's WebSocket and the agent's, under AgentCore's limits. Back-pressure

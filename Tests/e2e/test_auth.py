@@ -438,6 +438,18 @@ def test_websocket_upgrades_take_bearer_tokens_on_a_jwt_runtime(start_daemon, is
         with pytest.raises(InvalidStatus) as info:
             connect(base + "/ws/shells?shellId=jwt-1", additional_headers={**headers, **extra}, open_timeout=30)
         assert info.value.response.status_code == 403, why
+    # A browser's way (the SDK's connect_shell_oauth): the token as a subprotocol, answered with the sentinel.
+    encoded = base64.urlsafe_b64encode(issuer.token().encode()).decode().rstrip("=")
+    with connect(base + "/ws/shells?shellId=jwt-1", additional_headers=headers, open_timeout=60,
+                 subprotocols=[f"base64UrlBearerAuthorization.{encoded}", "base64UrlBearerAuthorization"]) as ws:
+        assert ws.subprotocol == "base64UrlBearerAuthorization"
+        status = json.loads(ws.recv(timeout=10)[1:])
+        assert status["metadata"] == {"shellId": "jwt-1", "reconnected": True}, "the same caller: the same shell"
+    bad = base64.urlsafe_b64encode(issuer.token(aud="someone-else").encode()).decode().rstrip("=")
+    with pytest.raises(InvalidStatus) as info:
+        connect(base + "/ws/shells?shellId=jwt-1", additional_headers=headers, open_timeout=30,
+                subprotocols=[f"base64UrlBearerAuthorization.{bad}", "base64UrlBearerAuthorization"])
+    assert info.value.response.status_code == 403
     # /ws on the same runtime: admitted by the token, then the demo agent (which serves no WebSocket) refuses.
     with pytest.raises(InvalidStatus) as info:
         connect(base + "/ws", additional_headers={**headers, "Authorization": f"Bearer {issuer.token()}"}, open_timeout=30)
