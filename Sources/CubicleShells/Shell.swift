@@ -48,7 +48,7 @@ public final class Shell: Sendable {
         /// A descriptor of the master kept for resizes; closed with the terminal (the last one hangs it up).
         var sizeFD: Int32
         var grace: Task<Void, Never>?
-        var life: Task<Void, Never>?
+        var hungUp = false
     }
     private let state: Mutex<State>
 
@@ -60,12 +60,16 @@ public final class Shell: Sendable {
         self.state = Mutex(State(sizeFD: fcntl(master, F_DUPFD_CLOEXEC, 0)))
     }
 
-    public var hasExited: Bool { state.withLock { $0.exit != nil } }
+    /// Hung up or exited: no client can use it any more (a process that ignores SIGHUP may outlive its
+    /// terminal; it is then the session's, as a background process is).
+    var isOver: Bool { state.withLock { $0.exit != nil || $0.hungUp } }
 
-    /// Runs the shell's life in a task it owns: output pumped from the terminal, the exit awaited. `ended`
-    /// is called once, after the exit and the output that came before it.
+    /// Runs the shell's life in a task of its own: output pumped from the terminal, the exit awaited. It
+    /// needs no owner to end it: the shell's exit ends it, and a hang-up (the client's close, the grace
+    /// period, the session's end) brings the exit. `ended` is called once, after the exit and the output
+    /// that came before it.
     func start(master: Int32, group: any EventLoopGroup, ended: @escaping @Sendable (Shell) -> Void) {
-        let task = Task {
+        Task {
             let exit = await withTaskGroup(of: Bool.self) { work -> CommandExit in
                 work.addTask { await self.pump(master: master, group: group); return true }
                 let exit = await self.session.sandbox.waitForCommand(pid: self.pid)
@@ -79,7 +83,6 @@ public final class Shell: Sendable {
             self.finish(exit)
             ended(self)
         }
-        state.withLock { $0.life = task }
     }
 
     private func pump(master: Int32, group: any EventLoopGroup) async {
@@ -249,13 +252,10 @@ public final class Shell: Sendable {
 
     private func closeTerminal() {
         let (terminal, fd) = state.withLock { s -> ((any Channel)?, Int32) in
-            defer { s.sizeFD = -1; s.terminal = nil }
+            defer { s.sizeFD = -1; s.terminal = nil; s.hungUp = true }
             return (s.terminal, s.sizeFD)
         }
         if fd >= 0 { close(fd) }
         terminal?.close(promise: nil)
     }
-
-    /// Waits for the shell's task to end (after a hang-up, or with its session).
-    func ended() async { await state.withLock { $0.life }?.value }
 }

@@ -40,7 +40,7 @@ public final class ShellRegistry: Sendable {
     public func open(in session: Session, shellID: String, command: [String], rows: Int, cols: Int, term: String,
                      graceSeconds: Double? = nil) async throws(OpenError) -> (Shell, reconnected: Bool) {
         let key = Key(session: ObjectIdentifier(session), shellID: shellID)
-        if let live = shells.withLock({ $0[key] }), !live.hasExited { return (live, true) }
+        if let live = shells.withLock({ $0[key] }), !live.isOver { return (live, true) }
         guard shells.withLock({ s in s.keys.filter { $0.session == key.session }.count }) < Self.maxPerSession else { throw .tooMany }
         session.commandStarted()
         let started: (pid: Int32, master: Int32)
