@@ -202,6 +202,18 @@ public final class Shell: Sendable {
         pump?.resume()
     }
 
+    /// A new shell whose first client never comes (it left while the shell was being opened, before the
+    /// 101) is hung up after `seconds`.
+    func expectFirstClient(within seconds: Double) {
+        state.withLock { s in
+            s.grace = Task { [weak self] in
+                try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
+                guard !Task.isCancelled, let self else { return }
+                if self.state.withLock({ $0.generation == 0 }) { self.hangUp() }
+            }
+        }
+    }
+
     /// The client left without ending the shell: another may take it within the grace period, after which
     /// the shell is hung up.
     func detach(_ generation: Int) {
