@@ -3,13 +3,13 @@ import CubicleAgentLink
 import CubicleAuth
 import CubicleRuntimes
 import CubicleSessions
+import CubicleShells
 import Dispatch
 import HTTPTypes
 import Logging
 import NIOCore
 import NIOHTTP1
 import NIOHTTPTypesHTTP1
-import CubicleShells
 import NIOWebSocket
 
 /// The data plane's WebSocket upgrades: `/runtimes/{arn}/ws` to the agent's `/ws`, and

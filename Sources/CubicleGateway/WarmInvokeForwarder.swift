@@ -2,6 +2,7 @@ import CubicleAgentCore
 import CubicleAgentLink
 import CubicleAuth
 import CubicleSessions
+import CubicleShells
 import Dispatch
 import HTTPTypes
 import Hummingbird
@@ -11,7 +12,6 @@ import NIOCore
 import NIOHTTP1
 import NIOHTTPTypes
 import NIOHTTPTypesHTTP1
-import CubicleShells
 
 extension HTTPServerBuilder {
     /// The data plane's HTTP/1 connections: HTTP with InvokeAgentRuntime for live sessions forwarded on the
