@@ -143,6 +143,22 @@ def test_a_dropped_shell_is_resumed_by_its_id_with_what_it_missed(daemon):
     fresh.ws.close()
 
 
+def test_a_dropped_shell_is_hung_up_after_the_reconnect_window(start_daemon):
+    from conftest import demo_config
+    d = start_daemon(demo_config("shellReconnectSeconds: 1\n"))
+    sid = new_session_id()
+    sh = ShellClient(d, sid, "short-window")
+    sh.send("export MARK=first\n")
+    sh.ws.close()
+    time.sleep(3)
+    again = ShellClient(d, sid, "short-window")
+    assert again.confirmation["metadata"]["reconnected"] is False, "past the window, the dropped shell was hung up"
+    again.send("echo [$MARK]\n")
+    again.read_until("[]")
+    again.ws.send(bytes([CLOSE]))
+    again.wait_exit()
+
+
 def test_ctrl_c_reaches_the_foreground_job_and_the_session_ends_its_shells(daemon):
     sid = new_session_id()
     sh = ShellClient(daemon, sid)

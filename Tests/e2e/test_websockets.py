@@ -94,6 +94,7 @@ def test_frames_both_ways_in_one_session_that_stays_busy_while_connected(start_d
 
 
 def test_a_new_id_or_none_starts_a_session_and_the_query_carries_the_session_id(start_daemon, venv):
+    """Also: `?qualifier=` names the endpoint, as for invoke."""
     d = start_daemon(ws_config(venv))
     with connect(ws_url(d), open_timeout=60) as ws:
         made = ws.response.headers[SESSION_HEADER]
@@ -101,7 +102,7 @@ def test_a_new_id_or_none_starts_a_session_and_the_query_carries_the_session_id(
         ws.send("context")
         assert json.loads(ws.recv(timeout=10))["session_id"] == made
     sid = new_session_id()
-    query = urllib.parse.urlencode({SESSION_HEADER: sid, "X-Amzn-Bedrock-AgentCore-Runtime-Custom-Mode": "q"})
+    query = urllib.parse.urlencode({"qualifier": "DEFAULT", SESSION_HEADER: sid, "X-Amzn-Bedrock-AgentCore-Runtime-Custom-Mode": "q"})
     with connect(ws_url(d, query=query), open_timeout=60) as ws:
         ws.send("context")
         context = json.loads(ws.recv(timeout=10))
