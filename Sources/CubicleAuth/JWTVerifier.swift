@@ -270,8 +270,9 @@ struct TokenClaims: JWTPayload {
     func verify(using algorithm: some JWTAlgorithm) async throws {}
 }
 
-enum Base64URL {
-    static func decode<S: StringProtocol>(_ text: S) -> [UInt8]? {
+/// base64url, padded or not (JWT segments; the WebSocket bearer subprotocol).
+public enum Base64URL {
+    public static func decode<S: StringProtocol>(_ text: S) -> [UInt8]? {
         var s = text.replacingOccurrences(of: "-", with: "+").replacingOccurrences(of: "_", with: "/")
         while s.utf8.count % 4 != 0 { s += "=" }
         return Data(base64Encoded: s).map { Array($0) }

@@ -179,27 +179,8 @@ enum BearerSubprotocol {
 
     /// base64url without padding, as the SDK writes it; nil if it is not that or not UTF-8.
     static func decode(_ text: Substring) -> String? {
-        guard text.utf8.count <= 8192 else { return nil }
-        var value: UInt32 = 0, bits = 0
-        var out: [UInt8] = []
-        for c in text.utf8 {
-            let v: UInt8
-            switch c {
-            case UInt8(ascii: "A")...UInt8(ascii: "Z"): v = c - UInt8(ascii: "A")
-            case UInt8(ascii: "a")...UInt8(ascii: "z"): v = c - UInt8(ascii: "a") + 26
-            case UInt8(ascii: "0")...UInt8(ascii: "9"): v = c - UInt8(ascii: "0") + 52
-            case UInt8(ascii: "-"): v = 62
-            case UInt8(ascii: "_"): v = 63
-            default: return nil
-            }
-            value = value << 6 | UInt32(v)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(truncatingIfNeeded: value >> UInt32(bits)))
-            }
-        }
-        return String(validating: out, as: UTF8.self)
+        guard text.utf8.count <= 8192, let bytes = Base64URL.decode(text) else { return nil }
+        return String(validating: bytes, as: UTF8.self)
     }
 }
 

@@ -99,13 +99,15 @@ public final class Shell: Sendable {
         }
         defer { closeInput() }
         try? await channel.executeThenClose { inbound, outbound in
-            let waiting = state.withLock { s in
+            let (waiting, hungUp) = state.withLock { s in
                 s.input = outbound
                 s.terminal = channel.channel
                 defer { s.inputWaiting = [] }
-                return s.inputWaiting
+                return (s.inputWaiting, s.hungUp)
             }
             waiting.forEach { $0.resume(returning: outbound) }
+            // Hung up before the terminal's channel was up: closing it now is the hang-up.
+            if hungUp { channel.channel.close(promise: nil) }
             for try await buffer in inbound {
                 await roomForOutput()
                 let waiter = state.withLock { s -> CheckedContinuation<Event, Never>? in
@@ -200,18 +202,6 @@ public final class Shell: Sendable {
             return waiting
         }
         pump?.resume()
-    }
-
-    /// A new shell whose first client never comes (it left while the shell was being opened, before the
-    /// 101) is hung up after `seconds`.
-    func expectFirstClient(within seconds: Double) {
-        state.withLock { s in
-            s.grace = Task { [weak self] in
-                try? await Task.sleep(nanoseconds: UInt64(seconds * 1e9))
-                guard !Task.isCancelled, let self else { return }
-                if self.state.withLock({ $0.generation == 0 }) { self.hangUp() }
-            }
-        }
     }
 
     /// The client left without ending the shell: another may take it within the grace period, after which

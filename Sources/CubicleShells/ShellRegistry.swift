@@ -56,7 +56,6 @@ public final class ShellRegistry: Sendable {
         shell.start(master: started.master, group: group) { [weak self] ended in
             self?.shells.withLock { s in if s[key] === ended { s[key] = nil } }
         }
-        shell.expectFirstClient(within: 60)
         return (shell, false)
     }
 

@@ -66,6 +66,12 @@ public struct UpgradableHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                     let promise = channel.eventLoop.makePromise(of: UpgradeDecision.self)
                     promise.completeWithTask { await decide(head, channel) }
                     return promise.futureResult.map { decision in
+                        // The client left while this was decided: what was opened for it is let go now
+                        // (once the decision is kept, the close below lets it go instead).
+                        if case .accepted(_, _, let abandon) = decision, !channel.isActive {
+                            abandon()
+                            return nil
+                        }
                         decided.value = decision
                         if case .accepted(let headers, _, _) = decision { return headers }
                         return nil
@@ -78,7 +84,8 @@ public struct UpgradableHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                         return .webSocket(try NIOAsyncChannel(wrappingChannelSynchronously: channel), serve: serve)
                     }
                 })
-            // An upgrade accepted whose 101 never went out: what was opened for it is let go.
+            // An upgrade accepted whose 101 never went out (the client left after the decision): what was
+            // opened for it is let go.
             channel.closeFuture.whenComplete { _ in
                 if case .accepted(_, _, let abandon)? = decided.value { decided.value = nil; abandon() }
             }

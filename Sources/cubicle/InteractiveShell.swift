@@ -100,8 +100,8 @@ enum InteractiveShell {
                         case .binary:
                             let bytes = Array(frame.unmaskedData.readableBytesView)
                             switch ShellProtocol.parse(bytes) {
-                            case (.stdout, let payload)?: writeAll(1, payload)
-                            case (.stderr, let payload)?: writeAll(2, payload)
+                            case (.stdout, let payload)?: FileHandleOut.write(1, Array(payload))
+                            case (.stderr, let payload)?: FileHandleOut.write(2, Array(payload))
                             case (.status, let payload)?: if let exit = ShellProtocol.exitCode(fromStatus: payload) { code = exit }
                             case (.heartbeat, _)?: try await outbound.write(binary(ShellProtocol.frame(.heartbeat, [])))
                             default: break
@@ -132,10 +132,6 @@ enum InteractiveShell {
         var size = winsize()
         guard ioctl(1, UInt(TIOCGWINSZ), &size) == 0, size.ws_row > 0, size.ws_col > 0 else { return (24, 80) }
         return (Int(size.ws_row), Int(size.ws_col))
-    }
-
-    static func writeAll(_ fd: Int32, _ bytes: ArraySlice<UInt8>) {
-        FileHandleOut.write(fd, Array(bytes))
     }
 }
 
