@@ -21,18 +21,13 @@ import uuid
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
 from agent_venv import VenvUnavailable, ensure_agent_venv, python_runtime  # noqa: E402
+from dataplane_bench import free_port, pct  # noqa: E402
 
 PRODUCTS = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else ".build/release")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
 ROUNDS, PER_ROUND, PUSHES, PUSH_FRAMES, PUSH_BYTES = 10, 100, 5, 2000, 16 << 10
 PACE = 1 / 200  # seconds between echoes: under the 250 frames a second a client may send
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port, deadline=60):
@@ -44,11 +39,6 @@ def wait_port(port, deadline=60):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing on port {port}")
-
-
-def pct(xs, p):
-    s = sorted(xs)
-    return s[min(len(s) - 1, int((len(s) - 1) * p))]
 
 
 def main():

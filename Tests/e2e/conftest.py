@@ -308,3 +308,13 @@ runtimes:
     lifecycle: {{idleRuntimeSessionTimeout: {idle}, maxLifetime: {max_lifetime}}}
     limits: {{memory: 256MiB}}
 {extra_runtimes}"""
+
+
+@pytest.fixture(scope="session")
+def venv():
+    """The SDK agents' virtualenv (agent_venv.py), or a skip saying why it cannot be made."""
+    from agent_venv import VenvUnavailable, ensure_agent_venv
+    try:
+        return ensure_agent_venv()
+    except VenvUnavailable as e:
+        pytest.skip(f"no virtualenv for the SDK agents: {e}")

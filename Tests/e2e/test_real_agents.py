@@ -8,16 +8,8 @@ import time
 import botocore
 import pytest
 
-from agent_venv import VenvUnavailable, ensure_agent_venv, python_runtime
+from agent_venv import python_runtime
 from conftest import ARN_PREFIX, PRODUCTS, new_session_id
-
-
-@pytest.fixture(scope="session")
-def venv():
-    try:
-        return ensure_agent_venv()
-    except VenvUnavailable as e:
-        pytest.skip(f"no virtualenv for the SDK agents: {e}")
 
 
 def config(*runtimes, **top):

@@ -61,11 +61,11 @@ class ShellClient:
             if channel == STDOUT:
                 self.output += payload
 
-    def read_until(self, needle, timeout=15):
+    def read_until(self, needle, why="", timeout=15):
         deadline = time.monotonic() + timeout
         while needle.encode() not in self.output:
             left = deadline - time.monotonic()
-            assert left > 0, f"{needle!r} never came; the terminal showed {self.output[-2000:]!r}"
+            assert left > 0, f"{why}: {needle!r} never came; the terminal showed {self.output[-2000:]!r}"
             channel, payload = self.frame(timeout=left)
             if channel == STDOUT:
                 self.output += payload
@@ -128,7 +128,7 @@ def test_a_dropped_shell_is_resumed_by_its_id_with_what_it_missed(daemon):
     assert again.confirmation["metadata"] == {"shellId": shell_id, "reconnected": True}
     again.read_until("missed-5")
     again.send("echo $X $(pwd)\n")
-    again.read_until("kept /tmp"), "the same shell: its variables and directory"
+    again.read_until("kept /tmp", "the same shell: its variables and directory")
     # A second client takes the shell over; the first is told with 4000.
     third = ShellClient(daemon, sid, shell_id)
     with pytest.raises(ConnectionClosed) as closed:
@@ -168,7 +168,7 @@ def test_ctrl_c_reaches_the_foreground_job_and_the_session_ends_its_shells(daemo
     sh.send("echo after-sleep-$?\n")
     sh.read_until("after-sleep-130")
     sh.send("echo still-$((40+2))\n")
-    sh.read_until("still-42"), "Ctrl-C ended sleep, not the shell"
+    sh.read_until("still-42", "Ctrl-C ended sleep, not the shell")
     daemon.client().stop_runtime_session(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid)
     code, _ = sh.wait_exit()
     assert code is not None and code != 0, "the session's end ends its shells"
@@ -212,6 +212,31 @@ def test_a_shell_keeps_its_session_busy(start_daemon):
     sh.wait_exit()
 
 
+def test_a_shell_whose_client_left_before_the_upgrade_does_not_hold_its_session(start_daemon):
+    """The client's connection is reset while its session and shell are being made: the shell is hung up at
+    once, not kept for the reconnect window (900 s here), so the session still idles out. (A client that
+    merely closes its side is a dropped client: its shell waits for it, as AgentCore's does.)"""
+    import socket
+    import struct
+    from conftest import short_lifecycle_config
+    d = start_daemon(short_lifecycle_config(idle=2))
+    sid = new_session_id()
+    arn = urllib.parse.quote(ARN_PREFIX + "demo", safe="")
+    with socket.create_connection(("127.0.0.1", d.port)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close resets
+        s.sendall((f"GET /runtimes/{arn}/ws/shells?shellId=gone HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                   f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                   f"{SESSION_HEADER}: {sid}\r\n\r\n").encode())
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not d.cubicle_json("ps", "--json")["sessions"]:
+        time.sleep(0.05)
+    assert d.cubicle_json("ps", "--json")["sessions"], "the upgrade started the session"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and d.cubicle_json("ps", "--json")["sessions"]:
+        time.sleep(0.2)
+    assert d.cubicle_json("ps", "--json")["sessions"] == [], "no shell kept the session busy past its 2 s idle timeout"
+
+
 # --- cubicle exec -it, in tmux ---
 
 @pytest.fixture
@@ -234,7 +259,9 @@ def wait_pane(name, needle, timeout=20):
         if needle in text:
             return text
         time.sleep(0.1)
-    raise AssertionError(f"{needle!r} never showed; the pane:\n{pane(name)}")
+    # What else to know when it fails: whether the session and the `cubicle exec` process are still there.
+    state = subprocess.run(["sh", "-c", "tmux ls; ps -eo pid,stat,wchan:20,args | grep '[c]ubicle exec'"], capture_output=True, text=True)
+    raise AssertionError(f"{needle!r} never showed; the pane:\n{pane(name)}\ntmux and cubicle: {state.stdout!r} {state.stderr!r}")
 
 
 def test_exec_it_in_tmux_prompt_output_resize_ctrl_c_and_exit_status(daemon, tmux, tmp_path):

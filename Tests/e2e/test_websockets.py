@@ -2,7 +2,6 @@
 agent's `/ws` inside the session, with AgentCore's limits. The agent is the bedrock-agentcore SDK's own
 `@app.websocket` (sandbox/agents/websocket_agent.py); the client is the `websockets` package."""
 import json
-import os
 import time
 import urllib.parse
 
@@ -11,22 +10,15 @@ from botocore.auth import SigV4Auth, SigV4QueryAuth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from agent_venv import VenvUnavailable, ensure_agent_venv, python_runtime
+from agent_venv import python_runtime
 from conftest import ARN_PREFIX, new_session_id
+from test_auth import ALICE, BOB, PRINCIPALS as AUTH_PRINCIPALS, write_credentials
 
 websockets = pytest.importorskip("websockets", reason="the WebSocket tests' client (pip install websockets)")
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
 SESSION_HEADER = "X-Amzn-Bedrock-AgentCore-Runtime-Session-Id"
-
-
-@pytest.fixture(scope="session")
-def venv():
-    try:
-        return ensure_agent_venv()
-    except VenvUnavailable as e:
-        pytest.skip(f"no virtualenv for the SDK agents: {e}")
 
 
 def ws_config(venv, limits="", idle=60, **top):
@@ -201,22 +193,10 @@ def test_a_plain_get_and_an_agent_without_ws_are_refused_as_errors(start_daemon,
 
 # --- Who may connect: SigV4 headers, a presigned URL ---
 
-ALICE = ("AKIAALICE00000000001", "alice-secret-0123456789abcdef")
-BOB = ("AKIABOB0000000000001", "bob-secret-0123456789abcdef00")
+# test_auth's principals (alice may do anything; bob may invoke, run commands and stop, but not open WebSockets
+# or shells), and carol, a second principal who may.
 CAROL = ("AKIACAROL00000000001", "carol-secret-0123456789abcdef")
-PRINCIPALS = f"""
-principals:
-  - name: alice
-    accessKeys: [{{accessKeyId: {ALICE[0]}, secretAccessKey: {ALICE[1]}}}]
-    allow:
-      - actions: ["bedrock-agentcore:*"]
-        resources: ["*"]
-  - name: bob
-    accessKeys: [{{accessKeyId: {BOB[0]}, secretAccessKey: {BOB[1]}}}]
-    allow:
-      - actions: ["bedrock-agentcore:InvokeAgentRuntime"]
-        resources: ["*"]
-  - name: carol
+PRINCIPALS = AUTH_PRINCIPALS + f"""  - name: carol
     accessKeys: [{{accessKeyId: {CAROL[0]}, secretAccessKey: {CAROL[1]}}}]
     allow:
       - actions: ["bedrock-agentcore:*"]
@@ -237,10 +217,7 @@ def presigned(url, keys, expires=300):
 
 
 def test_upgrades_are_signed_by_header_or_presigned_url(start_daemon, venv, tmp_path):
-    path = tmp_path / "principals.yaml"
-    path.write_text(PRINCIPALS)
-    os.chmod(path, 0o600)
-    d = start_daemon(ws_config(venv), extra_args=["--credentials", str(path)])
+    d = start_daemon(ws_config(venv), extra_args=["--credentials", write_credentials(tmp_path, PRINCIPALS)])
     sid = new_session_id()
     url = ws_url(d)
     with connect(url, additional_headers={SESSION_HEADER: sid, **signed_headers(url, ALICE)}, open_timeout=60) as ws:
@@ -261,10 +238,7 @@ def test_upgrades_are_signed_by_header_or_presigned_url(start_daemon, venv, tmp_
 
 
 def test_a_shell_answers_only_the_principal_whose_session_it_is(start_daemon, venv, tmp_path):
-    path = tmp_path / "principals.yaml"
-    path.write_text(PRINCIPALS)
-    os.chmod(path, 0o600)
-    d = start_daemon(ws_config(venv), extra_args=["--credentials", str(path)])
+    d = start_daemon(ws_config(venv), extra_args=["--credentials", write_credentials(tmp_path, PRINCIPALS)])
     sid, shell_id = new_session_id(), "shared-name"
     arn = urllib.parse.quote(ARN_PREFIX + "ws", safe="")
     url = f"ws://127.0.0.1:{d.port}/runtimes/{arn}/ws/shells?" + urllib.parse.urlencode({"shellId": shell_id, SESSION_HEADER: sid})
