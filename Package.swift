@@ -186,7 +186,7 @@ let package = Package(
         .testTarget(name: "CubicleSessionsTests", dependencies: ["CubicleSessions", "CubicleRuntimes", "CubicleAgentCore", "CubicleSandbox", "CubicleLinux",
                                                            .product(name: "NIOPosix", package: "swift-nio"),
                                                            .product(name: "Logging", package: "swift-log")]),
-        .testTarget(name: "CubicleAgentLinkTests", dependencies: ["CubicleAgentLink",
+        .testTarget(name: "CubicleAgentLinkTests", dependencies: ["CubicleAgentLink", .product(name: "Crypto", package: "swift-crypto"),
                                                             .product(name: "NIOPosix", package: "swift-nio")]),
         .testTarget(name: "CubicleGatewayTests", dependencies: ["CubicleGateway", "CubicleRuntimes", "CubicleAgentLink", "CubicleSessions", "CubicleAgentCore",
                                                           .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -37,7 +37,12 @@ public enum WebSocketClient {
                     return .refused(refusal.promise.futureResult)
                 }
             })
-        return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: .init(upgradeConfiguration: configuration))
+        var pipeline = NIOUpgradableHTTPClientPipelineConfiguration(upgradeConfiguration: configuration)
+        // Frames the server sends right behind its 101 can come in the same read as the response head: the
+        // HTTP decoder must hand them on when it leaves, not drop them (NIO's client default), or a shell's
+        // first prompt or an agent's greeting is lost.
+        pipeline.leftOverBytesStrategy = .forwardBytes
+        return try channel.pipeline.syncOperations.configureUpgradableHTTPClientPipeline(configuration: pipeline)
     }
 
     /// What the upgrade handler settles on; a refusal's status and body come after it.
