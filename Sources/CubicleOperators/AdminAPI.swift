@@ -225,7 +225,7 @@ public struct AdminAPI: HTTPResponder {
 
     private func inspect(_ id: String) async throws -> Response {
         switch try await find(id) {
-        case .live(let s): return Self.json(.ok, OperatorJSON.inspect(s))
+        case .live(let s): return Self.json(.ok, OperatorJSON.inspect(s, shells: shells.count(in: s)))
         case .ended(let summary): return Self.json(.ok, OperatorJSON.summary(summary, timeline: nil))
         }
     }

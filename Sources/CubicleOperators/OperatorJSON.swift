@@ -41,7 +41,7 @@ enum OperatorJSON {
         return .object(o)
     }
 
-    static func inspect(_ session: Session) -> JSON {
+    static func inspect(_ session: Session, shells: Int) -> JSON {
         let sandbox = session.sandbox
         let summary = session.summary
         let t = session.timeline
@@ -66,6 +66,8 @@ enum OperatorJSON {
             "maxLifetimeSeconds": .int(Int64(session.runtime.maxLifetime)),
         ]
         o["spawnMicroseconds"] = .int(Int64(sandbox.spawnNanoseconds / 1000))
+        // Interactive shells a client can still use (data plane and exec -it; a dropped one within its window).
+        o["shells"] = .int(Int64(shells))
         o["network"] = network(session)
         // The image the session's root is (nil: the host's /usr, /lib* and /etc files).
         o["image"] = session.runtime.containerUri.map { .string($0) } ?? .null

@@ -59,10 +59,10 @@ public final class ShellRegistry: Sendable {
         return (shell, false)
     }
 
-    /// Live shells of `session` (operators).
+    /// Shells of `session` a client can still use (operators): not hung up, not exited.
     public func count(in session: Session) -> Int {
         let id = ObjectIdentifier(session)
-        return shells.withLock { s in s.keys.filter { $0.session == id }.count }
+        return shells.withLock { s in s.filter { $0.key.session == id && !$0.value.isOver }.count }
     }
 
     /// What a data-plane shell runs: bash where the sandbox has it, else sh, interactive.

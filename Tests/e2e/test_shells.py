@@ -148,9 +148,15 @@ def test_a_dropped_shell_is_hung_up_after_the_reconnect_window(start_daemon):
     d = start_daemon(demo_config("shellReconnectSeconds: 1\n"))
     sid = new_session_id()
     sh = ShellClient(d, sid, "short-window")
+    assert d.cubicle_json("inspect", sid)["shells"] == 1
     sh.send("export MARK=first\n")
     sh.ws.close()
-    time.sleep(3)
+    # Hung up once the window has passed: inspect counts the shells a client can still use. (Waited for, not
+    # slept: under load the window's timer may fire late, and a fixed sleep would race it.)
+    deadline = time.monotonic() + 30
+    while d.cubicle_json("inspect", sid)["shells"] != 0:
+        assert time.monotonic() < deadline, "the dropped shell was never hung up"
+        time.sleep(0.2)
     again = ShellClient(d, sid, "short-window")
     assert again.confirmation["metadata"]["reconnected"] is False, "past the window, the dropped shell was hung up"
     again.send("echo [$MARK]\n")
