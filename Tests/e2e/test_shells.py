@@ -204,6 +204,62 @@ def test_hostile_frames_close_the_connection_not_the_shell(daemon):
     sh.wait_exit()
 
 
+def test_a_frame_sent_with_the_upgrade_request_is_not_lost(daemon):
+    """A client may send its first frame right behind its upgrade request, before the 101: here both go in
+    one write, so cubicled reads them together while it is still deciding the upgrade, and the keystrokes
+    must reach the shell once it is up. (The CLI's side, the 101 and the first frames in one read, is
+    `WebSocketClientTests.aFrameThatCameInTheSameReadAsThe101IsKept`.)"""
+    import os as _os
+    import socket
+    import struct
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "1+1"}, sid)
+    arn = urllib.parse.quote(ARN_PREFIX + "demo", safe="")
+    keys = bytes([STDIN]) + b"echo early-$((3+4)); exit 5\n"
+    mask = _os.urandom(4)
+    frame = bytes([0x82, 0x80 | len(keys)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(keys))
+    request = (f"GET /runtimes/{arn}/ws/shells HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               f"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+               f"{SESSION_HEADER}: {sid}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as s:
+        s.sendall(request + frame)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, "cubicled closed the connection before answering"
+            data += chunk
+        head, data = data.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        output, status = b"", None
+
+        def need(n):
+            nonlocal data
+            while len(data) < n:
+                chunk = s.recv(65536)
+                assert chunk, f"the connection ended first; the terminal showed {output!r}"
+                data += chunk
+
+        while status is None:
+            need(2)
+            length = data[1] & 0x7F
+            start = 2
+            if length == 126:
+                need(4)
+                length, start = struct.unpack(">H", data[2:4])[0], 4
+            elif length == 127:
+                need(10)
+                length, start = struct.unpack(">Q", data[2:10])[0], 10
+            need(start + length)
+            opcode, payload, data = data[0] & 0x0F, data[start:start + length], data[start + length:]
+            assert opcode == 0x2, f"a binary shell frame, not opcode {opcode}; the terminal showed {output!r}"
+            if payload[0] == STDOUT:
+                output += payload[1:]
+            elif payload[0] == STATUS and "shellId" not in json.loads(payload[1:])["metadata"]:  # not the confirmation
+                status = json.loads(payload[1:])
+    assert b"early-7" in output, f"the keys sent with the request never reached the shell: {output!r}"
+    assert exit_code(status) == 5
+
+
 def test_a_shell_keeps_its_session_busy(start_daemon):
     from conftest import short_lifecycle_config
     d = start_daemon(short_lifecycle_config(idle=2), extra_args=[])
