@@ -5,6 +5,7 @@ import CubicleAuth
 import CubicleControlPlane
 import CubicleRuntimes
 import CubicleSessions
+import CubicleShells
 import Dispatch
 import HTTPTypes
 import Hummingbird
@@ -17,7 +18,15 @@ import Synchronization
 /// The AgentCore data plane: routes each request, validates it, finds or makes its session and streams
 /// between the client and the agent. Errors leave here only as AgentCore error shapes.
 public struct DataPlane: HTTPResponder {
-    public typealias Context = BasicRequestContext
+    /// Keeps the connection's channel, so a command can tell whether its client is still there.
+    public struct Context: RequestContext {
+        public var coreContext: CoreRequestContextStorage
+        let channel: any Channel
+        public init(source: ApplicationRequestContextSource) {
+            coreContext = .init(source: source)
+            channel = source.channel
+        }
+    }
 
     let sessions: SessionManager
     let group: any EventLoopGroup
@@ -75,7 +84,7 @@ public struct DataPlane: HTTPResponder {
             case .stopSession(let address):
                 response = try await stop(request, address, path: path, query: query ?? "")
             case .command(let address):
-                response = try await command(request, address, path: path, query: query ?? "")
+                response = try await command(request, address, path: path, query: query ?? "", channel: context.channel)
             case .agentCard(let address):
                 response = try await agentCard(request, address, path: path, query: query ?? "", requestID: requestID)
             case .webSocket, .shell:
@@ -278,7 +287,7 @@ public struct DataPlane: HTTPResponder {
 
     // MARK: - InvokeAgentRuntimeCommand
 
-    private func command(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String) async throws(AgentCoreError) -> Response {
+    private func command(_ request: Request, _ runtime: RuntimeAddress, path: String, query: String, channel: any Channel) async throws(AgentCoreError) -> Response {
         let credential = try admission.credential(request.head, path: path, query: query)
         let body = try await Self.collect(request.body, limit: 256 << 10)
         let caller = try await admission.caller(credential, payloadHash: Self.hash(body), runtime: runtime.name,
@@ -294,8 +303,11 @@ public struct DataPlane: HTTPResponder {
         do { running = try await session.runCommand(command, group: group) } catch { throw AgentCoreError(error) }
         var headers: HTTPFields = [.contentType: EventStream.contentType, .agentCoreSessionID: id]
         for name in AgentCoreHeader.trace { if let n = HTTPField.Name(name), let v = request.headers[n] { headers[n] = v } }
+        let clientLeft = await ClientPresence.of(channel)?.probe
         return Response(status: .ok, headers: headers, body: ResponseBody { writer in
-            try await running.stream { event in try await writer.write(ByteBuffer(bytes: event.message.encoded())) }
+            try await running.stream(clientLeft: clientLeft) { event in
+                try await writer.write(ByteBuffer(bytes: event.message.encoded()))
+            }
             try await writer.finish(nil)
         })
     }

@@ -268,6 +268,15 @@ public struct InitServer {
             } catch {
                 throw RPCError(code: RPCError.failed, message: "could not start \(process.argv[0]) on a terminal", step: error.step, errno: error.errno)
             }
+        case .endCommand(let pid):
+            // Only a child of ours in the command role: a pid from the host never reaches the agent, init
+            // itself, or a process some command left behind.
+            guard let child = supervisor!.children[pid], case .command = child.role else {
+                throw RPCError(code: RPCError.failed, message: "no command \(pid) is running")
+            }
+            kill(-pid, SIGKILL)  // its own session and process group
+            kill(pid, SIGKILL)
+            return (InitReply.none.json, [])
         case .connect(let port):
             return (InitReply.none.json, [try connect(port: port)])
         case .status:

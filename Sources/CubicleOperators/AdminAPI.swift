@@ -114,7 +114,7 @@ public struct AdminAPI: HTTPResponder {
                 case (.get, nil): return try await inspect(id)
                 case (.get, "logs"?) where rest.count == 3:
                     return try await logs(id, tail: query["tail"].flatMap { Int($0) }, follow: query["follow"] == "true" || query["follow"] == "1")
-                case (.post, "exec"?) where rest.count == 3: return try await exec(id, request)
+                case (.post, "exec"?) where rest.count == 3: return try await exec(id, request, channel: context.channel)
                 case (.post, "stop"?) where rest.count == 3: return try await stop(id)
                 default: break
                 }
@@ -260,7 +260,7 @@ public struct AdminAPI: HTTPResponder {
         })
     }
 
-    private func exec(_ id: String, _ request: Request) async throws -> Response {
+    private func exec(_ id: String, _ request: Request, channel: any Channel) async throws -> Response {
         let session = try await live(id)
         // The same body, limits and errors as InvokeAgentRuntimeCommand: {"command": "...", "timeout": N}.
         var body = try await request.body.collect(upTo: 256 << 10)
@@ -274,8 +274,9 @@ public struct AdminAPI: HTTPResponder {
         } catch {
             throw Failure(.badGateway, error.description)
         }
+        let clientLeft = await ClientPresence.of(channel)?.probe
         return Response(status: .ok, headers: [.contentType: "application/x-ndjson"], body: ResponseBody { writer in
-            try await running.stream { event in
+            try await running.stream(clientLeft: clientLeft) { event in
                 let line: JSON? = switch event {
                 case .start: nil
                 case .stdout(let text): ["stdout": .string(text)]

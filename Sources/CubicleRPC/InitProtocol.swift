@@ -12,6 +12,9 @@ public enum InitRequest: Equatable, Sendable {
     /// Start a process on a new terminal of its own (its controlling terminal, sized rows x cols), with the
     /// agent's identity; `command.exited` follows, without a deadline. Reply `.started`, [the terminal's master].
     case openShell(ProcessParams, rows: Int, cols: Int)
+    /// End a command or shell that init started and that has not been reaped (SIGKILL to its process group,
+    /// then to it): its client went away. Never the agent. `command.exited` follows as for any end. Reply `.none`.
+    case endCommand(pid: Int32)
     /// A TCP connection to 127.0.0.1:port in the sandbox's network namespace. Reply `.none`, [the socket].
     case connect(port: UInt16)
     /// For a daemon that reconnected: is the agent running. Reply `.status`.
@@ -27,6 +30,7 @@ public enum InitRequest: Equatable, Sendable {
         case .startAgent: RPCMethod.startAgent
         case .runCommand: RPCMethod.runCommand
         case .openShell: RPCMethod.openShell
+        case .endCommand: RPCMethod.endCommand
         case .connect: RPCMethod.connect
         case .status: RPCMethod.status
         case .agentLogs: RPCMethod.agentLogs
@@ -40,6 +44,7 @@ public enum InitRequest: Equatable, Sendable {
             ["process": p.json, "timeoutSeconds": .int(Int64(timeout))]
         case .openShell(let p, let rows, let cols):
             ["process": p.json, "rows": .int(Int64(rows)), "cols": .int(Int64(cols))]
+        case .endCommand(let pid): ["pid": .int(Int64(pid))]
         case .connect(let port): ["port": .int(Int64(port))]
         case .status, .agentLogs: [:]
         }
@@ -50,7 +55,7 @@ public enum InitRequest: Equatable, Sendable {
         switch self {
         case .startAgent, .runCommand, .agentLogs: 2
         case .connect, .openShell: 1
-        case .status: 0
+        case .status, .endCommand: 0
         }
     }
 
@@ -70,6 +75,11 @@ public enum InitRequest: Equatable, Sendable {
                 throw RPCError(code: RPCError.invalidParams, message: "shell.open needs process, rows and cols in \(Self.terminalSizeRange)")
             }
             self = .openShell(try ProcessParams(json: process), rows: Int(rows), cols: Int(cols))
+        case RPCMethod.endCommand:
+            guard let pid = params["pid"]?.intValue.flatMap({ Int32(exactly: $0) }), pid > 1 else {
+                throw RPCError(code: RPCError.invalidParams, message: "command.end needs the pid of a command (> 1)")
+            }
+            self = .endCommand(pid: pid)
         case RPCMethod.connect:
             guard let port = params["port"]?.intValue, (1...65535).contains(port) else {
                 throw RPCError(code: RPCError.invalidParams, message: "port must be 1..65535")
@@ -113,7 +123,7 @@ public enum InitReply: Equatable, Sendable {
             if value == .null { self = .status(agentPID: nil); return }
             guard let pid = value.intValue.flatMap({ Int32(exactly: $0) }), pid > 0 else { throw .shape("sandbox.status reply with a bad agentPID") }
             self = .status(agentPID: pid)
-        case .connect, .agentLogs:
+        case .connect, .agentLogs, .endCommand:
             self = .none
         }
     }

@@ -132,6 +132,7 @@ public enum RPCMethod {
     public static let connect = "agent.connect"
     public static let runCommand = "command.run"
     public static let openShell = "shell.open"
+    public static let endCommand = "command.end"
     public static let status = "sandbox.status"
     public static let agentLogs = "agent.logs"
 

@@ -197,6 +197,13 @@ public final class Sandbox: Sendable {
         return (pid, fds[0])
     }
 
+    /// Ends a command or shell whose client went away (SIGKILL to its process group); its end then comes to
+    /// `waitForCommand` as any end does. Refused (`.rpc`) for a pid that is not a running command of init's:
+    /// one that already exited, the agent, init.
+    public func endCommand(pid: Int32) async throws(SandboxError) {
+        _ = try await call(.endCommand(pid: pid), descriptors: [])
+    }
+
     private func started(_ request: InitRequest) async throws(SandboxError) -> StartedProcess {
         let (reply, fds) = try await call(request, descriptors: [Self.isPipe, Self.isPipe])
         guard case .started(let pid) = reply else { fds.forEach { close($0) }; throw .protocolViolation("\(request.method): not started") }

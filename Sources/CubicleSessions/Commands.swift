@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import AsyncAlgorithms
 import CubicleAgentCore
 import CubicleRPC
@@ -24,8 +27,8 @@ extension Session {
 }
 
 /// A command started in a session, its output not yet streamed. The session counts as busy until the
-/// stream has ended, or until this is dropped unstreamed (the client went away before its response began;
-/// the command then runs on inside the sandbox to its timeout).
+/// stream has ended, or until this is dropped unstreamed. A command whose client goes away is ended (init
+/// kills its process group), whether it went before the response began or during it.
 public final class RunningCommand: Sendable {
     private let session: Session
     private let process: StartedProcess
@@ -39,10 +42,10 @@ public final class RunningCommand: Sendable {
     }
 
     /// Hands the command's events to `each` as InvokeAgentRuntimeCommand orders them (start, deltas, stop),
-    /// in the caller's task. When `each` throws (the client went away) the readers end with it, closing the
-    /// command's output pipes; the call returns once the command has exited, which a writing command does at
-    /// once (SIGPIPE) and its timeout bounds otherwise. Once only.
-    public func stream(_ each: (CommandEvent) async throws -> Void) async throws {
+    /// in the caller's task. When `each` throws, or `clientLeft` says so (checked a few times a second: a
+    /// command that prints nothing would otherwise never learn), the command is ended and the readers with
+    /// it; the call returns once init has reaped it. Once only.
+    public func stream(clientLeft: (@Sendable () -> Bool)? = nil, _ each: (CommandEvent) async throws -> Void) async throws {
         guard !streamed.exchange(true, ordering: .relaxed) else { throw SessionError.unexpected("a command's output is streamed once") }
         defer { session.commandEnded() }
         let process = self.process, group = self.group, sandbox = session.sandbox
@@ -68,17 +71,44 @@ public final class RunningCommand: Sendable {
                 await events.send(.stop(exitCode: code, timedOut: exit.timedOut))
                 events.finish()
             }
+            if let clientLeft {
+                work.addTask {
+                    while !Task.isCancelled {
+                        if clientLeft() {
+                            try? await sandbox.endCommand(pid: process.pid)
+                            return
+                        }
+                        try? await Task.sleep(nanoseconds: 250_000_000)
+                    }
+                }
+            }
             do {
                 for try await event in events { try await each(event) }
+                work.cancelAll()  // the watch; the producer has finished
             } catch {
-                // Sends to a channel nobody reads would wait for ever: the producer is cancelled instead.
+                // Nobody is left to read what it does: it ends now rather than at its timeout. Sends to a
+                // channel nobody reads would wait for ever: the producer is cancelled too.
+                try? await sandbox.endCommand(pid: process.pid)
                 work.cancelAll()
                 throw error
             }
         }
     }
 
-    deinit { if !streamed.load(ordering: .relaxed) { session.commandEnded() } }
+    deinit {
+        guard !streamed.load(ordering: .relaxed) else { return }
+        // Dropped unstreamed: the client went before its response began. Nothing will read the output
+        // pipes, so they close here; the command is ended and its exit collected by a task that ends with
+        // it (deinit cannot wait), and only then is the session idle again.
+        let session = self.session, pid = process.pid
+        close(process.stdout)
+        close(process.stderr)
+        Task {
+            try? await session.sandbox.endCommand(pid: pid)
+            _ = await session.sandbox.waitForCommand(pid: pid)
+            session.commandEnded()
+        }
+    }
 }
 
 extension Session {

@@ -24,6 +24,9 @@ public final class Shell: Sendable {
     /// AgentCore replays up to 256 KB of output to a client that reconnects.
     public static let replayBytes = 256 << 10
 
+    /// How long a shell that was hung up has to exit before it is killed (one that ignores SIGHUP).
+    static let hangUpSeconds: Double = 5
+
     /// What a client waiting on the shell is told.
     public enum Event: Sendable {
         case output([UInt8])
@@ -49,6 +52,7 @@ public final class Shell: Sendable {
         var sizeFD: Int32
         var grace: Task<Void, Never>?
         var hungUp = false
+        var hangUpWaiter: CheckedContinuation<Void, Never>?
     }
     private let state: Mutex<State>
 
@@ -60,22 +64,30 @@ public final class Shell: Sendable {
         self.state = Mutex(State(sizeFD: fcntl(master, F_DUPFD_CLOEXEC, 0)))
     }
 
-    /// Hung up or exited: no client can use it any more (a process that ignores SIGHUP may outlive its
-    /// terminal; it is then the session's, as a background process is).
+    /// Hung up or exited: no client can use it any more (one that ignores SIGHUP is killed `hangUpSeconds`
+    /// after; a job it left running in another process group is the session's, as a background process is).
     var isOver: Bool { state.withLock { $0.exit != nil || $0.hungUp } }
 
     /// Runs the shell's life in a task of its own: output pumped from the terminal, the exit awaited. It
     /// needs no owner to end it: the shell's exit ends it, and a hang-up (the client's close, the grace
-    /// period, the session's end) brings the exit. `ended` is called once, after the exit and the output
-    /// that came before it.
+    /// period, the session's end) brings the exit, by SIGHUP or, for a shell that ignores it, by init's
+    /// SIGKILL `hangUpSeconds` later. `ended` is called once, after the exit and the output that came
+    /// before it.
     func start(master: Int32, group: any EventLoopGroup, ended: @escaping @Sendable (Shell) -> Void) {
+        enum Part { case pump, drained, enforcer }
         Task {
-            let exit = await withTaskGroup(of: Bool.self) { work -> CommandExit in
-                work.addTask { await self.pump(master: master, group: group); return true }
+            let exit = await withTaskGroup(of: Part.self) { work -> CommandExit in
+                work.addTask { await self.pump(master: master, group: group); return .pump }
+                work.addTask {
+                    await self.untilHungUp()
+                    try? await Task.sleep(nanoseconds: UInt64(Self.hangUpSeconds * 1e9))
+                    if !Task.isCancelled { try? await self.session.sandbox.endCommand(pid: self.pid) }
+                    return .enforcer
+                }
                 let exit = await self.session.sandbox.waitForCommand(pid: self.pid)
                 // Output still in the terminal is read; a background process holding it open is not waited for.
-                work.addTask { try? await Task.sleep(nanoseconds: 200_000_000); return false }
-                _ = await work.next()
+                work.addTask { try? await Task.sleep(nanoseconds: 200_000_000); return .drained }
+                while let part = await work.next(), part == .enforcer {}
                 work.cancelAll()
                 self.closeTerminal()
                 return exit
@@ -253,11 +265,28 @@ public final class Shell: Sendable {
     public func hangUp() { closeTerminal() }
 
     private func closeTerminal() {
-        let (terminal, fd) = state.withLock { s -> ((any Channel)?, Int32) in
-            defer { s.sizeFD = -1; s.terminal = nil; s.hungUp = true }
-            return (s.terminal, s.sizeFD)
+        let (terminal, fd, waiter) = state.withLock { s -> ((any Channel)?, Int32, CheckedContinuation<Void, Never>?) in
+            defer { s.sizeFD = -1; s.terminal = nil; s.hungUp = true; s.hangUpWaiter = nil }
+            return (s.terminal, s.sizeFD, s.hangUpWaiter)
         }
         if fd >= 0 { close(fd) }
         terminal?.close(promise: nil)
+        waiter?.resume()
+    }
+
+    /// Returns once the shell is hung up (or the caller is cancelled).
+    private func untilHungUp() async {
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { c in
+                let now = state.withLock { s -> Bool in
+                    if s.hungUp || Task.isCancelled { return true }
+                    s.hangUpWaiter = c
+                    return false
+                }
+                if now { c.resume() }
+            }
+        } onCancel: {
+            state.withLock { s in defer { s.hangUpWaiter = nil }; return s.hangUpWaiter }?.resume()
+        }
     }
 }

@@ -7,6 +7,7 @@ import NIOHTTP1
 import NIOHTTPTypes
 import NIOHTTPTypesHTTP1
 import NIOWebSocket
+import Synchronization
 
 /// What becomes of a connection's first request when it asks for a WebSocket.
 public enum UpgradeDecision: Sendable {
@@ -100,6 +101,7 @@ public struct UpgradableHTTPChannel: ServerChildChannel, HTTPChannelHandler {
                             return .refused(try NIOAsyncChannel(wrappingChannelSynchronously: channel), status: status, headers: headers, body: body)
                         }
                         try sync.addHandler(HTTPConnectionStateHandler(idleTimeout: idleTimeout.map { .init($0) }, logger: logger))
+                        try sync.addHandler(ClientPresence.Watch())
                         try handlers(sync)
                         return .http(try NIOAsyncChannel(wrappingChannelSynchronously: channel, configuration: .init(isOutboundHalfClosureEnabled: true)))
                     }
@@ -192,5 +194,37 @@ public struct RateWindow: Sendable {
         times[head] = now
         head = (head + 1) % limit
         return true
+    }
+}
+
+/// Whether the client of an HTTP connection is still there, for work that runs quietly on its behalf (a
+/// command that prints nothing learns nothing from writes). Gone: it closed its side (EOF; the server allows
+/// half-closure, so the channel itself stays up) or the connection closed.
+public final class ClientPresence: Sendable {
+    private let left = Atomic<Bool>(false)
+    public var hasLeft: Bool { left.load(ordering: .relaxed) }
+    /// `hasLeft`, for code that knows nothing of connections.
+    public var probe: @Sendable () -> Bool { { [self] in hasLeft } }
+
+    /// The presence of `channel`'s client, if the channel is one of `UpgradableHTTPChannel`'s HTTP connections.
+    public static func of(_ channel: any Channel) async -> ClientPresence? {
+        try? await channel.eventLoop.submit { try channel.pipeline.syncOperations.handler(type: Watch.self).presence }.get()
+    }
+
+    /// In the pipeline after Hummingbird's connection-state handler, which passes user events on (not
+    /// channelInactive, hence the close future).
+    final class Watch: ChannelInboundHandler, RemovableChannelHandler {
+        typealias InboundIn = HTTPRequestPart
+        typealias InboundOut = HTTPRequestPart
+        let presence = ClientPresence()
+
+        func handlerAdded(context: ChannelHandlerContext) {
+            context.channel.closeFuture.whenComplete { [presence] _ in presence.left.store(true, ordering: .relaxed) }
+        }
+
+        func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+            if case .inputClosed? = event as? ChannelEvent { presence.left.store(true, ordering: .relaxed) }
+            context.fireUserInboundEventTriggered(event)
+        }
     }
 }

@@ -9,14 +9,15 @@ import Testing
 
     static let process = ProcessParams(argv: ["/bin/sh", "-c", "echo hi"], env: ["A=b"], cwd: "/tmp")
 
-    @Test(arguments: [InitRequest.startAgent(process), .runCommand(process, timeoutSeconds: 30), .connect(port: 8080), .status, .agentLogs])
+    @Test(arguments: [InitRequest.startAgent(process), .runCommand(process, timeoutSeconds: 30), .endCommand(pid: 42), .connect(port: 8080), .status, .agentLogs])
     func requestsRoundTrip(_ request: InitRequest) throws {
         #expect(try InitRequest(method: request.method, params: try Self.overTheWire(request.params)) == request)
     }
 
     @Test func repliesRoundTripForTheirRequest() throws {
         let cases: [(InitRequest, InitReply)] = [(.startAgent(Self.process), .started(pid: 7)), (.runCommand(Self.process, timeoutSeconds: 1), .started(pid: 9)),
-                                                 (.status, .status(agentPID: 12)), (.status, .status(agentPID: nil)), (.connect(port: 1), .none), (.agentLogs, .none)]
+                                                 (.status, .status(agentPID: 12)), (.status, .status(agentPID: nil)), (.connect(port: 1), .none), (.agentLogs, .none),
+                                                 (.endCommand(pid: 5), .none)]
         for (request, reply) in cases {
             #expect(try InitReply(json: try Self.overTheWire(reply.json), for: request) == reply)
         }
@@ -41,6 +42,10 @@ import Testing
         #expect(throws: RPCError.self) { try InitRequest(method: RPCMethod.runCommand, params: ["process": Self.process.json]) }
         #expect(throws: RPCError.self) { try InitRequest(method: RPCMethod.runCommand, params: ["process": Self.process.json, "timeoutSeconds": 0]) }
         #expect(throws: RPCError.self) { try InitRequest(method: RPCMethod.startAgent, params: ["argv": [], "env": [], "cwd": "/"]) }
+        // init itself, every process (-1) and a process group (negative) are never a command's pid.
+        for pid: JSON in [1, 0, -1, -7, .int(1 << 40), "9", .null] {
+            #expect(throws: RPCError.self) { try InitRequest(method: RPCMethod.endCommand, params: ["pid": pid]) }
+        }
         #expect(throws: RPCDecodeError.self) { try InitReply(json: [:], for: .startAgent(Self.process)) }
         #expect(throws: RPCDecodeError.self) { try InitReply(json: ["pid": -1], for: .startAgent(Self.process)) }
         #expect(throws: RPCDecodeError.self) { try InitReply(json: ["agentPID": "x"], for: .status) }

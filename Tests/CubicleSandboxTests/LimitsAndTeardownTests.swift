@@ -143,6 +143,27 @@ struct LimitsTests {
         }
     }
 
+    /// `command.end` (a command's client went away) kills the command's process group, as its timeout does,
+    /// and nothing else: init refuses the agent's pid, its own, and a pid that is no command of its.
+    @Test func endingACommandKillsItsProcessGroupAndOnlyACommand() async throws {
+        try await withHost { host in
+            let s = try await host.launch()
+            let agent = try await s.startAgent(ProcessParams(argv: ["/bin/sh", "-c", "exec sleep 100"], env: sandboxEnv, cwd: "/home/agent"))
+            let p = try await s.runCommand(ProcessParams(argv: ["/bin/sh", "-c", "sleep 200 & sleep 200"], env: sandboxEnv, cwd: "/home/agent"), timeoutSeconds: 600)
+            defer { [agent.stdout, agent.stderr, p.stdout, p.stderr].forEach { close($0) } }
+            for pid in [agent.pid, 1, p.pid + 1000] {
+                await #expect(throws: SandboxError.self, "pid \(pid) is no command") { try await s.endCommand(pid: pid) }
+            }
+            try await s.endCommand(pid: p.pid)
+            let exit = await s.waitForCommand(pid: p.pid)
+            #expect(exit.signal == SIGKILL && !exit.timedOut)
+            let left = try await s.sh("ps -eo args | grep -c '^sleep 200'; true")
+            #expect(left.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "the command's whole process group ended")
+            let agentLives = try await s.sh("ps -eo args | grep -c '^sleep 100'; true")
+            #expect(agentLives.stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "1", "the agent was not touched")
+        }
+    }
+
     @Test func commandTimeoutKillsItsWholeProcessGroup() async throws {
         try await withHost { host in
             let s = try await host.launch()

@@ -190,6 +190,33 @@ def test_exec_streams_output_and_propagates_the_exit_code(daemon):
     assert r.returncode == 137 and "timed out" in r.stderr
 
 
+def test_an_exec_whose_cubicle_is_interrupted_is_ended(daemon):
+    """Ctrl-C on `cubicle exec` ends the command in the session too (a quiet one, which no failed write
+    would end), not only the CLI."""
+    import signal
+    sid = new_session_id()
+    daemon.invoke({"prompt": "hi"}, sid)
+    marker = "x" + uuid.uuid4().hex[:12]
+    count = ["sh", "-c", f"ps -eo args | grep -c '[{marker[0]}]{marker[1:]}'; true"]
+    cli = subprocess.Popen(daemon.cubicle_args("exec", "--timeout", "600", sid, "--", "sh", "-c", f"sleep 600; : {marker}"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        # The CLI runs its argv through sh -c, so the marker is in two processes' arguments.
+        while daemon.cubicle("exec", sid, "--", *count).stdout.strip() == "0":
+            assert time.monotonic() < deadline, "the command never started"
+            time.sleep(0.1)
+        cli.send_signal(signal.SIGINT)
+        cli.wait(timeout=20)
+        deadline = time.monotonic() + 20
+        while (left := daemon.cubicle("exec", sid, "--", *count).stdout.strip()) != "0":
+            assert time.monotonic() < deadline, f"the command outlived its cubicle exec ({left})"
+            time.sleep(0.2)
+    finally:
+        cli.kill()
+        cli.wait()
+
+
 def test_stop_ends_the_session_and_ps_all_keeps_its_reason(daemon):
     sid = new_session_id()
     daemon.invoke({"prompt": "hi"}, sid)

@@ -224,11 +224,38 @@ def test_a_command_needs_a_live_session_and_never_starts_one(daemon):
     assert daemon.cubicle_json("ps")["sessions"] == []
 
 
+def command_output(d, sid, command):
+    r = d.client().invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid,
+                                                body={"command": command, "timeout": 30})
+    return "".join(e["chunk"].get("contentDelta", {}).get("stdout", "") for e in r["stream"])
+
+
+def test_a_command_whose_client_goes_away_is_ended(daemon):
+    """A quiet command (nothing it writes would fail) with a ten-minute timeout: when its client leaves, init
+    kills its process group at once instead of letting it run to the timeout."""
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "2+5"}, sid)
+    marker = "q" + uuid.uuid4().hex[:12]
+    r = daemon.client().invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid,
+                                                     body={"command": f"echo started; sleep 600 & sleep 601; : {marker}", "timeout": 600})
+    events = iter(r["stream"])
+    assert next(events)["chunk"] == {"contentStart": {}}
+    assert next(events)["chunk"]["contentDelta"]["stdout"] == "started\n"
+    count = f"ps -eo args | grep -c -e '^sleep 60[01]$' -e '[{marker[0]}]{marker[1:]}'; true"
+    assert command_output(daemon, sid, count).strip() == "3", "the command and both its sleeps run while their client is there"
+    r["stream"].close()
+    deadline = time.monotonic() + 20
+    while (left := command_output(daemon, sid, count).strip()) != "0":
+        assert time.monotonic() < deadline, f"{left} of the command's processes outlived its client"
+        time.sleep(0.2)
+    assert daemon.invoke_json({"prompt": "add 1"}, sid)["answer"] == 8, "only the command ended, not the session"
+
+
 def test_a_client_gone_mid_command_does_not_keep_its_session_busy(start_daemon):
     """A command's output is streamed by the request that asked for it: when that client goes away the
-    stream ends with it, its output pipes close, and once the command has exited (here at once, of SIGPIPE;
-    its timeout bounds any other) the session is idle again and ends by its idle timeout. Before, the output
-    waited for a reader that had left, and the session stayed busy until its max lifetime."""
+    command is ended (init kills its process group), and once init has reaped it the session is idle again
+    and ends by its idle timeout. Before, the output waited for a reader that had left, and the session
+    stayed busy until its max lifetime."""
     d = start_daemon(short_lifecycle_config(idle=2))
     sid = new_session_id()
     d.invoke_json({"prompt": "2+5"}, sid)

@@ -260,6 +260,35 @@ def test_a_frame_sent_with_the_upgrade_request_is_not_lost(daemon):
     assert exit_code(status) == 5
 
 
+def test_a_shell_that_ignores_its_hang_up_is_ended(daemon):
+    """A hang-up is SIGHUP to the shell; one that ignores it is killed by init a few seconds later, so a
+    client's close never leaves a process running in the session. (Over the admin socket, whose shells end
+    with their connection.)"""
+    from websockets.sync.client import unix_connect
+    sid = new_session_id()
+    daemon.invoke_json({"prompt": "1+1"}, sid)
+    marker = "h" + uuid.uuid4().hex[:12]
+    command = json.dumps(["sh", "-c", f"trap '' HUP; echo ready-{marker}; while :; do sleep 1; done"])
+    uri = f"ws://localhost/v1/sessions/{sid}/shell?rows=24&cols=80&command={urllib.parse.quote(command)}"
+    ws = unix_connect(daemon.admin_socket, uri, open_timeout=30, max_size=None)
+    output = b""
+    while f"ready-{marker}".encode() not in output:
+        message = ws.recv(timeout=15)
+        if message[0] == STDOUT:
+            output += message[1:]
+    ws.close()
+
+    def left():
+        r = daemon.client().invoke_agent_runtime_command(agentRuntimeArn=ARN_PREFIX + "demo", runtimeSessionId=sid,
+                                                         body={"command": f"ps -eo args | grep -c '[{marker[0]}]{marker[1:]}'; true", "timeout": 30})
+        return "".join(e["chunk"].get("contentDelta", {}).get("stdout", "") for e in r["stream"]).strip()
+    deadline = time.monotonic() + 30
+    while (n := left()) != "0":
+        assert time.monotonic() < deadline, f"the shell that ignored SIGHUP is still running ({n})"
+        time.sleep(0.5)
+    assert daemon.cubicle_json("inspect", sid)["shells"] == 0
+
+
 def test_a_shell_keeps_its_session_busy(start_daemon):
     from conftest import short_lifecycle_config
     d = start_daemon(short_lifecycle_config(idle=2), extra_args=[])
