@@ -18,15 +18,8 @@ import Synchronization
 /// The AgentCore data plane: routes each request, validates it, finds or makes its session and streams
 /// between the client and the agent. Errors leave here only as AgentCore error shapes.
 public struct DataPlane: HTTPResponder {
-    /// Keeps the connection's channel, so a command can tell whether its client is still there.
-    public struct Context: RequestContext {
-        public var coreContext: CoreRequestContextStorage
-        let channel: any Channel
-        public init(source: ApplicationRequestContextSource) {
-            coreContext = .init(source: source)
-            channel = source.channel
-        }
-    }
+    /// With the connection's channel, so a command can tell whether its client is still there.
+    public typealias Context = ConnectionContext
 
     let sessions: SessionManager
     let group: any EventLoopGroup

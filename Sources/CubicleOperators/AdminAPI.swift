@@ -15,17 +15,6 @@ import HTTPTypes
 import Hummingbird
 import NIOCore
 
-/// Keeps the connection's channel so each request can ask the kernel who is on the other end.
-public struct AdminContext: RequestContext {
-    public var coreContext: CoreRequestContextStorage
-    let channel: any Channel
-
-    public init(source: ApplicationRequestContextSource) {
-        coreContext = .init(source: source)
-        channel = source.channel
-    }
-}
-
 /// struct ucred, which Glibc's Swift module leaves out (it needs _GNU_SOURCE).
 struct PeerCredentials: Sendable {
     var pid: pid_t = 0
@@ -56,7 +45,8 @@ public struct AdminAccess: Sendable {
 /// The operator API (HTTP + JSON on the admin Unix socket). Streams (logs, exec output, events) are
 /// newline-delimited JSON, one object per line.
 public struct AdminAPI: HTTPResponder {
-    public typealias Context = AdminContext
+    /// With the connection's channel, so each request can ask the kernel who is on the other end.
+    public typealias Context = ConnectionContext
 
     let sessions: SessionManager
     let group: any EventLoopGroup

@@ -1,5 +1,6 @@
 import CubicleAgentLink
 import HTTPTypes
+import Hummingbird
 import HummingbirdCore
 import Logging
 import NIOCore
@@ -194,6 +195,18 @@ public struct RateWindow: Sendable {
         times[head] = now
         head = (head + 1) % limit
         return true
+    }
+}
+
+/// The request context of both listeners: it keeps the connection's channel, so a request can ask who is
+/// on the other end (the admin socket's peer credentials) or whether they are still there (`ClientPresence`).
+public struct ConnectionContext: RequestContext {
+    public var coreContext: CoreRequestContextStorage
+    public let channel: any Channel
+
+    public init(source: ApplicationRequestContextSource) {
+        coreContext = .init(source: source)
+        channel = source.channel
     }
 }
 
