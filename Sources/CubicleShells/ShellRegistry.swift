@@ -41,6 +41,8 @@ public final class ShellRegistry: Sendable {
                      graceSeconds: Double? = nil) async throws(OpenError) -> (Shell, reconnected: Bool) {
         let key = Key(session: ObjectIdentifier(session), shellID: shellID)
         if let live = shells.withLock({ $0[key] }), !live.isOver { return (live, true) }
+        // Every shell with a process counts toward the cap, a hung-up one too until it exits (at most
+        // `Shell.hangUpSeconds`): the cap bounds processes, where `count(in:)` tells operators what is usable.
         guard shells.withLock({ s in s.keys.filter { $0.session == key.session }.count }) < Self.maxPerSession else { throw .tooMany }
         session.commandStarted()
         let started: (pid: Int32, master: Int32)

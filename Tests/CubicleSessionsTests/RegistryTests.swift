@@ -9,6 +9,7 @@ import CubicleSessions
 import Foundation
 import Logging
 import NIOPosix
+import Synchronization
 import Testing
 
 /// The session registry against real sandboxes and the demo agent: racing first calls make one sandbox,
@@ -151,6 +152,62 @@ struct RegistryTests {
             }
             #expect(soft("Max open files") == "777", "\(out)")
             #expect(soft("Max processes") == "99", "\(out)")
+        }
+    }
+
+    /// How many processes in `session` carry `marker` in their arguments (the counting command's own do not).
+    static func count(_ marker: String, in session: Session) async throws -> String {
+        let running = try await session.runCommand(CommandRequest(command: "ps -eo args | grep -c '[\(marker.first!)]\(marker.dropFirst())'; true", timeoutSeconds: 10),
+                                                   group: MultiThreadedEventLoopGroup.singleton)
+        var out = ""
+        try await running.stream { if case .stdout(let text) = $0 { out += text } }
+        return out.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    static func waitUntilGone(_ marker: String, in session: Session) async throws {
+        for _ in 0..<100 {
+            if try await count(marker, in: session) == "0" { return }
+            try await Task.sleep(nanoseconds: 100_000_000)
+        }
+        Issue.record("\(try await count(marker, in: session)) processes of the command outlived its client")
+    }
+
+    /// A command dropped before its output was streamed (its client left before the response began) is
+    /// ended, not left to its timeout, and the session is idle again once init has reaped it.
+    @Test func aCommandDroppedUnstreamedIsEndedAndTheSessionGoesIdle() async throws {
+        try await Self.withRegistry { manager in
+            let session = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            let marker = "u" + UUID().uuidString.prefix(8).lowercased()
+            var running: RunningCommand? = try await session.runCommand(CommandRequest(command: "sleep 300; : \(marker)", timeoutSeconds: 600),
+                                                                        group: MultiThreadedEventLoopGroup.singleton)
+            #expect(try await Self.count(marker, in: session) == "1")
+            #expect(session.lifecycle.commandsRunning == 1)
+            _ = running
+            running = nil
+            try await Self.waitUntilGone(marker, in: session)
+            for _ in 0..<100 where session.lifecycle.commandsRunning != 0 { try await Task.sleep(nanoseconds: 20_000_000) }
+            #expect(session.lifecycle.commandsRunning == 0, "the session is idle again")
+        }
+    }
+
+    /// A quiet command whose client has left (the probe says so) is ended while it streams.
+    @Test func aCommandWhoseClientLeftIsEndedWhileItStreams() async throws {
+        try await Self.withRegistry { manager in
+            let session = try await manager.acquire(runtime: "demo", sessionID: Self.sessionID())
+            let marker = "l" + UUID().uuidString.prefix(8).lowercased()
+            let running = try await session.runCommand(CommandRequest(command: "echo started; sleep 300; : \(marker)", timeoutSeconds: 600),
+                                                       group: MultiThreadedEventLoopGroup.singleton)
+            let left = Atomic<Bool>(false)
+            var events: [String] = []
+            try await running.stream(clientLeft: { left.load(ordering: .relaxed) }) { event in
+                switch event {
+                case .stdout: left.store(true, ordering: .relaxed); events.append("stdout")
+                case .stop(let code, let timedOut): events.append("stop \(code) \(timedOut)")
+                default: break
+                }
+            }
+            #expect(events == ["stdout", "stop 137 false"], "killed (128 + 9), not timed out")
+            #expect(try await Self.count(marker, in: session) == "0")
         }
     }
 }
